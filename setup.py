@@ -1,0 +1,35 @@
+"""dist_muonclip: distributed MuonClip (Muon + AdamW + per-head QK-Clip) for PyTorch."""
+from __future__ import annotations
+
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    # Hugging Face models: automatic attention discovery and max-logit tracking.
+    "transformers": ["transformers>=4.48"],
+    # DeepSpeed JSON-config integration (ZeRO-0/1/2).
+    "deepspeed": ["deepspeed>=0.16"],
+    # Triton Newton-Schulz and max-logit kernels (GPU; CPU via TRITON_INTERPRET=1).
+    "triton": ["triton>=3.1"],
+    # rank discovery under mpirun / SLURM.
+    "mpi": ["mpi4py>=3.1"],
+    # metrics sinks.
+    "wandb": ["wandb>=0.17"],
+    "tensorboard": ["tensorboard>=2.15"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7.4", "pytest-timeout>=2.2", "matplotlib>=3.7", "nbclient>=0.9", "ipykernel>=6"]
+
+setup(
+    name="dist_muonclip",
+    version="0.1.0",
+    description="Distributed MuonClip optimizer (Muon + AdamW + QK-Clip) for PyTorch: DDP, FSDP2, DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["dist_muonclip", "dist_muonclip.*"]),
+    python_requires=">=3.10",
+    # torch is the only hard requirement: a CPU-only user can install and run everything
+    # except the GPU kernels. Everything heavy is an extra.
+    install_requires=["torch>=2.5", "numpy", "tqdm"],
+    extras_require=EXTRAS,
+)
