@@ -252,16 +252,18 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: floa
 
 
 def _qk_clip_config(args: argparse.Namespace) -> Any:
-    """The QK-Clip config for MuonClip, or None (disabled or dist_muonclip.qk_clip not available)."""
+    """MuonClip's ``qk_clip`` argument: ``False`` with ``--no-qk-clip``; a config dict with
+    ``--qk-clip-tau`` when :mod:`dist_muonclip.qk_clip` imports; else ``None`` (MuonClip's auto
+    mode, which is off without that module) and a warning."""
     if args.no_qk_clip:
-        return None
+        return False
     try:
-        from dist_muonclip.qk_clip import QKClipConfig
+        import dist_muonclip.qk_clip  # noqa: F401
     except ImportError:
         warnings.warn("dist_muonclip.qk_clip is not importable: training MuonClip without QK-Clip",
                       stacklevel=2)
         return None
-    return QKClipConfig(enable=True, tau=args.qk_clip_tau)
+    return {"enable": True, "tau": args.qk_clip_tau}
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
