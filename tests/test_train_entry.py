@@ -153,16 +153,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_gloo_adamw_matches_single_process(tmp_path):
-    """2-process DDP over gloo vs one process on the same global batch (fp32, AdamW).
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_torchrun_two_ranks_gloo_matches_single_process(tmp_path, optimizer):
+    """2-process DDP over gloo vs one process on the same global batch (fp32 throughout; for
+    MuonClip Newton-Schulz runs in fp32 too, and every rank does the full step on the all-reduced
+    gradient, as DDP does).
 
     The runs differ only in floating-point summation order: each rank's loss is the mean over its
     half of the tokens and DDP averages the two halves' gradients (bucketed), where the single
     process reduces all tokens in one kernel. These are O(1 ulp) differences per step (measured:
-    losses within 5e-7 over 20 steps of the default model); AdamW's normalised updates can turn them
-    into relative parameter differences around eps/lr-scale, so parameters are compared at 1e-4.
+    losses within 5e-7 over 20 steps of the default model, for both optimizers). AdamW's
+    per-entry normalisation m / sqrt(v) magnifies rounding noise in near-zero gradient entries
+    (measured here: max |param diff| 8e-6 for AdamW, 3e-7 for MuonClip with fp32 NS), so
+    parameters are compared at atol 1e-4 = 1% of one step's lr; a real bug (a wrong data slice,
+    gradients summed instead of averaged) moves parameters by ~lr = 1e-2 per step.
     """
-    argv = _tiny_argv(tmp_path, "--optimizer", "adamw", "--lr", "1e-2", steps=10)
+    argv = _tiny_argv(tmp_path, "--optimizer", optimizer, "--lr", "1e-2", "--ns-dtype", "float32", steps=10)
     single = _run(argv + ["--save", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -178,7 +184,7 @@ def test_torchrun_two_ranks_gloo_adamw_matches_single_process(tmp_path):
     a = torch.load(tmp_path / "one" / "step_0000010.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "step_0000010.pt", weights_only=False)["model"]
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_cli_rejects_bad_flags_before_training(capsys):
