@@ -89,38 +89,44 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--corpus", default=None, help="text file (plain or .gz); default: the shipped corpus")
     g.add_argument("--batch-size", type=int, default=16, help="GLOBAL batch in sequences (divisible by world size)")
-    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--seq-len", type=int, default=128, help="sequence length in byte tokens")
     g.add_argument("--eval-batches", type=int, default=8, help="number of fixed held-out batches per evaluation")
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", choices=("muonclip", "adamw"), default="muonclip")
-    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--optimizer", choices=("muonclip", "adamw"), default="muonclip",
+                   help="muonclip: Muon on hidden matrices + AdamW on the rest + QK-Clip; adamw: AdamW on all")
+    g.add_argument("--steps", type=int, default=200, help="optimizer steps (total, also when resuming)")
     g.add_argument("--lr", type=float, default=None,
-                   help=f"peak lr (MuonClip: the Muon lr; AdamW: its lr). Default per optimizer: {DEFAULTS}")
+                   help="peak lr (MuonClip: the Muon lr; AdamW: its lr). Default: "
+                   + ", ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items()))
     g.add_argument("--adamw-lr", type=float, default=None,
-                   help="peak lr of MuonClip's AdamW part (embeddings, head, norms, biases)")
+                   help="peak lr of MuonClip's AdamW part (embeddings, head, norms, biases). "
+                   f"Default: {DEFAULTS['muonclip']['adamw_lr']:g}")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (both optimizers)")
     g.add_argument("--momentum", type=float, default=0.95, help="Muon momentum")
-    g.add_argument("--adamw-betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--adamw-betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"),
+                   help="AdamW betas (both optimizers)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%% of peak")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 disables)")
     g.add_argument("--qk-clip-tau", type=float, default=100.0, help="QK-Clip threshold tau (MuonClip)")
     g.add_argument("--no-qk-clip", action="store_true", help="disable QK-Clip")
     g.add_argument("--ns-backend", default="auto", help="Newton-Schulz backend: torch | triton | auto")
-    g.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    g.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="Newton-Schulz operand dtype (float32: reproducible across reduction orders)")
     g.add_argument("--ns-coefficients", type=_ns_coefficients, default="jordan",
                    help="jordan | polar_express | cans | JSON (a,b,c) or [[a,b,c],...]")
-    g.add_argument("--ns-steps", type=int, default=5)
+    g.add_argument("--ns-steps", type=int, default=5, help="Newton-Schulz iterations")
     g = p.add_argument_group("runtime")
-    g.add_argument("--engine", choices=sorted(ENGINES), default="ddp")
+    g.add_argument("--engine", choices=sorted(ENGINES), default="ddp",
+                   help="ddp: replicated parameters, DDP gradient all-reduce (no wrapper for 1 process)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda if available)")
     g.add_argument("--autocast", choices=("none", "bf16"), default="none", help="autocast dtype of forward")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="model init and data order")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=int, default=10, help="print mean loss and tokens/s every N steps")
     g.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
     g.add_argument("--out", default=None, help="write a JSON with the per-step log and final losses")
     g.add_argument("--save", default=None, help="checkpoint directory (written at the end and every --save-every)")
-    g.add_argument("--save-every", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     g.add_argument("--resume", default=None, help="checkpoint file or directory (latest step_*.pt) to resume")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
