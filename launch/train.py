@@ -374,22 +374,31 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().float().cpu()
-        return value.item() if value.numel() == 1 else value.tolist()
+        return _jsonable(value.item() if value.numel() == 1 else value.tolist())
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+        return None  # JSON has no inf/nan (e.g. -inf: a layer with no recorded logit)
     return value
 
 
 def _optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """The optimizer's metrics (QK-Clip max logits, ...) if it exposes ``metrics()``."""
+    """The optimizer's metrics (update RMS, QK-Clip max logits, ...) if it exposes ``metrics()``.
+
+    Per-layer max logits (QK-Clip's ``.../max_logit/layer_NN`` scalars, or a ``max_logits``
+    ``[num_layers, num_heads]`` tensor) are gathered into one ``max_logit_per_layer`` list.
+    """
     fn = getattr(optimizer, "metrics", None)
     if not callable(fn):
         return None
     metrics = dict(fn())
+    per_layer = sorted((k, v) for k, v in metrics.items() if "max_logit/layer_" in k)
+    if per_layer:
+        for k, _ in per_layer:
+            del metrics[k]
+        metrics["max_logit_per_layer"] = [v for _, v in per_layer]
     ml = metrics.get("max_logits")
     if isinstance(ml, torch.Tensor) and ml.ndim == 2:
         # [num_layers, max_heads] -> per-layer max (the figure the Kimi K2 paper plots).
@@ -518,7 +527,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
             elapsed = time.perf_counter() - window_t
             extra = ""
             if metrics is not None and metrics.get("max_logit_per_layer") is not None:
-                extra = " | max logit/layer " + " ".join(f"{v:.1f}" for v in metrics["max_logit_per_layer"])
+                extra = " | max logit/layer " + " ".join(
+                    "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
                 f"lr {args.lr * factor:.3g} | grad norm {float(grad_norm):.3f} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
