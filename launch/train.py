@@ -176,6 +176,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str | None          # None: single process, no process group
+    owns_group: bool = False     # True: we initialised the process group, so we destroy it
 
     @property
     def is_main(self) -> bool:
@@ -183,34 +184,39 @@ class DistContext:
 
 
 def setup_distributed(device_arg: str) -> DistContext:
-    """Pick the device (cuda if available unless ``--device``) and, under torchrun (``WORLD_SIZE``
-    in the environment), init the default process group from env vars: NCCL on GPU, gloo on CPU."""
+    """Pick the device (cuda if available unless ``--device``) and the process group.
+
+    An already initialised default group is used as is (and left alive at the end). Otherwise,
+    under torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` in the environment) the group is initialised
+    from env vars: NCCL on GPU, gloo on CPU. Otherwise: single process, no group.
+    """
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg not in ("cpu", "cuda"):
         raise ValueError(f"--device {device_arg!r} must be auto, cpu or cuda")
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    backend = None
-    if "WORLD_SIZE" in os.environ and world_size >= 1 and "MASTER_ADDR" in os.environ:
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                           dist.get_backend(), owns_group=False)
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend, init_method="env://",
-                                    device_id=device if device.type == "cuda" else None)
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank, world_size, local_rank, device, backend)
+        dist.init_process_group(backend=backend, init_method="env://",
+                                device_id=device if device.type == "cuda" else None)
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend,
+                           owns_group=True)
+    return DistContext(0, 1, local_rank, device, None)
 
 
 def teardown_distributed(ctx: DistContext) -> None:
-    if ctx.backend is not None and dist.is_initialized():
+    """Barrier, then destroy the process group if this script created it."""
+    if ctx.owns_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
