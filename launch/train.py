@@ -343,13 +343,17 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model: torch.nn.
                     optimizer: torch.optim.Optimizer, args: argparse.Namespace, ctx: DistContext) -> Path:
     """Write ``<directory>/step_<step>.pt`` (model, optimizer state, next step, RNG) from rank 0.
 
-    Parameters and optimizer state are replicated under the ddp engine, so rank 0's copy is
-    complete. Written to a temporary name and renamed, so a crash never leaves a partial file.
+    Parameters are replicated under the ddp engine, so rank 0's copy is complete; the optimizer's
+    full state dict is gathered on every rank (loadable at any world size). Written to a
+    temporary name and renamed, so a crash never leaves a partial file.
     """
     path = Path(directory) / f"step_{step:07d}.pt"
+    # Every rank calls state_dict(): for a sharded optimizer (MuonClip's ZeRO-1 mode) it is a
+    # collective that gathers the full state; rank 0 writes it.
+    optimizer_state = optimizer.state_dict()
     if ctx.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer_state,
                    "rng": _rng_state(), "args": {k: v for k, v in vars(args).items()},
                    "world_size": ctx.world_size}
         tmp = path.with_suffix(".pt.tmp")
