@@ -439,8 +439,9 @@ class MuonClip(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
         pre = self._preflight(s_max)                       # one all-reduce(MAX): flags + max logits
-        self._reduce_gradients(pre)                        # optimizer-owned reduction only
+        self._finish_reductions()
         pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, gather, NS, scatter
         sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as updates arrive
         self._adamw_step(pre)
@@ -460,43 +461,26 @@ class MuonClip(Optimizer):
         non-finite-gradient flags, and every layer's per-head max logits (DESIGN.md step 1).
         """
         params = [p for g in self.param_groups for p in g["params"]]
-        error = 0.0
+        n, shape = len(params), self._ml_shape
+        size = 1 + n * (2 if self.skip_nonfinite else 1) + (math.prod(shape) if shape is not None else 0)
+        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+        error = None
         try:
-            max_logits = self._local_max_logits(s_max)
-            for p in params:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(f"parameter {self._names[p]!r} has a sparse gradient; MuonClip needs dense "
-                                       "gradients (use nn.Embedding(sparse=False))")
-        except Exception:
+            packed = self._local_flags(params, s_max, device)
+        except Exception as e:
             if self._comm is None:
                 raise
-            error, max_logits = 1.0, None
-            exc_info = sys.exc_info()
-        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
-        has = [p.grad is not None for p in params]
-        parts = [torch.tensor([error], device=device),
-                 torch.tensor(has, dtype=torch.float32, device=device)]
-        if self.skip_nonfinite:
-            zero = torch.zeros((), dtype=torch.bool, device=device)
-            parts.append(torch.stack([(~p.grad.isfinite().all()).to(device) if p.grad is not None else zero
-                                      for p in params]).float())
-        shape = self._ml_shape
-        if shape is not None:
-            if max_logits is None or tuple(max_logits.shape) != shape:
-                if max_logits is not None and error == 0.0:
-                    raise ValueError(f"s_max has shape {tuple(max_logits.shape)}, expected {shape} "
-                                     "(layers x heads)")
-                max_logits = torch.full(shape, float("-inf"))
-            parts.append(max_logits.float().reshape(-1).to(device))
-        packed = torch.cat(parts)
+            error = e                  # tell the other ranks instead of leaving them waiting
+            packed = torch.zeros(size, device=device)
+            packed[0] = 1.0
+        assert packed.numel() == size
         if self._comm is not None:
-            self._comm.all_reduce(packed, op=dist.ReduceOp.MAX)
-        n = len(params)
+            self._comm.all_reduce(packed, op=dist.ReduceOp.MAX, tag="preflight")
         host = packed.tolist()                             # the one device->host read of the step
         head = host[: 1 + n * (2 if self.skip_nonfinite else 1)]
         if head[0]:
-            if error:
-                raise exc_info[1].with_traceback(exc_info[2])
+            if error is not None:
+                raise error
             raise RuntimeError("MuonClip.step(): another rank failed in step() (see its error); this rank stops "
                                "too instead of waiting for it")
         has_grad = {p for p, h in zip(params, head[1:1 + n]) if h}
@@ -517,6 +501,28 @@ class MuonClip(Optimizer):
             warnings.warn("MuonClip: non-finite gradient, step skipped (state untouched) for "
                           + ", ".join(sorted(self._names[p] for p in nonfinite)), RuntimeWarning, stacklevel=4)
         return _Preflight(has_grad - nonfinite, nonfinite, reduced)
+
+    def _local_flags(self, params: list[Tensor], s_max: Any, device: torch.device) -> Tensor:
+        """``[error=0, has_grad..., non_finite..., max_logits...]`` of this rank, fp32."""
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"parameter {self._names[p]!r} has a sparse gradient; MuonClip needs dense "
+                                   "gradients (use nn.Embedding(sparse=False))")
+        parts = [torch.zeros(1, device=device),
+                 torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)]
+        if self.skip_nonfinite:
+            zero = torch.zeros((), dtype=torch.bool, device=device)
+            parts.append(torch.stack([(~p.grad.isfinite().all()).to(device) if p.grad is not None else zero
+                                      for p in params]).float())
+        shape = self._ml_shape
+        if shape is not None:
+            max_logits = self._local_max_logits(s_max)
+            if max_logits is None:
+                max_logits = torch.full(shape, float("-inf"))
+            if tuple(max_logits.shape) != shape:
+                raise ValueError(f"max logits have shape {tuple(max_logits.shape)}, expected {shape} (layers x heads)")
+            parts.append(max_logits.float().reshape(-1).to(device))
+        return torch.cat(parts)
 
     def _grad(self, p: Tensor) -> Tensor:
         """The reduced gradient of ``p`` as this rank sees it (zeros where the graph gave none)."""
@@ -550,27 +556,36 @@ class MuonClip(Optimizer):
             for p in members:
                 in_splits[self._owner(p)] += p.numel()
             out = torch.empty(own * w, dtype=send.dtype, device=send.device)
-            work = comm.all_to_all_single(out, send, [own] * w, in_splits, async_op=True)
+            work = comm.all_to_all_single(out, send, [own] * w, in_splits, async_op=True, tag="muon_reduce")
             return (kind, unit, out, work)
         total = sum(p.numel() for p in unit.params)
         flat = torch.zeros(unit.chunk * w if unit.sharded else total, dtype=unit.params[0].dtype,
                            device=unit.params[0].device)
         torch.cat([self._local_grad(p).reshape(-1) for p in unit.params], out=flat[:total])
         if not unit.sharded:       # replicated AdamW: every rank needs every reduced gradient
-            return (kind, unit, flat, comm.all_reduce(flat, async_op=True))
+            return (kind, unit, flat, comm.all_reduce(flat, async_op=True, tag="adamw_reduce"))
         out = torch.empty(unit.chunk, dtype=flat.dtype, device=flat.device)
-        work = comm.reduce_scatter_tensor(out, flat, async_op=True)
+        work = comm.reduce_scatter_tensor(out, flat, async_op=True, tag="adamw_reduce")
         return (kind, unit, out, work)
 
     def _local_grad(self, p: Tensor) -> Tensor:
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
-    def _reduce_gradients(self, pre: "_Preflight") -> None:
+    def _launch_reductions(self) -> None:
+        """Launch the reductions whose hooks did not fire (no gradient on this rank, or no hooks).
+
+        Runs before the preflight all-reduce so every rank issues the same collectives in the same
+        order, whichever gradients it happened to have.
+        """
         if self.grad_reduction != "optimizer" or self._comm is None:
             return
         units = self._comm_units()
-        while len(self._launched) < len(units):       # buckets whose hooks never fired
+        while len(self._launched) < len(units):
             self._launched.append(self._launch_reduce(*units[len(self._launched)]))
+
+    def _finish_reductions(self) -> None:
+        if self.grad_reduction != "optimizer" or self._comm is None:
+            return
         w = self.world_size
         for kind, unit, out, work in self._launched:
             work.wait()
@@ -616,7 +631,7 @@ class MuonClip(Optimizer):
             counts[self._owner(p)] += matrix_shape(p.shape, self._views[p])[0]
         if ortho is None:
             ortho = torch.empty((0, bucket.m, bucket.n), dtype=g["ns_dtype"], device=active[0].device)
-        gathered, work = self._comm.all_gather_uneven(ortho.contiguous(), counts, async_op=True)
+        gathered, work = self._comm.all_gather_uneven(ortho.contiguous(), counts, async_op=True, tag="muon_gather")
         return (bucket, active, gathered, work)
 
     def _finish_bucket(self, job) -> Tensor:
@@ -691,7 +706,7 @@ class MuonClip(Optimizer):
             send[off:off + n] = self._segment_view(self._by_name[seg.name], seg).reshape(-1)
             off += n
         full = torch.empty(part.chunk * self.world_size, dtype=dtype, device=device)
-        self._comm.all_gather_into_tensor(full, send)
+        self._comm.all_gather_into_tensor(full, send, tag="adamw_gather")
         for r, segs in enumerate(part.segments):
             if r == self.rank:
                 continue
