@@ -13,10 +13,11 @@ the composition p_k(...p_1(s)); a schedule is the list [(a_1, b_1, c_1), ..., (a
 Schedules (``coefficients=``):
 
 * ``"jordan"`` (Keller Jordan's quintic (3.4445, -4.7750, 2.0315), repeated; torch.optim.Muon's
-  default). Tuned for a steep slope at 0, it does **not** converge to 1: after 5 steps the singular
-  values of a well-conditioned input land in a band of about [0.68, 1.13] (measured in
-  tests/test_newton_schulz.py), i.e. the output is U S' V^T with S' != I. Jordan's post argues this
-  does not hurt training.
+  default). Tuned for a steep slope at 0, it does **not** converge to 1: the iteration settles
+  into a cycle, and after 5 steps every singular value s >= 0.05 ||G||_F lands in [0.68, 1.21]
+  (max |s' - 1| = 0.32 however many steps follow), i.e. the output is U S' V^T with S' != I;
+  Jordan's post argues this does not hurt training. Smaller singular values are inflated by
+  p'(0)^5 ~ 480 but not to the band (s = 1e-3 ||G||_F ends at 0.47).
 * ``"polar_express"`` (Amsel, Persson, Musco, Gower, "The Polar Express", arXiv 2505.16932):
   per-iteration odd quintics, each the minimax (best uniform) approximation of 1 on the current
   singular-value interval [l, u], starting from [1e-3, 1] (greedy composition, their Thm 4.1 shows
@@ -25,8 +26,8 @@ Schedules (``coefficients=``):
   the safety factor 1.01 (p(x / 1.01) for every polynomial but the converged one) and the 1.01
   normalization (folded into the first polynomial, so the input normalization stays Muon's).
   Converges to 1: for singular values in [1e-3, 1] * ||G||_F the worst-case error max |s' - 1|
-  is about 0.53 / 0.15 / 7e-3 / 2e-5 after 5 / 6 / 7 / 8 steps in exact arithmetic (see
-  ``schedule_error``); bf16 rounding floors it near 1e-2.
+  is 0.16 / 6.5e-3 / 1.1e-5 / 3e-15 after 5 / 6 / 7 / 8 steps in exact arithmetic
+  (``schedule_error``); in bf16 the iterate's rounding leaves a floor of ~1e-2.
 * ``"cans"`` (Grishina, Smirnov, Rakhuba, "Accelerating Newton-Schulz Iteration for
   Orthogonalization via Chebyshev-type Polynomials", arXiv 2506.10935): Chebyshev-optimal
   (equioscillating, computed by a Remez solver) odd polynomials composed over an *estimated*
@@ -34,9 +35,11 @@ Schedules (``coefficients=``):
   1 + E_k]). The interval is estimated per call, see ``cans_interval`` below: the upper end is the
   Gelfand bound sigma_1 <= ||(X X^T)^2||_F^{1/4}, computed from the products the first iteration
   needs anyway, and the lower end is the relative floor ``cans_lower`` (1e-3, as Polar Express)
-  carried through the same rescaling. Converges to 1; at equal steps it is at least as accurate as
-  Polar Express on every input (its interval is never wider) and more accurate on inputs whose
-  Frobenius norm overestimates sigma_1 (spread-out spectra).
+  carried through the same rescaling; one float crosses to the host per call to pick the cached
+  schedule. Converges to 1; at equal steps its worst-case error is never above Polar Express's
+  (its interval is never wider) and much lower on inputs whose Frobenius norm overestimates
+  sigma_1 (spread-out spectra). The paper's delta-orthogonalization (choose the widest interval
+  that ``steps`` iterations bring within 1 +- delta) is available as ``cans_lower_for_delta``.
 * an explicit ``(a, b, c)`` (repeated every iteration) or a list of per-iteration triples.
 
 For a schedule shorter than ``steps`` the last (converged) polynomial repeats.
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Union
 
@@ -71,6 +75,7 @@ __all__ = [
     "polar_express_schedule",
     "cans_schedule",
     "cans_interval",
+    "cans_lower_for_delta",
     "schedule_error",
 ]
 
@@ -353,6 +358,43 @@ def cans_schedule(steps: int, *, upper: float = 1.0, lower: float = CANS_LOWER) 
     return list(_cans_table(float(lower), _cans_index(float(upper)), int(steps)))
 
 
+@functools.lru_cache(maxsize=256)
+def cans_lower_for_delta(delta: float, steps: int) -> float:
+    """Smallest lower end a such that ``steps`` greedy minimax quintics map [a, 1] into 1 +- delta.
+
+    The delta-orthogonalization of CANS (arXiv 2506.10935, Sec. 3.3 / Alg. 2) for an unknown
+    sigma_min: rather than assuming a floor, fix the accuracy delta a Muon step needs and take the
+    widest interval that the step budget can still bring within delta; singular values below a are
+    inflated monotonically (by the slope of the composition at 0) but not into the band. Pass the
+    result as ``orthogonalize(..., coefficients="cans", cans_lower=a)``. Bisection in log a on the
+    exact (float64, no safety factor) error of the composition, which decreases as a grows.
+    """
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"cans_lower_for_delta: delta must be in (0, 1), got {delta!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= _MAX_STEPS:
+        raise ValueError(f"cans_lower_for_delta: steps must be an int in [1, {_MAX_STEPS}], got {steps!r}")
+
+    def err(a: float) -> float:
+        _, errors, _ = _greedy(a, 1.0, POLAR_EXPRESS_CUSHION, steps)
+        return errors[-1]
+
+    lo, hi = math.log(1e-12), math.log(_CANS_MAX_LOWER)
+    if err(math.exp(lo)) <= delta:
+        return math.exp(lo)
+    if err(math.exp(hi)) > delta:
+        raise ValueError(
+            f"cans_lower_for_delta: {steps} steps cannot reach delta={delta} even on "
+            f"[{_CANS_MAX_LOWER}, 1]; use more steps or a larger delta"
+        )
+    for _ in range(60):  # log-interval width 26 -> 26 / 2^60: far below float64 resolution of a
+        mid = 0.5 * (lo + hi)
+        if err(math.exp(mid)) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(hi)
+
+
 def schedule_error(schedule: Sequence[Sequence[float]], lower: float, upper: float = 1.0,
                    *, num_points: int = 20001) -> float:
     """max_{x in [lower, upper]} |1 - phi(x)| of the composed scalar map phi, in float64.
@@ -422,8 +464,9 @@ def validate_ns_options(
     of "torch", "triton", "auto". Raises ValueError/TypeError naming the option and the fix.
     """
     coeffs = _normalize_coefficients(coefficients)
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"ns_steps must be an int in [1, {_MAX_STEPS}], got {steps!r}")
+    steps = int(steps)
     if not 1 <= steps <= _MAX_STEPS:
         raise ValueError(f"ns_steps={steps} is out of range; use 1 <= ns_steps <= {_MAX_STEPS} (5 is typical)")
     if isinstance(dtype, str):

@@ -13,6 +13,7 @@ from dist_muonclip import newton_schulz as ns
 from dist_muonclip.newton_schulz import (
     JORDAN_COEFFICIENTS,
     cans_interval,
+    cans_lower_for_delta,
     cans_schedule,
     cubic_minimax,
     greedy_minimax_composition,
@@ -329,6 +330,24 @@ def test_cans_schedule_covers_its_interval():
         assert err < 1e-2
 
 
+@pytest.mark.parametrize("delta,steps", [(0.3, 5), (0.1, 5), (0.05, 6), (0.5, 3)])
+def test_cans_lower_for_delta(delta, steps):
+    """delta-orthogonalization: the widest [a, 1] that `steps` minimax quintics bring within 1 +- delta."""
+    a = cans_lower_for_delta(delta, steps)
+    _, errors = greedy_minimax_composition(a, cushion=ns.POLAR_EXPRESS_CUSHION, max_steps=steps)
+    assert errors[-1] == pytest.approx(delta, rel=1e-9)  # bisection to float64 resolution of a
+    _, wider = greedy_minimax_composition(a * 0.9, cushion=ns.POLAR_EXPRESS_CUSHION, max_steps=steps)
+    assert wider[-1] > delta  # a is the smallest such lower end (10 % lower already fails)
+    assert cans_lower_for_delta(delta / 2, steps) > a  # tighter accuracy -> narrower interval
+
+
+def test_cans_lower_for_delta_errors():
+    with pytest.raises(ValueError, match="delta must be in"):
+        cans_lower_for_delta(1.5, 5)
+    with pytest.raises(ValueError, match="cannot reach delta"):
+        cans_lower_for_delta(1e-9, 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Edge cases, FLOPs, backends
 # ------------------------------------------------------------------------------------------------
@@ -367,6 +386,33 @@ def test_backend_triton_missing_module_raises_clear_error(monkeypatch):
         orthogonalize(torch.randn(8, 8), backend="triton")
     assert torch.equal(orthogonalize(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)), backend="auto"),
                        orthogonalize(torch.randn(8, 8, generator=torch.Generator().manual_seed(0))))
+
+
+def test_triton_dispatch_passes_schedule_and_eps(monkeypatch):
+    """The triton backend receives the raw x and the very schedule the torch backend applies
+    (CANS: the data-dependent one with 1/u folded in), so both backends compute the same map."""
+    import types
+
+    calls = []
+
+    def fake_kernel(x, schedule, *, eps):
+        calls.append((x, list(schedule), eps))
+        xn = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+        wide = xn.mT if x.size(-2) > x.size(-1) else xn
+        out = ns._iterate(wide, schedule)
+        return out.mT if x.size(-2) > x.size(-1) else out
+
+    fake = types.ModuleType("dist_muonclip.kernels.newton_schulz")
+    fake.newton_schulz_triton = fake_kernel
+    monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.newton_schulz", fake)
+    x = torch.randn(2, 40, 24, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for name in SCHEDULES:
+        got = orthogonalize(x, coefficients=name, backend="triton", dtype=torch.float64, eps=1e-5)
+        want = orthogonalize(x, coefficients=name, backend="torch", dtype=torch.float64, eps=1e-5)
+        # float64; CANS's torch path reuses A, A^2 of its estimate (b A + c A^2 vs addmm): rounding
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        assert calls[-1][2] == 1e-5 and len(calls[-1][1]) == 5
+    assert calls[0][1] == ns_schedule("jordan", 5)
 
 
 def test_validate_normalizes():
