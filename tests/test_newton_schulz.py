@@ -190,9 +190,10 @@ def test_optimal_schedules_reach_documented_accuracy(coefficients, conditioning,
     dev64 = _max_sigma_dev(orthogonalize(g, coefficients=coefficients, steps=steps, dtype=torch.float64))
     assert dev64 <= bound + 1e-9  # float64 products: the scalar worst case holds up to rounding
     out = orthogonalize(g, coefficients=coefficients, steps=steps)
-    # bf16: each iteration re-rounds the iterate (2^-8 relative); the converged polynomial
-    # (15x - 10x^3 + 3x^5) / 8 contracts errors cubically, so the bf16 floor stays below 0.03.
-    assert _max_sigma_dev(out) <= bound + 0.03
+    # bf16: each iteration re-rounds the iterate (2^-8 = 0.004 relative per entry), and the
+    # polynomials near 1 contract rather than amplify it: measured |dev_bf16 - dev_fp64| <= 0.005
+    # on these inputs; allow 3x that.
+    assert _max_sigma_dev(out) <= bound + 0.015
     if steps == 8:  # converged: the exact polar factor, to float64 / bf16 accuracy
         assert dev64 < 1e-9
         # bf16 entries carry 2^-8 relative rounding. Well conditioned, that is the error; with
@@ -222,7 +223,7 @@ def test_cans_beats_polar_express_on_spread_spectrum():
     g, polar = _with_spectrum(64, 64, torch.logspace(-1, 0, 64), seed=6)
     pe = _rel_polar_err(orthogonalize(g, coefficients="polar_express", dtype=torch.float64), polar)
     cans = _rel_polar_err(orthogonalize(g, coefficients="cans", dtype=torch.float64), polar)
-    # measured: PE ~8e-2, CANS ~1e-3; require a clear (10x) gain, far from rounding effects
+    # measured: PE 8.1e-2, CANS 3.8e-3; require a clear (10x) gain, far above float64 rounding
     assert cans < 0.1 * pe, (cans, pe)
 
 
@@ -237,7 +238,7 @@ def test_remez_equioscillates(interval, degree):
     coeffs, err, pts = remez_odd(lo, hi, degree=degree)
     n = (degree + 1) // 2
     assert len(pts) == n + 1 and pts[0] == pytest.approx(lo, rel=1e-15) and pts[-1] == pytest.approx(hi, rel=1e-15)
-    assert all(a < b for a, b in zip(pts, pts[1:]))
+    assert all(a < b for a, b in zip(pts[:-1], pts[1:], strict=True))
     p = lambda x: sum(c * x ** (2 * k + 1) for k, c in enumerate(coeffs))  # noqa: E731
     for j, x in enumerate(pts):
         # float64 solve of a well-scaled (n+1)-system: equal ripples to ~1e-12 relative
@@ -268,7 +269,7 @@ def test_polar_express_table_matches_paper():
     """
     raw, errors = greedy_minimax_composition(1e-3, cushion=ns.POLAR_EXPRESS_CUSHION)
     assert len(raw) == len(PUBLISHED_POLAR_EXPRESS)
-    for ours, theirs in zip(raw, PUBLISHED_POLAR_EXPRESS):
+    for ours, theirs in zip(raw, PUBLISHED_POLAR_EXPRESS, strict=True):
         assert ours == pytest.approx(theirs, rel=1e-10, abs=0)
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-12
 
@@ -280,7 +281,7 @@ def test_polar_express_schedule_safety_and_normalization():
     s = 1.01
     a, b, c = PUBLISHED_POLAR_EXPRESS[0]
     assert sched[0] == pytest.approx((a / s**2, b / s**6, c / s**10), rel=1e-10)  # see the table test
-    for got, (a, b, c) in zip(sched[1:7], PUBLISHED_POLAR_EXPRESS[1:7]):
+    for got, (a, b, c) in zip(sched[1:7], PUBLISHED_POLAR_EXPRESS[1:7], strict=True):
         assert got == pytest.approx((a / s, b / s**3, c / s**5), rel=1e-10)
     assert sched[7:] == [(1.875, -1.25, 0.375)] * 3  # the converged polynomial repeats
     # equal result to the paper's normalization X / (1.01 ||X||_F): scalar map identity
@@ -297,7 +298,7 @@ def test_polar_express_schedule_safety_and_normalization():
 def test_static_schedules_and_repeat_rule():
     assert ns_schedule("jordan", 3) == [JORDAN_COEFFICIENTS] * 3
     assert ns_schedule((1.0, 2.0, 3.0), 2) == [(1.0, 2.0, 3.0)] * 2
-    assert ns_schedule([(1, 2, 3), (4, 5, 6)], 4) == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0), (4.0, 5.0, 6.0), (4.0, 5.0, 6.0)]
+    assert ns_schedule([(1, 2, 3), (4, 5, 6)], 4) == [(1.0, 2.0, 3.0)] + [(4.0, 5.0, 6.0)] * 3
     assert ns_schedule("polar_express", 3) == polar_express_schedule(10)[:3]
     assert ns_schedule("Polar-Express", 12)[-1] == (1.875, -1.25, 0.375)
     assert ns_schedule("cans", 5) == cans_schedule(5, upper=1.0)
@@ -418,7 +419,8 @@ def test_triton_dispatch_passes_schedule_and_eps(monkeypatch):
 def test_validate_normalizes():
     assert validate_ns_options("Polar-Express", 5, "bf16", "AUTO") == ("polar_express", 5, torch.bfloat16, "auto")
     assert validate_ns_options((1, 2, 3), 1, "float32", "torch")[0] == ((1.0, 2.0, 3.0),)
-    assert validate_ns_options([[1, 2, 3], (4, 5, 6)], 100, torch.float64, "triton")[0] == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+    got = validate_ns_options([[1, 2, 3], (4, 5, 6)], 100, torch.float64, "triton")
+    assert got[0] == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
     assert validate_ns_options("cans", 5, "fp32", "torch")[2] == torch.float32
 
 
