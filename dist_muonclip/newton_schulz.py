@@ -547,16 +547,23 @@ def _iterate(
     (bmm / baddbmm). ``first`` = (A, A^2) of the first iteration when already computed (CANS).
     """
     for k, (a, b, c) in enumerate(schedule):
+        alpha = 1.0
         if k == 0 and first is not None:
             gram, gram2 = first
-            upd = gram2.mul(c).add_(gram, alpha=b)
+            if c != 0.0:  # B = c (A^2 + (b / c) A): one elementwise pass, c goes into the product
+                upd, alpha = torch.add(gram2, gram, alpha=b / c), c
+            else:
+                upd = gram * b
         elif x.ndim == 2:
             gram = x @ x.T
             upd = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         else:
             gram = torch.bmm(x, x.mT)
             upd = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, upd, x, beta=a) if x.ndim == 2 else torch.baddbmm(x, upd, x, beta=a)
+        if x.ndim == 2:
+            x = torch.addmm(x, upd, x, beta=a, alpha=alpha)
+        else:
+            x = torch.baddbmm(x, upd, x, beta=a, alpha=alpha)
     return x
 
 
@@ -570,9 +577,12 @@ def cans_interval(gram2: torch.Tensor) -> float:
     needs anyway, so the estimate costs one reduction plus the max over the batch (one conservative
     interval serves the whole bucket) and a single device-to-host copy of one scalar.
     """
-    g = gram2.float()
-    per = torch.linalg.vector_norm(g, dim=(-2, -1)).pow(0.25)
-    return float(per.max()) if per.numel() else 1.0
+    if gram2.numel() == 0:
+        return 1.0
+    # fp32 accumulation without materializing an fp32 copy of A^2; max before the 4th root
+    acc = torch.float64 if gram2.dtype == torch.float64 else torch.float32
+    sq = torch.linalg.vector_norm(gram2, dim=(-2, -1), dtype=acc)
+    return float(sq.max()) ** 0.25
 
 
 def _triton_available() -> bool:
@@ -627,10 +637,12 @@ def orthogonalize(
         a transposed view, as in torch.optim.Muon.
 
     CANS needs one host sync per call: the Gelfand upper bound of the batch (one float) is copied
-    to the host to pick the cached schedule (``cans_interval``). Its cost is the device-to-host
-    latency (~10-20 us) plus draining the queued work (the normalization and the first two
-    products), i.e. it stalls the CPU-side launch queue once per bucket; the Remez solve is paid
-    only for a quantized interval not seen before.
+    to the host to pick the cached schedule (``cans_interval``), which drains the queued GPU work
+    and stops the CPU from running ahead of the GPU once per bucket. Measured on one H100 (torch
+    backend, bf16, 5 steps, torch 2.11): ``cans_interval`` alone takes 46 us on an idle GPU;
+    per call CANS costs +0.13-0.19 ms over Polar Express on launch-bound buckets (256^2 to
+    32 x 512^2: 0.82 vs 0.65 ms), +3 % on 8 x 1024 x 4096, +2 % on 4 x 4096^2 (14.2 vs 13.9 ms)
+    and +1 % on 8192^2. The Remez solve is paid only for a quantized interval not seen before.
     """
     coeffs, steps, dtype, backend = validate_ns_options(coefficients, steps, dtype, backend)
     if not isinstance(x, torch.Tensor):

@@ -488,3 +488,48 @@ def test_fixtures_conditioning():
     s = torch.linalg.svdvals(g)
     assert float(s[0] / s[-1]) == pytest.approx(1e3, rel=1e-9)
     torch.testing.assert_close(polar @ polar.T, torch.eye(64, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (marker "gpu"; skipped without a device)
+# ------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(256, 256), (384, 160), (160, 384), (129, 257), (1, 64)])
+def test_cuda_jordan_bit_parity_with_torch_muon(shape):
+    """Same ops on the same views as torch.optim.Muon: bit-identical on CUDA too."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))).cuda()
+    assert torch.equal(orthogonalize(x), torch_muon_ns(x, JORDAN_COEFFICIENTS, 5, 1e-7))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("coefficients", SCHEDULES)
+def test_cuda_batched_and_float64_match_cpu(coefficients):
+    """CUDA batched == CUDA loop (bf16) and CUDA float64 == CPU float64 (all schedules)."""
+    x = torch.randn(4, 96, 160, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    xc = x.cuda()
+    if coefficients != "cans":  # CANS shares one interval per batch, compared below in float64
+        batched = orthogonalize(xc, coefficients=coefficients)
+        loop = torch.stack([orthogonalize(xi, coefficients=coefficients) for xi in xc])
+        # cuBLAS may pick different kernels (split-K, accumulation order) for bmm and mm: allow two
+        # bf16 roundings (2^-8 each) of an entry of size <= 1
+        torch.testing.assert_close(batched.float(), loop.float(), atol=2**-7, rtol=0)
+    got = orthogonalize(xc, coefficients=coefficients, dtype=torch.float64).cpu()
+    want = orthogonalize(x, coefficients=coefficients, dtype=torch.float64)
+    # float64 on both sides: only summation-order differences (~1e-16 per op, O(1) growth)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("coefficients", ["polar_express", "cans"])
+def test_cuda_bf16_converges(coefficients):
+    """bf16 on CUDA reaches the same floor as on CPU: 8 steps -> max |sigma - 1| <= 0.02."""
+    g, polar = _in_interval(64, 96, seed=9)
+    out = orthogonalize(g.float().cuda(), coefficients=coefficients, steps=8).cpu()
+    assert _max_sigma_dev(out) < 0.02  # measured ~5e-3 on CPU (bf16 rounding floor), 4x margin
+    assert _rel_polar_err(out, polar) < 0.1  # small-sigma directions rotated by bf16 rounding (see above)
