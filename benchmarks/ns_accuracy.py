@@ -89,7 +89,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     # compact console table: rel_polar_err at each step count, bf16
     for spec_name in _spectra(m):
-        print(f"\n{spec_name}  (bf16 rel_polar_err | max_sigma_dev)")
+        print(f"\n{spec_name}  (bf16 rel_polar_err|max_sigma_dev at steps {' '.join(map(str, args.steps))})")
         for name in args.schedules:
             cells = [f"{r['rel_polar_err']:.3f}|{r['max_sigma_dev']:.3f}" for r in rows
                      if r["spectrum"] == spec_name and r["schedule"] == name and r["dtype"] == "bfloat16"]

@@ -27,7 +27,7 @@ Schedules (``coefficients=``):
   normalization (folded into the first polynomial, so the input normalization stays Muon's).
   Converges to 1: for singular values in [1e-3, 1] * ||G||_F the worst-case error max |s' - 1|
   is 0.16 / 6.5e-3 / 1.1e-5 / 3e-15 after 5 / 6 / 7 / 8 steps in exact arithmetic
-  (``schedule_error``); in bf16 the iterate's rounding leaves a floor of ~1e-2.
+  (``schedule_error``); in bf16 the iterate's rounding leaves a floor of ~5e-3.
 * ``"cans"`` (Grishina, Smirnov, Rakhuba, "Accelerating Newton-Schulz Iteration for
   Orthogonalization via Chebyshev-type Polynomials", arXiv 2506.10935): Chebyshev-optimal
   (equioscillating, computed by a Remez solver) odd polynomials composed over an *estimated*

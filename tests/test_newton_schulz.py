@@ -175,7 +175,8 @@ def test_jordan_band_not_one(dtype):
     assert sv.min() > 0.68 - 0.01 and sv.max() < 1.21 + 0.01
     # it stays away from 1: even 10 more steps leave a deviation > 0.25 (the band is a fixed cycle)
     assert _max_sigma_dev(orthogonalize(g, steps=15, dtype=torch.float64)) > 0.25
-    assert _rel_polar_err(out, polar) < 0.25
+    # ||U S' V^T - U V^T||_F / ||U V^T||_F = RMS(s' - 1) over the band: measured 0.238
+    assert 0.15 < _rel_polar_err(out, polar) < 0.3
 
 
 @pytest.mark.parametrize("coefficients", ["polar_express", "cans"])
