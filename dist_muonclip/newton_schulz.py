@@ -245,19 +245,26 @@ def _greedy(lower: float, upper: float, cushion: float, max_steps: int) -> tuple
     table: list[Triple] = []
     errors: list[float] = []
     while len(table) < max_steps:
-        if low / u >= _CONVERGED_RATIO:
-            # the interval is 1 +- O(1e-6): the fixed-point polynomial centred at 1 (error O(d^3))
+        coeffs = None
+        if low / u < _CONVERGED_RATIO:
+            try:
+                coeffs, _, _ = remez_odd(max(low, cushion * u), u, degree=5)
+            except RuntimeError:
+                # width < ~1e-5: float64 cannot separate the alternation points any more, and the
+                # minimax error is below 1e-15 anyway: same as the converged case
+                coeffs = None
+        if coeffs is None:
+            # the interval is 1 +- O(1e-5): the fixed-point polynomial centred at 1 (error O(d^3))
             abc = _converged_quintic(1.0)
             table.append(abc)
             errors.append(max(abs(1.0 - _poly(abc, low)), abs(1.0 - _poly(abc, u))))
             return table, errors, True
-        coeffs, _, _ = remez_odd(max(low, cushion * u), u, degree=5)
         pl, pu = _poly(coeffs, low), _poly(coeffs, u)
         scale = 2.0 / (pl + pu)
         table.append((coeffs[0] * scale, coeffs[1] * scale, coeffs[2] * scale))
         low = scale * pl
         u = 2.0 - low
-        errors.append(1.0 - low)
+        errors.append(abs(1.0 - low))
     return table, errors, False
 
 

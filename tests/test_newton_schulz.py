@@ -260,6 +260,21 @@ def test_remez_cubic_matches_closed_form(interval):
     assert err == pytest.approx(closed_err, rel=1e-10)
 
 
+def test_greedy_composition_robust_for_any_start():
+    """Regression: a start whose interval later lands just above the converged threshold
+    (width ~6e-6, where Remez loses the alternation in float64) must not crash the greedy solve;
+    every start converges to the fixed-point polynomial with non-increasing errors."""
+    for lower in [10.0**e for e in range(-9, 0)] + [0.3, 0.5, 0.9, 0.99, 1 - 6e-6, 1 - 5.1e-6]:
+        table, errors = greedy_minimax_composition(lower, cushion=ns.POLAR_EXPRESS_CUSHION)
+        assert table[-1] == (1.875, -1.25, 0.375) and len(table) < 20, lower
+        assert all(b <= a for a, b in zip(errors[:-1], errors[1:], strict=True))  # never grows
+        assert errors[-1] < 1e-12
+    # every schedule CANS can ever ask for (all 161 grid cells of the upper bound) can be built
+    for idx in range(ns._CANS_MIN_INDEX, 1):
+        sched = cans_schedule(5, upper=2.0 ** (idx / 16))
+        assert len(sched) == 5 and all(math.isfinite(v) for abc in sched for v in abc)
+
+
 def test_polar_express_table_matches_paper():
     """Our own greedy minimax construction reproduces the published Polar Express coefficients.
 
