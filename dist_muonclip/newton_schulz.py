@@ -592,7 +592,9 @@ def cans_interval(gram2: torch.Tensor) -> float:
     return float(sq.max()) ** 0.25
 
 
+@functools.cache
 def _triton_available() -> bool:
+    """Whether triton and the kernel module import (checked once per process for backend="auto")."""
     try:
         import triton  # noqa: F401
 
@@ -660,7 +662,7 @@ def orthogonalize(
         raise TypeError(f"orthogonalize: x must be a floating tensor, got {x.dtype}")
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
         raise ValueError(f"orthogonalize: eps must be a positive float, got {eps!r}")
-    if coeffs == "cans" and not (0.0 < cans_lower < 1.0):
+    if coeffs == "cans" and not (_is_real_number(cans_lower) and 0.0 < cans_lower < 1.0):
         raise ValueError(f"orthogonalize: cans_lower must be in (0, 1), got {cans_lower!r}")
     if backend == "auto":
         backend = "triton" if (x.is_cuda and _triton_available()) else "torch"
