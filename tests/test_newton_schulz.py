@@ -41,6 +41,17 @@ PUBLISHED_POLAR_EXPRESS = [
 SCHEDULES = ["jordan", "polar_express", "cans"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Matrices here are <= 128 x 192: one intra-op thread is as fast, and it avoids the spinning
+    thread pool oversubscribing a loaded 2-core CI machine (measured 6 s vs up to 77 s). Both
+    sides of every parity check run under the same setting; restored after this module."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _with_spectrum(m: int, n: int, sigmas: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 matrix U diag(sigmas) V^T (m x n, r = min(m, n) singular values) and its polar factor U V^T."""
     g = torch.Generator().manual_seed(seed)
