@@ -26,6 +26,12 @@ from torch import Tensor
 __all__ = ["CommAccountant", "Comm", "ddp_accounting_hook"]
 
 
+# torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
+# the old names; older releases only have the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 @dataclass
 class _Counter:
     calls: int = 0
@@ -134,12 +140,12 @@ class Comm:
     def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = out.numel() * out.element_size()
         self._count("all_gather", tag, (self.world_size - 1) / self.world_size * n, n)
-        return dist.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
+        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
 
     def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = inp.numel() * inp.element_size()
         self._count("reduce_scatter", tag, (self.world_size - 1) / self.world_size * n, n)
-        return dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=async_op)
+        return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
 
     def all_to_all_single(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
                           async_op: bool = False, tag: str = ""):
