@@ -10,19 +10,25 @@ collects state and dispatches. ``step()`` reads as its phases (DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import sys
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
+from .comm import Comm, CommAccountant
 from .functional import ADJUST_LR_FNS, muon_apply_, muon_momentum_, update_scale
 from .newton_schulz import orthogonalize, validate_ns_options
 from .param_split import ParamInfo, as_matrices, format_split, matrix_shape, split_parameters
+from .plan import Bucket, MatrixItem, Segment, build_plan, flat_partition
 
 __all__ = ["MuonClip"]
 
@@ -84,6 +90,16 @@ class MuonClip(Optimizer):
         skip_nonfinite: skip (and warn about) parameters whose gradient has inf/nan this step,
             leaving their state untouched. Costs one device->host read per step.
         adamw_foreach, adamw_fused: passed to torch's AdamW kernels.
+        process_group: the data-parallel group. Default: the world group when
+            ``torch.distributed`` is initialized (ZeRO-1 mode), else single process.
+        grad_reduction: ``"external"`` (DDP, DeepSpeed ZeRO-0 or anything else all-reduces the
+            gradients; owners orthogonalize and the updates are all-gathered) or ``"optimizer"``
+            (no DDP: the optimizer reduce-scatters gradients straight to owners from
+            post-accumulate-grad hooks, overlapping backward; use :meth:`no_sync` to accumulate).
+        shard_adamw: keep AdamW state sharded (each rank updates an equal flat slice and the
+            slices are all-gathered). ``False`` updates AdamW parameters redundantly everywhere.
+        accountant: a :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's
+            collectives (calls, bytes) per step.
         verbose: print the parameter split at construction.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
@@ -116,6 +132,10 @@ class MuonClip(Optimizer):
         skip_nonfinite: bool = True,
         adamw_foreach: bool | None = None,
         adamw_fused: bool | None = None,
+        process_group: Any = None,
+        grad_reduction: str = "external",
+        shard_adamw: bool = True,
+        accountant: CommAccountant | None = None,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -153,6 +173,9 @@ class MuonClip(Optimizer):
         self._step_count_total = 0
         self._last_metrics: dict[str, Tensor] = {}
         self._clipper = self._build_clipper(model, qk_clip, model_config)
+        self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
+        self._plan = None
+        self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant)
         if verbose:
             print(self.describe_split())
 
@@ -246,6 +269,12 @@ class MuonClip(Optimizer):
                                  "but Muon needs a matrix (>= 2 dims); put it in a group with use_muon=False")
         self._validate_group(g)
         super().add_param_group(g)
+        if getattr(self, "_plan", None) is not None:   # added after construction: re-plan on every rank
+            self._replan()
+            if self.grad_reduction == "optimizer" and self._comm is not None:
+                for p in params:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         _check_float("lr", g["lr"], low=0.0)
@@ -310,171 +339,489 @@ class MuonClip(Optimizer):
             out.update(self._clipper.metrics())
         return out
 
+    # ------------------------------------------------------------------ distribution
+    def _setup_distribution(self, process_group: Any, grad_reduction: str, shard_adamw: bool,
+                            accountant: CommAccountant | None) -> None:
+        if grad_reduction not in ("external", "optimizer"):
+            raise ValueError(f"grad_reduction={grad_reduction!r} is unknown; use 'external' (DDP/DeepSpeed reduce "
+                             "gradients) or 'optimizer' (the optimizer reduce-scatters them to owners)")
+        self._comm: Comm | None = None
+        if process_group is not None or (dist.is_available() and dist.is_initialized()):
+            comm = Comm(process_group, accountant)
+            if comm.world_size > 1 or grad_reduction == "optimizer":
+                self._comm = comm
+        self.accountant = accountant
+        self.grad_reduction = grad_reduction
+        self.shard_adamw = bool(shard_adamw)
+        self.rank = self._comm.rank if self._comm else 0
+        self.world_size = self._comm.world_size if self._comm else 1
+        self._reduced: dict[Tensor, Tensor] = {}
+        self._adamw_slices: dict[tuple, Tensor] = {}
+        self._launched: list[Any] = []
+        self._ready: set[Tensor] = set()
+        self._sync_enabled = True
+        self._hooks: list[Any] = []
+        self._replan()
+        if grad_reduction == "optimizer" and self._comm is not None:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def _replan(self) -> None:
+        """Deterministic plan of owners, buckets and AdamW slices; validated across ranks."""
+        self._by_name = {self._names[p]: p for g in self.param_groups for p in g["params"]}
+        self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        items = []
+        for gi, g in enumerate(self.param_groups):
+            if not g["use_muon"]:
+                continue
+            for p in g["params"]:
+                b, m, n = matrix_shape(p.shape, self._views[p])
+                items.append(MatrixItem(self._names[p], gi, b, m, n, str(p.dtype), g["ns_steps"]))
+        self._plan = build_plan(items, self.world_size)
+        # AdamW: per (group, dtype, device) one flat partition in parameter order
+        self._partitions = []
+        for gi, g in enumerate(self.param_groups):
+            if g["use_muon"]:
+                continue
+            by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in g["params"]:
+                by_kind[(str(p.dtype), str(p.device))].append(p)
+            for kind, params in by_kind.items():
+                shard = self.shard_adamw and self.world_size > 1
+                chunk, segs = flat_partition([(self._names[p], p.numel()) for p in params],
+                                             self.world_size if shard else 1)
+                mine = segs[self.rank] if shard else segs[0]
+                self._partitions.append(_Partition(gi, kind, params, chunk, segs, mine, shard))
+        if self._comm is not None:
+            self._check_plan_across_ranks()
+
+    def _check_plan_across_ranks(self) -> None:
+        descr = [(self._names[p], tuple(p.shape), str(p.dtype), bool(g["use_muon"]))
+                 for g in self.param_groups for p in g["params"]]
+        digests = self._comm.all_gather_object((self._plan.digest(), descr))
+        if len({d for d, _ in digests}) == 1:
+            return
+        base = digests[0][1]
+        for r, (_, other) in enumerate(digests):
+            if other == base:
+                continue
+            for i in range(max(len(base), len(other))):
+                a = base[i] if i < len(base) else None
+                b = other[i] if i < len(other) else None
+                if a != b:
+                    raise ValueError(f"MuonClip plans differ across ranks: parameter #{i} is {a} on rank 0 but {b} on "
+                                     f"rank {r}; every rank must build the optimizer from the same model and groups")
+        raise ValueError("MuonClip plans differ across ranks (same parameters, different plan); this is a bug")
+
+    def _owner(self, p: Tensor) -> int:
+        return self._plan.owners[self._names[p]]
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation with ``grad_reduction="optimizer"``: backward passes inside this
+        context do not launch the reduction (like ``DistributedDataParallel.no_sync``)."""
+        old, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = old
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, s_max: Any = None) -> Any:
-        """One MuonClip step. ``s_max``: optional per-layer, per-head max logits (see class doc)."""
+        """One MuonClip step. ``s_max``: optional per-layer, per-head max logits (see class doc).
+
+        Collective when distributed: every rank of the group must call it.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        work = self._collect_gradients()
-        max_logits = self._clipper.max_logits(s_max) if self._clipper is not None else None
-        skipped = self._preflight(work, max_logits)
-        sq_sums: list[Tensor] = []
-        for bucket in self._muon_buckets(work, skipped):
-            sq_sums.append(self._muon_bucket_step(bucket))
-        self._adamw_step(work, skipped)
-        if max_logits is not None:
-            self._qk_clip_(max_logits)
-        self._record_metrics(work, skipped, sq_sums)
-        self._step_count_total += 1
+        self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
+        pre = self._preflight(s_max)                       # one all-reduce(MAX): flags + max logits
+        self._finish_reductions()
+        pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, gather, NS, scatter
+        sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as updates arrive
+        self._adamw_step(pre)
+        if pre.max_logits is not None:
+            self._qk_clip_(pre.max_logits)
+        self._record_metrics(pre, sq_sums)
+        self._end_step()
         return loss
 
-    def _collect_gradients(self) -> list[tuple[dict, list[Tensor]]]:
-        work = []
-        for g in self.param_groups:
-            params = []
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"parameter {self._names[p]!r} has a sparse gradient; MuonClip needs dense "
-                                       "gradients (use nn.Embedding(sparse=False))")
-                params.append(p)
-            work.append((g, params))
-        return work
+    def _local_max_logits(self, s_max: Any) -> Tensor | None:
+        return self._clipper.max_logits(s_max) if self._clipper is not None else None
 
-    def _preflight(self, work, max_logits: Tensor | None) -> set[Tensor]:
-        """One host read deciding which parameters to skip; rejects non-finite max logits.
+    def _preflight(self, s_max: Any) -> "_Preflight":
+        """Decide, identically on every rank, what this step does; refuse bad max logits early.
 
-        Raises before any parameter or state changes when the max logits are inf/nan.
+        One packed all-reduce(MAX) carries: an error flag, per-parameter has-gradient and
+        non-finite-gradient flags, and every layer's per-head max logits (DESIGN.md step 1).
         """
-        flat = [p for _, params in work for p in params] if self.skip_nonfinite else []
-        flags = [p.grad.isfinite().all() for p in flat]
-        if max_logits is not None:
-            flags.extend((torch.isnan(max_logits) | torch.isposinf(max_logits)).any(dim=-1).unbind())
-        if not flags:
-            return set()
-        host = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
-        finite, bad_layers = host[: len(flat)], host[len(flat):]
-        if any(bad_layers):
-            names = self._clipper.layer_names() if hasattr(self._clipper, "layer_names") else None
-            layers = [names[i] if names else str(i) for i, b in enumerate(bad_layers) if b]
-            raise ValueError(f"non-finite max attention logits in layer(s) {layers}: the forward pass produced "
-                             "inf/nan attention scores; no parameter or state was changed by this step")
-        skipped = {p for p, ok in zip(flat, finite) if not ok}
-        if skipped:
+        params = [p for g in self.param_groups for p in g["params"]]
+        n, shape = len(params), self._ml_shape
+        size = 1 + n * (2 if self.skip_nonfinite else 1) + (math.prod(shape) if shape is not None else 0)
+        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+        error = None
+        try:
+            packed = self._local_flags(params, s_max, device)
+        except Exception as e:
+            if self._comm is None:
+                raise
+            error = e                  # tell the other ranks instead of leaving them waiting
+            packed = torch.zeros(size, device=device)
+            packed[0] = 1.0
+        assert packed.numel() == size
+        if self._comm is not None:
+            self._comm.all_reduce(packed, op=dist.ReduceOp.MAX, tag="preflight")
+        host = packed.tolist()                             # the one device->host read of the step
+        head = host[: 1 + n * (2 if self.skip_nonfinite else 1)]
+        if head[0]:
+            if error is not None:
+                raise error
+            raise RuntimeError("MuonClip.step(): another rank failed in step() (see its error); this rank stops "
+                               "too instead of waiting for it")
+        has_grad = {p for p, h in zip(params, head[1:1 + n]) if h}
+        nonfinite = {p for p, f in zip(params, head[1 + n:]) if f} if self.skip_nonfinite else set()
+        reduced = None
+        if shape is not None:
+            k = math.prod(shape)
+            reduced = packed[len(packed) - k:].reshape(shape)
+            vals = host[len(host) - k:]
+            bad = [any(v != v or v == math.inf for v in vals[i * shape[1]:(i + 1) * shape[1]])
+                   for i in range(shape[0])]
+            if any(bad):
+                names = self._clipper.layer_names() if hasattr(self._clipper, "layer_names") else None
+                layers = [names[i] if names else str(i) for i, b in enumerate(bad) if b]
+                raise ValueError(f"non-finite max attention logits in layer(s) {layers}: the forward pass produced "
+                                 "inf/nan attention scores; no parameter or state was changed by this step")
+        if nonfinite:
             warnings.warn("MuonClip: non-finite gradient, step skipped (state untouched) for "
-                          + ", ".join(sorted(self._names[p] for p in skipped)), RuntimeWarning, stacklevel=3)
-        return skipped
+                          + ", ".join(sorted(self._names[p] for p in nonfinite)), RuntimeWarning, stacklevel=4)
+        return _Preflight(has_grad - nonfinite, nonfinite, reduced)
 
-    def _muon_buckets(self, work, skipped: set[Tensor]):
-        """Same-shape matrices of one group form a bucket, orthogonalized as one batch."""
-        for g, params in work:
-            if not g["use_muon"]:
-                continue
-            by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
-            for p in params:
-                if p in skipped:
-                    continue
-                _, m, n = matrix_shape(p.shape, self._views[p])
-                by_shape[(m, n, p.dtype, p.device)].append(p)
-            for key in sorted(by_shape, key=lambda k: (k[0], k[1], str(k[2]), str(k[3]))):
-                yield g, by_shape[key]
-
-    def _muon_bucket_step(self, bucket) -> Tensor:
-        g, params = bucket
-        bufs = []
+    def _local_flags(self, params: list[Tensor], s_max: Any, device: torch.device) -> Tensor:
+        """``[error=0, has_grad..., non_finite..., max_logits...]`` of this rank, fp32."""
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        grads = [p.grad for p in params]
-        updates = muon_momentum_(grads, bufs, momentum=g["momentum"], nesterov=g["nesterov"])
-        views = [as_matrices(u, self._views[p]) for u, p in zip(updates, params)]
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"parameter {self._names[p]!r} has a sparse gradient; MuonClip needs dense "
+                                   "gradients (use nn.Embedding(sparse=False))")
+        parts = [torch.zeros(1, device=device),
+                 torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)]
+        if self.skip_nonfinite:
+            zero = torch.zeros((), dtype=torch.bool, device=device)
+            parts.append(torch.stack([(~p.grad.isfinite().all()).to(device) if p.grad is not None else zero
+                                      for p in params]).float())
+        shape = self._ml_shape
+        if shape is not None:
+            max_logits = self._local_max_logits(s_max)
+            if max_logits is None:
+                max_logits = torch.full(shape, float("-inf"))
+            if tuple(max_logits.shape) != shape:
+                raise ValueError(f"max logits have shape {tuple(max_logits.shape)}, expected {shape} (layers x heads)")
+            parts.append(max_logits.float().reshape(-1).to(device))
+        return torch.cat(parts)
+
+    def _grad(self, p: Tensor) -> Tensor:
+        """The reduced gradient of ``p`` as this rank sees it (zeros where the graph gave none)."""
+        if p in self._reduced:
+            return self._reduced[p]
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    # -- optimizer-owned gradient reduction ------------------------------------------------
+    def _comm_units(self) -> list[tuple[str, Any]]:
+        return [("muon", b) for b in self._plan.buckets] + [("adamw", part) for part in self._partitions]
+
+    def _on_grad_ready(self, p: Tensor) -> None:
+        if not self._sync_enabled:
+            return
+        self._ready.add(p)
+        units = self._comm_units()
+        while len(self._launched) < len(units):
+            kind, unit = units[len(self._launched)]
+            members = ([self._by_name[n] for n in unit.names] if kind == "muon" else unit.params)
+            if not all(m in self._ready for m in members):
+                break
+            self._launched.append(self._launch_reduce(kind, unit))
+
+    def _launch_reduce(self, kind: str, unit: Any):
+        comm, w = self._comm, self.world_size
+        if kind == "muon":
+            members = [self._by_name[n] for n in unit.names]
+            own = sum(p.numel() for p in members if self._owner(p) == self.rank)
+            send = torch.cat([self._local_grad(p).reshape(-1) for p in members])
+            in_splits = [0] * w
+            for p in members:
+                in_splits[self._owner(p)] += p.numel()
+            out = torch.empty(own * w, dtype=send.dtype, device=send.device)
+            work = comm.all_to_all_single(out, send, [own] * w, in_splits, async_op=True, tag="muon_reduce")
+            return (kind, unit, out, work)
+        total = sum(p.numel() for p in unit.params)
+        flat = torch.zeros(unit.chunk * w if unit.sharded else total, dtype=unit.params[0].dtype,
+                           device=unit.params[0].device)
+        torch.cat([self._local_grad(p).reshape(-1) for p in unit.params], out=flat[:total])
+        if not unit.sharded:       # replicated AdamW: every rank needs every reduced gradient
+            return (kind, unit, flat, comm.all_reduce(flat, async_op=True, tag="adamw_reduce"))
+        out = torch.empty(unit.chunk, dtype=flat.dtype, device=flat.device)
+        work = comm.reduce_scatter_tensor(out, flat, async_op=True, tag="adamw_reduce")
+        return (kind, unit, out, work)
+
+    def _local_grad(self, p: Tensor) -> Tensor:
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def _launch_reductions(self) -> None:
+        """Launch the reductions whose hooks did not fire (no gradient on this rank, or no hooks).
+
+        Runs before the preflight all-reduce so every rank issues the same collectives in the same
+        order, whichever gradients it happened to have.
+        """
+        if self.grad_reduction != "optimizer" or self._comm is None:
+            return
+        units = self._comm_units()
+        while len(self._launched) < len(units):
+            self._launched.append(self._launch_reduce(*units[len(self._launched)]))
+
+    def _finish_reductions(self) -> None:
+        if self.grad_reduction != "optimizer" or self._comm is None:
+            return
+        w = self.world_size
+        for kind, unit, out, work in self._launched:
+            work.wait()
+            if kind == "muon":
+                mine = [self._by_name[n] for n in unit.names if self._plan.owners[n] == self.rank]
+                summed = out.view(w, -1).sum(0).div_(w)
+                for p, piece in zip(mine, summed.split([p.numel() for p in mine])):
+                    self._reduced[p] = piece.view_as(p)
+            else:
+                self._adamw_slices[unit.key] = out.div_(w)
+        self._launched = []
+        self._ready.clear()
+
+    # -- Muon ------------------------------------------------------------------------------
+    def _muon_bucket(self, bucket: Bucket, pre: "_Preflight"):
+        """Momentum + NS on the matrices this rank owns, then launch the exchange of updates."""
+        g = self.param_groups[bucket.group]
+        active = [self._by_name[n] for n in bucket.names if self._by_name[n] in pre.active]
+        if not active:
+            return None
+        mine = [p for p in active if self._owner(p) == self.rank]
         ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                      eps=g["ns_eps"], backend=g["ns_backend"])
-        if len(views) == 1 and views[0].shape[0] == 1:
-            # A lone 2-D matrix takes the unbatched path: bit-identical to torch.optim.Muon.
-            ortho = [orthogonalize(views[0][0], **ns_kw)]
-        else:
-            stacked = orthogonalize(torch.cat(views), **ns_kw)
-            ortho = list(torch.split(stacked, [v.shape[0] for v in views]))
-        _, m, n = matrix_shape(params[0].shape, self._views[params[0]])
-        scale = update_scale(m, n, g["adjust_lr_fn"])
-        muon_apply_(params, ortho, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
-        # sum of squares of the applied update (lr-free), for the update-RMS metric
-        return sum((o.float().square().sum() for o in ortho), torch.zeros((), device=params[0].device)) * scale**2
+        ortho = None
+        if mine:
+            bufs = []
+            for p in mine:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            updates = muon_momentum_([self._grad(p) for p in mine], bufs, momentum=g["momentum"],
+                                     nesterov=g["nesterov"])
+            views = [as_matrices(u, self._views[p]) for u, p in zip(updates, mine)]
+            if len(views) == 1 and views[0].shape[0] == 1:
+                ortho = orthogonalize(views[0][0], **ns_kw).unsqueeze(0)  # unbatched: bit-identical to torch
+            else:
+                ortho = orthogonalize(torch.cat(views), **ns_kw)
+        if self._comm is None:
+            return (bucket, active, ortho, None)
+        counts = [0] * self.world_size
+        for p in active:
+            counts[self._owner(p)] += matrix_shape(p.shape, self._views[p])[0]
+        if ortho is None:
+            ortho = torch.empty((0, bucket.m, bucket.n), dtype=g["ns_dtype"], device=active[0].device)
+        gathered, work = self._comm.all_gather_uneven(ortho.contiguous(), counts, async_op=True, tag="muon_gather")
+        return (bucket, active, gathered, work)
 
-    def _adamw_step(self, work, skipped: set[Tensor]) -> None:
-        for g, params in work:
-            if g["use_muon"]:
-                continue
-            params = [p for p in params if p not in skipped]
-            if not params:
-                continue
-            exp_avgs, exp_avg_sqs, steps = [], [], []
-            for p in params:
+    def _finish_bucket(self, job) -> Tensor:
+        bucket, active, ortho, work = job
+        if work is not None:
+            work.wait()
+        g = self.param_groups[bucket.group]
+        pieces = ortho.split([matrix_shape(p.shape, self._views[p])[0] for p in active])
+        scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
+        muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        return ortho.float().square().sum() * scale**2
+
+    # -- AdamW -----------------------------------------------------------------------------
+    def _adamw_step(self, pre: "_Preflight") -> None:
+        for part in self._partitions:
+            g = self.param_groups[part.group]
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            reduced = self._adamw_slices.pop(part.key, None)
+            offset_of = self._slice_offsets(part)
+            for seg in part.mine:
+                p = self._by_name[seg.name]
+                if p not in pre.active or seg.stop == seg.start:
+                    continue
                 state = self.state[p]
                 if "step" not in state:
                     # torch.optim.AdamW's convention: a CPU step counter unless the fused kernel runs
                     state["step"] = torch.zeros((), dtype=torch.float32,
                                                 device=p.device if self.adamw_fused else "cpu")
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    full = seg.start == 0 and seg.stop == p.numel()
+                    like = p if full else p.detach().reshape(-1)[seg.start:seg.stop]
+                    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                view = self._segment_view(p, seg)
+                params.append(view)
+                if reduced is not None:
+                    off = offset_of[seg.name]
+                    grads.append(reduced[off:off + seg.stop - seg.start].view_as(view))
+                else:
+                    gr = self._grad(p)
+                    grads.append(gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop])
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
-            beta1, beta2 = g["betas"]
-            _torch_adam(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps,
-                        foreach=self.adamw_foreach, fused=self.adamw_fused, decoupled_weight_decay=True,
-                        amsgrad=False, beta1=beta1, beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"],
-                        eps=g["eps"], maximize=False)
+            if params:
+                beta1, beta2 = g["betas"]
+                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
+                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
+                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+            if part.sharded:
+                self._gather_adamw(part)
 
+    @staticmethod
+    def _segment_view(p: Tensor, seg: Segment) -> Tensor:
+        if seg.start == 0 and seg.stop == p.numel():
+            return p.detach()
+        return p.detach().view(-1)[seg.start:seg.stop]
+
+    def _slice_offsets(self, part: "_Partition") -> dict[str, int]:
+        out, off = {}, 0
+        for seg in part.mine:
+            out[seg.name] = off
+            off += seg.stop - seg.start
+        return out
+
+    def _gather_adamw(self, part: "_Partition") -> None:
+        """All-gather the updated AdamW slices so every replica holds the full parameters."""
+        dtype, device = part.params[0].dtype, part.params[0].device
+        send = torch.zeros(part.chunk, dtype=dtype, device=device)
+        off = 0
+        for seg in part.mine:
+            n = seg.stop - seg.start
+            send[off:off + n] = self._segment_view(self._by_name[seg.name], seg).reshape(-1)
+            off += n
+        full = torch.empty(part.chunk * self.world_size, dtype=dtype, device=device)
+        self._comm.all_gather_into_tensor(full, send, tag="adamw_gather")
+        for r, segs in enumerate(part.segments):
+            if r == self.rank:
+                continue
+            off = r * part.chunk
+            for seg in segs:
+                n = seg.stop - seg.start
+                self._segment_view(self._by_name[seg.name], seg).reshape(-1).copy_(full[off:off + n])
+                off += n
+
+    # -- QK-Clip, metrics ------------------------------------------------------------------
     def _qk_clip_(self, max_logits: Tensor) -> None:
         for p, scale in self._clipper.row_scales(max_logits):
-            p.mul_(scale.to(p.dtype).view(-1, *([1] * (p.ndim - 1))))
+            p.data.mul_(scale.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1))))
 
-    def _record_metrics(self, work, skipped: set[Tensor], sq_sums: list[Tensor]) -> None:
-        grads = [p.grad for _, params in work for p in params if p not in skipped]
+    def _record_metrics(self, pre: "_Preflight", sq_sums: list[Tensor]) -> None:
         metrics: dict[str, Tensor] = {}
+        grads = [self._grad(p) for p in pre.active]
         if grads:
             metrics["grad_norm"] = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        n_muon = sum(p.numel() for g, params in work if g["use_muon"] for p in params if p not in skipped)
+        n_muon = sum(p.numel() for p in pre.active if self.param_groups[self._group_of[p]]["use_muon"])
         if sq_sums and n_muon:
-            metrics["muon_update_rms"] = torch.sqrt(torch.stack(sq_sums).sum() / n_muon)
-        metrics["num_skipped"] = torch.tensor(float(len(skipped)))
+            metrics["muon_update_rms"] = torch.sqrt(torch.stack([s.to(sq_sums[0].device) for s in sq_sums]).sum()
+                                                    / n_muon)
+        metrics["num_skipped"] = torch.tensor(float(len(pre.skipped)))
         self._last_metrics = metrics
 
+    def _end_step(self) -> None:
+        self._reduced.clear()
+        self._adamw_slices.clear()
+        self._step_count_total += 1
+        if self.accountant is not None:
+            self.accountant.end_step()
+
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """State keyed by parameter name (stable across processes and rebuilt models).
+    def _local_state(self) -> dict[str, dict[str, Any]]:
+        """This rank's state, keyed by name; AdamW entries carry their flat segment."""
+        out: dict[str, dict[str, Any]] = {}
+        for part in self._partitions:
+            for seg in part.mine:
+                p = self._by_name[seg.name]
+                s = self.state.get(p)
+                if s:
+                    out.setdefault(seg.name, {"step": s["step"], "segments": []})["segments"].append(
+                        (seg.start, seg.stop, s["exp_avg"].reshape(-1), s["exp_avg_sq"].reshape(-1)))
+        for name, owner in self._plan.owners.items():
+            p = self._by_name[name]
+            if owner == self.rank and self.state.get(p):
+                out[name] = dict(self.state[p])
+        return out
+
+    def state_dict(self, *, sharded: bool = False) -> dict[str, Any]:
+        """State keyed by parameter name (stable across processes, rebuilt models and world sizes).
+
+        Default: the full state, identical to a single-process run's (a collective when
+        distributed: every rank must call it; each gets the full state). ``sharded=True``: only
+        this rank's part (no communication); combine shards with :meth:`merge_sharded`.
 
         Layout: ``{"format", "step", "state": {name: {...}}, "param_groups": [{..., "params": [names]}]}``.
-        Tensors are references, like ``torch.optim.Optimizer.state_dict``.
         """
         groups = []
         for g in self.param_groups:
             d = {k: v for k, v in g.items() if k not in ("params", "param_names")}
             d["params"] = [self._names[p] for p in g["params"]]
             groups.append(d)
-        state = {self._names[p]: dict(s) for p, s in self.state.items() if s}
-        return {"format": _STATE_FORMAT, "step": self._step_count_total, "state": state, "param_groups": groups}
+        base = {"format": _STATE_FORMAT, "step": self._step_count_total, "param_groups": groups}
+        local = self._local_state()
+        if sharded:
+            return {**base, "sharded": {"rank": self.rank, "world_size": self.world_size, "state": local}}
+        shards = self._comm.all_gather_object(local) if self._comm is not None else [local]
+        return {**base, "state": self._merge_states(shards)}
+
+    def _merge_states(self, shards: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        state: dict[str, dict[str, Any]] = {}
+        for shard in shards:
+            for name, s in shard.items():
+                if "segments" not in s:
+                    state[name] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.items()}
+                    continue
+                entry = state.setdefault(name, {"step": s["step"].cpu(), "_segs": []})
+                entry["_segs"].extend(s["segments"])
+        for name, entry in state.items():
+            segs = entry.pop("_segs", None)
+            if segs is None:
+                continue
+            p = self._by_name[name]
+            segs.sort(key=lambda t: t[0])
+            entry["exp_avg"] = torch.cat([t[2].cpu() for t in segs]).view(p.shape)
+            entry["exp_avg_sq"] = torch.cat([t[3].cpu() for t in segs]).view(p.shape)
+        return state
+
+    def merge_sharded(self, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Combine ``state_dict(sharded=True)`` of every rank into one full state dict."""
+        ws = {s["sharded"]["world_size"] for s in shards}
+        if len(ws) != 1 or len(shards) != ws.pop():
+            raise ValueError("merge_sharded needs exactly one shard from every rank of one run")
+        full = {k: v for k, v in shards[0].items() if k != "sharded"}
+        full["state"] = self._merge_states([s["sharded"]["state"] for s in shards])
+        return full
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (matched by parameter name; validated before anything changes)."""
+        """Load a full :meth:`state_dict` (from any world size; matched by parameter name).
+
+        Each rank keeps what it owns under the current plan. Validated before anything changes.
+        """
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {_STATE_FORMAT!r} "
                              "(a dist_muonclip MuonClip.state_dict())")
+        if "sharded" in state_dict:
+            raise ValueError("this is one rank's shard (state_dict(sharded=True)); combine all ranks' shards with "
+                             "optimizer.merge_sharded(shards) and load the result")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
-        by_name = {self._names[p]: p for g in self.param_groups for p in g["params"]}
         for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
             mine = [self._names[p] for p in g["params"]]
             if list(sg["params"]) != mine:
@@ -485,23 +832,36 @@ class MuonClip(Optimizer):
                                  "parameter names and split)")
             if sg.get("use_muon", g["use_muon"]) != g["use_muon"]:
                 raise ValueError(f"param group {gi}: use_muon differs between checkpoint and optimizer")
-        new_state: dict[Tensor, dict[str, Any]] = {}
         for name, s in state_dict["state"].items():
-            if name not in by_name:
+            if name not in self._by_name:
                 raise ValueError(f"state_dict has state for unknown parameter {name!r}")
-            p = by_name[name]
-            entry = {}
+            p = self._by_name[name]
             for k, v in s.items():
-                if isinstance(v, Tensor):
-                    if k == "step":
-                        v = v.detach().to(dtype=torch.float32, device="cpu").clone()
-                    else:
-                        if v.shape != p.shape:
-                            raise ValueError(f"state {k!r} of {name!r} has shape {tuple(v.shape)}, parameter has "
-                                             f"{tuple(p.shape)}")
-                        v = v.detach().to(dtype=p.dtype, device=p.device).clone()
-                entry[k] = v
-            new_state[p] = entry
+                if isinstance(v, Tensor) and k != "step" and v.shape != p.shape:
+                    raise ValueError(f"state {k!r} of {name!r} has shape {tuple(v.shape)}, parameter has "
+                                     f"{tuple(p.shape)}")
+        new_state: dict[Tensor, dict[str, Any]] = {}
+        full = state_dict["state"]
+        for name, owner in self._plan.owners.items():
+            if owner == self.rank and name in full:
+                p = self._by_name[name]
+                new_state[p] = {k: (v.detach().to(dtype=p.dtype, device=p.device).clone() if isinstance(v, Tensor)
+                                    else v) for k, v in full[name].items()}
+        for part in self._partitions:
+            for seg in part.mine:
+                if seg.name not in full:
+                    continue
+                p = self._by_name[seg.name]
+                s = full[seg.name]
+                whole = seg.start == 0 and seg.stop == p.numel()
+
+                def piece(t: Tensor) -> Tensor:
+                    t = t.detach().to(dtype=p.dtype, device=p.device)
+                    return (t if whole else t.reshape(-1)[seg.start:seg.stop]).clone()
+
+                new_state[p] = {"step": s["step"].detach().to(torch.float32).clone().to(
+                                    p.device if self.adamw_fused else "cpu"),
+                                "exp_avg": piece(s["exp_avg"]), "exp_avg_sq": piece(s["exp_avg_sq"])}
         for sg, g in zip(saved_groups, self.param_groups):
             for k, v in sg.items():
                 if k != "params":
@@ -509,3 +869,27 @@ class MuonClip(Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self._step_count_total = int(state_dict.get("step", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Partition:
+    """AdamW parameters of one (group, dtype, device), flattened and split into equal slices."""
+
+    group: int
+    kind: tuple
+    params: list
+    chunk: int
+    segments: list
+    mine: list
+    sharded: bool
+
+    @property
+    def key(self) -> tuple:
+        return (self.group, self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preflight:
+    active: set          # parameters that step (have a gradient somewhere, all finite)
+    skipped: set         # parameters skipped for non-finite gradients
+    max_logits: Tensor | None

@@ -1,0 +1,177 @@
+"""Collectives used by the distributed engine, and an accountant that counts what they move.
+
+Byte model (per rank, per call), the usual ring-algorithm cost used by NCCL's "bus bandwidth":
+
+    all_reduce       of N bytes: 2 (W-1)/W * N sent
+    reduce_scatter   of N input bytes: (W-1)/W * N sent
+    all_gather       of N output bytes: (W-1)/W * N sent
+    all_to_all       exactly the bytes addressed to other ranks
+
+so an all-reduce costs exactly a reduce-scatter plus an all-gather. ``payload`` counts the
+logical tensor bytes (input for reductions, output for gathers) for reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["CommAccountant", "Comm", "ddp_accounting_hook"]
+
+
+# torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
+# the old names; older releases only have the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class _Counter:
+    calls: int = 0
+    bytes: float = 0.0
+    payload: int = 0
+
+
+@dataclass
+class CommAccountant:
+    """Counts calls and bytes per collective type, per step, on this rank.
+
+    The first record after :meth:`end_step` opens a new step (so a DDP hook's all-reduces during
+    backward and the optimizer's collectives in ``step()`` land in the same step; ``MuonClip``
+    calls ``end_step()`` at the end of its step). ``with accountant.step(): ...`` also works.
+    ``steps`` keeps one dict per step; ``totals()`` sums them. Use it in your own runs or benchmarks::
+
+        acc = CommAccountant()
+        opt = MuonClip(model, lr=..., accountant=acc)
+        ddp.register_comm_hook(acc, ddp_accounting_hook)   # count DDP's all-reduces too
+    """
+
+    steps: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    _current: dict[str, _Counter] | None = None
+
+    def record(self, kind: str, *, bytes: float, payload: int) -> None:
+        if self._current is None:
+            self._current = defaultdict(_Counter)
+            self.steps.append({})
+        c = self._current[kind]
+        c.calls += 1
+        c.bytes += bytes
+        c.payload += payload
+        self.steps[-1][kind] = {"calls": c.calls, "bytes": c.bytes, "payload": c.payload}
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator["CommAccountant"]:
+        self._current = defaultdict(_Counter)
+        self.steps.append({})
+        try:
+            yield self
+        finally:
+            self._current = None
+
+    def totals(self, steps: slice | None = None) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "bytes": 0.0, "payload": 0})
+        for s in self.steps[steps or slice(None)]:
+            for kind, c in s.items():
+                for k in ("calls", "bytes", "payload"):
+                    out[kind][k] += c[k]
+        return dict(out)
+
+    def total_bytes(self, kinds: Sequence[str] | None = None, steps: slice | None = None) -> float:
+        return sum(c["bytes"] for k, c in self.totals(steps).items() if kinds is None or k in kinds)
+
+    def end_step(self) -> None:
+        """Close the current step: the next record opens a new one (the optimizer calls this)."""
+        self._current = None
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self._current = None
+
+    def to_json(self) -> str:
+        return json.dumps({"steps": self.steps, "totals": self.totals()})
+
+
+def ddp_accounting_hook(state: CommAccountant, bucket: "dist.GradBucket") -> torch.futures.Future[Tensor]:
+    """A DDP comm hook that all-reduces (averages) like DDP's default and records the bytes."""
+    tensor = bucket.buffer()
+    group = dist.group.WORLD
+    w = dist.get_world_size(group)
+    n = tensor.numel() * tensor.element_size()
+    state.record("all_reduce", bytes=2 * (w - 1) / w * n, payload=n)
+    tensor.div_(w)
+    fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+# DDP checks the hook's annotations as objects; `from __future__ import annotations` made them strings.
+ddp_accounting_hook.__annotations__.update(bucket=dist.GradBucket, return_=None)
+ddp_accounting_hook.__annotations__.pop("return_")
+ddp_accounting_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+
+
+class Comm:
+    """Thin wrapper over a process group: the collectives the engine issues, counted."""
+
+    def __init__(self, group: Any = None, accountant: CommAccountant | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.accountant = accountant
+        self.device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _count(self, kind: str, tag: str, sent: float, payload: int) -> None:
+        if self.accountant is not None:
+            self.accountant.record(f"{kind}[{tag}]" if tag else kind, bytes=sent, payload=payload)
+
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
+        n = t.numel() * t.element_size()
+        self._count("all_reduce", tag, 2 * (self.world_size - 1) / self.world_size * n, n)
+        return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
+
+    def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
+        n = out.numel() * out.element_size()
+        self._count("all_gather", tag, (self.world_size - 1) / self.world_size * n, n)
+        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
+
+    def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
+        n = inp.numel() * inp.element_size()
+        self._count("reduce_scatter", tag, (self.world_size - 1) / self.world_size * n, n)
+        return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
+
+    def all_to_all_single(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
+                          async_op: bool = False, tag: str = ""):
+        es = inp.element_size()
+        sent = sum(s for r, s in enumerate(in_splits) if r != self.rank) * es
+        self._count("all_to_all", tag, sent, out.numel() * es)
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+
+    def all_gather_uneven(self, local: Tensor, counts: list[int], async_op: bool = False, tag: str = ""):
+        """Gather ``local`` (``counts[rank]`` rows) from every rank into ``[sum(counts), ...]``.
+
+        Equal counts use ``all_gather_into_tensor``; uneven ones an ``all_to_all_single`` whose
+        send side repeats ``local`` once per peer (gloo has no uneven all-gather). Either way each
+        rank sends ``(W-1) * local`` bytes: no padding on the wire. Returns ``(out, work)``.
+        """
+        row = math.prod(local.shape[1:])
+        out = torch.empty((sum(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        if len(set(counts)) == 1:
+            work = self.all_gather_into_tensor(out, local.contiguous(), async_op=async_op, tag=tag)
+            return out, work
+        send = local.reshape(-1).repeat(self.world_size)
+        work = self.all_to_all_single(out.view(-1), send, [c * row for c in counts],
+                                      [local.numel()] * self.world_size, async_op=async_op, tag=tag)
+        return out, work
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
