@@ -55,7 +55,7 @@ DEFAULTS: dict[str, dict[str, float]] = {
     # lr: Muon lr with the "match_rms_adamw" update scale (0.2 * sqrt(max(m, n))), so AdamW-like
     # values apply (Moonlight, arXiv 2502.16982); adamw_lr: lr of MuonClip's AdamW part.
     "muonclip": {"lr": 1e-2, "adamw_lr": 3e-3},
-    "adamw": {"lr": 3e-3},
+    "adamw": {"lr": 1e-3},
 }
 
 

@@ -156,8 +156,9 @@ def _free_port() -> int:
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_torchrun_two_ranks_gloo_matches_single_process(tmp_path, optimizer):
     """2-process DDP over gloo vs one process on the same global batch (fp32 throughout; for
-    MuonClip Newton-Schulz runs in fp32 too, and every rank does the full step on the all-reduced
-    gradient, as DDP does).
+    MuonClip Newton-Schulz runs in fp32 too). Under torchrun MuonClip runs its distributed mode
+    (each matrix orthogonalized by its owner rank, updates gathered) on DDP's all-reduced
+    gradients, so this also pins that mode against the single-process optimizer.
 
     The runs differ only in floating-point summation order: each rank's loss is the mean over its
     half of the tokens and DDP averages the two halves' gradients (bucketed), where the single
