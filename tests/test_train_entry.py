@@ -146,6 +146,31 @@ def test_same_seed_is_deterministic_and_resume_is_bit_identical(tmp_path, optimi
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (key, k)
 
 
+def _has_qk_clip() -> bool:
+    try:
+        import dist_muonclip.qk_clip  # noqa: F401
+    except ImportError:
+        return False
+    return _has_muonclip()
+
+
+@pytest.mark.skipif(not _has_qk_clip(), reason="dist_muonclip.qk_clip not available yet")
+def test_qk_clip_flags_reach_the_optimizer(tmp_path):
+    """--qk-clip-tau is the threshold MuonClip clips at (a tau below the tiny model's max logits
+    clips heads and reports per-layer max logits); --no-qk-clip turns tracking and clipping off."""
+    low = _run(_tiny_argv(tmp_path, "--qk-clip-tau", "0.05", steps=3))
+    metrics = low["steps"][-1]["metrics"]
+    assert len(metrics["max_logit_per_layer"]) == TINY["num_hidden_layers"]
+    assert max(metrics["max_logit_per_layer"]) > 0.05
+    assert metrics["qk_clip/num_heads_clipped"] > 0
+    off = _run(_tiny_argv(tmp_path, "--no-qk-clip", steps=3))
+    assert "max_logit_per_layer" not in off["steps"][-1]["metrics"]
+    # with the default tau = 100 nothing is clipped, so the run equals the --no-qk-clip run
+    default = _run(_tiny_argv(tmp_path, steps=3))
+    assert default["steps"][-1]["metrics"]["qk_clip/num_heads_clipped"] == 0
+    assert [r["loss"] for r in default["steps"]] == [r["loss"] for r in off["steps"]]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
