@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adamw-betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"),
                    help="AdamW betas (both optimizers)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%% of peak")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 disables)")
+    g.add_argument("--grad-clip", type=float, default=None,
+                   help="max global grad norm (0 disables). Default 1.0; 0 with --grad-reduction optimizer, "
+                   "where gradients are reduced inside the optimizer step and cannot be clipped before it")
     g.add_argument("--qk-clip-tau", type=float, default=100.0, help="QK-Clip threshold tau (MuonClip)")
     g.add_argument("--no-qk-clip", action="store_true", help="disable QK-Clip")
     g.add_argument("--ns-backend", default="auto", help="Newton-Schulz backend: torch | triton | auto")
@@ -118,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--engine", choices=sorted(ENGINES), default="ddp",
                    help="ddp: replicated parameters, DDP gradient all-reduce (no wrapper for 1 process)")
+    g.add_argument("--grad-reduction", choices=("external", "optimizer"), default="external",
+                   help="external: the engine (DDP) all-reduces gradients; optimizer: no DDP, MuonClip "
+                   "reduce-scatters gradients to their owners during backward (same bytes as DDP)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda if available)")
     g.add_argument("--autocast", choices=("none", "bf16"), default="none", help="autocast dtype of forward")
     g.add_argument("--seed", type=int, default=0, help="model init and data order")
@@ -141,6 +146,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lr = defaults["lr"]
     if args.adamw_lr is None:
         args.adamw_lr = defaults.get("adamw_lr", args.lr)
+    if args.grad_reduction == "optimizer":
+        if args.optimizer != "muonclip":
+            parser.error("--grad-reduction optimizer needs --optimizer muonclip (AdamW relies on DDP's all-reduce)")
+        if args.grad_clip:
+            parser.error("--grad-clip > 0 cannot be combined with --grad-reduction optimizer: gradients are "
+                         "reduced inside optimizer.step(), after any clipping could run; pass --grad-clip 0")
+        args.grad_clip = 0.0
+    elif args.grad_clip is None:
+        args.grad_clip = 1.0
     checks = [
         (args.steps >= 1, "--steps must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
@@ -222,14 +236,16 @@ def teardown_distributed(ctx: DistContext) -> None:
 
 
 class DDPEngine:
-    """Replicated parameters; DDP all-reduces (averages) gradients. No wrapper for one process."""
+    """Replicated parameters. ``grad_reduction="external"``: DDP all-reduces (averages) gradients
+    (no wrapper for one process); ``"optimizer"``: no wrapper, MuonClip reduces the gradients."""
 
     name = "ddp"
 
-    def __init__(self, model: torch.nn.Module, ctx: DistContext):
+    def __init__(self, model: torch.nn.Module, ctx: DistContext, *, grad_reduction: str = "external"):
         self.module = model
         self.ctx = ctx
-        if ctx.backend is not None and ctx.world_size > 1:
+        self.grad_reduction = grad_reduction
+        if ctx.backend is not None and ctx.world_size > 1 and grad_reduction == "external":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -237,7 +253,11 @@ class DDPEngine:
         else:
             self.model = model
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor | None:
+        """Clip to ``max_norm`` (0: no clipping) and return the global gradient norm; ``None``
+        when the optimizer reduces gradients (local gradients are not the global ones yet)."""
+        if self.grad_reduction == "optimizer" and self.ctx.world_size > 1:
+            return None
         # After DDP's all-reduce every rank holds the same full gradients: the local norm is global.
         params = [p for p in self.module.parameters() if p.grad is not None]
         if max_norm > 0:
@@ -246,7 +266,7 @@ class DDPEngine:
 
 
 # name -> engine class; later issues add "fsdp" and "deepspeed" here.
-ENGINES: dict[str, Callable[[torch.nn.Module, DistContext], Any]] = {"ddp": DDPEngine}
+ENGINES: dict[str, Callable[..., Any]] = {"ddp": DDPEngine}
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +314,8 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
                     weight_decay=args.weight_decay, ns_steps=args.ns_steps,
                     ns_coefficients=args.ns_coefficients, ns_backend=args.ns_backend,
                     ns_dtype=args.ns_dtype, adamw_lr=args.adamw_lr,
-                    adamw_betas=tuple(args.adamw_betas), qk_clip=_qk_clip_config(args))
+                    adamw_betas=tuple(args.adamw_betas), qk_clip=_qk_clip_config(args),
+                    grad_reduction=args.grad_reduction)
 
 
 _LR_KEYS = ("lr", "adamw_lr")  # group keys holding a peak lr that the schedule scales
@@ -468,7 +489,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     model = build_model(model_cfg, seed=args.seed, attn_implementation=args.attn_implementation,
                         vocab_size=VOCAB_SIZE).to(ctx.device)
     num_params = sum(p.numel() for p in model.parameters())
-    engine = ENGINES[args.engine](model, ctx)
+    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction)
     optimizer = build_optimizer(args, model)
     base_lrs = _base_lrs(optimizer)
 
@@ -498,7 +519,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     say(f"model {model_cfg['model_type']} ({args.model_config or args.model or DEFAULT_PRESET}): "
         f"{num_params / 1e6:.2f}M params | optimizer {args.optimizer} lr {args.lr:g}"
         + (f" adamw_lr {args.adamw_lr:g}" if args.optimizer == "muonclip" else "")
-        + f" | world {ctx.world_size} on {ctx.device} ({args.engine}) | global batch "
+        + f" | world {ctx.world_size} on {ctx.device} ({args.engine}, {args.grad_reduction} grad reduction)"
+        f" | global batch "
         f"{args.batch_size}x{args.seq_len} = {tokens_per_step} tokens/step")
 
     bar = tqdm(total=args.steps, initial=start_step, disable=not ctx.is_main or args.no_progress,
@@ -522,9 +544,11 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; lower --lr")
-        row = {"step": step, "loss": loss_value, "lr": args.lr * factor, "grad_norm": float(grad_norm),
-               "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
         metrics = _optimizer_metrics(optimizer)
+        # None: the optimizer reduces gradients itself, no rank holds the global gradient (NaN/null)
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        row = {"step": step, "loss": loss_value, "lr": args.lr * factor, "grad_norm": _jsonable(grad_norm),
+               "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
         if metrics is not None:
             row["metrics"] = metrics
         log["steps"].append(row)
@@ -540,7 +564,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 extra = " | max logit/layer " + " ".join(
                     "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
-                f"lr {args.lr * factor:.3g} | grad norm {float(grad_norm):.3f} | "
+                f"lr {args.lr * factor:.3g} | grad norm {grad_norm:.3f} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:

@@ -177,13 +177,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_MUONCLIP_MARK = pytest.mark.skipif(not _has_muonclip(), reason="dist_muonclip.MuonClip not available yet")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_torchrun_two_ranks_gloo_matches_single_process(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, extra", [
+    ("adamw", ()),
+    pytest.param("muonclip", (), marks=_MUONCLIP_MARK),
+    # no DDP: MuonClip reduce-scatters gradients to owners itself (no clipping possible before it)
+    pytest.param("muonclip", ("--grad-reduction", "optimizer", "--grad-clip", "0"), marks=_MUONCLIP_MARK),
+], ids=["adamw", "muonclip", "muonclip-optimizer-reduction"])
+def test_torchrun_two_ranks_gloo_matches_single_process(tmp_path, optimizer, extra):
     """2-process DDP over gloo vs one process on the same global batch (fp32 throughout; for
     MuonClip Newton-Schulz runs in fp32 too). Under torchrun MuonClip runs its distributed mode
     (each matrix orthogonalized by its owner rank, updates gathered) on DDP's all-reduced
-    gradients, so this also pins that mode against the single-process optimizer.
+    gradients, or, with --grad-reduction optimizer, without DDP on gradients it reduce-scatters
+    itself; this pins both modes against the single-process optimizer.
 
     The runs differ only in floating-point summation order: each rank's loss is the mean over its
     half of the tokens and DDP averages the two halves' gradients (bucketed), where the single
@@ -194,8 +203,9 @@ def test_torchrun_two_ranks_gloo_matches_single_process(tmp_path, optimizer):
     parameters are compared at atol 1e-4 = 1% of one step's lr; a real bug (a wrong data slice,
     gradients summed instead of averaged) moves parameters by ~lr = 1e-2 per step.
     """
-    argv = _tiny_argv(tmp_path, "--optimizer", optimizer, "--lr", "1e-2", "--ns-dtype", "float32", steps=10)
+    argv = _tiny_argv(tmp_path, "--optimizer", optimizer, "--lr", "1e-2", "--ns-dtype", "float32", *extra, steps=10)
     single = _run(argv + ["--save", str(tmp_path / "one")])
+    assert single["world_size"] == 1
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", str(REPO / "launch" / "train.py"),
@@ -217,7 +227,9 @@ def test_cli_rejects_bad_flags_before_training(capsys):
     for argv, message in [(["--steps", "0"], "--steps must be >= 1"),
                           (["--override", "hidden_size"], "KEY=VALUE"),
                           (["--model", "llama-gqa", "--model-config", "x.json"], "not both"),
-                          (["--grad-clip", "-1"], "--grad-clip")]:
+                          (["--grad-clip", "-1"], "--grad-clip"),
+                          (["--grad-reduction", "optimizer", "--optimizer", "adamw"], "needs --optimizer muonclip"),
+                          (["--grad-reduction", "optimizer", "--grad-clip", "1"], "pass --grad-clip 0")]:
         with pytest.raises(SystemExit):
             train_mod.parse_args(argv)
         assert message in capsys.readouterr().err
