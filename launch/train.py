@@ -11,7 +11,10 @@ byte-level corpus shipped in ``dist_muonclip/data`` (vocabulary 256). The global
 takes its contiguous slice, so a W-rank run can be compared with the single-process run.
 
 Engines (``--engine``) wrap the model and own gradient reduction; today: ``ddp`` (no wrapper when
-the world size is 1). FSDP2 / DeepSpeed engines plug into :data:`ENGINES`.
+the world size is 1). With ``--grad-reduction optimizer`` the model is not wrapped and MuonClip
+reduce-scatters gradients to their owner ranks itself. FSDP2 / DeepSpeed engines plug into
+:data:`ENGINES` (a class taking ``(model, ctx, grad_reduction=...)`` with ``.model`` for the
+forward and ``clip_grad_norm_``).
 """
 from __future__ import annotations
 
