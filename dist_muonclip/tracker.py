@@ -476,6 +476,13 @@ def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
     mods = list(modules) if modules is not None else list(tracker._index.keys())
     if not mods:
         raise ValueError("install_hf_tracking: the tracker has no attention modules to track")
+    for m in mods:
+        ref = _REGISTRY.get(m)
+        if ref is not None and ref() is not None and ref() is not tracker:
+            raise ValueError(
+                f"install_hf_tracking: {type(m).__name__} is already tracked by another MaxLogitTracker "
+                "(one optimizer per model; call .close()/.remove() on the other one first)"
+            )
     configs: list[tuple[Any, str | None]] = []
     seen: set[int] = set()
     for m in model.modules():
@@ -485,8 +492,8 @@ def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
         seen.add(id(cfg))
         old = cfg._attn_implementation_internal
         base = old if old is not None else "eager"
-        if base.startswith(_PREFIX):
-            raise ValueError("install_hf_tracking: this model is already tracked (remove the other handle first)")
+        if base.startswith(_PREFIX):  # e.g. a deepcopy of a tracked model: wrap the same base
+            base = base[len(_PREFIX):]
         name = _register(base)
         configs.append((cfg, old))
         cfg._attn_implementation_internal = name

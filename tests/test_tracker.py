@@ -155,22 +155,32 @@ class Capture:
 
 
 @torch.no_grad()
-def oracle_max_logits(model, ids, pad_mask) -> torch.Tensor:
-    """[L, H] float64 max over allowed positions, from an independent recomputation."""
-    mods = attention_modules(model)
-    cap = Capture(mods)
+def capture_inputs(model, ids, pad_mask) -> dict:
+    """Run the model once; return {attention module: (hidden_states, position_embeddings)}."""
+    cap = Capture(attention_modules(model))
     try:
         model(input_ids=ids, attention_mask=pad_mask)
     finally:
         cap.remove()
+    return cap.inputs
+
+
+@torch.no_grad()
+def oracle_from_inputs(model, inputs: dict, pad_mask) -> torch.Tensor:
+    """[L, H] float64 max over allowed positions of each layer, given that layer's inputs."""
     window = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
     ok = allowed_positions(pad_mask, window)
     rows = []
-    for m in mods:
-        hidden, pos = cap.inputs[m]
+    for m in attention_modules(model):
+        hidden, pos = inputs[m]
         logits = oracle_logits(m, hidden, pos).masked_fill(~ok, float("-inf"))
         rows.append(logits.amax(dim=(0, 2, 3)))
     return torch.stack(rows)
+
+
+def oracle_max_logits(model, ids, pad_mask) -> torch.Tensor:
+    """[L, H] float64 per-head max logits of a full forward, from an independent recomputation."""
+    return oracle_from_inputs(model, capture_inputs(model, ids, pad_mask), pad_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,3 +385,25 @@ def test_chunked_peak_memory_bounded_by_chunk_at_seq_2048():
     assert chunked["delta_kib"] * 1024 <= 8 * chunk_bytes, chunked
     # same answer both ways (fp32 both; reduction order differs: ~1e-6 relative)
     torch.testing.assert_close(torch.tensor(chunked["out"]), torch.tensor(naive["out"]), rtol=1e-5, atol=1e-5)
+
+
+def test_one_tracker_per_module_and_deepcopy_of_tracked_model():
+    """Pins: a second optimizer on the same model must not silently steal the records; a deepcopy
+    of a tracked model (EMA copy) runs untracked and can get its own tracker."""
+    import copy
+
+    model = build_model("llama").train()
+    first = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    handle = first.install_hf(model)
+    with pytest.raises(ValueError, match="already tracked"):
+        MaxLogitTracker([4, 4], modules=attention_modules(model)).install_hf(model)
+    twin = copy.deepcopy(model)
+    ids, pad = make_batch()
+    twin(input_ids=ids)  # untracked copy: runs, records nothing anywhere
+    assert torch.isinf(first.values()).all()
+    second = MaxLogitTracker([4, 4], modules=attention_modules(twin))
+    with second.install_hf(twin):
+        twin(input_ids=ids, attention_mask=pad)
+    torch.testing.assert_close(second.values().double(), oracle_max_logits(twin, ids, pad), rtol=1e-5, atol=1e-5)
+    assert torch.isinf(first.values()).all()
+    handle.remove()
