@@ -11,7 +11,7 @@ EXTRAS = {
     # Triton Newton-Schulz and max-logit kernels (GPU; CPU via TRITON_INTERPRET=1).
     "triton": ["triton>=3.1"],
     # rank discovery under mpirun / SLURM.
-    "mpi": ["mpi4py>=3.1"],
+    "mpi": ["mpi4py>=4.0", "mpich>=4.2"],
     # metrics sinks.
     "wandb": ["wandb>=0.17"],
     "tensorboard": ["tensorboard>=2.15"],

@@ -1,0 +1,67 @@
+"""Pure functions of the MuonClip update (no optimizer state, no process groups).
+
+For a hidden matrix W (m x n) with gradient G at step t (DESIGN.md; torch.optim.Muon):
+
+    B_t = mu * B_{t-1} + (1 - mu) * G_t              momentum buffer (EMA form, as torch.optim.Muon)
+    V_t = (1 - mu) * G_t + mu * B_t   (nesterov)     or V_t = B_t
+    O_t = NS(V_t) * scale(m, n)
+    W_t = (1 - lr * weight_decay) * W_{t-1} - lr * O_t
+
+The EMA form equals DESIGN.md's ``M_t = mu M_{t-1} + G_t`` up to the constant factor (1 - mu),
+which the Frobenius normalization inside NS removes, so the update is the same; we keep torch's
+form so that ``momentum_buffer`` means the same thing as in ``torch.optim.Muon``.
+
+``scale``: ``"match_rms_adamw"`` = 0.2 * sqrt(max(m, n)) gives the update the RMS of an AdamW
+update so one learning rate serves both (Moonlight, arXiv 2502.16982); ``"original"`` =
+sqrt(max(1, m / n)) is Keller Jordan's; ``"none"`` = 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ADJUST_LR_FNS", "update_scale", "muon_momentum_", "muon_apply_"]
+
+ADJUST_LR_FNS = ("match_rms_adamw", "original", "none")
+
+
+def update_scale(m: int, n: int, adjust_lr_fn: str | None) -> float:
+    """Multiplier of the orthogonalized update of an ``m x n`` matrix (see module doc)."""
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    if adjust_lr_fn in ("original", None):
+        return math.sqrt(max(1.0, m / n))
+    if adjust_lr_fn == "none":
+        return 1.0
+    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use one of {ADJUST_LR_FNS}")
+
+
+def muon_momentum_(
+    grads: Sequence[Tensor], bufs: Sequence[Tensor], *, momentum: float, nesterov: bool
+) -> list[Tensor]:
+    """Update momentum buffers in place and return the NS inputs ``V_t`` (new tensors).
+
+    ``grads[i]`` and ``bufs[i]`` have the same shape (any: full matrices, row shards or flat
+    fragments; the recurrence is elementwise). Grads are not modified.
+    """
+    out = []
+    for g, buf in zip(grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+        out.append(g.lerp(buf, momentum) if nesterov else buf.clone())
+    return out
+
+
+def muon_apply_(
+    params: Sequence[Tensor], updates: Sequence[Tensor], *, lr: float, weight_decay: float, scale: float
+) -> None:
+    """``p <- (1 - lr * weight_decay) * p - lr * scale * update`` in place (decoupled weight decay).
+
+    Same operation order as torch.optim.Muon so single-matrix results are bit-identical.
+    """
+    for p, u in zip(params, updates):
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        p.add_(u if u.shape == p.shape else u.reshape(p.shape), alpha=-lr * scale)

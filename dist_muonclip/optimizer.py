@@ -1,0 +1,880 @@
+"""``MuonClip``: Muon for hidden matrices + AdamW for the rest + per-head QK-Clip, one optimizer.
+
+The math lives in pure functions (``functional``, ``newton_schulz``, ``qk_clip``); this class
+collects state and dispatches. ``step()`` reads as its phases (DESIGN.md):
+
+    preflight  -> one host read: non-finite gradient flags and max logits
+    Muon       -> per bucket of same-shape matrices: momentum, orthogonalize (batched NS), apply
+    AdamW      -> torch's own (foreach/fused) AdamW kernels on the remaining parameters
+    QK-Clip    -> rescale W_q / W_k rows of heads whose max logit exceeded tau (Kimi K2)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.adam import adam as _torch_adam
+
+from .comm import Comm, CommAccountant
+from .functional import ADJUST_LR_FNS, muon_apply_, muon_momentum_, update_scale
+from .newton_schulz import orthogonalize, validate_ns_options
+from .param_split import ParamInfo, as_matrices, format_split, matrix_shape, split_parameters
+from .plan import Bucket, MatrixItem, Segment, build_plan, flat_partition
+
+__all__ = ["MuonClip"]
+
+_STATE_FORMAT = "dist_muonclip.v1"
+_MUON_KEYS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_backend", "ns_dtype", "ns_eps",
+              "adjust_lr_fn")
+_ADAMW_KEYS = ("betas", "eps")
+
+
+def _check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return float(value)
+
+
+def _check_betas(name: str, betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    return (_check_float(f"{name}[0]", betas[0], low=0.0, high=1.0, high_open=True),
+            _check_float(f"{name}[1]", betas[1], low=0.0, high=1.0, high_open=True))
+
+
+class MuonClip(Optimizer):
+    r"""Muon + AdamW + QK-Clip in one ``torch.optim.Optimizer``.
+
+    Args:
+        model_or_params: an ``nn.Module`` (parameters are split automatically, see
+            :func:`dist_muonclip.param_split.split_parameters`; QK-Clip finds its attention
+            layers), or an iterable of parameters / ``(name, parameter)`` pairs / param groups.
+            Groups carry ``use_muon`` (default ``True``, like ``torch.optim.Muon``; 1-D parameters
+            must go in a ``use_muon=False`` group).
+        lr: learning rate of the Muon part, and of the AdamW part unless ``adamw_lr`` is given.
+            With ``adjust_lr_fn="match_rms_adamw"`` Muon's update has AdamW's RMS, so one lr
+            tuned for AdamW serves both (Moonlight, arXiv 2502.16982).
+        momentum, nesterov: Muon momentum (EMA form of ``torch.optim.Muon``).
+        weight_decay: decoupled weight decay of the Muon part (and of AdamW unless
+            ``adamw_weight_decay`` is given): ``W <- W - lr * weight_decay * W``.
+        ns_steps, ns_coefficients, ns_backend, ns_dtype, ns_eps: Newton-Schulz options, see
+            :func:`dist_muonclip.newton_schulz.orthogonalize`. ``ns_dtype`` also takes
+            ``"bfloat16"``/``"float32"`` (JSON configs). bf16 is the fast default; float32 makes
+            runs reproducible across reduction orders (engine-equivalence tests use it).
+        adjust_lr_fn: ``"match_rms_adamw"`` (0.2 sqrt(max(m, n))), ``"original"`` (Keller Jordan's
+            sqrt(max(1, m/n))) or ``"none"``.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part. ``None`` lr/decay
+            mean "same as the Muon part".
+        qk_clip: ``None`` = on with defaults when ``model_or_params`` is a model whose attention
+            layers are found, else off; ``False`` = off; ``True``, a dict or a
+            :class:`~dist_muonclip.qk_clip.QKClipConfig` = on (an error if no layer is found).
+        model_config: HF config (or dict with head counts) for QK-Clip layer discovery when the
+            model does not carry one.
+        muon_patterns, adamw_patterns: name globs overriding the automatic split.
+        skip_nonfinite: skip (and warn about) parameters whose gradient has inf/nan this step,
+            leaving their state untouched. Costs one device->host read per step.
+        adamw_foreach, adamw_fused: passed to torch's AdamW kernels.
+        process_group: the data-parallel group. Default: the world group when
+            ``torch.distributed`` is initialized (ZeRO-1 mode), else single process.
+        grad_reduction: ``"external"`` (DDP, DeepSpeed ZeRO-0 or anything else all-reduces the
+            gradients; owners orthogonalize and the updates are all-gathered) or ``"optimizer"``
+            (no DDP: the optimizer reduce-scatters gradients straight to owners from
+            post-accumulate-grad hooks, overlapping backward; use :meth:`no_sync` to accumulate).
+        shard_adamw: keep AdamW state sharded (each rank updates an equal flat slice and the
+            slices are all-gathered). ``False`` updates AdamW parameters redundantly everywhere.
+        accountant: a :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's
+            collectives (calls, bytes) per step.
+        verbose: print the parameter split at construction.
+
+    ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
+    logits (list of per-layer sequences/tensors, or a ``[num_layers, num_heads]`` tensor) for
+    models that track them themselves (seed API of efficient-muonclip).
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Any],
+        *,
+        lr: float,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        ns_steps: int = 5,
+        ns_coefficients: Any = "jordan",
+        ns_backend: str = "auto",
+        ns_dtype: torch.dtype | str = torch.bfloat16,
+        ns_eps: float = 1e-7,
+        adjust_lr_fn: str = "match_rms_adamw",
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+        qk_clip: Any = None,
+        model_config: Any = None,
+        muon_patterns: Sequence[str] = (),
+        adamw_patterns: Sequence[str] = (),
+        skip_nonfinite: bool = True,
+        adamw_foreach: bool | None = None,
+        adamw_fused: bool | None = None,
+        process_group: Any = None,
+        grad_reduction: str = "external",
+        shard_adamw: bool = True,
+        accountant: CommAccountant | None = None,
+        verbose: bool = False,
+    ) -> None:
+        # -- validate everything before any state exists ------------------------------------
+        lr = _check_float("lr", lr, low=0.0)
+        momentum = _check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
+        ns_eps = _check_float("ns_eps", ns_eps, low=0.0, low_open=True)
+        ns_coefficients, ns_steps, ns_dtype, ns_backend = validate_ns_options(
+            ns_coefficients, ns_steps, ns_dtype, ns_backend)
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use one of {ADJUST_LR_FNS}")
+        adamw_lr = lr if adamw_lr is None else _check_float("adamw_lr", adamw_lr, low=0.0)
+        adamw_betas = _check_betas("adamw_betas", adamw_betas)
+        adamw_eps = _check_float("adamw_eps", adamw_eps, low=0.0, low_open=True)
+        adamw_weight_decay = (weight_decay if adamw_weight_decay is None
+                              else _check_float("adamw_weight_decay", adamw_weight_decay, low=0.0))
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+
+        self._muon_defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                   ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_backend=ns_backend,
+                                   ns_dtype=ns_dtype, ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn)
+        self._adamw_defaults = dict(lr=adamw_lr, weight_decay=adamw_weight_decay, betas=adamw_betas,
+                                    eps=adamw_eps)
+        self._names: dict[Tensor, str] = {}
+        self._views: dict[Tensor, str] = {}
+        model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        groups, split = self._build_groups(model_or_params, muon_patterns, adamw_patterns)
+        self._split = split
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.adamw_foreach = adamw_foreach
+        self.adamw_fused = adamw_fused
+
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        self._step_count_total = 0
+        self._last_metrics: dict[str, Tensor] = {}
+        self._clipper = self._build_clipper(model, qk_clip, model_config)
+        self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
+        self._plan = None
+        self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant)
+        if verbose:
+            print(self.describe_split())
+
+    # ------------------------------------------------------------------ construction
+    def _build_groups(self, model_or_params: Any, muon_patterns: Sequence[str],
+                      adamw_patterns: Sequence[str]) -> tuple[list[dict], list[ParamInfo] | None]:
+        if isinstance(model_or_params, nn.Module):
+            infos = split_parameters(model_or_params, muon_patterns=muon_patterns, adamw_patterns=adamw_patterns)
+            if not infos:
+                raise ValueError("model_or_params: the model has no trainable parameters")
+            for info in infos:
+                self._names[info.param] = info.name
+                self._views[info.param] = info.view
+            groups = []
+            muon = [i.param for i in infos if i.use_muon]
+            adamw = [i.param for i in infos if not i.use_muon]
+            if muon:
+                groups.append({"params": muon, "use_muon": True})
+            if adamw:
+                groups.append({"params": adamw, "use_muon": False})
+            return groups, infos
+        if muon_patterns or adamw_patterns:
+            raise ValueError("muon_patterns/adamw_patterns need an nn.Module as model_or_params; with param "
+                             "groups, put parameters in groups with use_muon=True/False instead")
+        if isinstance(model_or_params, Tensor):
+            raise TypeError("model_or_params must be an nn.Module or an iterable of parameters/param groups, "
+                            "got a single Tensor; wrap it in a list")
+        raw = list(model_or_params)
+        if not raw:
+            raise ValueError("model_or_params is empty: the optimizer got no parameters")
+        if all(isinstance(g, dict) for g in raw):
+            groups = [dict(g) for g in raw]
+        elif any(isinstance(g, dict) for g in raw):
+            raise TypeError("model_or_params mixes param groups (dicts) with bare parameters; use one kind")
+        else:
+            groups = [{"params": raw}]
+        seen: dict[Tensor, str] = {}
+        for gi, g in enumerate(groups):
+            if "params" not in g:
+                raise ValueError(f"param group {gi} has no 'params' key")
+            params = g["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            plain = []
+            for pi, item in enumerate(params):
+                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                    name, p = item
+                else:
+                    name, p = f"group{gi}.param{pi}", item
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"param group {gi} entry {pi} is a {type(p).__name__}, not a Tensor")
+                if p in seen:
+                    raise ValueError(f"parameter {name!r} appears twice (first as {seen[p]!r}); "
+                                     "each parameter may be in one group only, once")
+                seen[p] = name
+                self._names[p] = name
+                view = "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector")
+                self._views[p] = view
+                plain.append(p)
+            g["params"] = plain
+            g.pop("param_names", None)
+        return groups, None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its type (``use_muon``) decides which defaults fill missing keys."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        g = dict(param_group)
+        params = g["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        g["params"] = params
+        use_muon = g.setdefault("use_muon", True)
+        if not isinstance(use_muon, bool):
+            raise TypeError(f"use_muon must be a bool, got {use_muon!r}")
+        defaults = self._muon_defaults if use_muon else self._adamw_defaults
+        for k, v in defaults.items():
+            g.setdefault(k, v)
+        existing = {p for grp in self.param_groups for p in grp["params"]}
+        for i, p in enumerate(params):
+            name = self._names.setdefault(p, f"group{len(self.param_groups)}.param{i}")
+            self._views.setdefault(p, "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector"))
+            if not isinstance(p, Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a Tensor")
+            if not (p.is_floating_point()):
+                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; MuonClip optimizes floating-point "
+                                "parameters only (leave integer buffers out of the optimizer)")
+            if p in existing:
+                raise ValueError(f"parameter {name!r} is already in another param group; each parameter "
+                                 "may be in one group only")
+            if use_muon and p.ndim < 2:
+                raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)} is in a use_muon=True group, "
+                                 "but Muon needs a matrix (>= 2 dims); put it in a group with use_muon=False")
+        self._validate_group(g)
+        super().add_param_group(g)
+        if getattr(self, "_plan", None) is not None:   # added after construction: re-plan on every rank
+            self._replan()
+            if self.grad_reduction == "optimizer" and self._comm is not None:
+                for p in params:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        _check_float("lr", g["lr"], low=0.0)
+        _check_float("weight_decay", g["weight_decay"], low=0.0)
+        if g["use_muon"]:
+            _check_float("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)
+            (g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"]) = validate_ns_options(
+                g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"])
+            if g["adjust_lr_fn"] not in ADJUST_LR_FNS:
+                raise ValueError(f"adjust_lr_fn={g['adjust_lr_fn']!r} is unknown; use one of {ADJUST_LR_FNS}")
+        else:
+            g["betas"] = _check_betas("betas", g["betas"])
+            _check_float("eps", g["eps"], low=0.0, low_open=True)
+
+    def _build_clipper(self, model: nn.Module | None, qk_clip: Any, model_config: Any):
+        if qk_clip is False or (qk_clip is None and model is None):
+            return None
+        try:
+            from .qk_clip import QKClipper, QKClipConfig
+        except ImportError:
+            if qk_clip is None:
+                return None
+            raise
+        if model is None:
+            raise ValueError("qk_clip needs the model (pass the nn.Module as model_or_params) to find its "
+                             "attention layers")
+        config = QKClipConfig.from_any(qk_clip)
+        if not config.enable:
+            return None
+        if qk_clip is None:
+            try:
+                return QKClipper(model, config, model_config=model_config)
+            except LookupError:  # auto mode: a model without attention layers has nothing to clip
+                return None
+        return QKClipper(model, config, model_config=model_config)
+
+    # ------------------------------------------------------------------ introspection
+    def describe_split(self) -> str:
+        """The Muon/AdamW split as a printable table."""
+        if self._split is not None:
+            return format_split(self._split)
+        infos = [ParamInfo(self._names[p], p, g["use_muon"], "param group", self._views[p])
+                 for g in self.param_groups for p in g["params"]]
+        return format_split(infos)
+
+    @property
+    def qk_clipper(self):
+        """The :class:`~dist_muonclip.qk_clip.QKClipper` in use, or ``None``."""
+        return self._clipper
+
+    def param_name(self, p: Tensor) -> str:
+        return self._names[p]
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars of the last step (one device->host read): update RMS, grad norm, QK-Clip stats."""
+        out: dict[str, float] = {}
+        if self._last_metrics:
+            keys = list(self._last_metrics)
+            values = torch.stack([self._last_metrics[k].float().reshape(()) for k in keys]).tolist()
+            out.update(zip(keys, values))
+        if self._clipper is not None and hasattr(self._clipper, "metrics"):
+            out.update(self._clipper.metrics())
+        return out
+
+    # ------------------------------------------------------------------ distribution
+    def _setup_distribution(self, process_group: Any, grad_reduction: str, shard_adamw: bool,
+                            accountant: CommAccountant | None) -> None:
+        if grad_reduction not in ("external", "optimizer"):
+            raise ValueError(f"grad_reduction={grad_reduction!r} is unknown; use 'external' (DDP/DeepSpeed reduce "
+                             "gradients) or 'optimizer' (the optimizer reduce-scatters them to owners)")
+        self._comm: Comm | None = None
+        if process_group is not None or (dist.is_available() and dist.is_initialized()):
+            comm = Comm(process_group, accountant)
+            if comm.world_size > 1 or grad_reduction == "optimizer":
+                self._comm = comm
+        self.accountant = accountant
+        self.grad_reduction = grad_reduction
+        self.shard_adamw = bool(shard_adamw)
+        self.rank = self._comm.rank if self._comm else 0
+        self.world_size = self._comm.world_size if self._comm else 1
+        self._reduced: dict[Tensor, Tensor] = {}
+        self._adamw_slices: dict[tuple, Tensor] = {}
+        self._launched: list[Any] = []
+        self._ready: set[Tensor] = set()
+        self._sync_enabled = True
+        self._hooks: list[Any] = []
+        self._replan()
+        if grad_reduction == "optimizer" and self._comm is not None:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def _replan(self) -> None:
+        """Deterministic plan of owners, buckets and AdamW slices; validated across ranks."""
+        self._by_name = {self._names[p]: p for g in self.param_groups for p in g["params"]}
+        self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        items = []
+        for gi, g in enumerate(self.param_groups):
+            if not g["use_muon"]:
+                continue
+            for p in g["params"]:
+                b, m, n = matrix_shape(p.shape, self._views[p])
+                items.append(MatrixItem(self._names[p], gi, b, m, n, str(p.dtype), g["ns_steps"]))
+        self._plan = build_plan(items, self.world_size)
+        # AdamW: per (group, dtype, device) one flat partition in parameter order
+        self._partitions = []
+        for gi, g in enumerate(self.param_groups):
+            if g["use_muon"]:
+                continue
+            by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in g["params"]:
+                by_kind[(str(p.dtype), str(p.device))].append(p)
+            for kind, params in by_kind.items():
+                shard = self.shard_adamw and self.world_size > 1
+                chunk, segs = flat_partition([(self._names[p], p.numel()) for p in params],
+                                             self.world_size if shard else 1)
+                mine = segs[self.rank] if shard else segs[0]
+                self._partitions.append(_Partition(gi, kind, params, chunk, segs, mine, shard))
+        if self._comm is not None:
+            self._check_plan_across_ranks()
+
+    def _check_plan_across_ranks(self) -> None:
+        descr = [(self._names[p], tuple(p.shape), str(p.dtype), bool(g["use_muon"]))
+                 for g in self.param_groups for p in g["params"]]
+        digests = self._comm.all_gather_object((self._plan.digest(), descr))
+        if len({d for d, _ in digests}) == 1:
+            return
+        base = digests[0][1]
+        for r, (_, other) in enumerate(digests):
+            if other == base:
+                continue
+            for i in range(max(len(base), len(other))):
+                a = base[i] if i < len(base) else None
+                b = other[i] if i < len(other) else None
+                if a != b:
+                    raise ValueError(f"MuonClip plans differ across ranks: parameter #{i} is {a} on rank 0 but {b} on "
+                                     f"rank {r}; every rank must build the optimizer from the same model and groups")
+        raise ValueError("MuonClip plans differ across ranks (same parameters, different plan); this is a bug")
+
+    def _owner(self, p: Tensor) -> int:
+        return self._plan.owners[self._names[p]]
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation with ``grad_reduction="optimizer"``: backward passes inside this
+        context do not launch the reduction (like ``DistributedDataParallel.no_sync``)."""
+        old, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = old
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, s_max: Any = None) -> Any:
+        """One MuonClip step. ``s_max``: optional per-layer, per-head max logits (see class doc).
+
+        Collective when distributed: every rank of the group must call it.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pre = self._preflight(s_max)                       # one all-reduce(MAX): flags + max logits
+        self._reduce_gradients(pre)                        # optimizer-owned reduction only
+        pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, gather, NS, scatter
+        sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as updates arrive
+        self._adamw_step(pre)
+        if pre.max_logits is not None:
+            self._qk_clip_(pre.max_logits)
+        self._record_metrics(pre, sq_sums)
+        self._end_step()
+        return loss
+
+    def _local_max_logits(self, s_max: Any) -> Tensor | None:
+        return self._clipper.max_logits(s_max) if self._clipper is not None else None
+
+    def _preflight(self, s_max: Any) -> "_Preflight":
+        """Decide, identically on every rank, what this step does; refuse bad max logits early.
+
+        One packed all-reduce(MAX) carries: an error flag, per-parameter has-gradient and
+        non-finite-gradient flags, and every layer's per-head max logits (DESIGN.md step 1).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        error = 0.0
+        try:
+            max_logits = self._local_max_logits(s_max)
+            for p in params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"parameter {self._names[p]!r} has a sparse gradient; MuonClip needs dense "
+                                       "gradients (use nn.Embedding(sparse=False))")
+        except Exception:
+            if self._comm is None:
+                raise
+            error, max_logits = 1.0, None
+            exc_info = sys.exc_info()
+        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+        has = [p.grad is not None for p in params]
+        parts = [torch.tensor([error], device=device),
+                 torch.tensor(has, dtype=torch.float32, device=device)]
+        if self.skip_nonfinite:
+            zero = torch.zeros((), dtype=torch.bool, device=device)
+            parts.append(torch.stack([(~p.grad.isfinite().all()).to(device) if p.grad is not None else zero
+                                      for p in params]).float())
+        shape = self._ml_shape
+        if shape is not None:
+            if max_logits is None or tuple(max_logits.shape) != shape:
+                if max_logits is not None and error == 0.0:
+                    raise ValueError(f"s_max has shape {tuple(max_logits.shape)}, expected {shape} "
+                                     "(layers x heads)")
+                max_logits = torch.full(shape, float("-inf"))
+            parts.append(max_logits.float().reshape(-1).to(device))
+        packed = torch.cat(parts)
+        if self._comm is not None:
+            self._comm.all_reduce(packed, op=dist.ReduceOp.MAX)
+        n = len(params)
+        host = packed.tolist()                             # the one device->host read of the step
+        head = host[: 1 + n * (2 if self.skip_nonfinite else 1)]
+        if head[0]:
+            if error:
+                raise exc_info[1].with_traceback(exc_info[2])
+            raise RuntimeError("MuonClip.step(): another rank failed in step() (see its error); this rank stops "
+                               "too instead of waiting for it")
+        has_grad = {p for p, h in zip(params, head[1:1 + n]) if h}
+        nonfinite = {p for p, f in zip(params, head[1 + n:]) if f} if self.skip_nonfinite else set()
+        reduced = None
+        if shape is not None:
+            k = math.prod(shape)
+            reduced = packed[len(packed) - k:].reshape(shape)
+            vals = host[len(host) - k:]
+            bad = [any(v != v or v == math.inf for v in vals[i * shape[1]:(i + 1) * shape[1]])
+                   for i in range(shape[0])]
+            if any(bad):
+                names = self._clipper.layer_names() if hasattr(self._clipper, "layer_names") else None
+                layers = [names[i] if names else str(i) for i, b in enumerate(bad) if b]
+                raise ValueError(f"non-finite max attention logits in layer(s) {layers}: the forward pass produced "
+                                 "inf/nan attention scores; no parameter or state was changed by this step")
+        if nonfinite:
+            warnings.warn("MuonClip: non-finite gradient, step skipped (state untouched) for "
+                          + ", ".join(sorted(self._names[p] for p in nonfinite)), RuntimeWarning, stacklevel=4)
+        return _Preflight(has_grad - nonfinite, nonfinite, reduced)
+
+    def _grad(self, p: Tensor) -> Tensor:
+        """The reduced gradient of ``p`` as this rank sees it (zeros where the graph gave none)."""
+        if p in self._reduced:
+            return self._reduced[p]
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    # -- optimizer-owned gradient reduction ------------------------------------------------
+    def _comm_units(self) -> list[tuple[str, Any]]:
+        return [("muon", b) for b in self._plan.buckets] + [("adamw", part) for part in self._partitions]
+
+    def _on_grad_ready(self, p: Tensor) -> None:
+        if not self._sync_enabled:
+            return
+        self._ready.add(p)
+        units = self._comm_units()
+        while len(self._launched) < len(units):
+            kind, unit = units[len(self._launched)]
+            members = ([self._by_name[n] for n in unit.names] if kind == "muon" else unit.params)
+            if not all(m in self._ready for m in members):
+                break
+            self._launched.append(self._launch_reduce(kind, unit))
+
+    def _launch_reduce(self, kind: str, unit: Any):
+        comm, w = self._comm, self.world_size
+        if kind == "muon":
+            members = [self._by_name[n] for n in unit.names]
+            own = sum(p.numel() for p in members if self._owner(p) == self.rank)
+            send = torch.cat([self._local_grad(p).reshape(-1) for p in members])
+            in_splits = [0] * w
+            for p in members:
+                in_splits[self._owner(p)] += p.numel()
+            out = torch.empty(own * w, dtype=send.dtype, device=send.device)
+            work = comm.all_to_all_single(out, send, [own] * w, in_splits, async_op=True)
+            return (kind, unit, out, work)
+        total = sum(p.numel() for p in unit.params)
+        flat = torch.zeros(unit.chunk * w if unit.sharded else total, dtype=unit.params[0].dtype,
+                           device=unit.params[0].device)
+        torch.cat([self._local_grad(p).reshape(-1) for p in unit.params], out=flat[:total])
+        if not unit.sharded:       # replicated AdamW: every rank needs every reduced gradient
+            return (kind, unit, flat, comm.all_reduce(flat, async_op=True))
+        out = torch.empty(unit.chunk, dtype=flat.dtype, device=flat.device)
+        work = comm.reduce_scatter_tensor(out, flat, async_op=True)
+        return (kind, unit, out, work)
+
+    def _local_grad(self, p: Tensor) -> Tensor:
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def _reduce_gradients(self, pre: "_Preflight") -> None:
+        if self.grad_reduction != "optimizer" or self._comm is None:
+            return
+        units = self._comm_units()
+        while len(self._launched) < len(units):       # buckets whose hooks never fired
+            self._launched.append(self._launch_reduce(*units[len(self._launched)]))
+        w = self.world_size
+        for kind, unit, out, work in self._launched:
+            work.wait()
+            if kind == "muon":
+                mine = [self._by_name[n] for n in unit.names if self._plan.owners[n] == self.rank]
+                summed = out.view(w, -1).sum(0).div_(w)
+                for p, piece in zip(mine, summed.split([p.numel() for p in mine])):
+                    self._reduced[p] = piece.view_as(p)
+            else:
+                self._adamw_slices[unit.key] = out.div_(w)
+        self._launched = []
+        self._ready.clear()
+
+    # -- Muon ------------------------------------------------------------------------------
+    def _muon_bucket(self, bucket: Bucket, pre: "_Preflight"):
+        """Momentum + NS on the matrices this rank owns, then launch the exchange of updates."""
+        g = self.param_groups[bucket.group]
+        active = [self._by_name[n] for n in bucket.names if self._by_name[n] in pre.active]
+        if not active:
+            return None
+        mine = [p for p in active if self._owner(p) == self.rank]
+        ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
+                     eps=g["ns_eps"], backend=g["ns_backend"])
+        ortho = None
+        if mine:
+            bufs = []
+            for p in mine:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            updates = muon_momentum_([self._grad(p) for p in mine], bufs, momentum=g["momentum"],
+                                     nesterov=g["nesterov"])
+            views = [as_matrices(u, self._views[p]) for u, p in zip(updates, mine)]
+            if len(views) == 1 and views[0].shape[0] == 1:
+                ortho = orthogonalize(views[0][0], **ns_kw).unsqueeze(0)  # unbatched: bit-identical to torch
+            else:
+                ortho = orthogonalize(torch.cat(views), **ns_kw)
+        if self._comm is None:
+            return (bucket, active, ortho, None)
+        counts = [0] * self.world_size
+        for p in active:
+            counts[self._owner(p)] += matrix_shape(p.shape, self._views[p])[0]
+        if ortho is None:
+            ortho = torch.empty((0, bucket.m, bucket.n), dtype=g["ns_dtype"], device=active[0].device)
+        gathered, work = self._comm.all_gather_uneven(ortho.contiguous(), counts, async_op=True)
+        return (bucket, active, gathered, work)
+
+    def _finish_bucket(self, job) -> Tensor:
+        bucket, active, ortho, work = job
+        if work is not None:
+            work.wait()
+        g = self.param_groups[bucket.group]
+        pieces = ortho.split([matrix_shape(p.shape, self._views[p])[0] for p in active])
+        scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
+        muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        return ortho.float().square().sum() * scale**2
+
+    # -- AdamW -----------------------------------------------------------------------------
+    def _adamw_step(self, pre: "_Preflight") -> None:
+        for part in self._partitions:
+            g = self.param_groups[part.group]
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            reduced = self._adamw_slices.pop(part.key, None)
+            offset_of = self._slice_offsets(part)
+            for seg in part.mine:
+                p = self._by_name[seg.name]
+                if p not in pre.active or seg.stop == seg.start:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    # torch.optim.AdamW's convention: a CPU step counter unless the fused kernel runs
+                    state["step"] = torch.zeros((), dtype=torch.float32,
+                                                device=p.device if self.adamw_fused else "cpu")
+                    full = seg.start == 0 and seg.stop == p.numel()
+                    like = p if full else p.detach().reshape(-1)[seg.start:seg.stop]
+                    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                view = self._segment_view(p, seg)
+                params.append(view)
+                if reduced is not None:
+                    off = offset_of[seg.name]
+                    grads.append(reduced[off:off + seg.stop - seg.start].view_as(view))
+                else:
+                    gr = self._grad(p)
+                    grads.append(gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop])
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if params:
+                beta1, beta2 = g["betas"]
+                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
+                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
+                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+            if part.sharded:
+                self._gather_adamw(part)
+
+    @staticmethod
+    def _segment_view(p: Tensor, seg: Segment) -> Tensor:
+        if seg.start == 0 and seg.stop == p.numel():
+            return p.detach()
+        return p.detach().view(-1)[seg.start:seg.stop]
+
+    def _slice_offsets(self, part: "_Partition") -> dict[str, int]:
+        out, off = {}, 0
+        for seg in part.mine:
+            out[seg.name] = off
+            off += seg.stop - seg.start
+        return out
+
+    def _gather_adamw(self, part: "_Partition") -> None:
+        """All-gather the updated AdamW slices so every replica holds the full parameters."""
+        dtype, device = part.params[0].dtype, part.params[0].device
+        send = torch.zeros(part.chunk, dtype=dtype, device=device)
+        off = 0
+        for seg in part.mine:
+            n = seg.stop - seg.start
+            send[off:off + n] = self._segment_view(self._by_name[seg.name], seg).reshape(-1)
+            off += n
+        full = torch.empty(part.chunk * self.world_size, dtype=dtype, device=device)
+        self._comm.all_gather_into_tensor(full, send)
+        for r, segs in enumerate(part.segments):
+            if r == self.rank:
+                continue
+            off = r * part.chunk
+            for seg in segs:
+                n = seg.stop - seg.start
+                self._segment_view(self._by_name[seg.name], seg).reshape(-1).copy_(full[off:off + n])
+                off += n
+
+    # -- QK-Clip, metrics ------------------------------------------------------------------
+    def _qk_clip_(self, max_logits: Tensor) -> None:
+        for p, scale in self._clipper.row_scales(max_logits):
+            p.data.mul_(scale.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1))))
+
+    def _record_metrics(self, pre: "_Preflight", sq_sums: list[Tensor]) -> None:
+        metrics: dict[str, Tensor] = {}
+        grads = [self._grad(p) for p in pre.active]
+        if grads:
+            metrics["grad_norm"] = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        n_muon = sum(p.numel() for p in pre.active if self.param_groups[self._group_of[p]]["use_muon"])
+        if sq_sums and n_muon:
+            metrics["muon_update_rms"] = torch.sqrt(torch.stack([s.to(sq_sums[0].device) for s in sq_sums]).sum()
+                                                    / n_muon)
+        metrics["num_skipped"] = torch.tensor(float(len(pre.skipped)))
+        self._last_metrics = metrics
+
+    def _end_step(self) -> None:
+        self._reduced.clear()
+        self._adamw_slices.clear()
+        self._step_count_total += 1
+        if self.accountant is not None:
+            self.accountant.end_step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _local_state(self) -> dict[str, dict[str, Any]]:
+        """This rank's state, keyed by name; AdamW entries carry their flat segment."""
+        out: dict[str, dict[str, Any]] = {}
+        for part in self._partitions:
+            for seg in part.mine:
+                p = self._by_name[seg.name]
+                s = self.state.get(p)
+                if s:
+                    out.setdefault(seg.name, {"step": s["step"], "segments": []})["segments"].append(
+                        (seg.start, seg.stop, s["exp_avg"].reshape(-1), s["exp_avg_sq"].reshape(-1)))
+        for name, owner in self._plan.owners.items():
+            p = self._by_name[name]
+            if owner == self.rank and self.state.get(p):
+                out[name] = dict(self.state[p])
+        return out
+
+    def state_dict(self, *, sharded: bool = False) -> dict[str, Any]:
+        """State keyed by parameter name (stable across processes, rebuilt models and world sizes).
+
+        Default: the full state, identical to a single-process run's (a collective when
+        distributed: every rank must call it; each gets the full state). ``sharded=True``: only
+        this rank's part (no communication); combine shards with :meth:`merge_sharded`.
+
+        Layout: ``{"format", "step", "state": {name: {...}}, "param_groups": [{..., "params": [names]}]}``.
+        """
+        groups = []
+        for g in self.param_groups:
+            d = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            d["params"] = [self._names[p] for p in g["params"]]
+            groups.append(d)
+        base = {"format": _STATE_FORMAT, "step": self._step_count_total, "param_groups": groups}
+        local = self._local_state()
+        if sharded:
+            return {**base, "sharded": {"rank": self.rank, "world_size": self.world_size, "state": local}}
+        shards = self._comm.all_gather_object(local) if self._comm is not None else [local]
+        return {**base, "state": self._merge_states(shards)}
+
+    def _merge_states(self, shards: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        state: dict[str, dict[str, Any]] = {}
+        for shard in shards:
+            for name, s in shard.items():
+                if "segments" not in s:
+                    state[name] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.items()}
+                    continue
+                entry = state.setdefault(name, {"step": s["step"].cpu(), "_segs": []})
+                entry["_segs"].extend(s["segments"])
+        for name, entry in state.items():
+            segs = entry.pop("_segs", None)
+            if segs is None:
+                continue
+            p = self._by_name[name]
+            segs.sort(key=lambda t: t[0])
+            entry["exp_avg"] = torch.cat([t[2].cpu() for t in segs]).view(p.shape)
+            entry["exp_avg_sq"] = torch.cat([t[3].cpu() for t in segs]).view(p.shape)
+        return state
+
+    def merge_sharded(self, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Combine ``state_dict(sharded=True)`` of every rank into one full state dict."""
+        ws = {s["sharded"]["world_size"] for s in shards}
+        if len(ws) != 1 or len(shards) != ws.pop():
+            raise ValueError("merge_sharded needs exactly one shard from every rank of one run")
+        full = {k: v for k, v in shards[0].items() if k != "sharded"}
+        full["state"] = self._merge_states([s["sharded"]["state"] for s in shards])
+        return full
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a full :meth:`state_dict` (from any world size; matched by parameter name).
+
+        Each rank keeps what it owns under the current plan. Validated before anything changes.
+        """
+        if state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {_STATE_FORMAT!r} "
+                             "(a dist_muonclip MuonClip.state_dict())")
+        if "sharded" in state_dict:
+            raise ValueError("this is one rank's shard (state_dict(sharded=True)); combine all ranks' shards with "
+                             "optimizer.merge_sharded(shards) and load the result")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            mine = [self._names[p] for p in g["params"]]
+            if list(sg["params"]) != mine:
+                missing = sorted(set(mine) - set(sg["params"]))
+                extra = sorted(set(sg["params"]) - set(mine))
+                raise ValueError(f"param group {gi} does not match the checkpoint: missing in checkpoint "
+                                 f"{missing[:5]}, unexpected {extra[:5]} (rebuild the model with the same "
+                                 "parameter names and split)")
+            if sg.get("use_muon", g["use_muon"]) != g["use_muon"]:
+                raise ValueError(f"param group {gi}: use_muon differs between checkpoint and optimizer")
+        for name, s in state_dict["state"].items():
+            if name not in self._by_name:
+                raise ValueError(f"state_dict has state for unknown parameter {name!r}")
+            p = self._by_name[name]
+            for k, v in s.items():
+                if isinstance(v, Tensor) and k != "step" and v.shape != p.shape:
+                    raise ValueError(f"state {k!r} of {name!r} has shape {tuple(v.shape)}, parameter has "
+                                     f"{tuple(p.shape)}")
+        new_state: dict[Tensor, dict[str, Any]] = {}
+        full = state_dict["state"]
+        for name, owner in self._plan.owners.items():
+            if owner == self.rank and name in full:
+                p = self._by_name[name]
+                new_state[p] = {k: (v.detach().to(dtype=p.dtype, device=p.device).clone() if isinstance(v, Tensor)
+                                    else v) for k, v in full[name].items()}
+        for part in self._partitions:
+            for seg in part.mine:
+                if seg.name not in full:
+                    continue
+                p = self._by_name[seg.name]
+                s = full[seg.name]
+                whole = seg.start == 0 and seg.stop == p.numel()
+
+                def piece(t: Tensor) -> Tensor:
+                    t = t.detach().to(dtype=p.dtype, device=p.device)
+                    return (t if whole else t.reshape(-1)[seg.start:seg.stop]).clone()
+
+                new_state[p] = {"step": s["step"].detach().to(torch.float32).clone().to(
+                                    p.device if self.adamw_fused else "cpu"),
+                                "exp_avg": piece(s["exp_avg"]), "exp_avg_sq": piece(s["exp_avg_sq"])}
+        for sg, g in zip(saved_groups, self.param_groups):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = v
+        self.state.clear()
+        self.state.update(new_state)
+        self._step_count_total = int(state_dict.get("step", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Partition:
+    """AdamW parameters of one (group, dtype, device), flattened and split into equal slices."""
+
+    group: int
+    kind: tuple
+    params: list
+    chunk: int
+    segments: list
+    mine: list
+    sharded: bool
+
+    @property
+    def key(self) -> tuple:
+        return (self.group, self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preflight:
+    active: set          # parameters that step (have a gradient somewhere, all finite)
+    skipped: set         # parameters skipped for non-finite gradients
+    max_logits: Tensor | None

@@ -1,0 +1,150 @@
+"""The distribution plan: which rank owns (orthogonalizes) each Muon matrix.
+
+Pure planning, no process group. Every rank builds the same plan from the same sorted input:
+
+* Ownership: longest-processing-time (LPT) bin packing on Newton-Schulz FLOPs (Graham 1969: LPT
+  is within 4/3 of the optimal makespan). Matrices are taken in order of decreasing FLOPs
+  (tie-break by parameter name) and each goes to the rank with the least load so far (tie-break
+  by lowest rank). A parameter that is a stack of matrices (fused MoE experts) has one owner.
+* Buckets: the Muon parameters of one param group with the same matrix shape and dtype form a
+  bucket. Its owned members are orthogonalized by their owner as one ``[B, m, n]`` batch, and its
+  updates are exchanged in one collective. Buckets are ordered by decreasing size so the first
+  exchange starts early and overlaps the following buckets' Newton-Schulz.
+* AdamW parameters (elementwise) need no owner: their flat concatenation per group is split into
+  ``world_size`` equal contiguous slices (classic ZeRO-1), see :func:`flat_partition`.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .newton_schulz import ns_flops
+
+__all__ = ["MatrixItem", "Bucket", "Plan", "build_plan", "flat_partition", "Segment"]
+
+
+@dataclass(frozen=True)
+class MatrixItem:
+    """One Muon parameter as the planner sees it: ``num_matrices`` matrices of ``m x n``."""
+
+    name: str
+    group: int
+    num_matrices: int
+    m: int
+    n: int
+    dtype: str
+    ns_steps: int = 5
+
+    @property
+    def numel(self) -> int:
+        return self.num_matrices * self.m * self.n
+
+    @property
+    def flops(self) -> int:
+        return self.num_matrices * ns_flops(self.m, self.n, self.ns_steps)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Same-shape Muon parameters of one group; ``names`` ordered by (owner, name)."""
+
+    group: int
+    m: int
+    n: int
+    dtype: str
+    names: tuple[str, ...]
+    owners: tuple[int, ...]
+    num_matrices: tuple[int, ...]
+
+    def owned_by(self, rank: int) -> list[str]:
+        return [n for n, o in zip(self.names, self.owners) if o == rank]
+
+    def counts(self, world_size: int) -> list[int]:
+        """Number of matrices each rank owns in this bucket."""
+        c = [0] * world_size
+        for o, k in zip(self.owners, self.num_matrices):
+            c[o] += k
+        return c
+
+    @property
+    def numel(self) -> int:
+        return sum(self.num_matrices) * self.m * self.n
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    owners: dict[str, int]
+    buckets: tuple[Bucket, ...]
+    loads: tuple[int, ...]  # NS FLOPs per rank
+    items: tuple[MatrixItem, ...] = field(repr=False, default=())
+
+    def digest(self) -> str:
+        """A hash identical on every rank iff the plans are identical."""
+        text = repr((self.world_size, sorted(self.owners.items()),
+                     [(b.group, b.m, b.n, b.dtype, b.names, b.owners) for b in self.buckets]))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def owned_numel(self, rank: int) -> int:
+        by_name = {i.name: i for i in self.items}
+        return sum(by_name[n].numel for n, o in self.owners.items() if o == rank)
+
+
+def build_plan(items: Sequence[MatrixItem], world_size: int) -> Plan:
+    """Owner per matrix by LPT on NS FLOPs, and same-shape buckets (see module doc)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    names = [i.name for i in items]
+    if len(set(names)) != len(names):
+        raise ValueError("build_plan: parameter names must be unique")
+    heap = [(0, r) for r in range(world_size)]
+    loads = [0] * world_size
+    owners: dict[str, int] = {}
+    for item in sorted(items, key=lambda i: (-i.flops, i.name)):
+        load, rank = heapq.heappop(heap)
+        owners[item.name] = rank
+        loads[rank] = load + item.flops
+        heapq.heappush(heap, (loads[rank], rank))
+    groups: dict[tuple, list[MatrixItem]] = {}
+    for item in items:
+        groups.setdefault((item.group, item.m, item.n, item.dtype), []).append(item)
+    buckets = []
+    for (group, m, n, dtype), members in groups.items():
+        members = sorted(members, key=lambda i: (owners[i.name], i.name))
+        buckets.append(Bucket(group, m, n, dtype, tuple(i.name for i in members),
+                              tuple(owners[i.name] for i in members), tuple(i.num_matrices for i in members)))
+    buckets.sort(key=lambda b: (-b.numel, b.group, b.m, b.n, b.dtype))
+    return Plan(world_size, owners, tuple(buckets), tuple(loads), tuple(items))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[start, stop)`` of parameter ``name``'s flattened tensor held by one rank."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def flat_partition(sizes: Sequence[tuple[str, int]], world_size: int) -> tuple[int, list[list[Segment]]]:
+    """Split the concatenation of ``sizes`` (name, numel) into ``world_size`` equal slices.
+
+    Returns ``(chunk, segments)``: every rank's slice has ``chunk = ceil(total / world_size)``
+    elements (the last one padded), and ``segments[r]`` lists the pieces of parameters in rank
+    ``r``'s slice, in order.
+    """
+    total = sum(n for _, n in sizes)
+    chunk = -(-total // world_size) if total else 0
+    segments: list[list[Segment]] = [[] for _ in range(world_size)]
+    offset = 0
+    for name, numel in sizes:
+        start = offset
+        while start < offset + numel:
+            rank = start // chunk
+            stop = min(offset + numel, (rank + 1) * chunk)
+            segments[rank].append(Segment(name, start - offset, stop - offset))
+            start = stop
+        offset += numel
+    return chunk, segments
