@@ -64,7 +64,13 @@ __all__ = [
     "discover_attention_layers",
     "pack_s_max",
     "DEFAULT_MAPPING",
+    "NoAttentionLayersError",
 ]
+
+
+class NoAttentionLayersError(ValueError, LookupError):
+    """No attention layer matched (a ValueError for users; a LookupError so that automatic mode
+    can treat "nothing to clip" as "QK-Clip off")."""
 
 #: role -> attribute name on an attention module (dotted paths allowed). Override any value with
 #: ``QKClipConfig(mapping={...})`` (seed 000's ``clipping_layers_mapping`` format).
@@ -93,7 +99,7 @@ class QKClipConfig:
         qk_norm_policy: "shared" | "error" for models with a head-shared q_norm/k_norm.
         track: "auto" (HF attention hook when the model is a transformers model, else manual),
             "hf" (require the hook), "manual" (only tracker.record / s_max).
-        track_eval: also record forwards of modules in eval mode.
+        track_eval: also record forwards run without autograd (evaluation under no_grad).
         chunk_size: logits materialized at once by the torch max-logit path (elements).
         backend: max-logit backend: "auto" (Triton on CUDA when importable) | "torch" | "triton".
         check_finite: raise on NaN/+inf max logits (one host sync per clip).
@@ -397,7 +403,7 @@ def discover_attention_layers(model: nn.Module, config: QKClipConfig | None = No
         if layer is not None:
             layers.append(layer)
     if not layers:
-        raise ValueError(
+        raise NoAttentionLayersError(
             f"QK-Clip found no attention layer in {type(model).__name__}: no module has both "
             f"{roles['q_proj']!r} and {roles['k_proj']!r} (or MLA {roles['kv_b_proj']!r} + {roles['kv_a_proj_with_mqa']!r}). "
             "Set the names with mapping={'q_proj': <your query attr>, 'k_proj': <your key attr>}, pass layers=... "
@@ -540,6 +546,10 @@ class QKClipper:
     def num_heads(self) -> list[int]:
         return [l.num_heads for l in self.layers]
 
+    def layer_names(self) -> list[str]:
+        """Module names of the clipped attention layers, in row order of :meth:`max_logits`."""
+        return [l.name for l in self.layers]
+
     def close(self) -> None:
         """Stop tracking (restores HF attention implementations)."""
         if self.tracker is not None:
@@ -563,12 +573,12 @@ class QKClipper:
         self.tracker.reset()
         return out
 
-    def _check(self, max_logits: torch.Tensor) -> None:
+    def _check(self, max_logits: torch.Tensor, check_finite: bool) -> None:
         shape = (len(self.layers), max(self.num_heads))
         if not isinstance(max_logits, torch.Tensor) or tuple(max_logits.shape) != shape:
             got = tuple(max_logits.shape) if isinstance(max_logits, torch.Tensor) else type(max_logits).__name__
             raise ValueError(f"max_logits must be a [num_layers, max_heads] = {list(shape)} tensor, got {got}")
-        if self.config.check_finite:
+        if check_finite:
             bad = torch.isnan(max_logits) | (max_logits == float("inf"))
             if bool(bad.any()):  # the one host sync of a clip
                 rows = sorted({int(i) for i in bad.nonzero()[:, 0].tolist()})
@@ -601,14 +611,17 @@ class QKClipper:
             q = eta.pow(alpha)
         return {"q": q, "k": k}
 
-    def row_scales(self, max_logits: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    def row_scales(self, max_logits: torch.Tensor, *, check_finite: bool | None = None
+                   ) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Per-row multiplicative scales ``[(param, scale[param.shape[0]])]`` (fp32, on the param's
         device) for every tensor to clip. Rows of heads under tau get exactly 1.0. Raises (before
-        anything changes) on a wrong shape or non-finite values. No host sync besides the finite check.
+        anything changes) on a wrong shape or non-finite values. No host sync besides the finite
+        check (``check_finite=False`` skips it: for callers that already checked, e.g. the
+        optimizer's preflight; default: ``config.check_finite``).
         """
         if not self.enabled:
             return []
-        self._check(max_logits)
+        self._check(max_logits, self.config.check_finite if check_finite is None else check_finite)
         eta_all = self.etas(max_logits)
         self._last_s, self._last_eta = max_logits.detach(), eta_all
         scales: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}

@@ -231,8 +231,10 @@ class MaxLogitTracker:
             module instead of an index.
         chunk_size: chunk budget of :func:`max_logits_torch`.
         backend: "auto" | "torch" | "triton" for :func:`max_logits`.
-        track_eval: record also when the attention module is in eval mode (default False:
-            evaluation forwards between steps must not influence the clip).
+        track_eval: record also forwards run without autograd (default False: evaluation
+            forwards under ``torch.no_grad()`` / ``inference_mode`` between steps must not
+            influence the clip). A forward with autograd on is recorded whatever
+            ``module.training`` says (a ``from_pretrained`` model left in eval mode still trains).
     """
 
     def __init__(
@@ -381,7 +383,7 @@ def _make_wrapper(base: str) -> Callable[..., Any]:
         inner = _base_function(base, module)
         ref = _REGISTRY.get(module)
         tracker = ref() if ref is not None else None
-        if tracker is not None and tracker.enabled and (module.training or tracker.track_eval):
+        if tracker is not None and tracker.enabled and (torch.is_grad_enabled() or tracker.track_eval):
             opts = kwargs
             if args:  # positional extras: bind them by the wrapped function's own signature
                 opts = dict(inspect.signature(inner).bind_partial(module, query, key, value, attention_mask,

@@ -146,7 +146,8 @@ def test_gqa_conservative_policy_never_scales_up_and_bounds_every_head():
     s0 = oracle_max_logits(model, ids, pad)
     tau = pick_tau(s0, INFLATED)
     clipper = QKClipper(model, {"tau": tau, "gqa_policy": "conservative", "alpha": 0.3})
-    inputs = capture_inputs(model, ids, pad)
+    inputs = capture_inputs(model, ids, pad)  # (no_grad: not recorded by the tracker)
+    model(input_ids=ids, attention_mask=pad)  # the training forward
     s = clipper.max_logits()
     scales = clipper.row_scales(s)
     assert all((sc <= 1).all() for _, sc in scales)

@@ -281,7 +281,7 @@ def test_tracking_does_not_change_outputs_or_gradients():
         assert torch.equal(a, b)
 
 
-def test_eval_forward_not_recorded_unless_asked_and_accumulates_max():
+def test_no_grad_forward_not_recorded_unless_asked_and_accumulates_max():
     model = build_model("llama")
     mods = attention_modules(model)
     ids, pad = make_batch()
@@ -290,7 +290,10 @@ def test_eval_forward_not_recorded_unless_asked_and_accumulates_max():
         model.eval()
         with torch.no_grad():
             model(input_ids=ids)
-        assert torch.isinf(tracker.values()).all()  # eval forwards do not count by default
+        assert torch.isinf(tracker.values()).all()  # no-grad (evaluation) forwards do not count by default
+        model(input_ids=ids[:1])  # eval mode but autograd on (e.g. a from_pretrained model): training, counts
+        assert torch.isfinite(tracker.values()).all()
+        tracker.reset()
         tracker.track_eval = True
         with torch.no_grad():
             model(input_ids=ids[:1])
