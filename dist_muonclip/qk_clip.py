@@ -531,7 +531,9 @@ class QKClipper:
         self.tracker = MaxLogitTracker([l.num_heads for l in self.layers], modules=[l.module for l in self.layers],
                                        chunk_size=self.config.chunk_size, backend=self.config.backend,
                                        track_eval=self.config.track_eval, device=device)
-        is_hf = model is not None and hasattr(getattr(model, "config", None), "_attn_implementation_internal")
+        # a transformers model, possibly wrapped (DDP's .module, DeepSpeed engines): look at every module
+        is_hf = model is not None and any(
+            hasattr(getattr(m, "config", None), "_attn_implementation_internal") for m in model.modules())
         if self.config.track == "hf" and not is_hf:
             raise ValueError("QKClipConfig.track='hf' but the model is not a transformers model; use track='auto'/'manual'")
         if is_hf and self.config.track != "manual":

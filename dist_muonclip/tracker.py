@@ -84,7 +84,7 @@ def _keep_mask_rows(
                 m = m[:, None]
             if m.ndim != 4:
                 raise ValueError(f"attention_mask must be 2-D, 3-D or 4-D, got shape {tuple(attention_mask.shape)}")
-            m = m[:, :, r0:r1, :kv_len]
+            m = m[:, :, r0:r1, :kv_len] if m.shape[2] != 1 else m[..., :kv_len]  # [.., 1, K]: same for every row
             if m.dtype != torch.bool:
                 m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
         keep = m.to(device)
@@ -368,7 +368,11 @@ def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
     if base == "eager":
         # Models call get_interface(impl, default=<their own eager_attention_forward>): the eager
         # path lives in the model's modeling file, not in the interface.
-        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        fn = None
+        for cls in type(module).__mro__:  # wrappers (e.g. FSDP2's FSDP<Class>) subclass the model's class
+            fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+            if fn is not None:
+                break
         if fn is None:
             raise RuntimeError(
                 f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}; "

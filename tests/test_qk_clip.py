@@ -389,3 +389,19 @@ def test_metrics_are_device_tensors_of_the_last_clip():
     assert m["qk_clip/max_logit"].item() == s.max().item()
     assert m["qk_clip/max_logit/layer_01"].item() == s[1].max().item()
     assert m["qk_clip/min_eta"].item() == pytest.approx(1.0 / s.max().item(), rel=1e-6)
+
+
+def test_wrapped_model_is_tracked_through_the_wrapper():
+    """Pins: a DDP/DeepSpeed-style wrapper (the HF model under .module, no .config on the wrapper)
+    must still get the attention hook and names prefixed by the wrapper."""
+    model = build_model("llama").train()
+    wrapper = nn.Module()
+    wrapper.module = model
+    clipper = QKClipper(wrapper, {"tau": 1.0})
+    assert clipper.layer_names() == ["module.model.layers.0.self_attn", "module.model.layers.1.self_attn"]
+    assert model.config._attn_implementation == "dist_muonclip_sdpa"
+    ids, pad = make_batch()
+    model(input_ids=ids, attention_mask=pad)
+    torch.testing.assert_close(clipper.max_logits().double(), oracle_max_logits(model, ids, pad), rtol=RTOL, atol=0)
+    clipper.close()
+    assert model.config._attn_implementation == "sdpa"

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -214,6 +215,7 @@ def test_chunked_matches_float64_reference_all_mask_kinds(chunk_size, num_kv):
         (dict(attention_mask=bool4), bool4),
         (dict(attention_mask=additive), bool4),
         (dict(attention_mask=per_head), per_head),
+        (dict(attention_mask=pad[:, None, None, :]), pad[:, None, None, :]),  # [B, 1, 1, K] broadcast rows
         (dict(causal=True, attention_mask=pad.long()), bool4),  # 2-D padding (flash) + causal
         (dict(causal=True, sliding_window=5), causal & (j > i - 5)[None, None]),
         (dict(causal=True, segment_ids=seg), causal & (seg[:, None, :, None] == seg[:, None, None, :])),
@@ -410,3 +412,39 @@ def test_one_tracker_per_module_and_deepcopy_of_tracked_model():
     torch.testing.assert_close(second.values().double(), oracle_max_logits(twin, ids, pad), rtol=1e-5, atol=1e-5)
     assert torch.isinf(first.values()).all()
     handle.remove()
+
+
+def test_wrapper_plumbing_for_flash_style_calls():
+    """The flash path gives no 4-D mask: causality from module.is_causal, the window from the
+    sliding_window kwarg, packed sequences from cu_seq_lens_k, a 2-D padding mask; the scale is
+    the ``scaling`` kwarg. Driven through the registered wrapper with a stand-in attention."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from dist_muonclip import tracker as tr
+
+    AttentionInterface.register("dmc_test_flashlike", lambda module, q, k, v, mask, **kw: (q, None))
+    try:
+        module = torch.nn.Module()
+        module.is_causal = True
+        tracker = MaxLogitTracker([4], modules=[module])
+        wrapper = tr._make_wrapper("dmc_test_flashlike")
+        tr._REGISTRY[module] = weakref.ref(tracker)
+        torch.manual_seed(0)
+        q, k = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+        same = ((i >= 5) == (j >= 5))
+        keep = (j <= i) & (j > i - 4) & same
+        wrapper(module, q, k, k, None, scaling=0.3, sliding_window=4, cu_seq_lens_k=cu, cu_seq_lens_q=cu)
+        torch.testing.assert_close(tracker.values()[0].double(), _reference(q, k, 0.3, keep[None, None]),
+                                   rtol=1e-5, atol=1e-5)
+        tracker.reset()
+        pad = torch.ones(1, 12, dtype=torch.long)
+        pad[0, :2] = 0
+        wrapper(module, q, k, k, pad, scaling=0.3)
+        keep = (j <= i) & pad.bool()[0][None, :]
+        torch.testing.assert_close(tracker.values()[0].double(), _reference(q, k, 0.3, keep[None, None]),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        ALL_ATTENTION_FUNCTIONS._global_mapping.pop("dmc_test_flashlike", None)
+        tr._REGISTRY.pop(module, None)
