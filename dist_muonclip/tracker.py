@@ -190,23 +190,27 @@ def max_logits(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatch: the fused Triton kernel on CUDA when importable and the mask is plain
-    (causal or none, no window/segments), else :func:`max_logits_torch`. Returns ``[H]`` fp32."""
+    """Dispatch: the fused Triton kernel (``dist_muonclip.kernels.max_logit``) for
+    ``backend="triton"``, or ``"auto"`` on CUDA when it imports; :func:`max_logits_torch` otherwise
+    and whenever a sliding window or packed-sequence ids are given (the kernel takes masks, not
+    those). Float additive masks are passed to the kernel as boolean "attend" masks so that both
+    paths count q.k only (an additive bias is not part of the recorded max). Returns ``[H]`` fp32."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    plain = attention_mask is None and sliding_window is None and segment_ids is None
-    if backend != "torch" and query.is_cuda and plain:
+    structural = sliding_window is not None or segment_ids is not None
+    if backend == "triton" or (backend == "auto" and query.is_cuda):
         fn = _triton_fn()
-        if fn is not None:
+        if fn is None and backend == "triton":
+            raise RuntimeError("backend='triton' requested but dist_muonclip.kernels.max_logit is not importable")
+        if fn is not None and not structural:
             if scale is None:
                 scale = 1.0 / math.sqrt(query.shape[-1])
-            k = key
-            if key.shape[1] != query.shape[1]:  # GQA: O(S*D) copy, never O(S^2)
-                k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            mask = attention_mask
+            if mask is not None and mask.is_floating_point():
+                mask = mask > torch.finfo(mask.dtype).min / 2
             with torch.no_grad():
-                return fn(query.detach(), k.detach(), scale=float(scale), causal=causal).to(torch.float32)
-        if backend == "triton":
-            raise RuntimeError("backend='triton' requested but dist_muonclip.kernels.max_logit is not importable")
+                return fn(query.detach(), key.detach(), scale=float(scale), causal=causal,
+                          attention_mask=mask).to(torch.float32)
     return max_logits_torch(query, key, scale=scale, causal=causal, attention_mask=attention_mask,
                             sliding_window=sliding_window, segment_ids=segment_ids, chunk_size=chunk_size)
 

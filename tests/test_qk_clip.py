@@ -405,3 +405,37 @@ def test_wrapped_model_is_tracked_through_the_wrapper():
     torch.testing.assert_close(clipper.max_logits().double(), oracle_max_logits(model, ids, pad), rtol=RTOL, atol=0)
     clipper.close()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_optimizer_clip_equals_update_then_clipper_and_nonfinite_refused():
+    """dist_muonclip.MuonClip with QK-Clip == the same optimizer without it followed by
+    QKClipper.apply_ on the forward's max logits (bit for bit); a NaN in s_max is refused naming
+    the layer before any parameter or momentum changes."""
+    from dist_muonclip import MuonClip
+
+    ma = build_model("llama").train()
+    inflate(ma, INFLATED)
+    mb = copy.deepcopy(ma)
+    ids, pad = make_batch()
+    a = MuonClip(ma, lr=1e-3, ns_backend="torch", qk_clip={"tau": 0.5})
+    b = MuonClip(mb, lr=1e-3, ns_backend="torch", qk_clip=False)
+    clip_b = QKClipper(mb, {"tau": 0.5})
+    for _ in range(2):
+        for model, opt in ((ma, a), (mb, b)):
+            model(input_ids=ids, attention_mask=pad, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        clip_b.apply_()
+    assert a.qk_clipper.metrics()["qk_clip/num_heads_clipped"] > 0
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(pa, pb)
+    ma(input_ids=ids, labels=ids).loss.backward()
+    before = snapshot(ma)
+    momenta = [s["momentum_buffer"].clone() for s in a.state.values() if "momentum_buffer" in s]
+    s_max = torch.ones(2, 4)
+    s_max[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="model.layers.1.self_attn"):
+        a.step(s_max=s_max)
+    assert all(torch.equal(before[n], p) for n, p in ma.named_parameters())
+    assert all(torch.equal(m, s["momentum_buffer"]) for m, s in
+               zip(momenta, [s for s in a.state.values() if "momentum_buffer" in s]))

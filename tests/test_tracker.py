@@ -448,3 +448,34 @@ def test_wrapper_plumbing_for_flash_style_calls():
     finally:
         ALL_ATTENTION_FUNCTIONS._global_mapping.pop("dmc_test_flashlike", None)
         tr._REGISTRY.pop(module, None)
+
+
+def test_backend_dispatch_to_kernel_module(monkeypatch):
+    """backend="triton" calls dist_muonclip.kernels.max_logit.max_logits_triton (here a stand-in
+    that records its arguments and answers with the torch path), float masks go in as bool; a
+    sliding window falls back to torch; a missing kernel module is an error for "triton" only."""
+    import types
+
+    from dist_muonclip.tracker import max_logits
+
+    calls = []
+
+    def fake(query, key, *, scale, causal, attention_mask=None):
+        calls.append((query.shape, key.shape, scale, causal, None if attention_mask is None else attention_mask.dtype))
+        return max_logits_torch(query, key, scale=scale, causal=causal, attention_mask=attention_mask)
+
+    fake_mod = types.ModuleType("dist_muonclip.kernels.max_logit")
+    fake_mod.max_logits_triton = fake
+    monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.max_logit", fake_mod)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)
+    additive = torch.zeros(2, 1, 9, 9).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+    got = max_logits(q, k, attention_mask=additive, backend="triton")
+    assert calls == [((2, 4, 9, 8), (2, 2, 9, 8), 1 / math.sqrt(8), False, torch.bool)]  # GQA key passed as is
+    torch.testing.assert_close(got, max_logits_torch(q, k, causal=True), rtol=0, atol=0)
+    max_logits(q, k, causal=True, sliding_window=3, backend="triton")
+    assert len(calls) == 1  # structural masks: torch path
+    assert max_logits(q, k, backend="auto").shape == (4,) and len(calls) == 1  # auto on CPU: torch
+    monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.max_logit", None)  # import fails
+    with pytest.raises(RuntimeError, match="not importable"):
+        max_logits(q, k, backend="triton")
