@@ -524,9 +524,6 @@ class QKClipper:
             self.layers = discover_attention_layers(model, self.config, model_config=model_config)
         else:
             raise ValueError("QKClipper needs a model or explicit layers")
-        for layer in self.layers:
-            if layer.qk_norm == "shared" and self.config.qk_norm_policy == "error":  # pragma: no cover (raised earlier)
-                raise ValueError(f"{layer.name}: shared QK-norm refused by qk_norm_policy='error'")
         device = self.layers[0].targets[0].param.device
         self.tracker = MaxLogitTracker([l.num_heads for l in self.layers], modules=[l.module for l in self.layers],
                                        chunk_size=self.config.chunk_size, backend=self.config.backend,

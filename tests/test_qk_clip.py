@@ -265,7 +265,7 @@ class SeedMHA(nn.Module):
 
     def max_logits(self, x):
         b, s, _ = x.shape
-        q = self.weight_q(x.double() if False else x).double().view(b, s, self.n_head, -1).transpose(1, 2)
+        q = self.weight_q(x).double().view(b, s, self.n_head, -1).transpose(1, 2)
         k = self.weight_k(x).double().view(b, s, self.n_head, -1).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)
         scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
@@ -439,3 +439,19 @@ def test_optimizer_clip_equals_update_then_clipper_and_nonfinite_refused():
     assert all(torch.equal(before[n], p) for n, p in ma.named_parameters())
     assert all(torch.equal(m, s["momentum_buffer"]) for m, s in
                zip(momenta, [s for s in a.state.values() if "momentum_buffer" in s]))
+
+
+def test_explicit_mla_deepseek_layout_equals_discovery():
+    """layers=[{"mode": "mla", "w_q": ..., "w_kv_b": ..., dims}] describes the same clip as the
+    automatic discovery of a DeepSeek-V3 model (same params, same row scales)."""
+    model = build_model("deepseek_v3_lora")
+    auto = QKClipper(model, {"tau": 1.0, "track": "manual"})
+    mods = attention_modules(model)
+    explicit = QKClipper(config={"tau": 1.0}, layers=[
+        dict(module=m, mode="mla", num_heads=4, w_q="q_b_proj", w_kv_b="kv_b_proj", qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16) for m in mods])
+    s = torch.tensor([[3.0, 0.5, 2.0, 1.0], [0.1, 4.0, 0.2, 0.3]])
+    ra, rb = auto.row_scales(s), explicit.row_scales(s)
+    assert [p for p, _ in ra] == [p for p, _ in rb]
+    for (_, x), (_, y) in zip(ra, rb):
+        assert torch.equal(x, y)
