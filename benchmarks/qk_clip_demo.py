@@ -73,6 +73,36 @@ def run(args, tau: float | None) -> dict:
     return {"tau": tau, "rows": rows, "seconds": time.time() - t0}
 
 
+def plot(result: dict, path: str) -> None:
+    """Max logit (log scale) and loss per step, both runs side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = result["args"]
+    clipped, free, tau = result["clipped"], result["unclipped"], a["tau"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for res, label, color in ((free, "no QK-Clip", "tab:red"), (clipped, f"QK-Clip tau={tau:g}", "tab:blue")):
+        steps = [r["step"] for r in res["rows"]]
+        ax.plot(steps, [r["max_logit"] for r in res["rows"]], label=label, color=color)
+        bx.plot(steps, [r["loss"] for r in res["rows"]], label=label, color=color)
+    ax.axhline(tau, color="gray", linestyle="--", linewidth=1, label="tau")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max attention logit (forward, before clip)")
+    ax.set_title("Max logit over all layers and heads")
+    ax.legend()
+    bx.set_xlabel("step")
+    bx.set_ylabel("training loss")
+    bx.set_title("Loss (copy task)")
+    bx.legend()
+    fig.suptitle(f"tiny Llama (hidden {a['hidden']}, {a['layers']} layers, GQA {a['heads']}/{a['kv_heads']}), "
+                 f"MuonClip lr {a['lr']}, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tau", type=float, default=5.0, help="QK-Clip threshold of the clipped run")
@@ -89,7 +119,12 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON in --out")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(os.path.join(args.out, "qk_clip_demo.json")) as f:
+            plot(json.load(f), os.path.join(args.out, "qk_clip_demo.png"))
+        return
 
     import torch
 
@@ -97,7 +132,7 @@ def main(argv=None) -> None:
     clipped, free = run(args, args.tau), run(args, None)
     os.makedirs(args.out, exist_ok=True)
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         commit = None
     import transformers
@@ -107,29 +142,7 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "qk_clip_demo.json"), "w") as f:
         json.dump(result, f, indent=1)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for res, label, color in ((free, "no QK-Clip", "tab:red"), (clipped, f"QK-Clip tau={args.tau:g}", "tab:blue")):
-        steps = [r["step"] for r in res["rows"]]
-        ax.plot(steps, [r["max_logit"] for r in res["rows"]], label=label, color=color)
-        bx.plot(steps, [r["loss"] for r in res["rows"]], label=label, color=color)
-    ax.axhline(args.tau, color="gray", linestyle="--", linewidth=1, label="tau")
-    ax.set_xlabel("step")
-    ax.set_ylabel("max attention logit (forward, before clip)")
-    ax.set_title("Max logit over all layers and heads")
-    ax.legend()
-    bx.set_xlabel("step")
-    bx.set_ylabel("training loss")
-    bx.set_title("Loss (copy task)")
-    bx.legend()
-    fig.suptitle(f"tiny Llama (hidden {args.hidden}, {args.layers} layers, GQA {args.heads}/{args.kv_heads}), "
-                 f"MuonClip lr {args.lr}, CPU")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "qk_clip_demo.png"), dpi=110)
+    plot(result, os.path.join(args.out, "qk_clip_demo.png"))
     peak_c = max(r["max_logit"] for r in clipped["rows"])
     peak_f = max(r["max_logit"] for r in free["rows"])
     print(f"peak max logit: clipped {peak_c:.2f} (tau {args.tau}), unclipped {peak_f:.2f}")

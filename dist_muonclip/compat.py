@@ -28,11 +28,10 @@ the README section "Coming from muon-clip / efficient-muonclip" and in the class
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

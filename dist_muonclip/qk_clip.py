@@ -57,14 +57,14 @@ from torch import nn
 from dist_muonclip.tracker import DEFAULT_CHUNK_SIZE, MaxLogitTracker
 
 __all__ = [
+    "DEFAULT_MAPPING",
     "AttentionLayer",
     "ClipTarget",
+    "NoAttentionLayersError",
     "QKClipConfig",
     "QKClipper",
     "discover_attention_layers",
     "pack_s_max",
-    "DEFAULT_MAPPING",
-    "NoAttentionLayersError",
 ]
 
 
@@ -149,7 +149,7 @@ class QKClipConfig:
         self.tau, self.alpha = float(self.tau), float(self.alpha)
 
     @classmethod
-    def from_any(cls, value: "QKClipConfig | Mapping[str, Any] | bool | None") -> "QKClipConfig":
+    def from_any(cls, value: QKClipConfig | Mapping[str, Any] | bool | None) -> QKClipConfig:
         """``None``/``True`` -> defaults, ``False`` -> disabled, dict -> fields, config -> itself."""
         if value is None or value is True:
             return cls()

@@ -30,8 +30,8 @@ import inspect
 import math
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +41,8 @@ __all__ = [
     "MaxLogitTracker",
     "TrackingHandle",
     "install_hf_tracking",
-    "max_logits_torch",
     "max_logits",
+    "max_logits_torch",
 ]
 
 #: Logits materialized at once by the chunked path (elements). 2**22 fp32 = 16 MiB.
@@ -262,7 +262,7 @@ class MaxLogitTracker:
         self.backend = backend
         self.track_eval = bool(track_eval)
         self.enabled = True
-        self._index: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+        self._index: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         for i, m in enumerate(modules or ()):
             self._index[m] = i
         self._buf = torch.full((self.num_layers, self.max_heads), float("-inf"), dtype=torch.float32,
@@ -334,7 +334,7 @@ class MaxLogitTracker:
         self.record(layer, val)
 
     # -- HF integration ------------------------------------------------------------------------
-    def install_hf(self, model: nn.Module) -> "TrackingHandle":
+    def install_hf(self, model: nn.Module) -> TrackingHandle:
         """Track the attention modules of an HF model (see :func:`install_hf_tracking`)."""
         handle = install_hf_tracking(model, self)
         self._handles.append(handle)
@@ -345,7 +345,7 @@ class MaxLogitTracker:
         while self._handles:
             self._handles.pop().remove()
 
-    def __enter__(self) -> "MaxLogitTracker":
+    def __enter__(self) -> MaxLogitTracker:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -356,7 +356,7 @@ class MaxLogitTracker:
 # transformers AttentionInterface glue
 # --------------------------------------------------------------------------------------------
 # module -> tracker (weak both ways: dropping the tracker or the model frees everything)
-_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[MaxLogitTracker]]" = weakref.WeakKeyDictionary()
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, weakref.ref[MaxLogitTracker]] = weakref.WeakKeyDictionary()
 _REGISTERED: set[str] = set()
 
 
@@ -425,7 +425,10 @@ def _make_wrapper(base: str) -> Callable[..., Any]:
 
 
 def _register(base: str) -> str:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     if base == "flex_attention":
@@ -462,7 +465,7 @@ class TrackingHandle:
                 _REGISTRY.pop(m, None)
         self._configs, self._modules = [], []
 
-    def __enter__(self) -> "TrackingHandle":
+    def __enter__(self) -> TrackingHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:

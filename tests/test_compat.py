@@ -4,7 +4,6 @@ seed-000 TensorBoard logging and the documented differences."""
 from __future__ import annotations
 
 import copy
-import glob
 import warnings
 
 import pytest

@@ -9,7 +9,13 @@ import struct
 import pytest
 import torch
 
-from dist_muonclip.metrics import DictSink, MetricsLogger, grad_norm, to_host, update_rms
+from dist_muonclip.metrics import (
+    DictSink,
+    MetricsLogger,
+    grad_norm,
+    to_host,
+    update_rms,
+)
 from dist_muonclip.qk_clip import QKClipper
 from tests.test_tracker import build_model, make_batch
 

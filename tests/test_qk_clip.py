@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 from dist_muonclip.qk_clip import QKClipConfig, QKClipper, pack_s_max
-from tests.test_tracker import (attention_modules, build_model, capture_inputs, make_batch, oracle_from_inputs,
-                                oracle_max_logits)
+from tests.test_tracker import (
+    attention_modules,
+    build_model,
+    capture_inputs,
+    make_batch,
+    oracle_from_inputs,
+    oracle_max_logits,
+)
 
 transformers = pytest.importorskip("transformers")
 
