@@ -5,7 +5,11 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__"]
 
+from .comm import CommAccountant, ddp_accounting_hook  # noqa: E402
+from .newton_schulz import ns_flops, ns_schedule, orthogonalize, validate_ns_options  # noqa: E402
 from .optimizer import MuonClip  # noqa: E402
 from .param_split import format_split, split_parameters  # noqa: E402
+from .plan import build_plan  # noqa: E402
 
-__all__ += ["MuonClip", "split_parameters", "format_split"]
+__all__ += ["MuonClip", "split_parameters", "format_split", "orthogonalize", "ns_schedule", "validate_ns_options",
+            "ns_flops", "CommAccountant", "ddp_accounting_hook", "build_plan"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -23,6 +24,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["CommAccountant", "Comm", "ddp_accounting_hook"]
+
+
+# torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
+# the old names; older releases only have the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -103,6 +110,12 @@ def ddp_accounting_hook(state: CommAccountant, bucket: "dist.GradBucket") -> tor
     return fut.then(lambda f: f.value()[0])
 
 
+# DDP checks the hook's annotations as objects; `from __future__ import annotations` made them strings.
+ddp_accounting_hook.__annotations__.update(bucket=dist.GradBucket, return_=None)
+ddp_accounting_hook.__annotations__.pop("return_")
+ddp_accounting_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+
+
 class Comm:
     """Thin wrapper over a process group: the collectives the engine issues, counted."""
 
@@ -115,47 +128,47 @@ class Comm:
         if dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def _count(self, kind: str, sent: float, payload: int) -> None:
+    def _count(self, kind: str, tag: str, sent: float, payload: int) -> None:
         if self.accountant is not None:
-            self.accountant.record(kind, bytes=sent, payload=payload)
+            self.accountant.record(f"{kind}[{tag}]" if tag else kind, bytes=sent, payload=payload)
 
-    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, async_op: bool = False):
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
         n = t.numel() * t.element_size()
-        self._count("all_reduce", 2 * (self.world_size - 1) / self.world_size * n, n)
+        self._count("all_reduce", tag, 2 * (self.world_size - 1) / self.world_size * n, n)
         return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
 
-    def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False):
+    def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = out.numel() * out.element_size()
-        self._count("all_gather", (self.world_size - 1) / self.world_size * n, n)
-        return dist.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
+        self._count("all_gather", tag, (self.world_size - 1) / self.world_size * n, n)
+        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
 
-    def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False):
+    def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = inp.numel() * inp.element_size()
-        self._count("reduce_scatter", (self.world_size - 1) / self.world_size * n, n)
-        return dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=async_op)
+        self._count("reduce_scatter", tag, (self.world_size - 1) / self.world_size * n, n)
+        return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
 
     def all_to_all_single(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
-                          async_op: bool = False):
+                          async_op: bool = False, tag: str = ""):
         es = inp.element_size()
         sent = sum(s for r, s in enumerate(in_splits) if r != self.rank) * es
-        self._count("all_to_all", sent, out.numel() * es)
+        self._count("all_to_all", tag, sent, out.numel() * es)
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
-    def all_gather_uneven(self, local: Tensor, counts: list[int], async_op: bool = False):
+    def all_gather_uneven(self, local: Tensor, counts: list[int], async_op: bool = False, tag: str = ""):
         """Gather ``local`` (``counts[rank]`` rows) from every rank into ``[sum(counts), ...]``.
 
         Equal counts use ``all_gather_into_tensor``; uneven ones an ``all_to_all_single`` whose
         send side repeats ``local`` once per peer (gloo has no uneven all-gather). Either way each
         rank sends ``(W-1) * local`` bytes: no padding on the wire. Returns ``(out, work)``.
         """
-        row = local[0].numel() if local.shape[0] else int(torch.tensor(local.shape[1:]).prod())
+        row = math.prod(local.shape[1:])
         out = torch.empty((sum(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
         if len(set(counts)) == 1:
-            work = self.all_gather_into_tensor(out, local.contiguous(), async_op=async_op)
+            work = self.all_gather_into_tensor(out, local.contiguous(), async_op=async_op, tag=tag)
             return out, work
         send = local.reshape(-1).repeat(self.world_size)
         work = self.all_to_all_single(out.view(-1), send, [c * row for c in counts],
-                                      [local.numel()] * self.world_size, async_op=async_op)
+                                      [local.numel()] * self.world_size, async_op=async_op, tag=tag)
         return out, work
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -1,0 +1,88 @@
+"""Pure planning (no processes): ownership balance, determinism, ZeRO-1 state memory."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dist_muonclip.plan import MatrixItem, build_plan, flat_partition
+
+
+def llama_items(num_layers=32, hidden=4096, kv=1024, ffn=14336):
+    items = []
+    for layer in range(num_layers):
+        for name, (m, n) in {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
+                             "o_proj": (hidden, hidden), "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden),
+                             "down_proj": (hidden, ffn)}.items():
+            items.append(MatrixItem(f"model.layers.{layer}.{name}.weight", 0, 1, m, n, "torch.float32"))
+    return items
+
+
+LLAMA_ADAMW = [("model.embed_tokens.weight", 128256 * 4096), ("lm_head.weight", 128256 * 4096)] + [
+    (f"model.layers.{i}.{n}.weight", 4096) for i in range(32) for n in ("input_layernorm", "post_attention_layernorm")
+] + [("model.norm.weight", 4096)]
+
+
+@pytest.mark.parametrize("world", [2, 4, 8, 64])
+def test_lpt_balances_ns_flops(world):
+    plan = build_plan(llama_items(), world)
+    mean = sum(plan.loads) / world
+    assert max(plan.loads) <= 1.10 * mean
+    assert set(plan.owners) == {i.name for i in llama_items()}
+
+
+def test_state_memory_per_rank_is_one_wth_at_w8():
+    """ZeRO-1: fp32 momentum of owned matrices + AdamW (exp_avg, exp_avg_sq) of an equal slice."""
+    world, items = 8, llama_items()
+    plan = build_plan(items, world)
+    chunk, segments = flat_partition(LLAMA_ADAMW, world)
+    single = 4 * sum(i.numel for i in items) + 2 * 4 * sum(n for _, n in LLAMA_ADAMW)
+    per_rank = [4 * plan.owned_numel(r) + 2 * 4 * sum(s.stop - s.start for s in segments[r]) for r in range(world)]
+    assert max(per_rank) <= 1.15 * single / world
+    assert sum(per_rank) == single  # nothing replicated, nothing lost
+
+
+def test_plan_is_deterministic_and_order_independent():
+    items = llama_items(num_layers=4)
+    shuffled = items[:]
+    random.Random(0).shuffle(shuffled)
+    a, b = build_plan(items, 4), build_plan(shuffled, 4)
+    assert a.owners == b.owners and a.digest() == b.digest()
+    assert build_plan(items, 3).digest() != a.digest()
+
+
+def test_more_ranks_than_matrices():
+    items = [MatrixItem(f"w{i}", 0, 1, 8, 8, "torch.float32") for i in range(3)]
+    plan = build_plan(items, 5)
+    assert sorted(plan.owners.values()) == [0, 1, 2]   # LPT: equal loads go to the lowest free rank
+    (bucket,) = plan.buckets
+    assert bucket.counts(5) == [1, 1, 1, 0, 0]
+
+
+def test_buckets_group_same_shapes_ordered_by_owner():
+    plan = build_plan(llama_items(num_layers=2), 2)
+    shapes = sorted((b.m, b.n) for b in plan.buckets)
+    assert shapes == sorted({(i.m, i.n) for i in llama_items(num_layers=2)})
+    for b in plan.buckets:
+        assert list(b.owners) == sorted(b.owners)
+        assert sum(b.counts(2)) == len(b.names)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_flat_partition_covers_every_element_once(world):
+    sizes = [("a", 10), ("b", 1), ("c", 33), ("d", 0), ("e", 7)]
+    chunk, segments = flat_partition(sizes, world)
+    total = sum(n for _, n in sizes)
+    assert chunk * world >= total > chunk * (world - 1) - 1
+    covered = {name: [] for name, _ in sizes}
+    for r, segs in enumerate(segments):
+        assert sum(s.stop - s.start for s in segs) <= chunk
+        for s in segs:
+            covered[s.name].extend(range(s.start, s.stop))
+    for name, n in sizes:
+        assert sorted(covered[name]) == list(range(n))
+
+
+def test_bad_world_size():
+    with pytest.raises(ValueError, match="world_size"):
+        build_plan([], 0)
