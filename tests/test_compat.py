@@ -176,3 +176,29 @@ def test_seed_api_bad_input():
         warnings.simplefilter("ignore")
         opt.step(lambda: calls.append(1))  # a callable is a closure, as in torch.optim
     assert calls == [1]
+
+
+def _s_max_of_rank(rank: int) -> list[list[float]]:
+    return [[3.0, 0.5, 2.0 if rank == 0 else 0.1, 1.0], [0.2, 4.0 if rank == 1 else 0.3, 0.2, 0.3]]
+
+
+def _qkclip_worker(rank: int, world_size: int) -> list[torch.Tensor]:
+    layers = _seed_model()
+    qk = QKClip(list(layers), "mha", META, n_head=4, tau=1.0, rank=rank, world_size=world_size)
+    qk.step(_s_max_of_rank(rank))
+    return [p.detach().clone() for p in layers.parameters()]
+
+
+@pytest.mark.slow
+def test_seed001_qkclip_two_ranks_all_reduce_max(tmp_path):
+    """world_size=2 over gloo: each rank passes its local s_max, both apply the clip of the
+    element-wise max (= a single process given that max), so replicas stay identical."""
+    from tests.dist_utils import run_distributed, values
+
+    out = values(run_distributed(_qkclip_worker, 2, tmp_path=tmp_path, timeout=120))
+    ref_layers = _seed_model()
+    s0, s1 = torch.tensor(_s_max_of_rank(0)), torch.tensor(_s_max_of_rank(1))
+    QKClip(list(ref_layers), "mha", META, n_head=4, tau=1.0).step(torch.maximum(s0, s1))
+    for rank_params in out:
+        for p, ref in zip(rank_params, ref_layers.parameters()):
+            assert torch.equal(p, ref)
