@@ -461,3 +461,30 @@ def test_explicit_mla_deepseek_layout_equals_discovery():
     assert [p for p, _ in ra] == [p for p, _ in rb]
     for (_, x), (_, y) in zip(ra, rb):
         assert torch.equal(x, y)
+
+
+def test_qk_norm_per_head_rows_olmo2_clip_like_gqa():
+    """OLMo2: q_norm/k_norm span the whole projection, so their weights have per-head rows and
+    the MHA/GQA rule applies to them (W_q/W_k, which the norm cancels, are left alone)."""
+    model = build_model("olmo2").train()
+    with torch.no_grad():
+        for li, heads in INFLATED.items():
+            w = attention_modules(model)[li].q_norm.weight
+            for h in heads:
+                w[h * 16:(h + 1) * 16] *= 25.0
+    ids, pad = make_batch()
+    inputs = capture_inputs(model, ids, pad)
+    s0 = oracle_from_inputs(model, inputs, pad)
+    tau = pick_tau(s0, INFLATED)
+    clipper = QKClipper(model, {"tau": tau})
+    assert [l.qk_norm for l in clipper.layers] == ["per_head", "per_head"]
+    before = snapshot(model)
+    model(input_ids=ids, attention_mask=pad)
+    clipper.apply_()
+    s1 = oracle_from_inputs(model, inputs, pad)
+    hot = s0 > tau
+    assert (s1 <= tau * (1 + RTOL)).all()
+    torch.testing.assert_close(s1[hot], torch.full_like(s1[hot], tau), rtol=RTOL, atol=0)
+    torch.testing.assert_close(s1[~hot], s0[~hot], rtol=RTOL, atol=0)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {f"model.layers.{i}.self_attn.{w}.weight" for i in (0, 1) for w in ("q_norm", "k_norm")}

@@ -45,6 +45,9 @@ def build_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Modu
     if family == "qwen3":
         cfg = transformers.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common)
         return transformers.Qwen3ForCausalLM(cfg)
+    if family == "olmo2":  # QK-norm over the whole projection (per-head norm rows)
+        cfg = transformers.Olmo2Config(num_attention_heads=4, num_key_value_heads=2, **common)
+        return transformers.Olmo2ForCausalLM(cfg)
     if family in ("deepseek_v3", "deepseek_v3_lora"):
         cfg = transformers.DeepseekV3Config(
             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -55,7 +58,7 @@ def build_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Modu
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3", "deepseek_v3_lora"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "deepseek_v3", "deepseek_v3_lora"]
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -117,9 +120,12 @@ def oracle_logits(module, hidden, pos_emb) -> torch.Tensor:
         return logits * module.scaling
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     d = module.head_dim
-    q = _lin(h, module.q_proj).view(bsz, seq, heads, d)
-    k = _lin(h, module.k_proj).view(bsz, seq, kv_heads, d)
-    if hasattr(module, "q_norm"):
+    q, k = _lin(h, module.q_proj), _lin(h, module.k_proj)
+    whole = hasattr(module, "q_norm") and module.q_norm.weight.numel() == heads * d
+    if whole:  # OLMo2: RMSNorm over the whole projection, before splitting heads
+        q, k = _rms(q, module.q_norm), _rms(k, module.k_norm)
+    q, k = q.view(bsz, seq, heads, d), k.view(bsz, seq, kv_heads, d)
+    if hasattr(module, "q_norm") and not whole:  # Qwen3: per head, weight shared by all heads
         q, k = _rms(q, module.q_norm), _rms(k, module.k_norm)
     q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -479,3 +485,32 @@ def test_backend_dispatch_to_kernel_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.max_logit", None)  # import fails
     with pytest.raises(RuntimeError, match="not importable"):
         max_logits(q, k, backend="triton")
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+def test_generation_with_kv_cache_unchanged_while_tracked(family):
+    """Pins: the registered mask/attention functions must keep cached decoding (q_len=1,
+    kv_len > q_len) identical; no_grad decoding is not recorded."""
+    model = build_model(family).eval()
+    ids, pad = make_batch()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = model.generate(input_ids=ids, attention_mask=pad, **kw)
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        got = model.generate(input_ids=ids, attention_mask=pad, **kw)
+    assert torch.equal(ref, got)
+    assert torch.isinf(tracker.values()).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tracked_cached_decoding_equals_full_sequence_oracle(attn):
+    """With track_eval, prefill + cached decode steps (q_len=1 against a longer key cache) record
+    exactly the rows of the full causal logits of the generated sequence."""
+    model = build_model("llama", attn).eval()
+    ids, _ = make_batch()
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model), track_eval=True)
+    with tracker.install_hf(model):
+        out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    seen = out[:, :-1]  # the last generated token is never fed back
+    ref = oracle_max_logits(model, seen, torch.ones_like(seen))
+    torch.testing.assert_close(tracker.values().double(), ref, rtol=1e-5, atol=1e-5)
