@@ -127,8 +127,10 @@ def max_logits_torch(
         attention_mask: see :func:`_keep_mask_rows`.
         sliding_window: keys with ``q - k >= sliding_window`` are masked (structural masks only).
         segment_ids: ``[B, K]`` packed-sequence ids; only same-segment pairs are allowed.
-        chunk_size: maximum number of logits materialized at once (elements); the peak extra
-            memory is O(chunk_size) plus an fp32 copy of ``key``.
+        chunk_size: maximum number of logits materialized at once (elements): queries are
+            processed in row chunks and, when one row of the whole batch is already larger, in
+            batch slices; the peak extra memory is O(max(chunk_size, H * K)) plus an fp32 copy of
+            ``key``.
 
     Returns:
         ``[H]`` float32 on ``query.device``; ``-inf`` for a head with no allowed position.
@@ -146,6 +148,20 @@ def max_logits_torch(
     group = num_heads // num_kv
     kv_len = key.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    per_sample = num_heads * kv_len  # logits of one query row of one sample
+    if bsz > 1 and bsz * per_sample > chunk_size:  # also chunk the batch (long contexts, big batches)
+        step = max(1, chunk_size // per_sample)
+        best_b: torch.Tensor | None = None
+        for b0 in range(0, bsz, step):
+            b1 = min(bsz, b0 + step)
+            mask_b = attention_mask[b0:b1] if attention_mask is not None and attention_mask.shape[0] == bsz \
+                else attention_mask
+            seg_b = segment_ids[b0:b1] if segment_ids is not None and segment_ids.shape[0] == bsz else segment_ids
+            part = max_logits_torch(query[b0:b1], key[b0:b1], scale=scale, causal=causal, attention_mask=mask_b,
+                                    sliding_window=sliding_window, segment_ids=seg_b, chunk_size=chunk_size)
+            best_b = part if best_b is None else torch.maximum(best_b, part)
+        assert best_b is not None
+        return best_b
     # fp32 logits: at least as accurate as what softmax sees (bf16 matmul); rounding is monotone,
     # so scaling the max equals the max of the scaled logits.
     k = key.detach().to(torch.float32).unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, K]
