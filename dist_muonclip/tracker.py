@@ -58,14 +58,16 @@ def _keep_mask_rows(
     attention_mask: torch.Tensor | None,
     r0: int,
     r1: int,
-    kv_len: int,
+    k_lo: int,
+    k_hi: int,
     *,
     causal: bool,
     sliding_window: int | None,
     segment_ids: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """Boolean "softmax sees this logit" mask for query rows [r0, r1): shape [B|1, H|1, r1-r0, K].
+    """Boolean "softmax sees this logit" mask for query rows [r0, r1) and key columns [k_lo, k_hi):
+    shape [B|1, H|1, r1-r0, k_hi-k_lo].
 
     ``attention_mask`` follows transformers' conventions: 4-D bool (True = attend) or 4-D float
     additive (0 = attend, very negative = masked; any value above finfo.min / 2 counts as
@@ -78,20 +80,20 @@ def _keep_mask_rows(
     if attention_mask is not None:
         m = attention_mask
         if m.ndim == 2:
-            m = m[:, None, None, :kv_len].bool()
+            m = m[:, None, None, k_lo:k_hi].bool()
         else:
             if m.ndim == 3:
                 m = m[:, None]
             if m.ndim != 4:
                 raise ValueError(f"attention_mask must be 2-D, 3-D or 4-D, got shape {tuple(attention_mask.shape)}")
-            m = m[:, :, r0:r1, :kv_len] if m.shape[2] != 1 else m[..., :kv_len]  # [.., 1, K]: same for every row
+            m = m[:, :, r0:r1, k_lo:k_hi] if m.shape[2] != 1 else m[..., k_lo:k_hi]  # [.., 1, K]: every row
             if m.dtype != torch.bool:
                 m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
         keep = m.to(device)
     if structural and (causal or sliding_window is not None or segment_ids is not None):
         qi = torch.arange(r0, r1, device=device)[:, None]
-        kj = torch.arange(kv_len, device=device)[None, :]
-        s = torch.ones(r1 - r0, kv_len, dtype=torch.bool, device=device)
+        kj = torch.arange(k_lo, k_hi, device=device)[None, :]
+        s = torch.ones(r1 - r0, k_hi - k_lo, dtype=torch.bool, device=device)
         if causal:
             s &= kj <= qi  # top-left alignment, as torch sdpa(is_causal=True) and HF's crop
         if sliding_window is not None:
@@ -99,7 +101,7 @@ def _keep_mask_rows(
         s = s[None, None]
         if segment_ids is not None:  # packed sequences: [B, K] ids, attend within a segment
             seg = segment_ids.to(device)
-            s = s & (seg[:, None, r0:r1, None] == seg[:, None, None, :kv_len])
+            s = s & (seg[:, None, r0:r1, None] == seg[:, None, None, k_lo:k_hi])
         keep = s if keep is None else keep & s
     return keep
 
@@ -163,26 +165,44 @@ def max_logits_torch(
         assert best_b is not None
         return best_b
     # fp32 logits: at least as accurate as what softmax sees (bf16 matmul); rounding is monotone,
-    # so scaling the max equals the max of the scaled logits.
-    k = key.detach().to(torch.float32).unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, K]
-    q = query.detach().reshape(bsz, num_kv, group, q_len, dim)
+    # so scaling the max equals the max of the scaled logits. GQA: the G query heads of a key head
+    # are stacked into the rows of one bmm (no repeated keys).
+    k32 = key.detach().to(torch.float32).reshape(bsz * num_kv, kv_len, dim).transpose(1, 2)  # [B*Hkv, D, K]
+    q5 = query.detach().reshape(bsz, num_kv, group, q_len, dim)
     rows = max(1, chunk_size // max(1, bsz * num_heads * kv_len))
+    structural = attention_mask is None or attention_mask.ndim == 2
+    only_causal = causal and attention_mask is None and sliding_window is None and segment_ids is None
     best = torch.full((num_kv, group), float("-inf"), dtype=torch.float32, device=query.device)
     for r0 in range(0, q_len, rows):
         r1 = min(q_len, r0 + rows)
-        logits = torch.matmul(q[:, :, :, r0:r1].to(torch.float32), k)  # [B, Hkv, G, c, K]
-        keep = _keep_mask_rows(
-            attention_mask, r0, r1, kv_len, causal=causal, sliding_window=sliding_window,
-            segment_ids=segment_ids, device=query.device,
-        )
-        if keep is not None:
-            if keep.shape[1] == num_heads and num_heads > 1:
-                keep = keep.reshape(keep.shape[0], num_kv, group, r1 - r0, kv_len)
-            else:
-                keep = keep.unsqueeze(2)  # one mask for every head
-            logits.masked_fill_(~keep, float("-inf"))
-        best = torch.maximum(best, logits.amax(dim=(0, 3, 4)))
-        del logits, keep
+        # causal / window structure: skip key columns no row of this chunk can see
+        k_lo, k_hi = 0, kv_len
+        if structural and causal:
+            k_hi = min(kv_len, r1)
+        if structural and sliding_window is not None:
+            k_lo = max(0, r0 - sliding_window + 1)
+        if k_hi <= k_lo:
+            continue
+        c, width = r1 - r0, k_hi - k_lo
+        qc = q5[:, :, :, r0:r1].to(torch.float32).reshape(bsz * num_kv, group * c, dim)
+        logits = torch.bmm(qc, k32[:, :, k_lo:k_hi]).view(bsz, num_kv, group, c, width)
+        if only_causal:  # columns left of the chunk's diagonal block are all visible
+            d0 = r0 - k_lo
+            if d0 < width:
+                tri = torch.arange(r0, k_hi, device=query.device)[None, :] <= torch.arange(
+                    r0, r1, device=query.device)[:, None]
+                logits[..., d0:].masked_fill_(~tri, float("-inf"))
+        else:
+            keep = _keep_mask_rows(attention_mask, r0, r1, k_lo, k_hi, causal=causal, sliding_window=sliding_window,
+                                   segment_ids=segment_ids, device=query.device)
+            if keep is not None:
+                if keep.shape[1] == num_heads and num_heads > 1:
+                    keep = keep.reshape(keep.shape[0], num_kv, group, c, width)
+                else:
+                    keep = keep.unsqueeze(2)  # one mask for every head
+                logits.masked_fill_(~keep, float("-inf"))
+        best = torch.maximum(best, logits.amax(dim=-1).amax(dim=-1).amax(dim=0))
+        del logits
     return (best * scale).reshape(num_heads)
 
 
