@@ -545,6 +545,16 @@ class QKClipper:
     def num_heads(self) -> list[int]:
         return [l.num_heads for l in self.layers]
 
+    def describe(self) -> str:
+        """One line per clipped layer: name, mode, heads, what is scaled."""
+        lines = [f"QK-Clip tau={self.config.tau:g} alpha={self.config.alpha:g} gqa_policy={self.config.gqa_policy}"]
+        for l in self.layers:
+            kind = l.mode + (f"+qk_norm({l.qk_norm})" if l.qk_norm != "none" else "")
+            heads = f"{l.num_heads}/{l.num_kv_heads}" if l.mode == "mha" else str(l.num_heads)
+            scaled = ", ".join(".".join(t.name.rsplit(".", 2)[-2:]) for t in l.targets)
+            lines.append(f"  {l.name}: {kind}, heads {heads}, scales {scaled}")
+        return "\n".join(lines)
+
     def layer_names(self) -> list[str]:
         """Module names of the clipped attention layers, in row order of :meth:`max_logits`."""
         return [l.name for l in self.layers]

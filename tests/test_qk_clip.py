@@ -192,6 +192,8 @@ def test_qk_norm_shared_policy_scales_norm_weights_by_worst_eta():
     assert s0[1].max() < tau
     clipper = QKClipper(model, {"tau": tau})
     assert [l.qk_norm for l in clipper.layers] == ["shared", "shared"]
+    assert "model.layers.0.self_attn: mha+qk_norm(shared), heads 4/2, scales q_norm.weight, k_norm.weight" \
+        in clipper.describe()
     before = snapshot(model)
     model(input_ids=ids, attention_mask=pad)
     clipper.apply_()
