@@ -93,7 +93,9 @@ def muon_config_kwargs(cfg: MuonConfig) -> dict[str, Any]:
         warnings.warn("MuonConfig.estimate_lower_bound has no effect: dist_muonclip's CANS schedule estimates "
                       "its spectral interval itself", UserWarning, stacklevel=3)
     lr_muon, lr_adam = (cfg.lr, cfg.lr) if cfg.unified_lr else (cfg.lr_muon, cfg.lr_adam)
-    qk = (QKClipConfig(tau=cfg.clipping_threshold, alpha=cfg.clipping_alpha,
+    # the optimizer's preflight checks the reduced max logits for NaN/inf (naming the layer) in its
+    # one host read, so the clipper need not sync again
+    qk = (QKClipConfig(tau=cfg.clipping_threshold, alpha=cfg.clipping_alpha, check_finite=False,
                        mapping=dict(mapping) if mapping else None) if cfg.enable_clipping else False)
     return dict(
         lr=lr_muon, adamw_lr=lr_adam, momentum=cfg.muon_beta, weight_decay=cfg.muon_decay, ns_steps=cfg.ns_steps,
@@ -201,7 +203,7 @@ class MuonClip(_MuonClip):
         if attention_params is not None:
             if metadata is None or n_head is None:
                 raise ValueError("attention_params given: metadata and n_head are required too")
-            clipper = QKClipper(config=QKClipConfig(tau=tau, alpha=alpha, track="manual"),
+            clipper = QKClipper(config=QKClipConfig(tau=tau, alpha=alpha, track="manual", check_finite=False),
                                 layers=_seed_layers(attention_params, mode, metadata, n_head))
             # the core optimizer builds its clipper from a model; here it comes from explicit layers
             self._clipper = clipper

@@ -202,3 +202,25 @@ def test_seed001_qkclip_two_ranks_all_reduce_max(tmp_path):
     for rank_params in out:
         for p, ref in zip(rank_params, ref_layers.parameters()):
             assert torch.equal(p, ref)
+
+
+def test_seed001_metadata_dotted_parameter_names_and_nan_refused():
+    """metadata may name a Linear ("weight_q") or a parameter by dotted path ("weight_q.weight");
+    a parameter name scales that tensor only (its bias is not reached). NaN s_max -> ValueError
+    naming the layer, nothing changed (the optimizer's preflight check)."""
+    la, lb = _seed_model(), _seed_model()
+    for layers in (la, lb):
+        for l in layers:
+            l.weight_q.bias = None
+            l.weight_k.bias = None
+    s_max = [[4.0, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 9.0]]
+    QKClip(list(la), "mha", META, n_head=4, tau=1.0).step(s_max)
+    QKClip(list(lb), "mha", {"w_q": "weight_q.weight", "w_k": "weight_k.weight"}, n_head=4, tau=1.0).step(s_max)
+    for pa, pb in zip(la.parameters(), lb.parameters()):
+        assert torch.equal(pa, pb)
+    opt = MuonClip(params=[p for l in la for p in l.parameters()], attention_params=list(la), mode="mha",
+                   metadata=META, n_head=4, lr=0.02)
+    before = [p.clone() for p in la.parameters()]
+    with pytest.raises(ValueError, match=r"attention_params\[1\]"):
+        opt.step([[1.0] * 4, [1.0, float("nan"), 1.0, 1.0]])
+    assert all(torch.equal(a, b) for a, b in zip(before, la.parameters()))
