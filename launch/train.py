@@ -567,7 +567,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 extra = " | max logit/layer " + " ".join(
                     "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
-                f"lr {args.lr * factor:.3g} | grad norm {grad_norm:.3f} | "
+                f"lr {args.lr * factor:.3g} | grad norm {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3f}'} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
