@@ -104,6 +104,9 @@ class MuonClip(Optimizer):
         layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default
             :class:`~dist_muonclip.layouts.Replicated`; FSDP2 and DeepSpeed ZeRO-1/2 integrations
             pass their sharded layouts.
+        log_dir, wandb_run, log_every: write :meth:`metrics` every ``log_every`` steps to
+            TensorBoard (``log_dir``) and/or W&B (``wandb_run="auto"``: the active run), on rank 0;
+            one device->host read per logged step (:class:`dist_muonclip.metrics.MetricsLogger`).
         verbose: print the parameter split at construction.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
@@ -141,6 +144,9 @@ class MuonClip(Optimizer):
         shard_adamw: bool = True,
         accountant: CommAccountant | None = None,
         layout: Layout | None = None,
+        log_dir: str | None = None,
+        wandb_run: Any = None,
+        log_every: int = 1,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -181,6 +187,11 @@ class MuonClip(Optimizer):
         self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
         self._plan = None
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
+        self._logger = None
+        if (log_dir is not None or wandb_run is not None) and self.rank == 0:
+            from .metrics import MetricsLogger
+
+            self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
         if verbose:
             print(self.describe_split())
 
@@ -333,16 +344,20 @@ class MuonClip(Optimizer):
     def param_name(self, p: Tensor) -> str:
         return self._names[p]
 
-    def metrics(self) -> dict[str, float]:
-        """Scalars of the last step (one device->host read): update RMS, grad norm, QK-Clip stats."""
-        out: dict[str, float] = {}
-        if self._last_metrics:
-            keys = list(self._last_metrics)
-            values = torch.stack([self._last_metrics[k].float().reshape(()) for k in keys]).tolist()
-            out.update(zip(keys, values))
-        if self._clipper is not None and hasattr(self._clipper, "metrics"):
+    def device_metrics(self) -> dict[str, Tensor]:
+        """The last step's metrics as device scalars (no sync): ``muon_update_rms``, ``grad_norm``,
+        ``num_skipped`` and, with QK-Clip, ``qk_clip/*`` (max logit per layer before the clip,
+        heads clipped, min eta)."""
+        out = dict(self._last_metrics)
+        if self._clipper is not None:
             out.update(self._clipper.metrics())
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`device_metrics` as plain floats, with exactly one device->host read."""
+        from .metrics import to_host
+
+        return to_host(self.device_metrics())
 
     # ------------------------------------------------------------------ distribution
     def _setup_distribution(self, process_group: Any, grad_reduction: str, shard_adamw: bool,
@@ -466,6 +481,8 @@ class MuonClip(Optimizer):
         if pre.max_logits is not None:
             self._qk_clip_(pre.max_logits)
         self._record_metrics(pre, sq_sums)
+        if self._logger is not None:
+            self._logger.log(self._step_count_total, self.device_metrics())
         self._end_step()
         return loss
 
@@ -850,9 +867,14 @@ class MuonClip(Optimizer):
     # -- QK-Clip, metrics ------------------------------------------------------------------
     def _qk_clip_(self, max_logits: Tensor) -> None:
         """Scale the rows of W_q / W_k (and biases, MLA parts) of heads over tau, on held elements."""
-        for p, scale in self._clipper.row_scales(max_logits):
+        # the preflight already refused non-finite logits (after the all-reduce): no second sync
+        for p, scale in self._clipper.row_scales(max_logits, check_finite=False):
             if not self._layout.sharded:
-                p.data.mul_(scale.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1))))
+                view = scale.to(p.device).view(-1, *([1] * (p.ndim - 1)))
+                if p.dtype in (torch.float32, torch.float64):
+                    p.data.mul_(view.to(p.dtype))
+                else:   # low precision: multiply in fp32 and round once, so S lands on tau, not a hair above
+                    p.data.copy_(p.data.float() * view)
                 continue
             local = self._layout.local_param(p)
             if local.numel():

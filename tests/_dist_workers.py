@@ -10,7 +10,10 @@ from dist_muonclip.comm import CommAccountant, ddp_accounting_hook
 from tests._tiny_hf import tiny_model
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 96
-OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
+# tau=0.1 sits inside the tiny model's max-logit range (~0.10-0.14), so QK-Clip clips heads in
+# most steps and the cross-rank MAX reduction of the logits is exercised.
+OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch",
+              qk_clip={"tau": 0.1})
 
 
 def global_batch(step: int) -> torch.Tensor:
