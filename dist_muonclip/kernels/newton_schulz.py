@@ -1,0 +1,359 @@
+"""Newton-Schulz orthogonalization with Triton kernels (batched, symmetric-product savings).
+
+One odd-quintic NS iteration on a wide X [m, n] (m <= n) is (Jordan's Muon; coefficients per
+iteration from Jordan, Polar Express arXiv 2505.16932 or CANS arXiv 2506.10935):
+
+    A = X X^T            symmetric: ``_sym_kernel`` computes one triangle and mirrors it (m^2 n FMAs)
+    B = b A + c A A      A symmetric, so A A = A A^T: the same kernel with the epilogue b A (m^3 / 2... )
+    X' = a X + B X       ``_gemm_axpy_kernel``: a plain product with the a X term fused in the epilogue
+
+All three take a batch of same-shape matrices [Bt, rows, cols] with arbitrary strides (int64
+batch offsets), so a tall input is read through its transposed view (no transpose copy) and the
+last iteration writes straight into the output in the input's orientation. Operands are bf16,
+accumulation fp32, every intermediate rounded once to bf16 (torch eager rounds A A, c A A,
+b A + ... separately, so the kernels are at least as accurate).
+
+Gram Newton-Schulz (``gram_newton_schulz_triton``) carries the iteration on the m x m Gram
+matrix: ``P_k = a I + b A_k + c A_k^2``, ``Q_{k+1} = P_k Q_k``, ``A_{k+1} = P_k (P_k A_k)`` (all
+polynomials in A_0, hence symmetric and commuting, so every product is a one-triangle
+``_sym_kernel`` call) and ``X_K = Q_K X_0``. For m << n it needs far fewer FLOPs; a restart
+(``X = Q X_0``, ``A = X X^T``) every ``restart_every`` iterations keeps bf16 rounding in check.
+
+Triton is imported lazily: the kernels are defined on first use, so this module imports without
+Triton and ``TRITON_INTERPRET=1`` (CPU tests) only has to be set before the first call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+
+__all__ = ["gram_newton_schulz_triton", "newton_schulz_triton", "ns_kernel_flops"]
+
+Schedule = Sequence[tuple[float, float, float]]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Define the Triton kernels (once). Deferred so that importing needs no Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sym_kernel(
+        Y, Z, W, C,
+        m, k,
+        s_yb, s_yr, s_yc,
+        s_zb, s_zr, s_zc,
+        s_wb, s_wr, s_wc,
+        s_cb, s_cr, s_cc,
+        alpha, beta, gamma,
+        HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN: tl.constexpr, CAST_F32: tl.constexpr,
+    ):
+        """C = alpha * Y Z^T + beta * W + gamma * I for a symmetric result, lower triangle only.
+
+        Y, Z: [Bt, m, k]; W, C: [Bt, m, m]. A tile is computed when it holds an element on or
+        below the diagonal; it stores its lower part at (r, c) and its strictly-lower part
+        mirrored at (c, r), so every element of C is written exactly once.
+        """
+        pid = tl.program_id(0)
+        bid = tl.program_id(1).to(tl.int64)
+        num_pid_m = tl.cdiv(m, BLOCK_M)
+        num_pid_n = tl.cdiv(m, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        if col0 > row0 + BLOCK_M - 1:
+            return  # strictly above the diagonal: written by the mirrored tile
+        offs_r = row0 + tl.arange(0, BLOCK_M)
+        offs_c = col0 + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
+        z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(k, BLOCK_K)):
+            if EVEN:
+                y = tl.load(y_ptrs)
+                z = tl.load(z_ptrs)
+            else:
+                k_left = k - kk * BLOCK_K
+                y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
+                z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
+            if CAST_F32:
+                y = y.to(tl.float32)
+                z = z.to(tl.float32)
+            acc = tl.dot(y, z, acc)
+            y_ptrs += BLOCK_K * s_yc
+            z_ptrs += BLOCK_K * s_zc
+        out = acc * alpha
+        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
+        if HAS_W:
+            w = tl.load(W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
+                        mask=in_bounds, other=0.0)
+            out += beta * w.to(tl.float32)
+        if HAS_GAMMA:
+            out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
+        out = out.to(C.dtype.element_ty)
+        c_base = C + bid * s_cb
+        lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+        tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
+        strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+        tl.store(c_base + offs_c[None, :] * s_cr + offs_r[:, None] * s_cc, out, mask=strict)
+
+    @triton.jit
+    def _gemm_axpy_kernel(
+        Bm, X, O,
+        m, n, k,
+        s_bb, s_br, s_bc,
+        s_xb, s_xr, s_xc,
+        s_ob, s_or, s_oc,
+        a,
+        HAS_AX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN: tl.constexpr, CAST_F32: tl.constexpr,
+    ):
+        """O = a * X[:m] + Bm @ X with Bm [Bt, m, k], X [Bt, k, n] (k == m when HAS_AX)."""
+        pid = tl.program_id(0)
+        bid = tl.program_id(1).to(tl.int64)
+        num_pid_m = tl.cdiv(m, BLOCK_M)
+        num_pid_n = tl.cdiv(n, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        b_ptrs = Bm + bid * s_bb + offs_r[:, None] * s_br + offs_k[None, :] * s_bc
+        x_ptrs = X + bid * s_xb + offs_k[:, None] * s_xr + offs_c[None, :] * s_xc
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(k, BLOCK_K)):
+            if EVEN:
+                bt = tl.load(b_ptrs)
+                xt = tl.load(x_ptrs)
+            else:
+                k_left = k - kk * BLOCK_K
+                bt = tl.load(b_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
+                xt = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < n), other=0.0)
+            if CAST_F32:
+                bt = bt.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(bt, xt, acc)
+            b_ptrs += BLOCK_K * s_bc
+            x_ptrs += BLOCK_K * s_xr
+        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < n)
+        if HAS_AX:
+            x_own = tl.load(X + bid * s_xb + offs_r[:, None] * s_xr + offs_c[None, :] * s_xc,
+                            mask=in_bounds, other=0.0)
+            acc += a * x_own.to(tl.float32)
+        tl.store(O + bid * s_ob + offs_r[:, None] * s_or + offs_c[None, :] * s_oc,
+                 acc.to(O.dtype.element_ty), mask=in_bounds)
+
+    return triton, _sym_kernel, _gemm_axpy_kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+
+def _sym_config(m: int, k: int) -> dict:
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if m <= 1024:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _gemm_config(m: int, n: int, k: int) -> dict:
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if m * n <= 1024 * 1024:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# Benchmarks override these to sweep tile shapes without editing the module.
+SYM_CONFIG_OVERRIDE: dict | None = None
+GEMM_CONFIG_OVERRIDE: dict | None = None
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
+    """out = alpha * y z^T + beta * w + gamma * I (symmetric result) for [Bt, m, k] views."""
+    triton, sym_kernel, _ = _kernels()
+    z = y if z is None else z
+    bt, m, k = y.shape
+    cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k))
+    even = m % cfg["BLOCK_M"] == 0 and m % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(m, cfg["BLOCK_N"]), bt)
+    wt = w if w is not None else out
+    sym_kernel[grid](
+        y, z, wt, out, m, k,
+        *_strides3(y), *_strides3(z), *_strides3(wt), *_strides3(out),
+        float(alpha), float(beta), float(gamma),
+        HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0,
+        EVEN=even, CAST_F32=_interpret(), **cfg,
+    )
+    return out
+
+
+def _gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
+    """out = a * x + bm @ x for bm [Bt, m, k], x [Bt, k, n] (a != 0 needs k == m)."""
+    triton, _, gemm_kernel = _kernels()
+    bt, m, k = bm.shape
+    n = x.shape[-1]
+    cfg = dict(GEMM_CONFIG_OVERRIDE or _gemm_config(m, n, k))
+    even = m % cfg["BLOCK_M"] == 0 and n % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), bt)
+    gemm_kernel[grid](
+        bm, x, out, m, n, k,
+        *_strides3(bm), *_strides3(x), *_strides3(out),
+        float(a), HAS_AX=a != 0.0,
+        EVEN=even, CAST_F32=_interpret(), **cfg,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# host entry points
+
+def _check_inputs(x: torch.Tensor, schedule: Schedule, eps: float) -> list[tuple[float, float, float]]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must be [m, n] or [B, m, n], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.device.type != "cuda" and not _interpret():
+        raise ValueError(
+            f"newton_schulz_triton needs a CUDA tensor (got device {x.device}); use the torch "
+            "backend on CPU, or set TRITON_INTERPRET=1 before the first call for the interpreter")
+    try:
+        sched = [tuple(float(v) for v in abc) for abc in schedule]
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"schedule must be a sequence of (a, b, c) float triples: {err}") from None
+    if any(len(abc) != 3 for abc in sched):
+        raise ValueError(f"schedule must hold (a, b, c) triples, got {schedule!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if x.shape[-1] * x.shape[-2] >= 2**31:
+        raise ValueError(f"one matrix must have < 2**31 elements, got shape {tuple(x.shape)}")
+    return sched
+
+
+def _prepare(x: torch.Tensor, eps: float):
+    """bf16 [Bt, M, N] normalized copy, its wide view [Bt, m, n], and whether it is transposed."""
+    xb = x.unsqueeze(0) if x.ndim == 2 else x
+    xb = xb.to(torch.bfloat16)
+    # Same normalization as torch.optim.Muon: bf16 Frobenius norm clamped at eps, bf16 division.
+    x0 = xb / torch.linalg.vector_norm(xb, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    transposed = x0.shape[-2] > x0.shape[-1]
+    return x0, (x0.mT if transposed else x0), transposed
+
+
+def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, *, eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonalize ``x`` [m, n] or [B, m, n] with NS iterations ``schedule`` = [(a, b, c), ...].
+
+    Frobenius-normalizes each matrix (clamped at ``eps``), iterates on the wide orientation
+    (a tall input is read and written through transposed strides, never copied) and returns the
+    same shape in bf16. Matches :func:`.reference.newton_schulz_reference` up to bf16 rounding.
+    """
+    sched = _check_inputs(x, schedule, eps)
+    x0, X, transposed = _prepare(x, eps)
+    if not sched:
+        return x0.reshape(x.shape)
+    bt, m, n = X.shape
+    dev = X.device
+    A = torch.empty(bt, m, m, device=dev, dtype=torch.bfloat16)
+    Bm = torch.empty_like(A)
+    out = torch.empty_like(x0)  # input orientation
+    out_w = out.mT if transposed else out
+    bufs = [torch.empty(bt, m, n, device=dev, dtype=torch.bfloat16) for _ in range(min(2, len(sched) - 1))]
+    cur = X
+    for i, (a, b, c) in enumerate(sched):
+        _sym(cur, out=A)                                    # A = X X^T
+        _sym(A, None, A, out=Bm, alpha=c, beta=b)           # B = b A + c A A
+        dst = out_w if i == len(sched) - 1 else bufs[i % 2]
+        _gemm_axpy(Bm, cur, out=dst, a=a)                   # X = a X + B X
+        cur = dst
+    return out.reshape(x.shape)
+
+
+def gram_newton_schulz_triton(
+    x: torch.Tensor, schedule: Schedule, *, eps: float = 1e-7, restart_every: int = 2
+) -> torch.Tensor:
+    """Gram Newton-Schulz (see module docstring): same contract as :func:`newton_schulz_triton`.
+
+    Worth it when the wide side is much longer than the short one (n >= ~2 m): an iteration costs
+    about 4 m^3 / 2 symmetric FMAs instead of 3 m^2 n / 2 + m^3 / 2. ``restart_every`` (default 2,
+    0 = never) bounds the drift of the bf16 Gram recursion; see the accuracy table in
+    benchmarks/results for what it buys.
+    """
+    sched = _check_inputs(x, schedule, eps)
+    if restart_every < 0:
+        raise ValueError(f"restart_every must be >= 0, got {restart_every}")
+    x0, X0, transposed = _prepare(x, eps)
+    if not sched:
+        return x0.reshape(x.shape)
+    bt, m, n = X0.shape
+    dev = X0.device
+    mk = lambda: torch.empty(bt, m, m, device=dev, dtype=torch.bfloat16)  # noqa: E731
+    A, T, P, Q, Qn = mk(), mk(), mk(), mk(), mk()
+    out = torch.empty_like(x0)
+    out_w = out.mT if transposed else out
+    xbufs: list[torch.Tensor] = []
+    _sym(X0, out=A)                                          # A_0 = X_0 X_0^T
+    have_q = False
+    since = 0
+    for k, (a, b, c) in enumerate(sched):
+        if restart_every and since == restart_every:
+            if len(xbufs) < 2:
+                xbufs.append(torch.empty(bt, m, n, device=dev, dtype=torch.bfloat16))
+            xnew = xbufs[0] if X0 is not xbufs[0] else xbufs[-1]
+            _gemm_axpy(Q, X0, out=xnew)                      # X = Q X_0 (restart)
+            X0 = xnew
+            _sym(X0, out=A)                                  # A = X X^T
+            have_q, since = False, 0
+        _sym(A, None, A, out=P, alpha=c, beta=b, gamma=a)   # P = a I + b A + c A^2
+        if have_q:
+            _sym(P, Q, out=Qn)                               # Q <- P Q (commuting, symmetric)
+            Q, Qn = Qn, Q
+            p_cur = P
+        else:
+            Q, P = P, Q                                      # Q = P; old Q buffer is scratch
+            p_cur = Q
+        have_q = True
+        since += 1
+        if k + 1 < len(sched):
+            _sym(p_cur, A, out=T)                            # T = P A
+            _sym(p_cur, T, out=A)                            # A <- P T = P^2 A
+    _gemm_axpy(Q, X0, out=out_w)                             # X_K = Q X_0
+    return out.reshape(x.shape)
+
+
+def ns_kernel_flops(m: int, n: int, steps: int, *, symmetric: bool = True) -> int:
+    """FLOPs of ``steps`` NS iterations on one m x n matrix (2 per multiply-add), counting only
+    what the kernels compute: with ``symmetric`` the two Gram-type products cost half."""
+    m, n = min(m, n), max(m, n)
+    if symmetric:
+        per = m * m * n + m * m * m + 2 * m * m * n
+    else:
+        per = 2 * m * m * n + 2 * m * m * m + 2 * m * m * n
+    return per * steps
