@@ -76,42 +76,42 @@ def _kernels():
         pid_n = (pid % num_pid_in_group) // group_size_m
         row0 = pid_m * BLOCK_M
         col0 = pid_n * BLOCK_N
-        if col0 > row0 + BLOCK_M - 1:
-            return  # strictly above the diagonal: written by the mirrored tile
-        offs_r = row0 + tl.arange(0, BLOCK_M)
-        offs_c = col0 + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
-        z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(k, BLOCK_K)):
-            if EVEN:
-                y = tl.load(y_ptrs)
-                z = tl.load(z_ptrs)
-            else:
-                k_left = k - kk * BLOCK_K
-                y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
-                z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
-            if CAST_F32:
-                y = y.to(tl.float32)
-                z = z.to(tl.float32)
-            acc = tl.dot(y, z, acc)
-            y_ptrs += BLOCK_K * s_yc
-            z_ptrs += BLOCK_K * s_zc
-        out = acc * alpha
-        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
-        if HAS_W:
-            w = tl.load(W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
-                        mask=in_bounds, other=0.0)
-            out += beta * w.to(tl.float32)
-        if HAS_GAMMA:
-            out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
-        out = out.to(C.dtype.element_ty)
-        c_base = C + bid * s_cb
-        lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
-        tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
-        strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
-        tl.store(c_base + offs_c[None, :] * s_cr + offs_r[:, None] * s_cc, out, mask=strict)
+        # Tiles strictly above the diagonal are written by their mirror image: skip them.
+        if col0 <= row0 + BLOCK_M - 1:
+            offs_r = row0 + tl.arange(0, BLOCK_M)
+            offs_c = col0 + tl.arange(0, BLOCK_N)
+            offs_k = tl.arange(0, BLOCK_K)
+            y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
+            z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kk in range(0, tl.cdiv(k, BLOCK_K)):
+                if EVEN:
+                    y = tl.load(y_ptrs)
+                    z = tl.load(z_ptrs)
+                else:
+                    k_left = k - kk * BLOCK_K
+                    y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
+                    z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
+                if CAST_F32:
+                    y = y.to(tl.float32)
+                    z = z.to(tl.float32)
+                acc = tl.dot(y, z, acc)
+                y_ptrs += BLOCK_K * s_yc
+                z_ptrs += BLOCK_K * s_zc
+            out = acc * alpha
+            in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
+            if HAS_W:
+                w = tl.load(W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
+                            mask=in_bounds, other=0.0)
+                out += beta * w.to(tl.float32)
+            if HAS_GAMMA:
+                out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
+            out = out.to(C.dtype.element_ty)
+            c_base = C + bid * s_cb
+            lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+            tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
+            strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+            tl.store(c_base + offs_c[None, :] * s_cr + offs_r[:, None] * s_cc, out, mask=strict)
 
     @triton.jit
     def _gemm_axpy_kernel(
@@ -172,7 +172,7 @@ def _kernels():
 
 def _sym_config(m: int, k: int) -> dict:
     if _interpret():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
@@ -180,7 +180,7 @@ def _sym_config(m: int, k: int) -> dict:
 
 def _gemm_config(m: int, n: int, k: int) -> dict:
     if _interpret():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if m * n <= 1024 * 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
