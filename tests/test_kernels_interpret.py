@@ -15,6 +15,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
+from dist_muonclip.kernels import attention_max as am_mod  # noqa: E402
 from dist_muonclip.kernels import max_logit as ml_mod  # noqa: E402
 from dist_muonclip.kernels import newton_schulz as ns_mod  # noqa: E402
 from dist_muonclip.kernels.reference import (  # noqa: E402
@@ -40,11 +41,11 @@ POLAR_EXPRESS = [
 def _interpreter():
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    ns_mod._kernels.cache_clear()
-    ml_mod._kernels.cache_clear()
+    for mod in (ns_mod, ml_mod, am_mod):
+        mod._kernels.cache_clear()
     yield
-    ns_mod._kernels.cache_clear()
-    ml_mod._kernels.cache_clear()
+    for mod in (ns_mod, ml_mod, am_mod):
+        mod._kernels.cache_clear()
     if old is None:
         del os.environ["TRITON_INTERPRET"]
     else:
@@ -119,7 +120,7 @@ def test_newton_schulz_triton_accuracy(shape, schedule):
     for seed in range(4):
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
         ref = newton_schulz_reference(x.double(), schedule, dtype=torch.float64)
-        out = ns_mod.newton_schulz_triton(x, schedule)
+        out = ns_mod.newton_schulz_triton(x, schedule, method="standard")
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert torch.isfinite(out).all()
         errs.append(_rel(out, ref))
@@ -158,6 +159,17 @@ def test_gram_newton_schulz_triton_accuracy(shape):
     assert _rel(g64, ref) < 1e-10  # float64 rounding only
 
 
+def test_newton_schulz_triton_auto_picks_gram_for_long_matrices(monkeypatch):
+    """method="auto" routes by aspect ratio; pins the dispatch rule documented in the docstring."""
+    calls = []
+    monkeypatch.setattr(ns_mod, "_ns_gram", lambda x, **kw: calls.append("gram") or x.bfloat16())
+    monkeypatch.setattr(ns_mod, "_ns_standard", lambda x, **kw: calls.append("standard") or x.bfloat16())
+    ns_mod.newton_schulz_triton(torch.randn(16, 16 * 3), JORDAN)
+    ns_mod.newton_schulz_triton(torch.randn(16 * 3, 16), JORDAN)
+    ns_mod.newton_schulz_triton(torch.randn(16, 32), JORDAN)
+    assert calls == ["gram", "gram", "standard"]
+
+
 def test_newton_schulz_triton_rejects_bad_input():
     with pytest.raises(ValueError, match="x must be"):
         ns_mod.newton_schulz_triton(torch.randn(4), JORDAN)
@@ -167,6 +179,8 @@ def test_newton_schulz_triton_rejects_bad_input():
         ns_mod.newton_schulz_triton(torch.randn(4, 4), [(1.0, 2.0)])
     with pytest.raises(ValueError, match="eps"):
         ns_mod.newton_schulz_triton(torch.randn(4, 4), JORDAN, eps=0.0)
+    with pytest.raises(ValueError, match="method"):
+        ns_mod.newton_schulz_triton(torch.randn(4, 4), JORDAN, method="fast")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,3 +251,26 @@ def test_max_logits_rejects_bad_input():
         ml_mod.max_logits_triton(q, k, scale=0.0, causal=True)
     with pytest.raises(ValueError, match="attention_mask"):
         ml_mod.max_logits_triton(q, k, scale=1.0, causal=True, attention_mask=torch.ones(1, 15, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention forward with max logits
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 64, 64, 32), (2, 2, 1, 45, 45, 16)])
+def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D):
+    """Output, natural-log LSE (what the flash backward reads) and per-head max vs float64."""
+    am = am_mod
+    q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=B + Sq)
+    v = torch.randn(B, Hkv, Sk, D, generator=torch.Generator().manual_seed(2)).bfloat16()
+    scale = D ** -0.5
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
+    g = H // Hkv
+    s = scale * (q.double() @ k.double().repeat_interleave(g, 1).mT)
+    if causal:
+        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+    ref_out = torch.softmax(s, -1) @ v.double().repeat_interleave(g, 1)
+    # out is rounded to bf16 and P is rounded to bf16 before P V (as in flash attention): ~1e-2.
+    assert _rel(out, ref_out) < 1e-2
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
+    torch.testing.assert_close(mx, max_logits_reference(q, k, scale=scale, causal=causal), rtol=ML_RTOL, atol=0)

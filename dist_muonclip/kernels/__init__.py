@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from .attention_max import attention_forward_with_max_triton, attention_with_max_logits
 from .max_logit import max_logits_triton
 from .newton_schulz import gram_newton_schulz_triton, newton_schulz_triton
 
 __all__ = [
+    "attention_forward_with_max_triton",
+    "attention_with_max_logits",
     "gram_newton_schulz_triton",
     "max_logits_triton",
     "newton_schulz_triton",

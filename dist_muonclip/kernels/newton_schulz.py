@@ -24,6 +24,7 @@ Triton and ``TRITON_INTERPRET=1`` (CPU tests) only has to be set before the firs
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from typing import Sequence
@@ -47,7 +48,7 @@ def _kernels():
 
     @triton.jit
     def _sym_kernel(
-        Y, Z, W, C,
+        Y, Z, W, C, Tiles,
         m, k,
         s_yb, s_yr, s_yc,
         s_zb, s_zr, s_zc,
@@ -56,7 +57,7 @@ def _kernels():
         alpha, beta, gamma,
         HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, EVEN: tl.constexpr, CAST_F32: tl.constexpr,
+        EVEN: tl.constexpr, CAST_F32: tl.constexpr,
     ):
         """C = alpha * Y Z^T + beta * W + gamma * I for a symmetric result, lower triangle only.
 
@@ -66,52 +67,45 @@ def _kernels():
         """
         pid = tl.program_id(0)
         bid = tl.program_id(1).to(tl.int64)
-        num_pid_m = tl.cdiv(m, BLOCK_M)
-        num_pid_n = tl.cdiv(m, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-        row0 = pid_m * BLOCK_M
-        col0 = pid_n * BLOCK_N
-        # Tiles strictly above the diagonal are written by their mirror image: skip them.
-        if col0 <= row0 + BLOCK_M - 1:
-            offs_r = row0 + tl.arange(0, BLOCK_M)
-            offs_c = col0 + tl.arange(0, BLOCK_N)
-            offs_k = tl.arange(0, BLOCK_K)
-            y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
-            z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(0, tl.cdiv(k, BLOCK_K)):
-                if EVEN:
-                    y = tl.load(y_ptrs)
-                    z = tl.load(z_ptrs)
-                else:
-                    k_left = k - kk * BLOCK_K
-                    y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
-                    z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
-                if CAST_F32:
-                    y = y.to(tl.float32)
-                    z = z.to(tl.float32)
-                acc = tl.dot(y, z, acc)
-                y_ptrs += BLOCK_K * s_yc
-                z_ptrs += BLOCK_K * s_zc
-            out = acc * alpha
-            in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
-            if HAS_W:
-                w = tl.load(W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
-                            mask=in_bounds, other=0.0)
-                out += beta * w.to(tl.float32)
-            if HAS_GAMMA:
-                out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
-            out = out.to(C.dtype.element_ty)
-            c_base = C + bid * s_cb
-            lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
-            tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
-            strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
-            tl.store(c_base + offs_c[None, :] * s_cr + offs_r[:, None] * s_cc, out, mask=strict)
+        # (row block, col block) of this program from the host-built list of lower tiles: no
+        # program is launched for a tile strictly above the diagonal (no branch around the loop,
+        # no wasted wave slots).
+        row0 = tl.load(Tiles + 2 * pid) * BLOCK_M
+        col0 = tl.load(Tiles + 2 * pid + 1) * BLOCK_N
+        offs_r = row0 + tl.arange(0, BLOCK_M)
+        offs_c = col0 + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
+        z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(k, BLOCK_K)):
+            if EVEN:
+                y = tl.load(y_ptrs)
+                z = tl.load(z_ptrs)
+            else:
+                k_left = k - kk * BLOCK_K
+                y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
+                z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
+            if CAST_F32:
+                y = y.to(tl.float32)
+                z = z.to(tl.float32)
+            acc = tl.dot(y, z, acc)
+            y_ptrs += BLOCK_K * s_yc
+            z_ptrs += BLOCK_K * s_zc
+        out = acc * alpha
+        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
+        if HAS_W:
+            w = tl.load(W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
+                        mask=in_bounds, other=0.0)
+            out += beta * w.to(tl.float32)
+        if HAS_GAMMA:
+            out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
+        out = out.to(C.dtype.element_ty)
+        c_base = C + bid * s_cb
+        lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+        tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
+        strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+        tl.store(c_base + offs_c[None, :] * s_cr + offs_r[:, None] * s_cc, out, mask=strict)
 
     @triton.jit
     def _gemm_axpy_kernel(
@@ -183,7 +177,7 @@ def _gemm_config(m: int, n: int, k: int) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if m * n <= 1024 * 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 # Benchmarks override these to sweep tile shapes without editing the module.
@@ -195,6 +189,22 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@functools.lru_cache(maxsize=128)
+def _lower_tiles(m: int, bm: int, bn: int, group_m: int, device: str) -> torch.Tensor:
+    """Flat int32 [2 T] list of (row block, col block) of the tiles of an m x m matrix that hold
+    an element on or below the diagonal, in grouped (L2-friendly) order: GROUP_M row blocks at a
+    time, column blocks inner."""
+    num_m, num_n = -(-m // bm), -(-m // bn)
+    tiles = []
+    for g0 in range(0, num_m, group_m):
+        rows = range(g0, min(num_m, g0 + group_m))
+        for pn in range(num_n):
+            for pm in rows:
+                if pn * bn <= pm * bm + bm - 1:
+                    tiles += [pm, pn]
+    return torch.tensor(tiles, dtype=torch.int32, device=device)
+
+
 def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
     """out = alpha * y z^T + beta * w + gamma * I (symmetric result) for [Bt, m, k] views."""
     triton, sym_kernel, _ = _kernels()
@@ -202,10 +212,11 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     bt, m, k = y.shape
     cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k))
     even = m % cfg["BLOCK_M"] == 0 and m % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(m, cfg["BLOCK_N"]), bt)
+    tiles = _lower_tiles(m, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("GROUP_M"), str(y.device))
+    grid = (tiles.numel() // 2, bt)
     wt = w if w is not None else out
     sym_kernel[grid](
-        y, z, wt, out, m, k,
+        y, z, wt, out, tiles, m, k,
         *_strides3(y), *_strides3(z), *_strides3(wt), *_strides3(out),
         float(alpha), float(beta), float(gamma),
         HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0,
@@ -268,14 +279,83 @@ def _prepare(x: torch.Tensor, eps: float):
     return x0, (x0.mT if transposed else x0), transposed
 
 
-def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, *, eps: float = 1e-7) -> torch.Tensor:
+GRAM_MIN_ASPECT = 2.5
+"""``method="auto"`` uses Gram NS when the long side is at least this many times the short one."""
+
+_GRAPH_MAX_WORK = 2**36
+"""``cuda_graph=None`` captures a CUDA graph when batch * m^2 * n is at most this (launch-bound sizes)."""
+
+_GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_GRAPH_CACHE_SIZE = 16
+
+
+def newton_schulz_triton(
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    eps: float = 1e-7,
+    method: str = "auto",
+    restart_every: int = 2,
+    cuda_graph: bool | None = None,
+) -> torch.Tensor:
     """Orthogonalize ``x`` [m, n] or [B, m, n] with NS iterations ``schedule`` = [(a, b, c), ...].
 
     Frobenius-normalizes each matrix (clamped at ``eps``), iterates on the wide orientation
     (a tall input is read and written through transposed strides, never copied) and returns the
     same shape in bf16. Matches :func:`.reference.newton_schulz_reference` up to bf16 rounding.
+
+    ``method``: "standard" (X X^T, b A + c A^2, a X + B X per iteration), "gram" (Gram NS, see
+    :func:`gram_newton_schulz_triton`) or "auto" (Gram when max(m, n) >= GRAM_MIN_ASPECT *
+    min(m, n), where it needs far fewer FLOPs). ``cuda_graph``: replay a cached CUDA graph of the
+    whole iteration (None = for small, launch-bound sizes on CUDA).
     """
     sched = _check_inputs(x, schedule, eps)
+    if method not in ("auto", "standard", "gram"):
+        raise ValueError(f"method must be 'auto', 'standard' or 'gram', got {method!r}")
+    if restart_every < 0:
+        raise ValueError(f"restart_every must be >= 0, got {restart_every}")
+    M, N = x.shape[-2:]
+    if method == "auto":
+        method = "gram" if max(M, N) >= GRAM_MIN_ASPECT * min(M, N) else "standard"
+    if method == "gram":
+        run = functools.partial(_ns_gram, sched=sched, eps=eps, restart_every=restart_every)
+    else:
+        run = functools.partial(_ns_standard, sched=sched, eps=eps)
+    bt = x.shape[0] if x.ndim == 3 else 1
+    if cuda_graph is None:
+        cuda_graph = (x.is_cuda and not _interpret() and not torch.cuda.is_current_stream_capturing()
+                      and bt * min(M, N) ** 2 * max(M, N) <= _GRAPH_MAX_WORK)
+    if cuda_graph:
+        return _graph_call(run, x, (tuple(x.shape), x.dtype, x.device, tuple(sched), eps, method, restart_every))
+    return run(x)
+
+
+def _graph_call(run, x: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Replay a cached CUDA graph of ``run`` for inputs shaped like ``x`` (LRU of a few shapes)."""
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        static_in = x.detach().clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up: Triton compiles outside the capture
+            run(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run(static_in)
+        entry = (graph, static_in, static_out)
+        _GRAPHS[key] = entry
+        while len(_GRAPHS) > _GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+    graph, static_in, static_out = entry
+    static_in.copy_(x)
+    graph.replay()
+    return static_out.clone()
+
+
+def _ns_standard(x: torch.Tensor, *, sched, eps: float) -> torch.Tensor:
     x0, X, transposed = _prepare(x, eps)
     if not sched:
         return x0.reshape(x.shape)
@@ -302,13 +382,15 @@ def gram_newton_schulz_triton(
     """Gram Newton-Schulz (see module docstring): same contract as :func:`newton_schulz_triton`.
 
     Worth it when the wide side is much longer than the short one (n >= ~2 m): an iteration costs
-    about 4 m^3 / 2 symmetric FMAs instead of 3 m^2 n / 2 + m^3 / 2. ``restart_every`` (default 2,
-    0 = never) bounds the drift of the bf16 Gram recursion; see the accuracy table in
-    benchmarks/results for what it buys.
+    about 2 m^3 symmetric FMAs instead of 1.5 m^2 n + 0.5 m^3. ``restart_every`` (default 2,
+    0 = never) rebuilds X and its Gram matrix from Q X_0 to bound the drift of the bf16 Gram
+    recursion (without it the error grows past torch eager's on ill-conditioned inputs).
     """
-    sched = _check_inputs(x, schedule, eps)
-    if restart_every < 0:
-        raise ValueError(f"restart_every must be >= 0, got {restart_every}")
+    return newton_schulz_triton(x, schedule, eps=eps, method="gram", restart_every=restart_every,
+                                cuda_graph=False)
+
+
+def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int) -> torch.Tensor:
     x0, X0, transposed = _prepare(x, eps)
     if not sched:
         return x0.reshape(x.shape)
