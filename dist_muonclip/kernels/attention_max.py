@@ -162,12 +162,31 @@ def attention_forward_with_max_triton(
     return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
 
 
+@functools.lru_cache(maxsize=8)
+def _cudnn_meta(device: str, d: int):
+    """What PyTorch's cuDNN attention forward hands its backward, read off a tiny call: the
+    rank of its log-sum-exp tensor and the (unused without dropout) RNG tensors."""
+    q = torch.zeros(1, 1, 64, d, device=device, dtype=torch.bfloat16)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, 0.0, True, False, scale=1.0)
+    return res[1].ndim, res[6], res[7]
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    """PyTorch's cuDNN attention backward (SDPA's default on Hopper) fed with this forward's
+    output and LSE; GQA native."""
+    lse_ndim, seed, offset = _cudnn_meta(str(q.device), q.shape[-1])
+    lse_c = lse.unsqueeze(-1) if lse_ndim == 4 else lse
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse_c, seed, offset, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        scale=scale)
+
+
 class _AttnWithMax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal):
+    def forward(ctx, q, k, v, scale, causal, backward):
         out, lse, mx = attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal, ctx.backend = scale, causal, backward
         ctx.mark_non_differentiable(mx)
         return out, mx
 
@@ -178,12 +197,21 @@ class _AttnWithMax(torch.autograd.Function):
         Hkv = k.shape[1]
         g = H // Hkv
         dout = dout.contiguous()
+        if ctx.backend in ("auto", "cudnn") and _CUDNN_OK != [False]:
+            try:
+                dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
+                _CUDNN_OK[:] = [True]
+                return dq, dk, dv, None, None, None
+            except RuntimeError:
+                if ctx.backend == "cudnn":
+                    raise
+                _CUDNN_OK[:] = [False]
         if g > 1 and _GQA_NATIVE != [False]:
             try:  # recent flash backends take Hkv < H directly
                 dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
                 if dk.shape == k.shape:
                     _GQA_NATIVE[:] = [True]
-                    return dq, dk, dv, None, None
+                    return dq, dk, dv, None, None, None
             except RuntimeError:
                 pass
             _GQA_NATIVE[:] = [False]
@@ -194,11 +222,12 @@ class _AttnWithMax(torch.autograd.Function):
         if g > 1:
             dk = dk.view(B, Hkv, g, *dk.shape[2:]).sum(2)
             dv = dv.view(B, Hkv, g, *dv.shape[2:]).sum(2)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 _BWD_VARIANT: list[int] = []
 _GQA_NATIVE: list[bool] = []
+_CUDNN_OK: list[bool] = []
 
 
 def _flash_backward(dout, q, k, v, out, lse, causal, scale):
@@ -235,12 +264,22 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 def attention_with_max_logits(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None, causal: bool = True
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    backward: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention (CUDA) returning ``(out, max_logits [H] fp32)`` in one forward.
 
     Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-    enable_gqa=True)`` plus the QK-Clip statistic; the backward is PyTorch's flash backward.
+    enable_gqa=True)`` plus the QK-Clip statistic. ``backward``: "cudnn" (PyTorch's cuDNN
+    attention backward, SDPA's default on Hopper), "flash" (PyTorch's flash backward) or "auto"
+    (cuDNN, falling back to flash where this torch / GPU has no cuDNN attention).
     """
+    if backward not in ("auto", "cudnn", "flash"):
+        raise ValueError(f"backward must be 'auto', 'cudnn' or 'flash', got {backward!r}")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _AttnWithMax.apply(query, key, value, scale, causal)
+    return _AttnWithMax.apply(query, key, value, scale, causal, backward)

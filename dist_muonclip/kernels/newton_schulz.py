@@ -95,17 +95,35 @@ def _kernels():
         out = acc * alpha
         in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
         if HAS_W:
-            w = tl.load(W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
-                        mask=in_bounds, other=0.0)
+            w_ptrs = W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc
+            if EVEN:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=in_bounds, other=0.0)
             out += beta * w.to(tl.float32)
         if HAS_GAMMA:
             out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
         out = out.to(C.dtype.element_ty)
         c_base = C + bid * s_cb
-        lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
-        tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
-        strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
-        tl.store(c_base + offs_c[None, :] * s_cr + offs_r[:, None] * s_cc, out, mask=strict)
+        c_ptrs = c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc
+        # Mirror: store the transposed tile through row-major pointers so the store stays
+        # coalesced and vectorized (a per-element mask or column-major pointers would not).
+        ct_ptrs = c_base + offs_c[:, None] * s_cr + offs_r[None, :] * s_cc
+        out_t = tl.trans(out)
+        if col0 + BLOCK_N <= row0:
+            # Tile strictly below the diagonal: only bounds masks (none when sizes divide).
+            if EVEN:
+                tl.store(c_ptrs, out)
+                tl.store(ct_ptrs, out_t)
+            else:
+                tl.store(c_ptrs, out, mask=in_bounds)
+                tl.store(ct_ptrs, out_t, mask=tl.trans(in_bounds))
+        else:
+            # Tile on the diagonal: lower part as is, strictly-lower part mirrored.
+            lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+            tl.store(c_ptrs, out, mask=lower)
+            strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+            tl.store(ct_ptrs, out_t, mask=tl.trans(strict))
 
     @triton.jit
     def _gemm_axpy_kernel(
@@ -152,11 +170,17 @@ def _kernels():
             x_ptrs += BLOCK_K * s_xr
         in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < n)
         if HAS_AX:
-            x_own = tl.load(X + bid * s_xb + offs_r[:, None] * s_xr + offs_c[None, :] * s_xc,
-                            mask=in_bounds, other=0.0)
+            x_own_ptrs = X + bid * s_xb + offs_r[:, None] * s_xr + offs_c[None, :] * s_xc
+            if EVEN:
+                x_own = tl.load(x_own_ptrs)
+            else:
+                x_own = tl.load(x_own_ptrs, mask=in_bounds, other=0.0)
             acc += a * x_own.to(tl.float32)
-        tl.store(O + bid * s_ob + offs_r[:, None] * s_or + offs_c[None, :] * s_oc,
-                 acc.to(O.dtype.element_ty), mask=in_bounds)
+        o_ptrs = O + bid * s_ob + offs_r[:, None] * s_or + offs_c[None, :] * s_oc
+        if EVEN:
+            tl.store(o_ptrs, acc.to(O.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_bounds)
 
     return triton, _sym_kernel, _gemm_axpy_kernel
 
