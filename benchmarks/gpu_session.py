@@ -27,10 +27,6 @@ def main() -> None:
     out = os.environ.get("OUT", os.path.join(HERE, "results"))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
     t0 = time.time()
-    if not args.skip_tests:
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "tests/gpu", "-p", "no:cacheprovider"],
-                       cwd=ROOT, env=env)
-        print(f"[session] tests done {time.time() - t0:.0f}s", flush=True)
     if not args.skip_ns:
         cmd = [sys.executable, os.path.join(HERE, "ns_kernels.py"), "--out", out]
         if args.sweep:
@@ -47,6 +43,14 @@ def main() -> None:
             cmd.append("--sweep")
         subprocess.run(cmd, cwd=ROOT, env=env)
         print(f"[session] ml done {time.time() - t0:.0f}s", flush=True)
+    if not args.skip_tests:
+        with open(os.path.join(out, "gpu_tests.txt"), "w") as log:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-rA", "tests/gpu", "-p", "no:cacheprovider"],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            log.write(proc.stdout)
+        print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("NS", "PASSED", "FAILED", "ERROR", "="))),
+              flush=True)
+        print(f"[session] tests done {time.time() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

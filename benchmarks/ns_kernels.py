@@ -82,6 +82,8 @@ def run_cases(args, env, ceiling) -> list[dict]:
     sched = JORDAN if args.schedule == "jordan" else POLAR_EXPRESS
     steps = len(sched)
     eager = lambda x: newton_schulz_reference(x, sched, dtype=torch.bfloat16)  # noqa: E731
+    # one graph per bucket shape: raise dynamo's recompile limit so no shape falls back to eager
+    torch._dynamo.config.cache_size_limit = 64
     compiled = torch.compile(newton_schulz_reference, dynamic=False) if args.compile else None
     methods = {
         "torch_eager": lambda bucket: [eager(x) for x in bucket.unbind(0)] if bucket.shape[0] > 1 else eager(bucket[0]),
@@ -151,6 +153,33 @@ SYM_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2),
 ]
+
+
+def run_ill_conditioned(args) -> list[dict]:
+    """Accuracy on inputs with a decaying spectrum (sigma from 1 to 1e-4, like real momentum):
+    the case where bf16 Gram NS can drift. Error / torch eager's error, both vs float64."""
+    from dist_muonclip.kernels import newton_schulz as nsk
+    from dist_muonclip.kernels.reference import newton_schulz_reference
+
+    rows = []
+    for (m, n) in [(1024, 4096), (4096, 14336), (2048, 2048)]:
+        torch.manual_seed(1)
+        U, _ = torch.linalg.qr(torch.randn(m, m, device="cuda", dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(n, m, device="cuda", dtype=torch.float64))
+        x = (U * torch.logspace(0, -4, m, device="cuda", dtype=torch.float64)) @ V.mT
+        for sname, sched in [("jordan", JORDAN), ("polar_express", POLAR_EXPRESS)]:
+            ref = newton_schulz_reference(x, sched, dtype=torch.float64)
+            e = rel_err(newton_schulz_reference(x.float(), sched, dtype=torch.bfloat16), ref)
+            row = {"shape": [m, n], "schedule": sname, "eager_err": e}
+            for meth in ("standard", "gram", "auto"):
+                out = nsk.newton_schulz_triton(x.float(), sched, method=meth)
+                row[f"{meth}_over_eager"] = rel_err(out, ref) / e
+            rows.append(row)
+            print(f"[ns-ill] {m}x{n} {sname}: eager {e:.4f} standard x{row['standard_over_eager']:.2f} "
+                  f"gram x{row['gram_over_eager']:.2f} auto x{row['auto_over_eager']:.2f}", flush=True)
+        del U, V, x
+        torch.cuda.empty_cache()
+    return rows
 
 
 def run_sweep(args, ceiling) -> list[dict]:
@@ -225,7 +254,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     p.add_argument("--schedule", choices=["jordan", "polar_express"], default="jordan")
-    p.add_argument("--restart-every", type=int, default=2)
+    p.add_argument("--restart-every", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel tile configs")
     p.add_argument("--no-cases", dest="run_cases", action="store_false")
@@ -248,6 +277,7 @@ def main(argv=None) -> dict:
         payload["sweep"] = run_sweep(args, ceiling)
     if args.run_cases:
         payload["rows"] = run_cases(args, env, ceiling)
+        payload["ill_conditioned"] = run_ill_conditioned(args)
     write_json(os.path.join(args.out, f"{args.tag}.json"), payload)
     if payload.get("rows"):
         plot(payload["rows"], os.path.join(args.out, f"{args.tag}.png"), env)

@@ -189,9 +189,11 @@ def _kernels():
 # launch configuration
 
 def _sym_config(m: int, k: int) -> dict:
+    # Measured on an H100 (benchmarks/results, sweep): 128 x 128 tiles win up to m = 4096
+    # (more tiles in flight, fewer idle slots), 128 x 256 beyond.
     if _interpret():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
-    if m <= 1024:
+    if m <= 4096:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -306,6 +308,12 @@ def _prepare(x: torch.Tensor, eps: float):
 GRAM_MIN_ASPECT = 2.5
 """``method="auto"`` uses Gram NS when the long side is at least this many times the short one."""
 
+GRAM_MAX_A = 4.0
+"""... and when no iteration's ``a`` exceeds this. Large first-iteration coefficients (Polar
+Express a = 8.3, CANS) multiply the bf16 rounding noise on the tiny eigenvalues of the Gram
+matrix by a^2 per iteration; on ill-conditioned inputs this drove Gram NS to hundreds of times
+torch eager's error in our float64 comparisons, while Jordan's schedule (a = 3.4) stayed below it."""
+
 _GRAPH_MAX_WORK = 2**36
 """``cuda_graph=None`` captures a CUDA graph when batch * m^2 * n is at most this (launch-bound sizes)."""
 
@@ -319,7 +327,7 @@ def newton_schulz_triton(
     *,
     eps: float = 1e-7,
     method: str = "auto",
-    restart_every: int = 2,
+    restart_every: int = 3,
     cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Orthogonalize ``x`` [m, n] or [B, m, n] with NS iterations ``schedule`` = [(a, b, c), ...].
@@ -330,7 +338,7 @@ def newton_schulz_triton(
 
     ``method``: "standard" (X X^T, b A + c A^2, a X + B X per iteration), "gram" (Gram NS, see
     :func:`gram_newton_schulz_triton`) or "auto" (Gram when max(m, n) >= GRAM_MIN_ASPECT *
-    min(m, n), where it needs far fewer FLOPs). ``cuda_graph``: replay a cached CUDA graph of the
+    min(m, n), where it needs far fewer FLOPs, and max a <= GRAM_MAX_A). ``cuda_graph``: replay a cached CUDA graph of the
     whole iteration (None = for small, launch-bound sizes on CUDA).
     """
     sched = _check_inputs(x, schedule, eps)
@@ -340,7 +348,9 @@ def newton_schulz_triton(
         raise ValueError(f"restart_every must be >= 0, got {restart_every}")
     M, N = x.shape[-2:]
     if method == "auto":
-        method = "gram" if max(M, N) >= GRAM_MIN_ASPECT * min(M, N) else "standard"
+        long = max(M, N) >= GRAM_MIN_ASPECT * min(M, N)
+        mild = all(abs(a) <= GRAM_MAX_A for a, _, _ in sched)
+        method = "gram" if long and mild else "standard"
     if method == "gram":
         run = functools.partial(_ns_gram, sched=sched, eps=eps, restart_every=restart_every)
     else:
@@ -401,12 +411,12 @@ def _ns_standard(x: torch.Tensor, *, sched, eps: float) -> torch.Tensor:
 
 
 def gram_newton_schulz_triton(
-    x: torch.Tensor, schedule: Schedule, *, eps: float = 1e-7, restart_every: int = 2
+    x: torch.Tensor, schedule: Schedule, *, eps: float = 1e-7, restart_every: int = 3
 ) -> torch.Tensor:
     """Gram Newton-Schulz (see module docstring): same contract as :func:`newton_schulz_triton`.
 
     Worth it when the wide side is much longer than the short one (n >= ~2 m): an iteration costs
-    about 2 m^3 symmetric FMAs instead of 1.5 m^2 n + 0.5 m^3. ``restart_every`` (default 2,
+    about 2 m^3 symmetric FMAs instead of 1.5 m^2 n + 0.5 m^3. ``restart_every`` (default 3,
     0 = never) rebuilds X and its Gram matrix from Q X_0 to bound the drift of the bf16 Gram
     recursion (without it the error grows past torch eager's on ill-conditioned inputs).
     """
