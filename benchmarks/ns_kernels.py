@@ -147,11 +147,9 @@ def run_cases(args, env, ceiling) -> list[dict]:
 
 SYM_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2),
 ]
 
 
@@ -194,8 +192,10 @@ def run_sweep(args, ceiling) -> list[dict]:
         Bm = torch.empty_like(A)
         O = torch.empty_like(X)
         nsk._sym(X, out=A)
-        for cfg in SYM_CONFIGS:
-            rec = {"bt": bt, "m": m, "n": n, "cfg": cfg}
+        for use_tma in (True, False):
+          for cfg in SYM_CONFIGS:
+            rec = {"bt": bt, "m": m, "n": n, "cfg": cfg, "tma": use_tma}
+            nsk.USE_TMA = use_tma
             try:
                 nsk.SYM_CONFIG_OVERRIDE = cfg
                 t1 = median_ms(lambda: nsk._sym(X, out=A), warmup_ms=50, rep_ms=200)
@@ -211,11 +211,12 @@ def run_sweep(args, ceiling) -> list[dict]:
             finally:
                 nsk.SYM_CONFIG_OVERRIDE = None
                 nsk.GEMM_CONFIG_OVERRIDE = None
+                nsk.USE_TMA = True
             out.append(rec)
             if "error" in rec:
-                print(f"[sweep] {bt}x{m}x{n} {cfg} ERROR {rec['error']}", flush=True)
+                print(f"[sweep] {bt}x{m}x{n} tma={use_tma} {cfg} ERROR {rec['error']}", flush=True)
             else:
-                print(f"[sweep] {bt}x{m}x{n} BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} w{cfg['num_warps']} "
+                print(f"[sweep] {bt}x{m}x{n} tma={int(use_tma)} BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} w{cfg['num_warps']} "
                       f"s{cfg['num_stages']}: XXt {rec['xxt_tflops']:.0f} AA {rec['aa_tflops']:.0f} BX {rec['bx_tflops']:.0f} TF/s", flush=True)
         # cuBLAS reference for the same products
         tx = median_ms(lambda: torch.matmul(X, X.mT), warmup_ms=50, rep_ms=200)

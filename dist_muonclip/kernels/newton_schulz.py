@@ -182,7 +182,82 @@ def _kernels():
         else:
             tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_bounds)
 
-    return triton, _sym_kernel, _gemm_axpy_kernel
+    @triton.jit
+    def _sym_kernel_tma(
+        y_desc, z_desc, w_desc, c_desc, ct_desc, C, Tiles,
+        m, k, s_cb, s_cr, s_cc,
+        alpha, beta, gamma,
+        HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr,
+    ):
+        """``_sym_kernel`` with tensor-memory-accelerator (TMA) loads / stores: row-major operands
+        with 16-byte aligned strides; out-of-range rows read as zeros and are clipped on store."""
+        pid = tl.program_id(0)
+        bid = tl.program_id(1)
+        row0 = tl.load(Tiles + 2 * pid) * BLOCK_M
+        col0 = tl.load(Tiles + 2 * pid + 1) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(k, BLOCK_K)):
+            y = y_desc.load([bid, row0, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+            z = z_desc.load([bid, col0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+            if CAST_F32:
+                y = y.to(tl.float32)
+                z = z.to(tl.float32)
+            acc = tl.dot(y, z.T, acc)
+        out = acc * alpha
+        if HAS_W:
+            out += beta * w_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        offs_r = row0 + tl.arange(0, BLOCK_M)
+        offs_c = col0 + tl.arange(0, BLOCK_N)
+        if HAS_GAMMA:
+            out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
+        out = out.to(C.dtype.element_ty)
+        out_t = tl.trans(out)
+        if col0 + BLOCK_N <= row0:
+            c_desc.store([bid, row0, col0], out.reshape(1, BLOCK_M, BLOCK_N))
+            ct_desc.store([bid, col0, row0], out_t.reshape(1, BLOCK_N, BLOCK_M))
+        else:
+            c_base = C + bid.to(tl.int64) * s_cb
+            in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
+            lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+            tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
+            strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+            tl.store(c_base + offs_c[:, None] * s_cr + offs_r[None, :] * s_cc, out_t, mask=tl.trans(strict))
+
+    @triton.jit
+    def _gemm_axpy_kernel_tma(
+        b_desc, x_desc, xo_desc, o_desc,
+        m, n, k, a,
+        HAS_AX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, CAST_F32: tl.constexpr,
+    ):
+        """``_gemm_axpy_kernel`` with TMA loads / stores (row-major, 16-byte aligned operands)."""
+        pid = tl.program_id(0)
+        bid = tl.program_id(1)
+        num_pid_m = tl.cdiv(m, BLOCK_M)
+        num_pid_n = tl.cdiv(n, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(k, BLOCK_K)):
+            bt = b_desc.load([bid, row0, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+            xt = x_desc.load([bid, kk * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
+            if CAST_F32:
+                bt = bt.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(bt, xt, acc)
+        if HAS_AX:
+            acc += a * xo_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        o_desc.store([bid, row0, col0], acc.to(o_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+
+    return triton, _sym_kernel, _gemm_axpy_kernel, _sym_kernel_tma, _gemm_axpy_kernel_tma
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +286,35 @@ SYM_CONFIG_OVERRIDE: dict | None = None
 GEMM_CONFIG_OVERRIDE: dict | None = None
 
 
+USE_TMA = True
+"""Use the TMA (tensor descriptor) kernels where every operand allows it (Hopper+, row-major,
+16-byte aligned strides); the pointer kernels otherwise (transposed views, odd strides, older GPUs)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_supported(device_index: int) -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    if not USE_TMA or _interpret() or not ts[0].is_cuda or not _tma_supported(ts[0].device.index or 0):
+        return False
+    for t in ts:
+        if t.stride(-1) != 1 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -233,7 +337,7 @@ def _lower_tiles(m: int, bm: int, bn: int, group_m: int, device: str) -> torch.T
 
 def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
     """out = alpha * y z^T + beta * w + gamma * I (symmetric result) for [Bt, m, k] views."""
-    triton, sym_kernel, _ = _kernels()
+    triton, sym_kernel, _, sym_tma, _ = _kernels()
     z = y if z is None else z
     bt, m, k = y.shape
     cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k))
@@ -241,6 +345,16 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     tiles = _lower_tiles(m, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("GROUP_M"), str(y.device))
     grid = (tiles.numel() // 2, bt)
     wt = w if w is not None else out
+    if _tma_ok(y, z, wt, out):
+        bm_, bn_, bk_ = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+        sym_tma[grid](
+            _desc(y, [1, bm_, bk_]), _desc(z, [1, bn_, bk_]), _desc(wt, [1, bm_, bn_]),
+            _desc(out, [1, bm_, bn_]), _desc(out, [1, bn_, bm_]), out, tiles, m, k, *_strides3(out),
+            float(alpha), float(beta), float(gamma),
+            HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0,
+            BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, CAST_F32=_interpret(), **cfg,
+        )
+        return out
     sym_kernel[grid](
         y, z, wt, out, tiles, m, k,
         *_strides3(y), *_strides3(z), *_strides3(wt), *_strides3(out),
@@ -253,12 +367,20 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
 
 def _gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
     """out = a * x + bm @ x for bm [Bt, m, k], x [Bt, k, n] (a != 0 needs k == m)."""
-    triton, _, gemm_kernel = _kernels()
+    triton, _, gemm_kernel, _, gemm_tma = _kernels()
     bt, m, k = bm.shape
     n = x.shape[-1]
     cfg = dict(GEMM_CONFIG_OVERRIDE or _gemm_config(m, n, k))
     even = m % cfg["BLOCK_M"] == 0 and n % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), bt)
+    if _tma_ok(bm, x, out):
+        bm_, bn_, bk_ = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+        gemm_tma[grid](
+            _desc(bm, [1, bm_, bk_]), _desc(x, [1, bk_, bn_]), _desc(x, [1, bm_, bn_]), _desc(out, [1, bm_, bn_]),
+            m, n, k, float(a), HAS_AX=a != 0.0,
+            BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, CAST_F32=_interpret(), **cfg,
+        )
+        return out
     gemm_kernel[grid](
         bm, x, out, m, n, k,
         *_strides3(bm), *_strides3(x), *_strides3(out),
