@@ -146,8 +146,8 @@ def run_cases(args, env, ceiling) -> list[dict]:
 
 
 SYM_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=6),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
 ]
@@ -192,10 +192,10 @@ def run_sweep(args, ceiling) -> list[dict]:
         Bm = torch.empty_like(A)
         O = torch.empty_like(X)
         nsk._sym(X, out=A)
-        for use_tma in (True, False):
+        for use_tma in args.sweep_w_tma:
           for cfg in SYM_CONFIGS:
-            rec = {"bt": bt, "m": m, "n": n, "cfg": cfg, "tma": use_tma}
-            nsk.USE_TMA = use_tma
+            rec = {"bt": bt, "m": m, "n": n, "cfg": cfg, "w_tma": use_tma}
+            nsk.SYM_W_VIA_TMA = use_tma
             try:
                 nsk.SYM_CONFIG_OVERRIDE = cfg
                 t1 = median_ms(lambda: nsk._sym(X, out=A), warmup_ms=50, rep_ms=200)
@@ -211,12 +211,12 @@ def run_sweep(args, ceiling) -> list[dict]:
             finally:
                 nsk.SYM_CONFIG_OVERRIDE = None
                 nsk.GEMM_CONFIG_OVERRIDE = None
-                nsk.USE_TMA = True
+                nsk.SYM_W_VIA_TMA = False
             out.append(rec)
             if "error" in rec:
                 print(f"[sweep] {bt}x{m}x{n} tma={use_tma} {cfg} ERROR {rec['error']}", flush=True)
             else:
-                print(f"[sweep] {bt}x{m}x{n} tma={int(use_tma)} BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} w{cfg['num_warps']} "
+                print(f"[sweep] {bt}x{m}x{n} w_tma={int(use_tma)} BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} w{cfg['num_warps']} "
                       f"s{cfg['num_stages']}: XXt {rec['xxt_tflops']:.0f} AA {rec['aa_tflops']:.0f} BX {rec['bx_tflops']:.0f} TF/s", flush=True)
         # cuBLAS reference for the same products
         tx = median_ms(lambda: torch.matmul(X, X.mT), warmup_ms=50, rep_ms=200)
@@ -259,12 +259,14 @@ def main(argv=None) -> dict:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel tile configs")
     p.add_argument("--no-cases", dest="run_cases", action="store_false")
+    p.add_argument("--sweep-w-tma", default="1,0", help="sym-kernel epilogue W via TMA (1) / loads (0)")
     p.add_argument("--warmup", type=float, default=100.0)
     p.add_argument("--rep", type=float, default=500.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default="ns_kernels")
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
+    args.sweep_w_tma = [bool(int(v)) for v in args.sweep_w_tma.split(",")]
     for c in args.cases:
         if c not in CASES:
             p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")

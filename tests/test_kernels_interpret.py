@@ -91,10 +91,12 @@ def test_gemm_axpy_matches_reference(bt, m, n, monkeypatch):
     assert _rel(out, ref) < 4e-3  # one bf16 rounding of an fp32 result
 
 
-def test_tma_kernels_match_reference(monkeypatch):
+@pytest.mark.parametrize("w_tma", [False, True])
+def test_tma_kernels_match_reference(monkeypatch, w_tma):
     """The tensor-descriptor (TMA) variants, forced on under the interpreter: boundary tiles rely
     on zero-padded loads and clipped stores instead of masks, so odd sizes pin that behaviour."""
     monkeypatch.setattr(ns_mod, "_tma_ok", lambda *ts: True)
+    monkeypatch.setattr(ns_mod, "SYM_W_VIA_TMA", w_tma)
     monkeypatch.setattr(ns_mod, "SYM_CONFIG_OVERRIDE", SMALL_TILES)
     monkeypatch.setattr(ns_mod, "GEMM_CONFIG_OVERRIDE", SMALL_TILES)
     g = torch.Generator().manual_seed(9)

@@ -184,10 +184,10 @@ def _kernels():
 
     @triton.jit
     def _sym_kernel_tma(
-        y_desc, z_desc, w_desc, c_desc, ct_desc, C, Tiles,
-        m, k, s_cb, s_cr, s_cc,
+        y_desc, z_desc, w_desc, c_desc, ct_desc, C, W, Tiles,
+        m, k, s_cb, s_cr, s_cc, s_wb, s_wr, s_wc,
         alpha, beta, gamma,
-        HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr, W_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr,
     ):
         """``_sym_kernel`` with tensor-memory-accelerator (TMA) loads / stores: row-major operands
@@ -205,10 +205,15 @@ def _kernels():
                 z = z.to(tl.float32)
             acc = tl.dot(y, z.T, acc)
         out = acc * alpha
-        if HAS_W:
-            out += beta * w_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
         offs_r = row0 + tl.arange(0, BLOCK_M)
         offs_c = col0 + tl.arange(0, BLOCK_N)
+        if HAS_W:
+            if W_TMA:
+                w = w_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N)
+            else:  # straight to registers: keeps shared memory for the main-loop stages
+                w = tl.load(W + bid.to(tl.int64) * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
+                            mask=(offs_r[:, None] < m) & (offs_c[None, :] < m), other=0.0)
+            out += beta * w.to(tl.float32)
         if HAS_GAMMA:
             out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
         out = out.to(C.dtype.element_ty)
@@ -264,21 +269,20 @@ def _kernels():
 # launch configuration
 
 def _sym_config(m: int, k: int) -> dict:
-    # Measured on an H100 (benchmarks/results, sweep): 128 x 128 tiles win up to m = 4096
-    # (more tiles in flight, fewer idle slots), 128 x 256 beyond.
+    # Measured on an H100 (benchmarks/results/run5_tma, TMA kernels): 128 x 128 tiles with 4
+    # warps and 5 stages win up to m = 4096, 128 x 256 with 8 warps beyond.
     if _interpret():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 4096:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _gemm_config(m: int, n: int, k: int) -> dict:
     if _interpret():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
-    if m * n <= 1024 * 1024:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    stages = 4 if (m >= 8192 or m * n <= 1024 * 1024) else 3
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
 
 
 # Benchmarks override these to sweep tile shapes without editing the module.
@@ -287,6 +291,7 @@ GEMM_CONFIG_OVERRIDE: dict | None = None
 
 
 USE_TMA = True
+SYM_W_VIA_TMA = False  # epilogue operand W of the sym kernel: TMA (shared memory) or plain loads
 """Use the TMA (tensor descriptor) kernels where every operand allows it (Hopper+, row-major,
 16-byte aligned strides); the pointer kernels otherwise (transposed views, odd strides, older GPUs)."""
 
@@ -349,9 +354,10 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
         bm_, bn_, bk_ = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
         sym_tma[grid](
             _desc(y, [1, bm_, bk_]), _desc(z, [1, bn_, bk_]), _desc(wt, [1, bm_, bn_]),
-            _desc(out, [1, bm_, bn_]), _desc(out, [1, bn_, bm_]), out, tiles, m, k, *_strides3(out),
+            _desc(out, [1, bm_, bn_]), _desc(out, [1, bn_, bm_]), out, wt, tiles, m, k,
+            *_strides3(out), *_strides3(wt),
             float(alpha), float(beta), float(gamma),
-            HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0,
+            HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0, W_TMA=SYM_W_VIA_TMA,
             BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, CAST_F32=_interpret(), **cfg,
         )
         return out
