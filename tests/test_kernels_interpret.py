@@ -320,3 +320,42 @@ def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D
     assert _rel(out, ref_out) < 1e-2
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
     torch.testing.assert_close(mx, max_logits_reference(q, k, scale=scale, causal=causal), rtol=ML_RTOL, atol=0)
+
+
+def test_package_imports_and_refuses_cleanly_without_triton():
+    """Regression for the lazy-import contract: with triton unimportable, `import
+    dist_muonclip.kernels` works, triton_available() is False, and a launcher raises a clear error
+    (before touching triton) instead of an ImportError at import time."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("blocked for the test")
+        return None
+sys.meta_path.insert(0, _Block())
+import torch
+import dist_muonclip.kernels as k
+assert not k.triton_available()
+try:
+    k.newton_schulz_triton(torch.randn(4, 4), [(3.4445, -4.775, 2.0315)])
+except ValueError as e:
+    assert "CUDA" in str(e)
+else:
+    raise SystemExit("no error")
+try:
+    k.max_logits_triton(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), scale=1.0, causal=True)
+except ValueError as e:
+    assert "CUDA" in str(e)
+else:
+    raise SystemExit("no error")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -6,7 +6,7 @@ kernels can run). One op per file, each with a torch reference in :mod:`.referen
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 
 from .attention_max import attention_forward_with_max_triton, attention_with_max_logits
@@ -26,10 +26,19 @@ __all__ = [
 def triton_available(device: "str | None" = None) -> bool:
     """True when the Triton kernels can run: Triton is installed and either a CUDA device is
     present or ``TRITON_INTERPRET=1`` is set (CPU interpreter, for tests)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_importable():
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     import torch
 
     return torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

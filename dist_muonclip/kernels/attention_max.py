@@ -146,6 +146,11 @@ def attention_forward_with_max_triton(
         raise ValueError(f"head dim must be a power of two >= 16, got {D}")
     if not float(scale) > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    if query.device.type != "cuda" and not _interpret():
+        raise ValueError(f"attention_forward_with_max_triton needs CUDA tensors (got {query.device}); "
+                         "use F.scaled_dot_product_attention + max_logits_reference on CPU")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
     triton, kernel = _kernels()
     cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
