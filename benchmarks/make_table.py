@@ -15,15 +15,18 @@ def ns_table(d: dict) -> str:
              f"commit {env['git_commit'][:10]}; measured bf16 matmul ceiling {d['ceiling_tflops']:.0f} TFLOP/s. "
              "Times in ms (median, CUDA events); x = speed-up over torch eager; err = relative error vs float64 NS "
              "of the same coefficients, over torch eager's.", "",
-             "| case | torch eager | torch.compile | Triton (auto) | x eager | Triton standard | Triton Gram | floor | err / eager |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| case | torch eager | torch.compile | Triton (auto) | x eager | Triton standard | Triton Gram | floor | err / eager |"
+             + (" Triton fp16 (ms, err / eager) |" if any("triton_fp16" in r["ms"] for r in d["rows"]) else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if any("triton_fp16" in r["ms"] for r in d["rows"]) else "")]
     for r in d["rows"]:
         ms = r["ms"]
         comp = f"{ms['torch_compile']:.2f}" if "torch_compile" in ms else "-"
         eager = ms["torch_eager"]
         lines.append(f"| {r['case']} | {eager:.2f} | {comp} | **{ms['triton']:.2f}** | **{eager / ms['triton']:.2f}x** | "
                      f"{ms['triton_standard']:.2f} | {ms['triton_gram']:.2f} | {r['floor_ms']:.2f} | "
-                     f"{r['rel_err'].get('triton_over_eager', float('nan')):.2f} |")
+                     f"{r['rel_err'].get('triton_over_eager', float('nan')):.2f} |"
+                     + (f" {ms['triton_fp16']:.2f}, {r['rel_err'].get('triton_fp16_over_eager', float('nan')):.2f} |"
+                        if "triton_fp16" in ms else ""))
     if d.get("ill_conditioned"):
         lines += ["", "Ill-conditioned inputs (singular values 1 .. 1e-4), error over torch eager's:", "",
                   "| shape | schedule | standard | Gram | auto |", "|---|---|---|---|---|"]
