@@ -126,7 +126,7 @@ def test_gemm_axpy_writes_through_transposed_strides():
     assert _rel(tall.mT, ref) < 4e-3
 
 
-SHAPES = [(64, 64), (48, 96), (96, 40), (3, 40, 72), (2, 72, 40), (37, 53)]
+SHAPES = [(64, 64), (48, 96), (96, 40), (2, 40, 72), (2, 72, 40), (37, 53)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -138,10 +138,10 @@ def test_newton_schulz_triton_accuracy(shape, schedule):
     On matrices this small the error of any bf16 run is dominated by the few near-zero singular
     directions, which NS maps chaotically (Polar Express's a ~ 8.3 amplifies them most), so one
     seed's ratio is a coin flip for torch eager as much as for the kernels: compare the mean over
-    four seeds instead.
+    three seeds instead.
     """
     errs, eager_errs = [], []
-    for seed in range(4):
+    for seed in range(3):
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
         ref = newton_schulz_reference(x.double(), schedule, dtype=torch.float64)
         out = ns_mod.newton_schulz_triton(x, schedule, method="standard")
@@ -170,7 +170,7 @@ def test_newton_schulz_triton_zero_matrix_stays_finite():
 def test_gram_newton_schulz_triton_accuracy(shape):
     """Gram NS with restart vs float64 (standard) NS: within 1.5x of torch eager bf16's error."""
     errs, eager_errs = [], []
-    for seed in range(4):  # mean over seeds: see test_newton_schulz_triton_accuracy
+    for seed in range(3):  # mean over seeds: see test_newton_schulz_triton_accuracy
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
         ref = newton_schulz_reference(x.double(), JORDAN, dtype=torch.float64)
         out = ns_mod.gram_newton_schulz_triton(x, JORDAN)
