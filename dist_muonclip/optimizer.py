@@ -269,26 +269,41 @@ class MuonClip(Optimizer):
         for k, v in defaults.items():
             g.setdefault(k, v)
         existing = {p for grp in self.param_groups for p in grp["params"]}
-        for i, p in enumerate(params):
-            name = self._names.setdefault(p, f"group{len(self.param_groups)}.param{i}")
-            self._views.setdefault(p, "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector"))
+        taken = {self._names[p] for p in existing if p in self._names}
+        plain, names = [], []
+        for i, item in enumerate(params):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                name, p = item
+            else:
+                p = item
+                name = self._names.get(p, f"group{len(self.param_groups)}.param{i}") if isinstance(p, Tensor) \
+                    else f"group{len(self.param_groups)}.param{i}"
             if not isinstance(p, Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a Tensor")
-            if not (p.is_floating_point()):
+            if not p.is_floating_point():
                 raise TypeError(f"parameter {name!r} has dtype {p.dtype}; MuonClip optimizes floating-point "
                                 "parameters only (leave integer buffers out of the optimizer)")
             if p in existing:
                 raise ValueError(f"parameter {name!r} is already in another param group; each parameter "
                                  "may be in one group only")
+            if name in taken and self._names.get(p) != name:
+                raise ValueError(f"parameter name {name!r} is already used by another parameter; names key the "
+                                 "optimizer state and must be unique")
             if use_muon and p.ndim < 2:
                 raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)} is in a use_muon=True group, "
                                  "but Muon needs a matrix (>= 2 dims); put it in a group with use_muon=False")
+            plain.append(p)
+            names.append(name)
+        g["params"] = plain
         self._validate_group(g)
+        for p, name in zip(plain, names):      # register only once the group is known to be valid
+            self._names.setdefault(p, name)
+            self._views.setdefault(p, "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector"))
         super().add_param_group(g)
         if getattr(self, "_plan", None) is not None:   # added after construction: re-plan on every rank
             self._replan()
             if self.grad_reduction == "optimizer" and self._comm is not None:
-                for p in params:
+                for p in plain:
                     if p.requires_grad:
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
