@@ -107,6 +107,9 @@ class MuonClip(Optimizer):
         log_dir, wandb_run, log_every: write :meth:`metrics` every ``log_every`` steps to
             TensorBoard (``log_dir``) and/or W&B (``wandb_run="auto"``: the active run), on rank 0;
             one device->host read per logged step (:class:`dist_muonclip.metrics.MetricsLogger`).
+        profiler: an object whose ``phase(name)`` returns a context manager timing that phase of
+            ``step()`` (preflight, reduce, ns, gather, scatter, apply, adamw, qk_clip); see
+            :mod:`dist_muonclip.profiler`.
         verbose: print the parameter split at construction.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
@@ -147,6 +150,7 @@ class MuonClip(Optimizer):
         log_dir: str | None = None,
         wandb_run: Any = None,
         log_every: int = 1,
+        profiler: Any = None,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -186,6 +190,7 @@ class MuonClip(Optimizer):
         self._clipper = self._build_clipper(model, qk_clip, model_config)
         self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
         self._plan = None
+        self.profiler = profiler
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
         self._logger = None
         if (log_dir is not None or wandb_run is not None) and self.rank == 0:
@@ -484,22 +489,31 @@ class MuonClip(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
-        pre = self._preflight(s_max)                       # one all-reduce(MAX): flags + max logits
-        self._finish_reductions()
+        with self._phase("preflight"):
+            pre = self._preflight(s_max)                   # one all-reduce(MAX): flags + max logits
+        with self._phase("reduce"):
+            self._finish_reductions()
         if self._layout.sharded:
             sq_sums = self._sharded_muon(pre)              # momentum, gather, NS, scatter, apply on pieces
-            self._sharded_adamw(pre)
+            with self._phase("adamw"):
+                self._sharded_adamw(pre)
         else:
             pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, NS, launch gather
             sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as they arrive
-            self._adamw_step(pre)
+            with self._phase("adamw"):
+                self._adamw_step(pre)
         if pre.max_logits is not None:
-            self._qk_clip_(pre.max_logits)
+            with self._phase("qk_clip"):
+                self._qk_clip_(pre.max_logits)
         self._record_metrics(pre, sq_sums)
         if self._logger is not None:
             self._logger.log(self._step_count_total, self.device_metrics())
         self._end_step()
         return loss
+
+    def _phase(self, name: str):
+        """Time a phase of ``step()`` when a profiler is attached (``profiler.phase(name)``)."""
+        return self.profiler.phase(name) if self.profiler is not None else contextlib.nullcontext()
 
     def _local_max_logits(self, s_max: Any) -> Tensor | None:
         return self._clipper.max_logits(s_max) if self._clipper is not None else None
@@ -673,9 +687,11 @@ class MuonClip(Optimizer):
                                      nesterov=g["nesterov"])
             views = [as_matrices(u, self._views[p]) for u, p in zip(updates, mine)]
             if len(views) == 1 and views[0].shape[0] == 1:
-                ortho = orthogonalize(views[0][0], **ns_kw).unsqueeze(0)  # unbatched: bit-identical to torch
+                with self._phase("ns"):   # unbatched: bit-identical to torch.optim.Muon
+                    ortho = orthogonalize(views[0][0], **ns_kw).unsqueeze(0)
             else:
-                ortho = orthogonalize(torch.cat(views), **ns_kw)
+                with self._phase("ns"):
+                    ortho = orthogonalize(torch.cat(views), **ns_kw)
         if self._comm is None:
             return (bucket, active, ortho, None)
         counts = [0] * self.world_size
@@ -689,11 +705,13 @@ class MuonClip(Optimizer):
     def _finish_bucket(self, job) -> Tensor:
         bucket, active, ortho, work = job
         if work is not None:
-            work.wait()
+            with self._phase("gather"):
+                work.wait()
         g = self.param_groups[bucket.group]
         pieces = ortho.split([matrix_shape(p.shape, self._views[p])[0] for p in active])
         scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
-        muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        with self._phase("apply"):
+            muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return ortho.float().square().sum() * scale**2
 
     # -- sharded layouts (FSDP2 row shards, DeepSpeed flat fragments) ----------------------
@@ -739,7 +757,8 @@ class MuonClip(Optimizer):
         return {"bucket": bucket, "group": g, "active": active, "mine": mine, "recv": recv, "work": work}
 
     def _sharded_orthogonalize(self, job: dict) -> None:
-        job["work"].wait()
+        with self._phase("gather"):
+            job["work"].wait()
         layout, w, g = self._layout, self.world_size, job["group"]
         mine, recv = job["mine"], job["recv"]
         fulls = [recv.new_empty(math.prod(layout.full_shape(p))) for p in mine]
@@ -755,7 +774,8 @@ class MuonClip(Optimizer):
             views = [as_matrices(f.view(layout.full_shape(p)), self._views[p]) for f, p in zip(fulls, mine)]
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
-            ortho = orthogonalize(torch.cat(views), **ns_kw)
+            with self._phase("ns"):
+                ortho = orthogonalize(torch.cat(views), **ns_kw)
             flats = [o.reshape(-1) for o in ortho.split([v.shape[0] for v in views])]
             for r in range(w):
                 for p, flat in zip(mine, flats):
@@ -771,12 +791,14 @@ class MuonClip(Optimizer):
                                                    tag="muon_scatter")
 
     def _sharded_apply(self, job: dict) -> Tensor:
-        job["work"].wait()
+        with self._phase("scatter"):
+            job["work"].wait()
         bucket, g, update = job["bucket"], job["group"], job["update"]
         sizes = [self._local_size(p, self.rank) for p in job["active"]]
         scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
-        muon_apply_([self._layout.local_param(p) for p in job["active"]], list(update.split(sizes)),
-                    lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        with self._phase("apply"):
+            muon_apply_([self._layout.local_param(p) for p in job["active"]], list(update.split(sizes)),
+                        lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return update.float().square().sum() * scale**2   # this rank's pieces only
 
     def _sharded_adamw(self, pre: "_Preflight") -> None:
