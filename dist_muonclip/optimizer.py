@@ -801,70 +801,64 @@ class MuonClip(Optimizer):
                         lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return update.float().square().sum() * scale**2   # this rank's pieces only
 
+    def _adamw_apply(self, g: dict, items: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """torch's AdamW kernel on ``(param, view, grad)`` triples; state is created lazily shaped
+        like ``view`` (the whole parameter or this rank's piece of it)."""
+        if not items:
+            return
+        views, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p, view, grad in items:
+            state = self.state[p]
+            if "step" not in state:
+                # torch.optim.AdamW's convention: a CPU step counter unless the fused kernel runs
+                state["step"] = torch.zeros((), dtype=torch.float32, device=view.device if self.adamw_fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(view, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(view, memory_format=torch.contiguous_format)
+            views.append(view)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = g["betas"]
+        _torch_adam(views, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach, fused=self.adamw_fused,
+                    decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=g["lr"],
+                    weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+
     def _sharded_adamw(self, pre: "_Preflight") -> None:
         """AdamW is elementwise: it runs on the local pieces with no communication."""
         for g in self.param_groups:
             if g["use_muon"]:
                 continue
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            items = []
             for p in g["params"]:
                 local = self._layout.local_param(p)
-                if p not in pre.active or local.numel() == 0:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32,
-                                                device=local.device if self.adamw_fused else "cpu")
-                    state["exp_avg"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
-                lg = self._layout.local_grad(p)
-                params.append(local)
-                grads.append(lg if lg is not None else torch.zeros_like(local))
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if params:
-                beta1, beta2 = g["betas"]
-                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
-                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
-                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+                if p in pre.active and local.numel():
+                    lg = self._layout.local_grad(p)
+                    items.append((p, local, lg if lg is not None else torch.zeros_like(local)))
+            self._adamw_apply(g, items)
 
     # -- AdamW -----------------------------------------------------------------------------
     def _adamw_step(self, pre: "_Preflight") -> None:
+        """Replicated layout: each rank updates its equal flat slice (or everything when AdamW is
+        not sharded), then the slices are all-gathered."""
         for part in self._partitions:
             g = self.param_groups[part.group]
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             reduced = self._adamw_slices.pop(part.key, None)
             offset_of = self._slice_offsets(part)
+            items = []
             for seg in part.mine:
                 p = self._by_name[seg.name]
                 if p not in pre.active or seg.stop == seg.start:
                     continue
-                state = self.state[p]
-                if "step" not in state:
-                    # torch.optim.AdamW's convention: a CPU step counter unless the fused kernel runs
-                    state["step"] = torch.zeros((), dtype=torch.float32,
-                                                device=p.device if self.adamw_fused else "cpu")
-                    full = seg.start == 0 and seg.stop == p.numel()
-                    like = p if full else p.detach().reshape(-1)[seg.start:seg.stop]
-                    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
                 view = self._segment_view(p, seg)
-                params.append(view)
                 if reduced is not None:
                     off = offset_of[seg.name]
-                    grads.append(reduced[off:off + seg.stop - seg.start].view_as(view))
+                    grad = reduced[off:off + seg.stop - seg.start].view_as(view)
                 else:
                     gr = self._grad(p)
-                    grads.append(gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop])
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if params:
-                beta1, beta2 = g["betas"]
-                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
-                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
-                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+                    grad = gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop]
+                items.append((p, view, grad))
+            self._adamw_apply(g, items)
             if part.sharded:
                 self._gather_adamw(part)
 
