@@ -541,8 +541,7 @@ def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
         seen.add(id(cfg))
         old = cfg._attn_implementation_internal
         base = old if old is not None else "eager"
-        if base.startswith(_PREFIX):  # e.g. a deepcopy of a tracked model: wrap the same base
-            base = base[len(_PREFIX):]
+        base = base.removeprefix(_PREFIX)  # e.g. a deepcopy of a tracked model: wrap the same base
         name = _register(base)
         configs.append((cfg, old))
         cfg._attn_implementation_internal = name
