@@ -173,6 +173,9 @@ def max_logits_torch(
     structural = attention_mask is None or attention_mask.ndim == 2
     only_causal = causal and attention_mask is None and sliding_window is None and segment_ids is None
     best = torch.full((num_kv, group), float("-inf"), dtype=torch.float32, device=query.device)
+    # one logits buffer reused by every chunk: chunks have different widths (causal), and fresh
+    # allocations of growing sizes fragment the host heap (glibc) beyond the chunk budget
+    buf = torch.empty(bsz * num_heads * min(rows, q_len) * kv_len, dtype=torch.float32, device=query.device)
     for r0 in range(0, q_len, rows):
         r1 = min(q_len, r0 + rows)
         # causal / window structure: skip key columns no row of this chunk can see
@@ -185,7 +188,8 @@ def max_logits_torch(
             continue
         c, width = r1 - r0, k_hi - k_lo
         qc = q5[:, :, :, r0:r1].to(torch.float32).reshape(bsz * num_kv, group * c, dim)
-        logits = torch.bmm(qc, k32[:, :, k_lo:k_hi]).view(bsz, num_kv, group, c, width)
+        out = buf[: bsz * num_heads * c * width].view(bsz * num_kv, group * c, width)
+        logits = torch.bmm(qc, k32[:, :, k_lo:k_hi], out=out).view(bsz, num_kv, group, c, width)
         if only_causal:  # columns left of the chunk's diagonal block are all visible
             d0 = r0 - k_lo
             if d0 < width:
@@ -422,6 +426,49 @@ def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+# Devices on which the fused attention+max kernel replaces SDPA (tests add "cpu" with a stand-in).
+_FUSED_DEVICES = ("cuda",)
+
+
+def _fused_attention():
+    """``attention_with_max_logits`` when the Triton kernels can run, else None."""
+    try:
+        from .kernels import triton_available
+        from .kernels.attention_max import attention_with_max_logits
+    except ImportError:
+        return None
+    return attention_with_max_logits if triton_available() else None
+
+
+def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
+    """The cheap path on GPU: one Triton attention forward returns the output and the exact
+    per-head max (flash attention's running row max), instead of SDPA plus a second q k^T pass.
+
+    Only for what that kernel computes exactly: causal self-attention with no mask tensor, no
+    dropout, no sliding window or packed sequences, query length == key length, no extra SDPA
+    arguments (sinks, position bias), bf16/fp16, a power-of-two head dim in [16, 256] shared by
+    values (not MLA's wider q/k heads). Returns HF's sdpa output format, or None to fall back.
+    """
+    q_len, kv_len, d = query.shape[2], key.shape[2], query.shape[-1]
+    if (value.shape != key.shape or d < 16 or d > 256 or d & (d - 1)
+            or query.dtype not in (torch.bfloat16, torch.float16)):   # what the kernel and cuDNN's backward take
+        return None
+    extras = set(opts) - {"scaling", "dropout", "is_causal", "sliding_window", "position_ids",
+                          "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                          "use_cache", "cache_position", "output_attentions", "past_key_value", "past_key_values"}
+    if (query.device.type not in _FUSED_DEVICES or mask is not None or q_len != kv_len or q_len < 2
+            or float(opts.get("dropout") or 0.0) != 0.0 or opts.get("sliding_window") is not None
+            or opts.get("cu_seq_lens_k") is not None or extras
+            or not (opts.get("is_causal") if opts.get("is_causal") is not None else getattr(module, "is_causal", True))):
+        return None
+    fused = _fused_attention()
+    if fused is None:
+        return None
+    out, smax = fused(query, key, value, scale=opts.get("scaling"), causal=True)
+    tracker.record(module, smax)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _make_wrapper(base: str) -> Callable[..., Any]:
     def tracked_attention(module, query, key, value, attention_mask, *args, **kwargs):
         inner = _base_function(base, module)
@@ -439,6 +486,10 @@ def _make_wrapper(base: str) -> Callable[..., Any]:
                     f"max-logit tracking cannot read a {type(attention_mask).__name__} mask "
                     f"(attn_implementation {base!r}); use sdpa/eager/flash or tracker.record()"
                 )
+            if base == "sdpa":
+                fused = _try_fused_sdpa(tracker, module, query, key, value, mask, opts)
+                if fused is not None:
+                    return fused
             is_causal = opts.get("is_causal")
             if is_causal is None:
                 is_causal = getattr(module, "is_causal", True)
@@ -541,8 +592,7 @@ def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
         seen.add(id(cfg))
         old = cfg._attn_implementation_internal
         base = old if old is not None else "eager"
-        if base.startswith(_PREFIX):  # e.g. a deepcopy of a tracked model: wrap the same base
-            base = base[len(_PREFIX):]
+        base = base.removeprefix(_PREFIX)  # e.g. a deepcopy of a tracked model: wrap the same base
         name = _register(base)
         configs.append((cfg, old))
         cfg._attn_implementation_internal = name
