@@ -373,6 +373,14 @@ class MuonClip(Optimizer):
             out.update(self._clipper.metrics())
         return out
 
+    def close(self) -> None:
+        """Flush and close the metric sinks and stop max-logit tracking (restores the model's
+        attention implementation)."""
+        if self._logger is not None:
+            self._logger.close()
+        if self._clipper is not None:
+            self._clipper.close()
+
     def metrics(self) -> dict[str, float]:
         """:meth:`device_metrics` as plain floats, with exactly one device->host read."""
         from .metrics import to_host
@@ -506,9 +514,9 @@ class MuonClip(Optimizer):
             with self._phase("qk_clip"):
                 self._qk_clip_(pre.max_logits)
         self._record_metrics(pre, sq_sums)
-        if self._logger is not None:
-            self._logger.log(self._step_count_total, self.device_metrics())
         self._end_step()
+        if self._logger is not None:     # logged as step N = the N-th completed step
+            self._logger.log(self._step_count_total, self.device_metrics())
         return loss
 
     def _phase(self, name: str):
