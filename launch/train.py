@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW betas (both optimizers)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%% of peak")
     g.add_argument("--grad-clip", type=float, default=None,
-                   help="max global grad norm (0 disables). Default 1.0; 0 with --grad-reduction optimizer, "
-                   "where gradients are reduced inside the optimizer step and cannot be clipped before it")
+                   help="max global grad norm (0 disables). Default 1.0. With --grad-reduction optimizer the "
+                   "optimizer clips the reduced gradient inside step() (MuonClip(max_grad_norm=...))")
     g.add_argument("--qk-clip-tau", type=float, default=100.0, help="QK-Clip threshold tau (MuonClip)")
     g.add_argument("--no-qk-clip", action="store_true", help="disable QK-Clip")
     g.add_argument("--ns-backend", default="auto", help="Newton-Schulz backend: torch | triton | auto")
@@ -152,11 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.grad_reduction == "optimizer":
         if args.optimizer != "muonclip":
             parser.error("--grad-reduction optimizer needs --optimizer muonclip (AdamW relies on DDP's all-reduce)")
-        if args.grad_clip:
-            parser.error("--grad-clip > 0 cannot be combined with --grad-reduction optimizer: gradients are "
-                         "reduced inside optimizer.step(), after any clipping could run; pass --grad-clip 0")
-        args.grad_clip = 0.0
-    elif args.grad_clip is None:
+    if args.grad_clip is None:
         args.grad_clip = 1.0
     checks = [
         (args.steps >= 1, "--steps must be >= 1"),
@@ -318,7 +314,9 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
                     ns_coefficients=args.ns_coefficients, ns_backend=args.ns_backend,
                     ns_dtype=args.ns_dtype, adamw_lr=args.adamw_lr,
                     adamw_betas=tuple(args.adamw_betas), qk_clip=_qk_clip_config(args),
-                    grad_reduction=args.grad_reduction)
+                    grad_reduction=args.grad_reduction,
+                    # optimizer-owned reduction: only step() sees the reduced gradient, so it clips
+                    max_grad_norm=(args.grad_clip or None) if args.grad_reduction == "optimizer" else None)
 
 
 _LR_KEYS = ("lr", "adamw_lr")  # group keys holding a peak lr that the schedule scales
@@ -538,7 +536,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
         loss = _loss(engine.model, inputs, targets, args.autocast)
         loss.backward()
-        grad_norm = engine.clip_grad_norm_(args.grad_clip)
+        grad_norm = engine.clip_grad_norm_(0.0 if args.grad_reduction == "optimizer" else args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = _global_mean(loss, ctx)  # also the per-step sync point for timing
