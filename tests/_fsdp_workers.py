@@ -1,0 +1,202 @@
+"""FSDP2 scenarios run on W gloo processes by test_fsdp (module-level for spawn)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_muonclip.comm import CommAccountant
+from tests._tiny_hf import tiny_model
+
+GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 96
+# Shapes chosen for the layout's corner cases: intermediate_size=93 gives 93-row gate/up matrices
+# (uneven at W=2 and W=4); DeepSeek-V3 with 3 routed experts has a 3-row router and [3, ., .]
+# expert stacks (rank 3 of 4 holds nothing). Heads split across shards: llama k_proj has 32 rows
+# = 2 KV heads of 16, so W=4 gives each rank half a head.
+MODEL_KW = {"llama": dict(intermediate_size=93),
+            "deepseek_v3": dict(intermediate_size=93, n_routed_experts=3)}
+# tau below the tiny models' max logits so QK-Clip rescales heads every step (checked in the test)
+QK = {"llama": dict(tau=0.5), "deepseek_v3": dict(tau=0.5)}
+OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
+
+
+def global_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(2000 + step))
+
+
+def local_batch(step: int, rank: int, world: int) -> torch.Tensor:
+    per = GLOBAL_BATCH // world
+    return global_batch(step)[rank * per:(rank + 1) * per]
+
+
+def build_model(kind: str) -> nn.Module:
+    return tiny_model(kind, seed=0, **MODEL_KW[kind])
+
+
+def train_single(kind: str, steps: int, start: int = 0, model=None, opt=None):
+    """The oracle: one process (no process group), the whole global batch, same hyperparameters."""
+    from dist_muonclip import MuonClip
+
+    if model is None:
+        model = build_model(kind)
+        opt = MuonClip(model, qk_clip=QK[kind], **OPT_KW)
+    clipped = []
+    for t in range(start, start + steps):
+        ids = global_batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    return model, opt, clipped
+
+
+def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full parameters for the comparison in the test (full_tensor() only here, never in the engine)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def fsdp_setup(kind: str, world: int, mp: bool = False, accountant=None):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from dist_muonclip import fsdp
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = build_model(kind)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else None
+    fsdp.fully_shard_model(model, mesh, policy)
+    opt = fsdp.make_muonclip(model, qk_clip=QK[kind], accountant=accountant, **OPT_KW)
+    return model, opt
+
+
+def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = False, save_dir: str | None = None,
+                      load_dir: str | None = None, start: int = 0):
+    """Train a fully_shard'ed tiny HF model with MuonClip; optionally DCP-save at the end / load first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from dist_muonclip import fsdp
+
+    acc = CommAccountant()
+    model, opt = fsdp_setup(kind, world, mp, acc)
+    if load_dir is not None:
+        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=load_dir)
+        set_model_state_dict(model, sd["model"])
+        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
+    acc.reset()
+    losses, clipped = [], []
+    for t in range(start, start + steps):
+        ids = local_batch(t, rank, world)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    out = {"params": _full_params(model), "acc": acc.totals(), "num_steps": len(acc.steps), "clipped": clipped,
+           "losses": losses,
+           "param_dtypes": {n: p.dtype for n, p in model.named_parameters()},
+           "state_dtypes": {k: v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"},
+           "state_numel": sum(v.numel() for s in opt.state.values() for k, v in s.items() if k != "step"),
+           "local_numel": sum(p._local_tensor.numel() for p in model.parameters())}
+    if save_dir is not None:
+        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+        dcp.save(sd, checkpoint_id=save_dir)
+    return out
+
+
+class Toy(nn.Module):
+    """Odd shapes for the layout: 7 rows (uneven at W=2, 4), 3 rows (more ranks than rows at W=4),
+    a 3-D stack of 3 matrices sharded on its stack dim, a 3-element bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(12, 7)
+        self.b = nn.Linear(7, 3)
+        self.stack = nn.Parameter(torch.randn(3, 5, 4) * 0.3)
+        self.out = nn.Linear(3, 12, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h))
+        z = torch.einsum("bi,kij->bkj", x[:, :5], self.stack).sum(1).mean()
+        return self.out(h).square().mean() + z
+
+
+def toy_batch(step: int) -> torch.Tensor:
+    return torch.randn(8, 12, generator=torch.Generator().manual_seed(50 + step))
+
+
+def layout_worker(rank: int, world: int):
+    """Shard0Layout against the DTensor's real data: ranges, local views (and writes through them),
+    reduced gradients; plus the engine's own tiling validation."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_muonclip import fsdp
+
+    mesh = init_device_mesh("cpu", (world,))
+    ref = Toy()
+    model = Toy()
+    full = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    fsdp.fully_shard_model(model, mesh, blocks=[model.a, model.b])
+    layout = fsdp.Shard0Layout()
+    names = {p: n for n, p in model.named_parameters()}
+    layout.validate(list(names), names, world, rank)
+    per = 8 // world
+    model(toy_batch(0)[rank * per:(rank + 1) * per]).backward()
+    ref(toy_batch(0)).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    out = {}
+    for p, n in names.items():
+        ranges = layout.ranges(p)
+        a, b = ranges[rank][0] if ranges[rank] else (0, 0)
+        local = layout.local_param(p)
+        grad = layout.local_grad(p)
+        out[n] = {"ranges": ranges, "local_ok": torch.equal(local, full[n].reshape(-1)[a:b]),
+                  "grad_err": (grad - ref_grads[n].reshape(-1)[a:b]).abs().max().item() if grad.numel() else 0.0,
+                  "numel": local.numel()}
+    # a write through the local view reaches FSDP2's storage: the next full_tensor() shows it
+    with torch.no_grad():
+        for p in names:
+            layout.local_param(p).add_(1.0)
+    out["write_ok"] = all(torch.equal(p.full_tensor(), full[n] + 1.0) for p, n in names.items())
+    return out
+
+
+def placement_error_worker(rank: int, world: int):
+    """Unsupported DTensor placements must fail at construction with the parameter's name."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from dist_muonclip import MuonClip, fsdp
+
+    errors = {}
+    mesh = init_device_mesh("cpu", (world,))
+
+    def attempt(label, model, layout=None):
+        try:
+            MuonClip(model, lr=0.01, layout=layout or fsdp.Shard0Layout(), process_group=mesh.get_group())
+            errors[label] = None
+        except (ValueError, TypeError) as e:
+            errors[label] = f"{type(e).__name__}: {e}"
+
+    m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    m[1].weight = nn.Parameter(distribute_tensor(m[1].weight.detach(), mesh, [Shard(1)]))
+    m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh, [Shard(0)]))
+    attempt("shard1", m)
+    m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh, [Shard(0)]))
+    m[1].weight = nn.Parameter(distribute_tensor(m[1].weight.detach(), mesh, [Replicate()]))
+    attempt("replicate", m)
+    m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh, [Shard(0)]))
+    attempt("plain", m)
+    if world == 4:
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        m = nn.Sequential(nn.Linear(8, 8, bias=False))
+        m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh2, [Shard(0), Shard(1)]))
+        attempt("mesh2d", m)
+    return errors

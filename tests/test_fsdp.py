@@ -1,0 +1,163 @@
+"""MuonClip on FSDP2 (fully_shard, Shard(0) DTensors) on W gloo processes: layout, numerics
+against the single-process oracle, QK-Clip on row shards, bytes on the wire, DCP resharding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torch.distributed.fsdp")
+
+from tests import _fsdp_workers as F  # noqa: E402
+from tests.dist_utils import run_distributed, values  # noqa: E402
+
+STEPS = 10
+# Tolerance: fp32 everywhere (ns_dtype="float32"); the FSDP2 run differs from the oracle only in
+# the summation order of the gradient reduce-scatter (~1e-7 relative per step), which
+# Newton-Schulz and 10 steps of momentum amplify to ~1e-5 on O(0.1) weights (same bound as
+# test_distributed's engines).
+ATOL, RTOL = 5e-5, 1e-4
+
+
+def _assert_same_params(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layout_matches_dtensor_shards(world, tmp_path):
+    """Ranges, local views and reduced gradients equal the DTensor's own rows (uneven 7 rows,
+    3 rows on 4 ranks, a [3, 5, 4] stack), and writes through the view reach FSDP2's storage."""
+    outs = values(run_distributed(F.layout_worker, world, tmp_path=tmp_path))
+    for rank, out in enumerate(outs):
+        assert out["write_ok"]
+        for name, o in out.items():
+            if name == "write_ok":
+                continue
+            assert o["local_ok"], (rank, name)
+            # gradient: FSDP2's reduce-scatter average vs one process on the whole batch (fp32
+            # summation order only)
+            assert o["grad_err"] < 1e-6, (rank, name, o["grad_err"])
+    rows = {"a.weight": 7, "b.weight": 3, "stack": 3}
+    for name, nrows in rows.items():
+        ranges = outs[0][name]["ranges"]
+        per_row = {"a.weight": 12, "b.weight": 7, "stack": 20}[name]
+        chunk = -(-nrows // world)          # torch.chunk: ceil(rows / W) rows per rank, trailing ranks short
+        want = []
+        for r in range(world):
+            r0, r1 = min(r * chunk, nrows), min((r + 1) * chunk, nrows)
+            want.append([(r0 * per_row, r1 * per_row)] if r1 > r0 else [])
+        assert ranges == want, (name, ranges)
+    if world == 4:
+        assert outs[3]["b.weight"]["numel"] == 0 and outs[3]["stack"]["numel"] == 0
+
+
+def test_unsupported_placements_raise_with_the_name(tmp_path):
+    (errors, *_) = values(run_distributed(F.placement_error_worker, 4, tmp_path=tmp_path))
+    assert "'1.weight'" in errors["shard1"] and "Shard(dim=1)" in errors["shard1"]
+    assert "'1.weight'" in errors["replicate"] and "Replicate()" in errors["replicate"]
+    assert "'1.weight'" in errors["plain"] and "not an FSDP2 DTensor" in errors["plain"]
+    assert "'0.weight'" in errors["mesh2d"] and "2-D mesh" in errors["mesh2d"]
+
+
+@pytest.fixture(scope="module")
+def oracles():
+    out = {}
+    for kind in ("llama", "deepseek_v3"):
+        model, _, clipped = F.train_single(kind, STEPS)
+        out[kind] = ({k: v.detach().clone() for k, v in model.named_parameters()}, clipped)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_matches_single_process(world, kind, oracles, tmp_path):
+    """GQA (llama) and MLA + MoE (DeepSeek-V3) under fully_shard: parameters after 10 steps equal
+    one process on the global batch, with QK-Clip rescaling heads on every step."""
+    want, clipped = oracles[kind]
+    assert all(c > 0 for c in clipped), clipped          # the clip is really active
+    outs = values(run_distributed(F.fsdp_train_worker, world, kind, STEPS, tmp_path=tmp_path))
+    for out in outs:
+        _assert_same_params(out["params"], want)
+        assert out["clipped"] == clipped                 # same heads clipped, from globally reduced S
+    # ZeRO memory: each rank's optimizer state is its shard of the parameters, nothing more
+    for out in outs:
+        assert out["state_numel"] == out["local_numel"]
+
+
+def _muon_numel_and_bytes(kind, world):
+    from dist_muonclip.fsdp import shard0_rows
+    from dist_muonclip.plan import MatrixItem, build_plan
+    from dist_muonclip import MuonClip
+    from dist_muonclip.param_split import matrix_shape
+
+    model = F.build_model(kind)
+    opt = MuonClip(model, qk_clip=False, **F.OPT_KW)
+    items, params = [], {}
+    for gi, g in enumerate(opt.param_groups):
+        if g["use_muon"]:
+            for p in g["params"]:
+                name = opt.param_name(p)
+                b, m, n = matrix_shape(p.shape, opt._views[p])
+                items.append(MatrixItem(name, gi, b, m, n, str(p.dtype), g["ns_steps"]))
+                params[name] = p
+    plan = build_plan(items, world)
+    sent = [0] * world
+    for name, p in params.items():
+        row = p[0].numel()
+        local = [(lambda r01: (r01[1] - r01[0]) * row)(shard0_rows(p.shape[0], world, r)) for r in range(world)]
+        owner = plan.owners[name]
+        for r in range(world):
+            if r != owner:
+                sent[r] += local[r] * 4                      # gather: my rows to the owner
+        sent[owner] += (p.numel() - local[owner]) * 4        # scatter: update rows to their holders
+    return sum(p.numel() for p in params.values()), sent
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_accounting_extra_bytes_over_fsdp2(world, tmp_path):
+    """MuonClip's only traffic on top of FSDP2's own all-gathers and reduce-scatters: one
+    all-to-all of row shards to owners and one back (+ the packed preflight all-reduce of flags
+    and max logits). Per rank and step it must stay within 2 x (Muon bytes) / W."""
+    steps = 2
+    kind = "llama"
+    outs = values(run_distributed(F.fsdp_train_worker, world, kind, steps, tmp_path=tmp_path))
+    muon_numel, sent = _muon_numel_and_bytes(kind, world)
+    muon_bytes = 4 * muon_numel
+    for r, out in enumerate(outs):
+        acc = out["acc"]
+        assert set(acc) <= {"all_to_all[muon_gather]", "all_to_all[muon_scatter]", "all_reduce[preflight]"}, acc
+        a2a = acc["all_to_all[muon_gather]"]["bytes"] + acc["all_to_all[muon_scatter]"]["bytes"]
+        assert a2a == steps * sent[r]                    # exactly the rows that change rank
+        assert acc["all_to_all[muon_gather]"]["calls"] == acc["all_to_all[muon_scatter]"]["calls"]
+        extra_per_step = sum(c["bytes"] for c in acc.values()) / steps
+        assert extra_per_step <= 2 * muon_bytes / world, (r, extra_per_step, 2 * muon_bytes / world)
+
+
+def test_mixed_precision_bf16_params_fp32_reduce(oracles, tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): sharded parameters and all
+    optimizer state stay fp32; the run tracks the fp32 oracle to bf16 forward accuracy."""
+    want, _ = oracles["llama"]
+    outs = values(run_distributed(F.fsdp_train_worker, 2, "llama", STEPS, True, tmp_path=tmp_path))
+    for out in outs:
+        assert set(out["param_dtypes"].values()) == {torch.float32}
+        assert set(out["state_dtypes"].values()) == {torch.float32}
+        for k in want:
+            # bf16 activations (8-bit mantissa, ~4e-3 relative) perturb gradients by ~1%; Muon's
+            # orthogonalized update has a fixed RMS (lr * 0.2 sqrt(max(m, n)) per step), so 10 steps
+            # move weights by at most ~0.1 * 10 * lr-scale; a wrong update (sign, scale, missed
+            # rows) would differ by the full update size (~2e-2 per step), far above 1e-2.
+            torch.testing.assert_close(out["params"][k], want[k], atol=1e-2, rtol=0.0, msg=lambda m: f"{k}: {m}")
+
+
+def test_dcp_save_at_2_load_at_4_and_1(oracles, tmp_path):
+    """DCP checkpoint written at W=2 after 5 steps, resharded on load at W=4 and W=1; 5 more
+    steps equal the uninterrupted 10-step run."""
+    want, _ = oracles["llama"]
+    ckpt = str(tmp_path / "ckpt")
+    values(run_distributed(F.fsdp_train_worker, 2, "llama", 5, False, ckpt, tmp_path=tmp_path / "a"))
+    for world in (4, 1):
+        outs = values(run_distributed(F.fsdp_train_worker, world, "llama", 5, False, None, ckpt, 5,
+                                      tmp_path=tmp_path / f"w{world}"))
+        for out in outs:
+            _assert_same_params(out["params"], want)
