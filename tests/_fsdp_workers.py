@@ -15,8 +15,9 @@ GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 96
 # = 2 KV heads of 16, so W=4 gives each rank half a head.
 MODEL_KW = {"llama": dict(intermediate_size=93),
             "deepseek_v3": dict(intermediate_size=93, n_routed_experts=3)}
-# tau below the tiny models' max logits so QK-Clip rescales heads every step (checked in the test)
-QK = {"llama": dict(tau=0.5), "deepseek_v3": dict(tau=0.5)}
+# tau below the tiny models' max logits (~0.1 llama, ~0.05 MLA at init) so QK-Clip rescales heads
+# every step (checked in the test)
+QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.05)}
 OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
 
 
@@ -48,6 +49,41 @@ def train_single(kind: str, steps: int, start: int = 0, model=None, opt=None):
         opt.zero_grad(set_to_none=True)
         clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
     return model, opt, clipped
+
+
+def train_single_mixed_precision(kind: str, steps: int, world: int):
+    """Oracle for FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) in one process:
+    fp32 master parameters and MuonClip; each step the parameters are cast to bf16 (buffers stay
+    fp32, as FSDP2 casts parameters only), each of the ``world`` micro-batches runs forward and
+    backward in bf16, the bf16 gradients are cast to fp32 and averaged (FSDP2's fp32
+    reduce-scatter), and the max logits of the bf16 forward passes are handed to step(s_max=...)."""
+    from dist_muonclip import MuonClip
+    from dist_muonclip.qk_clip import QKClipper
+
+    master = build_model(kind)
+    opt = MuonClip(master, qk_clip=QK[kind], **OPT_KW)
+    low = build_model(kind)
+    for p in low.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    tracker = QKClipper(low, dict(QK[kind]))
+    pairs = list(zip(master.parameters(), low.parameters()))
+    for t in range(steps):
+        with torch.no_grad():
+            for p, q in pairs:
+                q.copy_(p)
+        acc = [torch.zeros_like(p) for p, _ in pairs]
+        for r in range(world):
+            ids = local_batch(t, r, world)
+            low(input_ids=ids, labels=ids).loss.backward()
+            for a, (_, q) in zip(acc, pairs):
+                if q.grad is not None:
+                    a.add_(q.grad.float())
+            low.zero_grad(set_to_none=True)
+        for a, (p, _) in zip(acc, pairs):
+            p.grad = a.div_(world)
+        opt.step(s_max=tracker.max_logits())
+        opt.zero_grad(set_to_none=True)
+    return master
 
 
 def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -100,7 +136,9 @@ def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = F
            "param_dtypes": {n: p.dtype for n, p in model.named_parameters()},
            "state_dtypes": {k: v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"},
            "state_numel": sum(v.numel() for s in opt.state.values() for k, v in s.items() if k != "step"),
-           "local_numel": sum(p._local_tensor.numel() for p in model.parameters())}
+           # ZeRO: momentum for local Muon rows, exp_avg + exp_avg_sq for local AdamW rows
+           "expected_state_numel": sum(p._local_tensor.numel() * (1 if g["use_muon"] else 2)
+                                       for g in opt.param_groups for p in g["params"])}
     if save_dir is not None:
         sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
         dcp.save(sd, checkpoint_id=save_dir)
