@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import MuonClip
 
 __all__ = ["Shard0Layout", "fully_shard_model", "make_muonclip", "get_optimizer_state_dict",
-           "set_optimizer_state_dict", "find_blocks", "STATE_FORMAT"]
+           "set_optimizer_state_dict", "torch_optimizer_state_dict", "init_state_", "find_blocks",
+           "shard0_rows", "STATE_FORMAT"]
 
 STATE_FORMAT = "dist_muonclip.fsdp.v1"
 
@@ -197,6 +198,21 @@ class Shard0Layout(Layout):
                                   stride=p.stride())
 
 
+    # -- optional engine hooks: eager state, torch-native (DCP) optimizer state dicts -------
+    def init_optimizer_state(self, optim: "MuonClip") -> None:
+        """Create all state at construction (DCP and torch's get_state_dict see it on every rank)."""
+        init_state_(optim)
+
+    def optimizer_state_dict(self, optim: "MuonClip") -> dict[str, Any]:
+        """``MuonClip.state_dict()`` for FSDP2: torch's format with DTensor state (see
+        :func:`torch_optimizer_state_dict`)."""
+        return torch_optimizer_state_dict(optim)
+
+    def load_optimizer_state_dict(self, optim: "MuonClip", state_dict: dict[str, Any]) -> None:
+        """``MuonClip.load_state_dict()`` for FSDP2: keyed by position or FQN, DTensor or resharded."""
+        _load_state(optim, state_dict)
+
+
 # ------------------------------------------------------------------------------ wrapping
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: modules whose class is in a transformers model's
@@ -315,7 +331,7 @@ def _sync_steps_(optim: "MuonClip") -> None:
     steps = [optim.state[p]["step"] for g in optim.param_groups if not g["use_muon"] for p in g["params"]]
     if not steps or optim.world_size == 1:
         return
-    device = layout.local_param(steps and next(p for g in optim.param_groups for p in g["params"])).device
+    device = layout.local_param(optim.param_groups[0]["params"][0]).device   # NCCL needs device tensors
     packed = torch.stack([s.float().to(device) for s in steps])
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=layout.process_group)
     for s, v in zip(steps, packed.tolist()):
@@ -323,6 +339,87 @@ def _sync_steps_(optim: "MuonClip") -> None:
 
 
 _SKIP_GROUP_KEYS = ("params", "param_names")
+
+
+def _build_state(optim: "MuonClip", key_of) -> dict[str, Any]:
+    """``{"state": {key: {...}}, "param_groups": [{..., "params": [key, ...]}]}`` with per-element
+    state as ``DTensor`` s whose local shards are views of the optimizer's state."""
+    layout = _layout_of(optim)
+    init_state_(optim)
+    _sync_steps_(optim)
+    state: dict[Any, dict[str, Any]] = {}
+    groups = []
+    for g in optim.param_groups:
+        keys = []
+        for p in g["params"]:
+            key = key_of(p)
+            keys.append(key)
+            entry: dict[str, Any] = {}
+            for k, v in optim.state[p].items():
+                if k == "step":
+                    entry[k] = v
+                elif isinstance(v, Tensor) and v.numel() == layout.local_param(p).numel():
+                    entry[k] = layout.dtensor_like(p, v)
+                else:
+                    raise ValueError(f"optimizer state {k!r} of {optim.param_name(p)!r} has shape {tuple(v.shape)}, "
+                                     "not this rank's shard; cannot checkpoint it with DCP")
+            state[key] = entry
+        groups.append({**{k: v for k, v in g.items() if k not in _SKIP_GROUP_KEYS}, "params": keys})
+    return {"state": state, "param_groups": groups}
+
+
+@torch.no_grad()
+def _load_state(optim: "MuonClip", state_dict: dict[str, Any]) -> None:
+    """Load ``{"state", "param_groups"}`` keyed by FQN or by position (torch's convention: the
+    saved groups' ``params`` lists, in order, name this optimizer's parameters). Validated first."""
+    layout = _layout_of(optim)
+    DTensor = _dtensor_cls()
+    init_state_(optim)
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list) or "state" not in state_dict:
+        raise ValueError("optimizer state_dict needs 'state' and 'param_groups' (from "
+                         "dist_muonclip.fsdp.get_optimizer_state_dict or torch's get_optimizer_state_dict)")
+    if len(saved_groups) != len(optim.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has "
+                         f"{len(optim.param_groups)} (rebuild the optimizer with the same split)")
+    param_of: dict[Any, Tensor] = {}
+    for gi, (sg, g) in enumerate(zip(saved_groups, optim.param_groups)):
+        if len(sg["params"]) != len(g["params"]) or sg.get("use_muon", g["use_muon"]) != g["use_muon"]:
+            raise ValueError(f"param group {gi} does not match the checkpoint ({len(sg['params'])} saved parameters, "
+                             f"{len(g['params'])} here; use_muon {sg.get('use_muon')} vs {g['use_muon']})")
+        for key, p in zip(sg["params"], g["params"]):
+            if isinstance(key, str) and key != optim.param_name(p) and not key.endswith(optim.param_name(p)) \
+                    and not optim.param_name(p).endswith(key):
+                raise ValueError(f"param group {gi}: checkpoint parameter {key!r} is at the place of "
+                                 f"{optim.param_name(p)!r}; rebuild the model with the same parameter order")
+            param_of[key] = p
+    copies = []
+    for key, s in state_dict["state"].items():
+        if key not in param_of:
+            raise ValueError(f"optimizer state_dict has state for {key!r}, which no param group lists")
+        p = param_of[key]
+        name = optim.param_name(p)
+        mine = optim.state[p]
+        for k, v in s.items():
+            if k not in mine:
+                raise ValueError(f"state {k!r} of {name!r} is not a state of this optimizer's "
+                                 f"{'Muon' if k == 'momentum_buffer' else 'AdamW'} parameters")
+            if k == "step":
+                copies.append((mine[k], torch.as_tensor(v).reshape(())))
+                continue
+            if not isinstance(v, DTensor) or v.shape != p.shape:
+                raise ValueError(f"state {k!r} of {name!r}: expected a DTensor of shape {tuple(p.shape)} (from "
+                                 f"get_optimizer_state_dict + dcp.load), got {type(v).__name__} {tuple(v.shape)}")
+            if v.placements != p.placements or v.device_mesh != p.device_mesh:
+                v = v.redistribute(p.device_mesh, p.placements)
+            copies.append((mine[k], v._local_tensor.reshape(-1)))
+    for dst, src in copies:
+        if dst.numel() and dst.data_ptr() != src.data_ptr():     # dcp.load may have written in place already
+            dst.copy_(src)
+    for sg, g in zip(saved_groups, optim.param_groups):
+        for k, v in sg.items():
+            if k not in _SKIP_GROUP_KEYS:
+                g[k] = v
 
 
 def get_optimizer_state_dict(model: nn.Module, optim: "MuonClip") -> dict[str, Any]:
@@ -334,76 +431,25 @@ def get_optimizer_state_dict(model: nn.Module, optim: "MuonClip") -> dict[str, A
     optimizer; :func:`set_optimizer_state_dict` then restores step counters and hyperparameters.
     Collective (one small all-reduce): call it on every rank.
     """
-    layout = _layout_of(optim)
-    init_state_(optim)
-    _sync_steps_(optim)
-    state: dict[str, dict[str, Any]] = {}
-    groups = []
-    for g in optim.param_groups:
-        names = []
-        for p in g["params"]:
-            name = optim.param_name(p)
-            names.append(name)
-            s = optim.state[p]
-            entry: dict[str, Any] = {}
-            for k, v in s.items():
-                if k == "step":
-                    entry[k] = v
-                elif isinstance(v, Tensor) and v.numel() == layout.local_param(p).numel():
-                    entry[k] = layout.dtensor_like(p, v)
-                else:
-                    raise ValueError(f"optimizer state {k!r} of {name!r} has {tuple(v.shape)} elements, not this "
-                                     "rank's shard; cannot checkpoint it with DCP")
-            state[name] = entry
-        groups.append({**{k: v for k, v in g.items() if k not in _SKIP_GROUP_KEYS}, "params": names})
-    return {"format": STATE_FORMAT, "step": torch.tensor(int(getattr(optim, "_step_count_total", 0))),
-            "state": state, "param_groups": groups}
+    out = _build_state(optim, optim.param_name)
+    return {"format": STATE_FORMAT, "step": torch.tensor(int(getattr(optim, "_step_count_total", 0))), **out}
 
 
-@torch.no_grad()
 def set_optimizer_state_dict(model: nn.Module, optim: "MuonClip", state_dict: dict[str, Any]) -> None:
     """Load a :func:`get_optimizer_state_dict` dict (typically filled by ``dcp.load``, from any
     world size) into ``optim``. Validated before anything changes."""
-    layout = _layout_of(optim)
     if state_dict.get("format") != STATE_FORMAT:
         raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {STATE_FORMAT!r} "
                          "(from dist_muonclip.fsdp.get_optimizer_state_dict)")
-    init_state_(optim)
-    DTensor = _dtensor_cls()
-    by_name = {optim.param_name(p): (p, g) for g in optim.param_groups for p in g["params"]}
-    saved = state_dict["state"]
-    missing = sorted(set(by_name) - set(saved))
-    extra = sorted(set(saved) - set(by_name))
-    if missing or extra:
-        raise ValueError(f"optimizer state_dict does not match the model: missing {missing[:5]}, unexpected "
-                         f"{extra[:5]} (rebuild the model with the same parameter names)")
-    if len(state_dict["param_groups"]) != len(optim.param_groups):
-        raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, the optimizer "
-                         f"{len(optim.param_groups)}")
-    plan = []
-    for name, s in saved.items():
-        p, g = by_name[name]
-        mine = optim.state[p]
-        for k, v in s.items():
-            if k not in mine:
-                raise ValueError(f"state {k!r} of {name!r} is not a state of this optimizer's "
-                                 f"{'Muon' if g['use_muon'] else 'AdamW'} part")
-            if k == "step":
-                plan.append((mine[k], v.reshape(())))
-                continue
-            if not isinstance(v, DTensor) or v.shape != p.shape:
-                raise ValueError(f"state {k!r} of {name!r}: expected a DTensor of shape {tuple(p.shape)} (from "
-                                 f"get_optimizer_state_dict + dcp.load), got {type(v).__name__} "
-                                 f"{tuple(v.shape)}")
-            if v.placements != p.placements or v.device_mesh != p.device_mesh:
-                v = v.redistribute(p.device_mesh, p.placements)
-            plan.append((mine[k], v._local_tensor.reshape(-1)))
-    for dst, src in plan:
-        if dst.data_ptr() != src.data_ptr() or dst.numel() == 0:
-            dst.copy_(src)
-    for sg, g in zip(state_dict["param_groups"], optim.param_groups):
-        for k, v in sg.items():
-            if k not in _SKIP_GROUP_KEYS:
-                g[k] = v
+    _load_state(optim, state_dict)
     if hasattr(optim, "_step_count_total"):
         optim._step_count_total = int(state_dict.get("step", 0))
+
+
+def torch_optimizer_state_dict(optim: "MuonClip") -> dict[str, Any]:
+    """``optim.state_dict()`` in torch's own format (state keyed by position in param_groups,
+    DTensor values), which ``torch.distributed.checkpoint.state_dict.get_state_dict`` maps to FQNs.
+    Used by MuonClip.state_dict() for Shard0 layouts (see NOTES_fsdp.md)."""
+    params = [p for g in optim.param_groups for p in g["params"]]
+    index = {p: i for i, p in enumerate(params)}
+    return _build_state(optim, index.__getitem__)

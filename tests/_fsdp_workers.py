@@ -106,21 +106,36 @@ def fsdp_setup(kind: str, world: int, mp: bool = False, accountant=None):
     return model, opt
 
 
+def _state_dicts(model, opt, api: str) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    from dist_muonclip import fsdp
+
+    if api == "torch":     # torch.distributed.checkpoint.state_dict, through MuonClip.state_dict()
+        msd, osd = get_state_dict(model, opt)
+        return {"model": msd, "optim": osd}
+    return {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+
+
 def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = False, save_dir: str | None = None,
-                      load_dir: str | None = None, start: int = 0):
-    """Train a fully_shard'ed tiny HF model with MuonClip; optionally DCP-save at the end / load first."""
+                      load_dir: str | None = None, start: int = 0, api: str = "fsdp"):
+    """Train a fully_shard'ed tiny HF model with MuonClip; optionally DCP-save at the end / load first
+    (``api``: "fsdp" = dist_muonclip.fsdp's state functions, "torch" = torch's get/set_state_dict)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     from dist_muonclip import fsdp
 
     acc = CommAccountant()
     model, opt = fsdp_setup(kind, world, mp, acc)
     if load_dir is not None:
-        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+        sd = _state_dicts(model, opt, api)
         dcp.load(sd, checkpoint_id=load_dir)
-        set_model_state_dict(model, sd["model"])
-        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
+        if api == "torch":
+            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            set_model_state_dict(model, sd["model"])
+            fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
     acc.reset()
     losses, clipped = [], []
     for t in range(start, start + steps):
@@ -140,8 +155,7 @@ def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = F
            "expected_state_numel": sum(p._local_tensor.numel() * (1 if g["use_muon"] else 2)
                                        for g in opt.param_groups for p in g["params"])}
     if save_dir is not None:
-        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
-        dcp.save(sd, checkpoint_id=save_dir)
+        dcp.save(_state_dicts(model, opt, api), checkpoint_id=save_dir)
     return out
 
 

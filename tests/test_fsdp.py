@@ -150,14 +150,17 @@ def test_mixed_precision_bf16_params_fp32_reduce(tmp_path):
             torch.testing.assert_close(out["params"][k], want[k], atol=1e-6, rtol=0.0, msg=lambda m: f"{k}: {m}")
 
 
-def test_dcp_save_at_2_load_at_4_and_1(oracles, tmp_path):
+@pytest.mark.parametrize("api", ["fsdp", "torch"])
+def test_dcp_save_at_2_load_at_4_and_1(api, oracles, tmp_path):
     """DCP checkpoint written at W=2 after 5 steps, resharded on load at W=4 and W=1; 5 more
-    steps equal the uninterrupted 10-step run."""
+    steps equal the uninterrupted 10-step run. ``api="fsdp"``: dist_muonclip.fsdp's
+    get/set_optimizer_state_dict; ``"torch"``: torch.distributed.checkpoint.state_dict's
+    get_state_dict / set_state_dict (state keyed by FQN, DTensor values)."""
     want, _ = oracles["llama"]
     ckpt = str(tmp_path / "ckpt")
-    values(run_distributed(F.fsdp_train_worker, 2, "llama", 5, False, ckpt, tmp_path=tmp_path / "a"))
+    values(run_distributed(F.fsdp_train_worker, 2, "llama", 5, False, ckpt, None, 0, api, tmp_path=tmp_path / "a"))
     for world in (4, 1):
-        outs = values(run_distributed(F.fsdp_train_worker, world, "llama", 5, False, None, ckpt, 5,
+        outs = values(run_distributed(F.fsdp_train_worker, world, "llama", 5, False, None, ckpt, 5, api,
                                       tmp_path=tmp_path / f"w{world}"))
         for out in outs:
             _assert_same_params(out["params"], want)
