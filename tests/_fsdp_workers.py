@@ -252,3 +252,38 @@ def placement_error_worker(rank: int, world: int):
         m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh2, [Shard(0), Shard(1)]))
         attempt("mesh2d", m)
     return errors
+
+
+def engine_worker(rank: int, world: int, steps: int, max_norm: float, ckpt: str | None = None):
+    """launch/engines_fsdp.FSDPEngine as train.py drives it: shard, MuonClip with the engine's
+    optimizer kwargs, clip the global gradient norm on shards, step; then a DCP checkpoint."""
+    from types import SimpleNamespace
+
+    from dist_muonclip import MuonClip
+    from launch.engines_fsdp import FSDPEngine
+
+    ctx = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"))
+    model = build_model("llama")
+    engine = FSDPEngine(model, ctx)
+    opt = MuonClip(engine.module, qk_clip=QK["llama"], **OPT_KW, **engine.optimizer_kwargs())
+    norms = []
+    for t in range(steps):
+        ids = local_batch(t, rank, world)
+        engine.model(input_ids=ids, labels=ids).loss.backward()
+        norms.append(float(engine.clip_grad_norm_(max_norm)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = {"params": _full_params(engine.module), "norms": norms}
+    if ckpt is not None:
+        out["path"] = str(engine.save_checkpoint(ckpt, step=steps, optimizer=opt, extra={"note": "x"}))
+        # reload into a fresh model + optimizer on the same ranks: identical state
+        model2 = tiny_model("llama", seed=5, **MODEL_KW["llama"])   # different init: all from the checkpoint
+        engine2 = FSDPEngine(model2, ctx)
+        opt2 = MuonClip(engine2.module, qk_clip=QK["llama"], **OPT_KW, **engine2.optimizer_kwargs())
+        got = engine2.load_checkpoint(out["path"], optimizer=opt2, extra={"note": ""})
+        out["loaded_step"], out["loaded_extra"] = got["step"], got["extra"]
+        out["reloaded_params"] = _full_params(engine2.module)
+        out["state_equal"] = all(
+            torch.equal(opt.state[p][k], opt2.state[q][k])
+            for p, q in zip(engine.module.parameters(), engine2.module.parameters()) for k in opt.state[p])
+    return out

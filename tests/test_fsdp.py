@@ -164,3 +164,32 @@ def test_dcp_save_at_2_load_at_4_and_1(api, oracles, tmp_path):
                                       tmp_path=tmp_path / f"w{world}"))
         for out in outs:
             _assert_same_params(out["params"], want)
+
+
+def test_train_engine_clips_global_norm_and_checkpoints(tmp_path):
+    """launch/engines_fsdp.FSDPEngine (train.py --fsdp): the gradient norm it computes on shards is
+    the one-process full-batch norm; clipping to half of it gives the one-process clipped run;
+    its DCP checkpoint reloads into a differently initialized model bit for bit."""
+    from dist_muonclip import MuonClip
+
+    steps, max_norm = 3, 0.5
+    model = F.build_model("llama")
+    opt = MuonClip(model, qk_clip=F.QK["llama"], **F.OPT_KW)
+    norms = []
+    for t in range(steps):
+        ids = F.global_batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(n > max_norm for n in norms)              # the clip really scales every step
+    outs = values(run_distributed(F.engine_worker, 2, steps, max_norm, str(tmp_path / "ck"), tmp_path=tmp_path))
+    want = {k: v.detach() for k, v in model.named_parameters()}
+    for out in outs:
+        # norm: fp32 sums in a different order (shards, then all-reduce): ~1e-7 relative
+        assert out["norms"] == pytest.approx(norms, rel=1e-5)
+        _assert_same_params(out["params"], want)
+        assert out["loaded_step"] == steps and out["loaded_extra"] == {"note": "x"}
+        assert out["state_equal"]
+        for k in want:
+            assert torch.equal(out["reloaded_params"][k], out["params"][k]), k
