@@ -87,6 +87,7 @@ class Shard0Layout(Layout):
         self.mesh = mesh
         self._group = process_group
         self._coords: list[int] | None = None   # group rank -> mesh coordinate
+        self._ranges: dict[tuple[int, ...], list[list[tuple[int, int]]]] = {}   # full shape -> ranges
         if mesh is not None:
             self._bind(mesh)
 
@@ -118,14 +119,21 @@ class Shard0Layout(Layout):
 
     # -- the contract ----------------------------------------------------------------------
     def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
-        """Per group rank, its flat range ``[r0 * C, r1 * C)`` (``[]`` for an empty shard)."""
-        shape = p.shape
+        """Per group rank, its flat range ``[r0 * C, r1 * C)`` (``[]`` for an empty shard).
+        They depend only on the shape (cached: the engine asks for every parameter on every step)."""
+        shape = tuple(p.shape)
+        hit = self._ranges.get(shape)
+        if hit is not None:
+            return hit
+        if self._coords is None:
+            self.check_param(p, "<parameter>")     # binds the mesh of the first parameter seen
         row = math.prod(shape[1:])
         w = len(self._coords)
         out = []
         for r in range(w):
             r0, r1 = shard0_rows(shape[0], w, self._coords[r])
             out.append([(r0 * row, r1 * row)] if r1 > r0 and row else [])
+        self._ranges[shape] = out
         return out
 
     def local_param(self, p: Tensor) -> Tensor:
