@@ -181,6 +181,9 @@ class MuonClip(Optimizer):
         self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
         self._plan = None
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
+        init_state = getattr(self._layout, "init_optimizer_state", None)
+        if init_state is not None:     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys everywhere
+            init_state(self)
         if verbose:
             print(self.describe_split())
 
@@ -353,7 +356,8 @@ class MuonClip(Optimizer):
         self._comm: Comm | None = None
         if process_group is not None or (dist.is_available() and dist.is_initialized()):
             comm = Comm(process_group, accountant)
-            if comm.world_size > 1 or grad_reduction == "optimizer":
+            # a sharded layout needs the all-to-alls even on one rank (FSDP2 at W=1: e.g. DCP resume at W=1)
+            if comm.world_size > 1 or grad_reduction == "optimizer" or (layout is not None and layout.sharded):
                 self._comm = comm
         self.accountant = accountant
         self.grad_reduction = grad_reduction
@@ -931,6 +935,9 @@ class MuonClip(Optimizer):
 
         Layout: ``{"format", "step", "state": {name: {...}}, "param_groups": [{..., "params": [names]}]}``.
         """
+        hook = getattr(self._layout, "optimizer_state_dict", None)
+        if hook is not None and not sharded:   # e.g. FSDP2: torch's format with DTensor state (DCP, get_state_dict)
+            return hook(self)
         groups = []
         for g in self.param_groups:
             d = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -978,6 +985,10 @@ class MuonClip(Optimizer):
 
         Each rank keeps what it owns under the current plan. Validated before anything changes.
         """
+        hook = getattr(self._layout, "load_optimizer_state_dict", None)
+        if hook is not None and state_dict.get("format") != _STATE_FORMAT:
+            hook(self, state_dict)       # e.g. FSDP2: torch's format (from get_state_dict / dcp.load)
+            return
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {_STATE_FORMAT!r} "
                              "(a dist_muonclip MuonClip.state_dict())")
