@@ -373,6 +373,15 @@ class MuonClip(Optimizer):
         self._layout = layout if layout is not None else Replicated(self.world_size)
         if not isinstance(self._layout, Layout):
             raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        if not self._layout.sharded:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
+                        raise ValueError(
+                            f"parameter {self._names[p]!r} is a DTensor with placements {tuple(p.placements)} (FSDP2 / "
+                            "tensor parallel) but the layout is Replicated; for fully_shard models use "
+                            "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
+                            "Shard0Layout(mesh), process_group=mesh.get_group()")
         if self._layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
