@@ -246,6 +246,13 @@ def placement_error_worker(rank: int, world: int):
     m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh, [Shard(0)]))
     attempt("plain", m)
+    m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    fsdp.fully_shard_model(m, mesh, blocks=[])
+    try:                                  # a fully_shard'ed model without the Shard0 layout
+        MuonClip(m, lr=0.01)
+        errors["no_layout"] = None
+    except ValueError as e:
+        errors["no_layout"] = f"{type(e).__name__}: {e}"
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         m = nn.Sequential(nn.Linear(8, 8, bias=False))

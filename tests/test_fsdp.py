@@ -59,6 +59,7 @@ def test_unsupported_placements_raise_with_the_name(tmp_path):
     assert "'1.weight'" in errors["replicate"] and "Replicate()" in errors["replicate"]
     assert "'1.weight'" in errors["plain"] and "not an FSDP2 DTensor" in errors["plain"]
     assert "'0.weight'" in errors["mesh2d"] and "2-D mesh" in errors["mesh2d"]
+    assert "'0.weight'" in errors["no_layout"] and "make_muonclip" in errors["no_layout"]
 
 
 @pytest.fixture(scope="module")
