@@ -122,6 +122,18 @@ class FSDPEngine:
             set_optimizer_state_dict(self.module, optimizer, state["optim"])
         return {"step": int(state["step"]), "extra": state.get("extra", {})}
 
+    @staticmethod
+    def resolve_checkpoint(path: str | os.PathLike) -> Path:
+        """A DCP checkpoint directory, or the latest ``step_*`` checkpoint directory inside ``path``."""
+        path = Path(path)
+        if (path / ".metadata").is_file():
+            return path
+        steps = sorted(p for p in path.glob("step_*") if (p / ".metadata").is_file()) if path.is_dir() else []
+        if not steps:
+            raise ValueError(f"--resume {str(path)!r} is not a DCP checkpoint directory (no .metadata) and holds no "
+                             "step_* checkpoint directories written by the fsdp engine")
+        return steps[-1]
+
     def _state(self, optimizer: torch.optim.Optimizer, extra: dict[str, Any], step: int) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 

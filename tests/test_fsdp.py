@@ -209,10 +209,11 @@ def _train_module():
 @pytest.mark.skipif(_train_module() is None or "fsdp" not in getattr(_train_module(), "ENGINES", {}),
                     reason="launch/train.py has no 'fsdp' engine yet (hook-up: NOTES_fsdp.md section 3)")
 def test_train_py_fsdp_under_torchrun_matches_single_process(tmp_path):
-    """``torchrun --nproc_per_node=2 launch/train.py --fsdp`` (MuonClip, fp32 NS, QK-Clip on)
-    against the single-process run of the same global batches: per-step losses agree to a few
-    fp32 ulps (summation order of the reduce-scatter only; a wrong update moves the loss by
-    ~1e-3 per step), and the process group exits cleanly (return code 0)."""
+    """``torchrun --nproc_per_node=2 launch/train.py --fsdp`` (MuonClip, fp32 NS) against the
+    single-process run of the same global batches: per-step losses agree to a few fp32 ulps
+    (summation order of the reduce-scatter only; a wrong update moves the loss by ~1e-3 per
+    step) and the process group exits cleanly (return code 0). Its DCP checkpoint of step 4
+    resumes in one process (``--fsdp`` at W=1) and reproduces steps 4-7."""
     import json
     import os
     import socket
@@ -234,11 +235,18 @@ def test_train_py_fsdp_under_torchrun_matches_single_process(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(repo / "launch" / "train.py"), *argv, "--engine", "fsdp", "--out", str(tmp_path / "two.json")]
+           str(repo / "launch" / "train.py"), *argv, "--fsdp", "--out", str(tmp_path / "two.json"),
+           "--save", str(tmp_path / "ck"), "--save-every", "4"]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world_size"] == 2 and two["engine"] == "fsdp"
     # ~1 ulp of fp32 at loss values 3-6 is 2.4e-7-4.8e-7; 2e-6 allows a few ulps of drift
     for r1, r2 in zip(single["steps"], two["steps"], strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=0, abs=2e-6), r1["step"]
+    assert (tmp_path / "ck" / "step_0000004" / ".metadata").is_file()
+    resumed = train.train(train.parse_args(argv + ["--fsdp", "--resume", str(tmp_path / "ck" / "step_0000004")]))
+    assert resumed["start_step"] == 4
+    # resumed in one process: same reduction order as the single-process run from step 4 on
+    for r1, r2 in zip(single["steps"][4:], resumed["steps"], strict=True):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=0, abs=2e-6), r1["step"]
