@@ -294,3 +294,11 @@ def engine_worker(rank: int, world: int, steps: int, max_norm: float, ckpt: str 
             torch.equal(opt.state[p][k], opt2.state[q][k])
             for p, q in zip(engine.module.parameters(), engine2.module.parameters()) for k in opt.state[p])
     return out
+
+
+
+def calls_worker(rank: int, world: int, calls: list[tuple[str, tuple]]):
+    """Several scenarios of this module in one process group, in order: ``calls`` = [(function
+    name, args)]. One spawn per world size instead of one per scenario: process start-up (torch +
+    transformers imports) dominates these tiny runs on a shared 2-core CI machine."""
+    return [globals()[name](rank, world, *args) for name, args in calls]

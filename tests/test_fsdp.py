@@ -11,6 +11,7 @@ from tests import _fsdp_workers as F  # noqa: E402
 from tests.dist_utils import run_distributed, values  # noqa: E402
 
 STEPS = 10
+ENGINE_STEPS, ENGINE_MAX_NORM = 3, 0.5
 # Tolerance: fp32 everywhere (ns_dtype="float32"); the FSDP2 run differs from the oracle only in
 # the summation order of the gradient reduce-scatter (~1e-7 relative per step), which
 # Newton-Schulz and 10 steps of momentum amplify to ~1e-5 on O(0.1) weights (same bound as
@@ -24,12 +25,12 @@ def _assert_same_params(got, want):
         torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m: f"{k}: {m}")
 
 
-def test_layout_matches_dtensor_shards(tmp_path):
+def test_layout_matches_dtensor_shards(fsdp_runs):
     """Ranges, local views and reduced gradients equal the DTensor's own rows at W=4 (7 rows:
     2, 2, 2, 1; 3 rows on 4 ranks: 1, 1, 1, 0; a [3, 5, 4] stack split on its stack dim), and
     writes through the view reach FSDP2's storage."""
     world = 4
-    outs = values(run_distributed(F.layout_worker, world, tmp_path=tmp_path))
+    outs = fsdp_runs[world]["layout"]
     for rank, out in enumerate(outs):
         assert out["write_ok"]
         for name, o in out.items():
@@ -53,8 +54,8 @@ def test_layout_matches_dtensor_shards(tmp_path):
         assert outs[3]["b.weight"]["numel"] == 0 and outs[3]["stack"]["numel"] == 0
 
 
-def test_unsupported_placements_raise_with_the_name(tmp_path):
-    (errors, *_) = values(run_distributed(F.placement_error_worker, 4, tmp_path=tmp_path))
+def test_unsupported_placements_raise_with_the_name(fsdp_runs):
+    errors = fsdp_runs[4]["placement_errors"][0]
     assert "'1.weight'" in errors["shard1"] and "Shard(dim=1)" in errors["shard1"]
     assert "'1.weight'" in errors["replicate"] and "Replicate()" in errors["replicate"]
     assert "'1.weight'" in errors["plain"] and "not an FSDP2 DTensor" in errors["plain"]
@@ -71,15 +72,39 @@ def oracles():
     return out
 
 
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """Every gloo scenario of this module, one spawn per world size (W=2 first: it writes the
+    checkpoint that W=4 and W=1 resume): ``runs[world][name]`` = per-rank outputs."""
+    tmp = tmp_path_factory.mktemp("fsdp_runs")
+    ckpt = str(tmp / "ckpt")
+    train = "fsdp_train_worker"
+    plan = {
+        2: {"llama": (train, ("llama", STEPS)), "deepseek_v3": (train, ("deepseek_v3", STEPS)),
+            "mixed_precision": (train, ("llama", STEPS, True)),
+            "save": (train, ("llama", 5, False, ckpt, None, 0, "fsdp")),
+            "engine": ("engine_worker", (ENGINE_STEPS, ENGINE_MAX_NORM, str(tmp / "engine_ckpt")))},
+        4: {"layout": ("layout_worker", ()), "placement_errors": ("placement_error_worker", ()),
+            "llama": (train, ("llama", STEPS)), "deepseek_v3": (train, ("deepseek_v3", STEPS)),
+            "resume": (train, ("llama", 5, False, None, ckpt, 5, "torch"))},
+        1: {"resume": (train, ("llama", 5, False, None, ckpt, 5, "fsdp"))},
+    }
+    runs = {}
+    for world, calls in plan.items():
+        outs = values(run_distributed(F.calls_worker, world, list(calls.values()), tmp_path=tmp / f"w{world}"))
+        runs[world] = {name: [o[i] for o in outs] for i, name in enumerate(calls)}
+    return runs
+
+
 @pytest.mark.parametrize("kind", ["llama", "deepseek_v3"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_matches_single_process(world, kind, oracles, tmp_path):
+def test_matches_single_process(world, kind, oracles, fsdp_runs):
     """GQA (llama) and MLA + MoE (DeepSeek-V3) under fully_shard: parameters after 10 steps equal
     one process on the global batch, with QK-Clip rescaling heads on every step; optimizer state
     is exactly this rank's shard; extra bytes on the wire within 2 x Muon bytes / W."""
     want, clipped = oracles[kind]
     assert all(c > 0 for c in clipped), clipped          # the clip is really active
-    outs = values(run_distributed(F.fsdp_train_worker, world, kind, STEPS, tmp_path=tmp_path))
+    outs = fsdp_runs[world][kind]
     for out in outs:
         _assert_same_params(out["params"], want)
         assert out["clipped"] == clipped                 # same heads clipped, from globally reduced S
@@ -137,12 +162,12 @@ def _muon_numel_and_bytes(kind, world):
     return sum(p.numel() for p in params.values()), sent
 
 
-def test_mixed_precision_bf16_params_fp32_reduce(tmp_path):
+def test_mixed_precision_bf16_params_fp32_reduce(fsdp_runs):
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): sharded parameters and all
     optimizer state stay fp32, and the run equals a one-process emulation of the same precision
     policy (bf16 forward/backward per micro-batch, fp32 gradient average, fp32 MuonClip)."""
     want = {k: v.detach() for k, v in F.train_single_mixed_precision("llama", STEPS, 2).named_parameters()}
-    outs = values(run_distributed(F.fsdp_train_worker, 2, "llama", STEPS, True, tmp_path=tmp_path))
+    outs = fsdp_runs[2]["mixed_precision"]
     for out in outs:
         assert set(out["param_dtypes"].values()) == {torch.float32}
         assert set(out["state_dtypes"].values()) == {torch.float32}
@@ -153,28 +178,24 @@ def test_mixed_precision_bf16_params_fp32_reduce(tmp_path):
             torch.testing.assert_close(out["params"][k], want[k], atol=1e-6, rtol=0.0, msg=lambda m: f"{k}: {m}")
 
 
-def test_dcp_save_at_2_load_at_4_and_1(oracles, tmp_path):
+def test_dcp_save_at_2_load_at_4_and_1(oracles, fsdp_runs):
     """DCP checkpoint written at W=2 after 5 steps, resharded on load at W=4 (through torch's
     get_state_dict / set_state_dict: optimizer state keyed by FQN, DTensor values) and at W=1
     (through dist_muonclip.fsdp.get/set_optimizer_state_dict); 5 more steps equal the
     uninterrupted 10-step run."""
     want, _ = oracles["llama"]
-    ckpt = str(tmp_path / "ckpt")
-    values(run_distributed(F.fsdp_train_worker, 2, "llama", 5, False, ckpt, None, 0, "fsdp", tmp_path=tmp_path / "a"))
-    for world, api in ((4, "torch"), (1, "fsdp")):
-        outs = values(run_distributed(F.fsdp_train_worker, world, "llama", 5, False, None, ckpt, 5, api,
-                                      tmp_path=tmp_path / f"w{world}"))
-        for out in outs:
+    for world in (4, 1):
+        for out in fsdp_runs[world]["resume"]:
             _assert_same_params(out["params"], want)
 
 
-def test_train_engine_clips_global_norm_and_checkpoints(tmp_path):
+def test_train_engine_clips_global_norm_and_checkpoints(fsdp_runs):
     """launch/engines_fsdp.FSDPEngine (train.py --fsdp): the gradient norm it computes on shards is
     the one-process full-batch norm; clipping to half of it gives the one-process clipped run;
     its DCP checkpoint reloads into a differently initialized model bit for bit."""
     from dist_muonclip import MuonClip
 
-    steps, max_norm = 3, 0.5
+    steps, max_norm = ENGINE_STEPS, ENGINE_MAX_NORM
     model = F.build_model("llama")
     opt = MuonClip(model, qk_clip=F.QK["llama"], **F.OPT_KW)
     norms = []
@@ -185,7 +206,7 @@ def test_train_engine_clips_global_norm_and_checkpoints(tmp_path):
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert all(n > max_norm for n in norms)              # the clip really scales every step
-    outs = values(run_distributed(F.engine_worker, 2, steps, max_norm, str(tmp_path / "ck"), tmp_path=tmp_path))
+    outs = fsdp_runs[2]["engine"]
     want = {k: v.detach() for k, v in model.named_parameters()}
     for out in outs:
         # norm: fp32 sums in a different order (shards, then all-reduce): ~1e-7 relative
