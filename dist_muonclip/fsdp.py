@@ -32,7 +32,8 @@ Checkpoints with ``torch.distributed.checkpoint`` (DCP), any world size on load:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -45,9 +46,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .optimizer import MuonClip
 
-__all__ = ["Shard0Layout", "fully_shard_model", "make_muonclip", "get_optimizer_state_dict",
-           "set_optimizer_state_dict", "torch_optimizer_state_dict", "init_state_", "find_blocks",
-           "shard0_rows", "STATE_FORMAT"]
+__all__ = [
+    "STATE_FORMAT",
+    "Shard0Layout",
+    "find_blocks",
+    "fully_shard_model",
+    "get_optimizer_state_dict",
+    "init_state_",
+    "make_muonclip",
+    "set_optimizer_state_dict",
+    "shard0_rows",
+    "torch_optimizer_state_dict",
+]
 
 STATE_FORMAT = "dist_muonclip.fsdp.v1"
 
@@ -83,7 +93,7 @@ class Shard0Layout(Layout):
 
     sharded = True
 
-    def __init__(self, mesh: "DeviceMesh | None" = None, *, process_group: Any = None) -> None:
+    def __init__(self, mesh: DeviceMesh | None = None, *, process_group: Any = None) -> None:
         self.mesh = mesh
         self._group = process_group
         self._coords: list[int] | None = None   # group rank -> mesh coordinate
@@ -92,7 +102,7 @@ class Shard0Layout(Layout):
             self._bind(mesh)
 
     # -- mesh and ranks --------------------------------------------------------------------
-    def _bind(self, mesh: "DeviceMesh") -> None:
+    def _bind(self, mesh: DeviceMesh) -> None:
         if mesh.ndim != 1:
             raise ValueError(f"Shard0Layout needs a 1-D device mesh, got a {mesh.ndim}-D mesh {mesh}; 2-D meshes "
                              "(HSDP, FSDP + tensor parallel) are not supported")
@@ -161,7 +171,7 @@ class Shard0Layout(Layout):
         from torch.distributed.tensor import Shard
 
         if not isinstance(p, DTensor):
-            raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}) is a plain {type(p).__name__}, not an FSDP2 "
+            raise TypeError(f"parameter {name!r} (shape {tuple(p.shape)}) is a plain {type(p).__name__}, not an FSDP2 "
                              "DTensor: apply fully_shard to every module that owns parameters and to the root "
                              "(dist_muonclip.fsdp.fully_shard_model does), or use the default Replicated layout "
                              "for DDP models")
@@ -207,16 +217,16 @@ class Shard0Layout(Layout):
 
 
     # -- optional engine hooks: eager state, torch-native (DCP) optimizer state dicts -------
-    def init_optimizer_state(self, optim: "MuonClip") -> None:
+    def init_optimizer_state(self, optim: MuonClip) -> None:
         """Create all state at construction (DCP and torch's get_state_dict see it on every rank)."""
         init_state_(optim)
 
-    def optimizer_state_dict(self, optim: "MuonClip") -> dict[str, Any]:
+    def optimizer_state_dict(self, optim: MuonClip) -> dict[str, Any]:
         """``MuonClip.state_dict()`` for FSDP2: torch's format with DTensor state (see
         :func:`torch_optimizer_state_dict`)."""
         return torch_optimizer_state_dict(optim)
 
-    def load_optimizer_state_dict(self, optim: "MuonClip", state_dict: dict[str, Any]) -> None:
+    def load_optimizer_state_dict(self, optim: MuonClip, state_dict: dict[str, Any]) -> None:
         """``MuonClip.load_state_dict()`` for FSDP2: keyed by position or FQN, DTensor or resharded."""
         _load_state(optim, state_dict)
 
@@ -244,7 +254,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def fully_shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, mp_policy: Any = None, *,
+def fully_shard_model(model: nn.Module, mesh: DeviceMesh | None = None, mp_policy: Any = None, *,
                       reshard_after_forward: bool = True, blocks: Iterable[nn.Module] | None = None) -> nn.Module:
     """Apply FSDP2 the usual way: ``fully_shard`` on every block (see :func:`find_blocks`), then on
     the root (embeddings, final norm, head). Returns ``model`` (sharded in place).
@@ -281,7 +291,7 @@ def fully_shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, mp_pol
     return model
 
 
-def make_muonclip(model: nn.Module, **kwargs: Any) -> "MuonClip":
+def make_muonclip(model: nn.Module, **kwargs: Any) -> MuonClip:
     """``MuonClip`` for a ``fully_shard`` ed model: the Shard0 layout on the model's mesh, the mesh's
     process group, gradients reduced by FSDP2 (``grad_reduction="external"``). Optimizer state
     is created eagerly so DCP sees the same keys on every rank."""
@@ -303,7 +313,7 @@ _MUON_STATE = ("momentum_buffer",)
 _ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 
 
-def _layout_of(optim: "MuonClip") -> Shard0Layout:
+def _layout_of(optim: MuonClip) -> Shard0Layout:
     layout = getattr(optim, "_layout", None)
     if not isinstance(layout, Shard0Layout):
         raise TypeError("this optimizer does not use Shard0Layout; build it with dist_muonclip.fsdp.make_muonclip "
@@ -312,7 +322,7 @@ def _layout_of(optim: "MuonClip") -> Shard0Layout:
 
 
 @torch.no_grad()
-def init_state_(optim: "MuonClip") -> None:
+def init_state_(optim: MuonClip) -> None:
     """Create every parameter's state (zeros) on every rank, also for empty local shards.
 
     Same state as the engine creates on first use (1-D local pieces: ``momentum_buffer`` for
@@ -332,7 +342,7 @@ def init_state_(optim: "MuonClip") -> None:
                                             device=local.device if optim.adamw_fused else "cpu")
 
 
-def _sync_steps_(optim: "MuonClip") -> None:
+def _sync_steps_(optim: MuonClip) -> None:
     """AdamW's ``step`` counter is per parameter but ranks with an empty shard never advance it:
     take the max over ranks so the (replicated) saved value is right whichever rank DCP keeps."""
     layout = _layout_of(optim)
@@ -349,7 +359,7 @@ def _sync_steps_(optim: "MuonClip") -> None:
 _SKIP_GROUP_KEYS = ("params", "param_names")
 
 
-def _build_state(optim: "MuonClip", key_of) -> dict[str, Any]:
+def _build_state(optim: MuonClip, key_of) -> dict[str, Any]:
     """``{"state": {key: {...}}, "param_groups": [{..., "params": [key, ...]}]}`` with per-element
     state as ``DTensor`` s whose local shards are views of the optimizer's state."""
     layout = _layout_of(optim)
@@ -377,10 +387,10 @@ def _build_state(optim: "MuonClip", key_of) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _load_state(optim: "MuonClip", state_dict: dict[str, Any]) -> None:
+def _load_state(optim: MuonClip, state_dict: dict[str, Any]) -> None:
     """Load ``{"state", "param_groups"}`` keyed by FQN or by position (torch's convention: the
     saved groups' ``params`` lists, in order, name this optimizer's parameters). Validated first."""
-    layout = _layout_of(optim)
+    _layout_of(optim)
     DTensor = _dtensor_cls()
     init_state_(optim)
     saved_groups = state_dict.get("param_groups")
@@ -430,7 +440,7 @@ def _load_state(optim: "MuonClip", state_dict: dict[str, Any]) -> None:
                 g[k] = v
 
 
-def get_optimizer_state_dict(model: nn.Module, optim: "MuonClip") -> dict[str, Any]:
+def get_optimizer_state_dict(model: nn.Module, optim: MuonClip) -> dict[str, Any]:
     """DCP-ready optimizer state of a Shard0 MuonClip, keyed by parameter name (FQN).
 
     ``{"format", "step", "state": {fqn: {key: DTensor (Shard(0), like the parameter) | step tensor}},
@@ -443,7 +453,7 @@ def get_optimizer_state_dict(model: nn.Module, optim: "MuonClip") -> dict[str, A
     return {"format": STATE_FORMAT, "step": torch.tensor(int(getattr(optim, "_step_count_total", 0))), **out}
 
 
-def set_optimizer_state_dict(model: nn.Module, optim: "MuonClip", state_dict: dict[str, Any]) -> None:
+def set_optimizer_state_dict(model: nn.Module, optim: MuonClip, state_dict: dict[str, Any]) -> None:
     """Load a :func:`get_optimizer_state_dict` dict (typically filled by ``dcp.load``, from any
     world size) into ``optim``. Validated before anything changes."""
     if state_dict.get("format") != STATE_FORMAT:
@@ -454,7 +464,7 @@ def set_optimizer_state_dict(model: nn.Module, optim: "MuonClip", state_dict: di
         optim._step_count_total = int(state_dict.get("step", 0))
 
 
-def torch_optimizer_state_dict(optim: "MuonClip") -> dict[str, Any]:
+def torch_optimizer_state_dict(optim: MuonClip) -> dict[str, Any]:
     """``optim.state_dict()`` in torch's own format (state keyed by position in param_groups,
     DTensor values), which ``torch.distributed.checkpoint.state_dict.get_state_dict`` maps to FQNs.
     Used by MuonClip.state_dict() for Shard0 layouts (see NOTES_fsdp.md)."""

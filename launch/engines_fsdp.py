@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["FSDPEngine", "MIXED_PRECISION"]
+__all__ = ["MIXED_PRECISION", "FSDPEngine"]
 
 MIXED_PRECISION = ("none", "bf16")
 
