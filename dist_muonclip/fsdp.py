@@ -17,7 +17,8 @@ rows. Nothing calls ``full_tensor()``.
 Usage (one call; see also :func:`fully_shard_model` and :func:`make_muonclip`)::
 
     from dist_muonclip import fsdp
-    model = fsdp.fully_shard_model(model, mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = fsdp.fully_shard_model(model, mp_policy=policy)   # fully_shard per decoder block, then the root
     opt = fsdp.make_muonclip(model, lr=2e-2)
 
 Checkpoints with ``torch.distributed.checkpoint`` (DCP), any world size on load::
@@ -86,9 +87,9 @@ class Shard0Layout(Layout):
             Pass the same group to ``MuonClip(process_group=...)`` (:func:`make_muonclip` does).
 
     Every parameter must be a ``DTensor`` on this mesh with placements ``(Shard(0),)``;
-    anything else (``Shard(1)``, ``Replicate()``, 2-D meshes with tensor parallelism or HSDP,
-    plain tensors) raises a ``ValueError`` naming the parameter and its placement at
-    optimizer construction, before any state exists.
+    anything else (``Shard(1)``, ``Replicate()``, 2-D meshes with tensor parallelism or HSDP)
+    raises a ``ValueError`` naming the parameter and its placement (a plain tensor left
+    unsharded: ``TypeError``) at optimizer construction, before any state exists.
     """
 
     sharded = True
@@ -215,7 +216,6 @@ class Shard0Layout(Layout):
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                   stride=p.stride())
 
-
     # -- optional engine hooks: eager state, torch-native (DCP) optimizer state dicts -------
     def init_optimizer_state(self, optim: MuonClip) -> None:
         """Create all state at construction (DCP and torch's get_state_dict see it on every rank)."""
@@ -292,7 +292,7 @@ def fully_shard_model(model: nn.Module, mesh: DeviceMesh | None = None, mp_polic
 
 
 def make_muonclip(model: nn.Module, **kwargs: Any) -> MuonClip:
-    """``MuonClip`` for a ``fully_shard`` ed model: the Shard0 layout on the model's mesh, the mesh's
+    """``MuonClip`` for a model sharded with ``fully_shard``: the Shard0 layout on the model's mesh, the mesh's
     process group, gradients reduced by FSDP2 (``grad_reduction="external"``). Optimizer state
     is created eagerly so DCP sees the same keys on every rank."""
     from .optimizer import MuonClip

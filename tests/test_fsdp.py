@@ -25,6 +25,28 @@ def _assert_same_params(got, want):
         torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_find_blocks_picks_decoder_layers_then_module_lists():
+    """fully_shard_model's unit of sharding: HF decoder layers (``_no_split_modules``), else the
+    items of top-most ModuleLists (no process group needed)."""
+    from torch import nn
+
+    from dist_muonclip.fsdp import find_blocks
+
+    model = F.build_model("deepseek_v3")
+    assert find_blocks(model) == list(model.model.layers)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4)]))
+                                         for _ in range(3)])
+            self.acts = nn.ModuleList([nn.ReLU()])          # no parameters: not a block
+
+    net = Net()
+    assert find_blocks(net) == list(net.blocks)
+
+
 def test_layout_matches_dtensor_shards(fsdp_runs):
     """Ranges, local views and reduced gradients equal the DTensor's own rows at W=4 (7 rows:
     2, 2, 2, 1; 3 rows on 4 ranks: 1, 1, 1, 0; a [3, 5, 4] stack split on its stack dim), and
