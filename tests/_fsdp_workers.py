@@ -11,12 +11,15 @@ GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 96
 # Shapes chosen for the layout's corner cases: intermediate_size=93 gives 93-row gate/up matrices
 # (uneven at W=2 and W=4); DeepSeek-V3 with 3 routed experts has a 3-row router and [3, ., .]
 # expert stacks (rank 3 of 4 holds nothing). Heads split across shards: llama k_proj has 32 rows
-# = 2 KV heads of 16, so W=4 gives each rank half a head.
+# = 2 KV heads of 16, so W=4 gives each rank half a head; MLA with 3 heads has q_b_proj of
+# 3 x (16 nope + 8 rope) = 72 rows (W=4: 18 per rank, so heads and their q_C / q_R parts straddle
+# ranks) and kv_b_proj of 3 x (16 k_C + 16 v) = 96 rows (W=4: 24 per rank, cutting heads).
 MODEL_KW = {"llama": dict(intermediate_size=93),
-            "deepseek_v3": dict(intermediate_size=93, n_routed_experts=3)}
-# tau below the tiny models' max logits (~0.1 llama, ~0.05 MLA at init) so QK-Clip rescales heads
-# every step (checked in the test)
-QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.05)}
+            "deepseek_v3": dict(intermediate_size=93, n_routed_experts=3, num_attention_heads=3,
+                                num_key_value_heads=3)}
+# tau below the tiny models' max logits (~0.1 llama, ~0.04-0.06 MLA at init) so QK-Clip rescales
+# heads every step (checked in the test)
+QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.04)}
 OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
 
 
