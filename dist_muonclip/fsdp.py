@@ -130,7 +130,7 @@ class Shard0Layout(Layout):
 
     # -- the contract ----------------------------------------------------------------------
     def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
-        """Per group rank, its flat range ``[r0 * C, r1 * C)`` (``[]`` for an empty shard).
+        """Per group rank, its flat range ``[r0 * C, r1 * C)`` (``r0 == r1`` for an empty shard).
         They depend only on the shape (cached: the engine asks for every parameter on every step)."""
         shape = tuple(p.shape)
         hit = self._ranges.get(shape)
@@ -143,7 +143,7 @@ class Shard0Layout(Layout):
         out = []
         for r in range(w):
             r0, r1 = shard0_rows(shape[0], w, self._coords[r])
-            out.append([(r0 * row, r1 * row)] if r1 > r0 and row else [])
+            out.append([(r0 * row, r1 * row)])     # empty shards: one empty range (r0 == r1)
         self._ranges[shape] = out
         return out
 

@@ -120,7 +120,7 @@ def _state_dicts(model, opt, api: str) -> dict:
 
 
 def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = False, save_dir: str | None = None,
-                      load_dir: str | None = None, start: int = 0, api: str = "fsdp"):
+                      load_dir: str | None = None, start: int = 0, api: str = "fsdp", full: dict | None = None):
     """Train a fully_shard'ed tiny HF model with MuonClip; optionally DCP-save at the end / load first
     (``api``: "fsdp" = dist_muonclip.fsdp's state functions, "torch" = torch's get/set_state_dict)."""
     import torch.distributed.checkpoint as dcp
@@ -138,6 +138,11 @@ def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = F
         else:
             set_model_state_dict(model, sd["model"])
             fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
+    if full is not None:          # a full (name-keyed) checkpoint of a one-process / DDP run
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        set_model_state_dict(model, full["model"], options=StateDictOptions(full_state_dict=True))
+        opt.load_state_dict(full["optim"])
     acc.reset()
     losses, clipped = [], []
     for t in range(start, start + steps):
@@ -206,7 +211,7 @@ def layout_worker(rank: int, world: int):
     out = {}
     for p, n in names.items():
         ranges = layout.ranges(p)
-        a, b = ranges[rank][0] if ranges[rank] else (0, 0)
+        ((a, b),) = ranges[rank]
         local = layout.local_param(p)
         grad = layout.local_grad(p)
         out[n] = {"ranges": ranges, "local_ok": torch.equal(local, full[n].reshape(-1)[a:b]),

@@ -70,7 +70,7 @@ def test_layout_matches_dtensor_shards(fsdp_runs):
         want = []
         for r in range(world):
             r0, r1 = min(r * chunk, nrows), min((r + 1) * chunk, nrows)
-            want.append([(r0 * per_row, r1 * per_row)] if r1 > r0 else [])
+            want.append([(r0 * per_row, r1 * per_row)])
         assert ranges == want, (name, ranges)
     if world == 4:
         assert outs[3]["b.weight"]["numel"] == 0 and outs[3]["stack"]["numel"] == 0
@@ -100,6 +100,9 @@ def fsdp_runs(tmp_path_factory):
     checkpoint that W=4 and W=1 resume): ``runs[world][name]`` = per-rank outputs."""
     tmp = tmp_path_factory.mktemp("fsdp_runs")
     ckpt = str(tmp / "ckpt")
+    # a one-process run's full, name-keyed checkpoint (MuonClip.state_dict()) after 5 steps
+    model, opt, _ = F.train_single("deepseek_v3", 5)
+    full = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "optim": opt.state_dict()}
     train = "fsdp_train_worker"
     plan = {
         2: {"llama": (train, ("llama", STEPS)), "deepseek_v3": (train, ("deepseek_v3", STEPS)),
@@ -108,7 +111,8 @@ def fsdp_runs(tmp_path_factory):
             "engine": ("engine_worker", (ENGINE_STEPS, ENGINE_MAX_NORM, str(tmp / "engine_ckpt")))},
         4: {"layout": ("layout_worker", ()), "placement_errors": ("placement_error_worker", ()),
             "llama": (train, ("llama", STEPS)), "deepseek_v3": (train, ("deepseek_v3", STEPS)),
-            "resume": (train, ("llama", 5, False, None, ckpt, 5, "torch"))},
+            "resume": (train, ("llama", 5, False, None, ckpt, 5, "torch")),
+            "from_full": (train, ("deepseek_v3", 5, False, None, None, 5, "fsdp", full))},
         1: {"resume": (train, ("llama", 5, False, None, ckpt, 5, "fsdp"))},
     }
     runs = {}
@@ -209,6 +213,16 @@ def test_dcp_save_at_2_load_at_4_and_1(oracles, fsdp_runs):
     for world in (4, 1):
         for out in fsdp_runs[world]["resume"]:
             _assert_same_params(out["params"], want)
+
+
+def test_resume_from_one_process_checkpoint_at_4(oracles, fsdp_runs):
+    """Across engines: a one-process (or DDP) run's full name-keyed checkpoint (model state_dict +
+    MuonClip.state_dict()) after 5 steps loads into the FSDP2 model at W=4 (each rank keeps its
+    rows; the MLA model has 3-row matrices, so rank 3 holds empty shards) and 5 more steps equal
+    the uninterrupted 10-step run."""
+    want, _ = oracles["deepseek_v3"]
+    for out in fsdp_runs[4]["from_full"]:
+        _assert_same_params(out["params"], want)
 
 
 def test_train_engine_clips_global_norm_and_checkpoints(fsdp_runs):
