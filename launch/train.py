@@ -11,7 +11,10 @@ byte-level corpus shipped in ``dist_muonclip/data`` (vocabulary 256). The global
 takes its contiguous slice, so a W-rank run can be compared with the single-process run.
 
 Engines (``--engine``) wrap the model and own gradient reduction; today: ``ddp`` (no wrapper when
-the world size is 1). FSDP2 / DeepSpeed engines plug into :data:`ENGINES`.
+the world size is 1). With ``--grad-reduction optimizer`` the model is not wrapped and MuonClip
+reduce-scatters gradients to their owner ranks itself. FSDP2 / DeepSpeed engines plug into
+:data:`ENGINES` (a class taking ``(model, ctx, grad_reduction=...)`` with ``.model`` for the
+forward and ``clip_grad_norm_``).
 """
 from __future__ import annotations
 
@@ -564,7 +567,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 extra = " | max logit/layer " + " ".join(
                     "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
-                f"lr {args.lr * factor:.3g} | grad norm {grad_norm:.3f} | "
+                f"lr {args.lr * factor:.3g} | grad norm {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3f}'} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
