@@ -309,3 +309,22 @@ def calls_worker(rank: int, world: int, calls: list[tuple[str, tuple]]):
     name, args)]. One spawn per world size instead of one per scenario: process start-up (torch +
     transformers imports) dominates these tiny runs on a shared 2-core CI machine."""
     return [globals()[name](rank, world, *args) for name, args in calls]
+
+
+def optimizer_clip_worker(rank: int, world: int, steps: int, max_norm: float):
+    """MuonClip(max_grad_norm=...) on a fully_shard'ed model: the optimizer clips the global
+    norm of the reduce-scattered gradient from the local rows (one scalar all-reduce)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_muonclip import fsdp
+
+    model = fsdp.fully_shard_model(build_model("llama"), init_device_mesh("cpu", (world,)))
+    opt = fsdp.make_muonclip(model, qk_clip=QK["llama"], max_grad_norm=max_norm, **OPT_KW)
+    norms = []
+    for t in range(steps):
+        ids = local_batch(t, rank, world)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        norms.append(opt.metrics()["grad_norm"])
+    return {"params": _full_params(model), "norms": norms}

@@ -108,7 +108,8 @@ def fsdp_runs(tmp_path_factory):
         2: {"llama": (train, ("llama", STEPS)), "deepseek_v3": (train, ("deepseek_v3", STEPS)),
             "mixed_precision": (train, ("llama", STEPS, True)),
             "save": (train, ("llama", 5, False, ckpt, None, 0, "fsdp")),
-            "engine": ("engine_worker", (ENGINE_STEPS, ENGINE_MAX_NORM, str(tmp / "engine_ckpt")))},
+            "engine": ("engine_worker", (ENGINE_STEPS, ENGINE_MAX_NORM, str(tmp / "engine_ckpt"))),
+            "optimizer_clip": ("optimizer_clip_worker", (ENGINE_STEPS, ENGINE_MAX_NORM))},
         4: {"layout": ("layout_worker", ()), "placement_errors": ("placement_error_worker", ()),
             "llama": (train, ("llama", STEPS)), "deepseek_v3": (train, ("deepseek_v3", STEPS)),
             "resume": (train, ("llama", 5, False, None, ckpt, 5, "torch")),
@@ -228,7 +229,8 @@ def test_resume_from_one_process_checkpoint_at_4(oracles, fsdp_runs):
 def test_train_engine_clips_global_norm_and_checkpoints(fsdp_runs):
     """launch/engines_fsdp.FSDPEngine (train.py --fsdp): the gradient norm it computes on shards is
     the one-process full-batch norm; clipping to half of it gives the one-process clipped run;
-    its DCP checkpoint reloads into a differently initialized model bit for bit."""
+    its DCP checkpoint reloads into a differently initialized model bit for bit. MuonClip's own
+    ``max_grad_norm`` on the Shard0 layout gives the same norms and parameters."""
     from dist_muonclip import MuonClip
 
     steps, max_norm = ENGINE_STEPS, ENGINE_MAX_NORM
@@ -244,10 +246,12 @@ def test_train_engine_clips_global_norm_and_checkpoints(fsdp_runs):
     assert all(n > max_norm for n in norms)              # the clip really scales every step
     outs = fsdp_runs[2]["engine"]
     want = {k: v.detach() for k, v in model.named_parameters()}
-    for out in outs:
+    # MuonClip(max_grad_norm=...) does the same clip inside step() from the local rows
+    for out in outs + fsdp_runs[2]["optimizer_clip"]:
         # norm: fp32 sums in a different order (shards, then all-reduce): ~1e-7 relative
         assert out["norms"] == pytest.approx(norms, rel=1e-5)
         _assert_same_params(out["params"], want)
+    for out in outs:
         assert out["loaded_step"] == steps and out["loaded_extra"] == {"note": "x"}
         assert out["state_equal"]
         for k in want:
