@@ -200,6 +200,9 @@ class MuonClip(Optimizer):
         self._clip_coef: Tensor | None = None
         self._grad_norm: Tensor | None = None
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
+        init_state = getattr(self._layout, "init_optimizer_state", None)
+        if init_state is not None:     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys everywhere
+            init_state(self)
         self._logger = None
         if (log_dir is not None or wandb_run is not None) and self.rank == 0:
             from .metrics import MetricsLogger
@@ -404,7 +407,8 @@ class MuonClip(Optimizer):
         self._comm: Comm | None = None
         if process_group is not None or (dist.is_available() and dist.is_initialized()):
             comm = Comm(process_group, accountant)
-            if comm.world_size > 1 or grad_reduction == "optimizer":
+            # a sharded layout needs the all-to-alls even on one rank (FSDP2 at W=1: e.g. DCP resume at W=1)
+            if comm.world_size > 1 or grad_reduction == "optimizer" or (layout is not None and layout.sharded):
                 self._comm = comm
         self.accountant = accountant
         self.grad_reduction = grad_reduction
@@ -420,6 +424,15 @@ class MuonClip(Optimizer):
         self._layout = layout if layout is not None else Replicated(self.world_size)
         if not isinstance(self._layout, Layout):
             raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        if not self._layout.sharded:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
+                        raise ValueError(
+                            f"parameter {self._names[p]!r} is a DTensor with placements {tuple(p.placements)} (FSDP2 / "
+                            "tensor parallel) but the layout is Replicated; for fully_shard models use "
+                            "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
+                            "Shard0Layout(mesh), process_group=mesh.get_group()")
         if self._layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
@@ -1038,6 +1051,9 @@ class MuonClip(Optimizer):
 
         Layout: ``{"format", "step", "state": {name: {...}}, "param_groups": [{..., "params": [names]}]}``.
         """
+        hook = getattr(self._layout, "optimizer_state_dict", None)
+        if hook is not None and not sharded:   # e.g. FSDP2: torch's format with DTensor state (DCP, get_state_dict)
+            return hook(self)
         groups = []
         for g in self.param_groups:
             d = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -1085,6 +1101,10 @@ class MuonClip(Optimizer):
 
         Each rank keeps what it owns under the current plan. Validated before anything changes.
         """
+        hook = getattr(self._layout, "load_optimizer_state_dict", None)
+        if hook is not None and state_dict.get("format") != _STATE_FORMAT:
+            hook(self, state_dict)       # e.g. FSDP2: torch's format (from get_state_dict / dcp.load)
+            return
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {_STATE_FORMAT!r} "
                              "(a dist_muonclip MuonClip.state_dict())")
