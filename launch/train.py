@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--engine", choices=sorted(ENGINES), default="ddp",
                    help="ddp: replicated parameters, DDP gradient all-reduce (no wrapper for 1 process)")
+    g.add_argument("--fsdp", dest="engine", action="store_const", const="fsdp", help="= --engine fsdp (FSDP2)")
+    g.add_argument("--fsdp-mixed-precision", choices=("none", "bf16"), default="none")
     g.add_argument("--grad-reduction", choices=("external", "optimizer"), default="external",
                    help="external: the engine (DDP) all-reduces gradients; optimizer: no DDP, MuonClip "
                    "reduce-scatters gradients to their owners during backward (same bytes as DDP)")
@@ -266,6 +268,8 @@ class DDPEngine:
 
 # name -> engine class; later issues add "fsdp" and "deepspeed" here.
 ENGINES: dict[str, Callable[..., Any]] = {"ddp": DDPEngine}
+from launch.engines_fsdp import FSDPEngine  # noqa: E402
+ENGINES["fsdp"] = FSDPEngine
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +301,7 @@ def _qk_clip_config(args: argparse.Namespace) -> Any:
     return {"enable": True, "tau": args.qk_clip_tau}
 
 
-def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, **extra: Any) -> torch.optim.Optimizer:
     """MuonClip (Muon for hidden matrices, AdamW for the rest, QK-Clip) or plain AdamW.
 
     ``model`` is the unwrapped module (parameter names are used to split Muon/AdamW parameters).
@@ -316,7 +320,8 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
                     adamw_betas=tuple(args.adamw_betas), qk_clip=_qk_clip_config(args),
                     grad_reduction=args.grad_reduction,
                     # optimizer-owned reduction: only step() sees the reduced gradient, so it clips
-                    max_grad_norm=(args.grad_clip or None) if args.grad_reduction == "optimizer" else None)
+                    max_grad_norm=(args.grad_clip or None) if args.grad_reduction == "optimizer" else None,
+                    **extra)
 
 
 _LR_KEYS = ("lr", "adamw_lr")  # group keys holding a peak lr that the schedule scales
@@ -490,8 +495,9 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     model = build_model(model_cfg, seed=args.seed, attn_implementation=args.attn_implementation,
                         vocab_size=VOCAB_SIZE).to(ctx.device)
     num_params = sum(p.numel() for p in model.parameters())
-    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction)
-    optimizer = build_optimizer(args, model)
+    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction,
+                                  **({"mixed_precision": args.fsdp_mixed_precision} if args.engine == "fsdp" else {}))
+    optimizer = build_optimizer(args, model, **getattr(engine, "optimizer_kwargs", dict)())
     base_lrs = _base_lrs(optimizer)
 
     corpus = split_corpus(load_corpus(args.corpus))
@@ -500,7 +506,9 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     held_out = eval_batches(args.eval_batches, **data_kw)
 
     start_step = 0
-    if args.resume:
+    if args.resume and hasattr(engine, "load_checkpoint"):      # fsdp: DCP directory, any world size
+        start_step = engine.load_checkpoint(engine.resolve_checkpoint(args.resume), optimizer=optimizer)["step"]
+    elif args.resume:
         ckpt_path = resolve_checkpoint(args.resume)
         ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -573,7 +581,10 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
             log["evals"].append({"step": done, "eval_loss": eval_loss})
             say(f"step {done:>6}/{args.steps} | eval loss {eval_loss:.4f}")
         if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
-            save_checkpoint(args.save, step=done, model=model, optimizer=optimizer, args=args, ctx=ctx)
+            if hasattr(engine, "save_checkpoint"):
+                engine.save_checkpoint(args.save, step=done, optimizer=optimizer)
+            else:
+                save_checkpoint(args.save, step=done, model=model, optimizer=optimizer, args=args, ctx=ctx)
     bar.close()
 
     eval_loss = evaluate(model, held_out, ctx, args.autocast)
@@ -587,11 +598,15 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     say(f"final: train loss (last 10 steps) {log['final_train_loss']} | eval loss {eval_loss:.4f} | "
         f"{log['wall_s']:.1f}s")
     if args.save:
-        save_checkpoint(args.save, step=args.steps, model=model, optimizer=optimizer, args=args, ctx=ctx)
+        if hasattr(engine, "save_checkpoint"):
+            engine.save_checkpoint(args.save, step=args.steps, optimizer=optimizer)
+        else:
+            save_checkpoint(args.save, step=args.steps, model=model, optimizer=optimizer, args=args, ctx=ctx)
     if args.out and ctx.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(log, f, indent=1)
+    getattr(engine, "close", lambda: None)()
     return log
 
 
