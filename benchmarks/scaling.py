@@ -66,8 +66,8 @@ def model_config(size: str) -> dict[str, Any]:
 class WireTap:
     """Counts bytes of ``torch.distributed`` Python collectives (ring model) while installed.
 
-    DeepSpeed caches some functions at backend construction, so install before
-    ``deepspeed.initialize``.
+    DeepSpeed caches some functions at backend construction, so one tap is installed per process
+    before anything else (:data:`TAP`) and only counts while ``active``.
     """
 
     _NAMES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
@@ -76,9 +76,12 @@ class WireTap:
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, float]] = {}
+        self.active = False
         self._saved: list[tuple[Any, str, Any]] = []
 
     def _record(self, kind: str, nbytes: float) -> None:
+        if not self.active:
+            return
         c = self.counts.setdefault(kind, {"calls": 0, "bytes": 0.0})
         c["calls"] += 1
         c["bytes"] += nbytes
@@ -137,6 +140,9 @@ class WireTap:
         for mod, name, fn in reversed(self._saved):
             setattr(mod, name, fn)
         self._saved.clear()
+
+
+TAP = WireTap()
 
 
 class NSCounter:
@@ -251,7 +257,9 @@ def _run_deepspeed(model: Any, rank: int, world: int, steps: int, opt_type: str,
     muon = {i.name for i in split_parameters(model) if i.use_muon}
     for n, p in model.named_parameters():
         p.use_muon = n in muon       # DeepSpeed's Muon needs every parameter tagged; same split as ours
-    tap = WireTap().install()
+    tap = TAP
+    tap.counts.clear()
+    tap.active = True
     if opt_type == "Muon":
         ns.patch(om, "muon_update")
     times, flops, snaps = [], [], []
@@ -269,7 +277,7 @@ def _run_deepspeed(model: Any, rank: int, world: int, steps: int, opt_type: str,
             flops.append(ns.flops - before)
             snaps.append({k: dict(v) for k, v in tap.counts.items()})
     finally:
-        tap.remove()
+        tap.active = False
         ns.remove()
     inner = eng.optimizer.optimizer if hasattr(eng.optimizer, "optimizer") else eng.optimizer
     comm = snaps[-1]
@@ -381,6 +389,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
+    TAP.install()          # before any DeepSpeed backend caches a collective
     dist.init_process_group(backend, rank=rank, world_size=world)
     results = []
     for engine, size in jobs:

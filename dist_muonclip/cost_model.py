@@ -22,11 +22,11 @@ Engines (``engine=``):
                         all-gathers params; Muon pieces all-to-all'd to owners and back.
 ``muonclip_fsdp2``      FSDP2 row shards: params all-gathered in forward and backward, grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
-``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1: grads reduced to
-                        partition owners, matrices that straddle a partition boundary are
-                        all-reduced and orthogonalized by every partition that holds a piece.
+``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (measured behaviour of
+                        DeepSpeed 0.19.8: gradients all-reduced, flat partitions updated,
+                        partitions all-gathered; each matrix orthogonalized once in total).
 ``adamw_ddp``           torch AdamW under DDP (replicated state).
-``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (reduce-scatter grads, all-gather params).
+``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (all-reduce grads, all-gather params: measured).
 =====================  =====================================================================
 
 Step time: ``NS FLOPs of the busiest rank / NS rate + bytes / link bandwidth`` (no overlap
@@ -275,35 +275,32 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             if W > 1:
                 per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
     elif engine in ("adamw_zero1", "ds_muon_zero1"):
-        # DeepSpeed partitions each param group's flat fp32 buffer into W equal slices; the Muon
-        # variant has two groups (Muon half, Adam half) and gives straddling matrices to every
-        # partition they touch (all-reduced, orthogonalized there).
+        # Measured on DeepSpeed 0.19.8 (benchmarks/results/scaling_*.json): at ZeRO stage 1 the
+        # engine all-reduces the full gradient buffer, each rank updates its flat partition of
+        # every param group (Muon: two groups, the Muon half and the Adam half) and the updated
+        # partitions are all-gathered. Its Muon orthogonalizes every matrix once in total: counted
+        # here on the partition holding the matrix's first element (per-rank split approximate).
         groups = [specs] if engine == "adamw_zero1" else [muon, adamw]
+        for r in range(W):
+            if W > 1:
+                per_rank[r]["all_reduce[engine]"] = 2 * f * P * grad_bytes
         for gi, group in enumerate(groups):
             if not group:
                 continue
             chunk, segs = flat_partition([(s.name, s.numel) for s in group], W)
-            touched: dict[str, list[int]] = {}
-            for r, rs in enumerate(segs):
-                for seg in rs:
-                    touched.setdefault(seg.name, []).append(r)
             is_muon = engine == "ds_muon_zero1" and gi == 0
-            straddle = sum(s.numel for s in group if len(touched.get(s.name, [])) > 1) if is_muon else 0
             for r in range(W):
                 held = sum(seg.stop - seg.start for seg in segs[r])
-                b = per_rank[r]
                 if W > 1:
-                    b["reduce[engine]"] = b.get("reduce[engine]", 0.0) + f * (sum(s.numel for s in group)
-                                                                              - straddle) * grad_bytes
-                    if straddle:
-                        b["all_reduce[engine]"] = b.get("all_reduce[engine]", 0.0) + 2 * f * straddle * grad_bytes
+                    b = per_rank[r]
                     b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
                 if is_muon:
-                    mine = [s for s in group if r in touched.get(s.name, [])]
-                    state[r] += sum(s.numel for s in mine) * param_bytes   # momentum of whole touched matrices
-                    flops[r] += sum(s.num_matrices * ns_flops(*s.mn, ns_steps) for s in mine)
+                    state[r] += held * param_bytes          # momentum of the partition (flat)
+                    by_name = {s.name: s for s in group}
+                    flops[r] += sum(by_name[seg.name].num_matrices * ns_flops(*by_name[seg.name].mn, ns_steps)
+                                    for seg in segs[r] if seg.start == 0)
                 else:
-                    state[r] += 2 * held * param_bytes
+                    state[r] += 2 * held * param_bytes      # exp_avg, exp_avg_sq of the partition
     out_rank = max(range(W), key=lambda r: (flops[r], -r)) if rank is None else rank
     for b in per_rank:
         b["total"] = sum(v for k, v in b.items() if k != "total")
