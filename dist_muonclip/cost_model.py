@@ -41,7 +41,7 @@ from typing import Any, Sequence
 from .newton_schulz import ns_flops
 from .plan import MatrixItem, build_plan, flat_partition
 
-__all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "specs_from_model", "specs_from_config",
+__all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_from_model", "specs_from_config",
            "predict", "scaling_table", "format_table"]
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_fsdp2", "ds_muon_zero1",
@@ -103,6 +103,10 @@ HARDWARE = {
     "h200": Hardware("H200 SXM (NS rate of H100 assumed; links assumed)", 1018.0, 370.0, 45.0, 8, 4800.0),
     "h100_torch": Hardware("H100 SXM, torch eager NS (525 TFLOP/s measured)", 525.0, 370.0, 45.0, 8, 3350.0),
 }
+
+
+#: bf16 training: bf16 gradients and parameters on the wire, fp32 masters (sharded engines) and state.
+MIXED_BF16 = dict(param_bytes=2, grad_bytes=2, ns_bytes=2, state_elem_bytes=4, master_bytes=4)
 
 
 # ----------------------------------------------------------------------------------------- specs
@@ -215,6 +219,7 @@ def _preflight_bytes(specs: Sequence[ParamSpec], world: int, num_logits: int) ->
 
 def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: int | None = None,
             param_bytes: int = 4, grad_bytes: int = 4, ns_bytes: int = 2, ns_steps: int = 5,
+            state_elem_bytes: int = 4, master_bytes: int = 0,
             num_logits: int = 0, hardware: Hardware | str | None = None) -> dict[str, Any]:
     """Per-rank cost of one step of ``engine`` at ``world_size`` (see module doc).
 
@@ -222,6 +227,13 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     ``rank`` (default: the busiest rank; ``"max"``/``"mean"``/``"per_rank"`` summaries are always
     included) and, with ``hardware``, ``time_s`` (``ns``, ``comm``, ``update``, ``total``).
     ``num_logits``: layers x heads of the QK-Clip max-logit tensor (0 without QK-Clip).
+
+    Dtypes (bytes per element): ``param_bytes`` of parameters on the wire (all-gathers),
+    ``grad_bytes`` of gradients on the wire, ``ns_bytes`` of orthogonalized updates (the NS dtype),
+    ``state_elem_bytes`` of momentum / Adam moments, ``master_bytes`` of an fp32 master copy that
+    sharded mixed-precision engines keep of their local elements (0: fp32 training, as measured
+    on CPU). Defaults describe fp32 training; :data:`MIXED_BF16` is bf16 training with fp32
+    masters and state.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is unknown; use one of {ENGINES}")
@@ -250,7 +262,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             if W > 1:
                 b["all_reduce[preflight]"] = _preflight_bytes(specs, W, num_logits)
             if engine in ("muonclip_ddp", "muonclip_optimizer"):
-                state[r] = owned[r] * param_bytes + 2 * held_a[r] * param_bytes
+                state[r] = owned[r] * state_elem_bytes + 2 * held_a[r] * state_elem_bytes
                 if W > 1:
                     b["all_gather[muon_gather]"] = (W - 1) * owned[r] * ns_bytes
                     if adamw:
@@ -262,16 +274,19 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     if adamw:
                         b["reduce_scatter[adamw_reduce]"] = (W - 1) * chunk_a * grad_bytes
             else:   # sharded layouts: every element held once; pieces approximated as equal 1/W cuts
-                state[r] = P_muon / W * param_bytes + 2 * (P - P_muon) / W * param_bytes
+                state[r] = (P_muon / W + 2 * (P - P_muon) / W) * state_elem_bytes + P / W * master_bytes
                 if W > 1:
-                    b["all_to_all[muon_gather]"] = (P_muon / W - owned[r] / W) * param_bytes
+                    b["all_to_all[muon_gather]"] = (P_muon - owned[r]) / W * grad_bytes   # momentum pieces
                     b["all_to_all[muon_scatter]"] = owned[r] * f * ns_bytes
-                    b["reduce_scatter[engine]"] = f * P * grad_bytes
-                    gathers = 2 if engine == "muonclip_fsdp2" else 1   # FSDP2: forward and backward
-                    b["all_gather[engine]"] = gathers * f * P * param_bytes
+                    if engine == "muonclip_fsdp2":   # reduce-scatter grads, all-gather params twice
+                        b["reduce_scatter[engine]"] = f * P * grad_bytes
+                        b["all_gather[engine]"] = 2 * f * P * param_bytes
+                    else:                            # the DeepSpeed ZeRO-1 engine, as adamw_zero1
+                        b["all_reduce[engine]"] = 2 * f * P * grad_bytes
+                        b["all_gather[engine]"] = f * P * param_bytes
     elif engine == "adamw_ddp":
         for r in range(W):
-            state[r] = 2 * P * param_bytes
+            state[r] = 2 * P * state_elem_bytes
             if W > 1:
                 per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
     elif engine in ("adamw_zero1", "ds_muon_zero1"):
@@ -295,12 +310,12 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     b = per_rank[r]
                     b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
                 if is_muon:
-                    state[r] += held * param_bytes          # momentum of the partition (flat)
+                    state[r] += held * (state_elem_bytes + master_bytes)   # momentum of the partition (flat)
                     by_name = {s.name: s for s in group}
                     flops[r] += sum(by_name[seg.name].num_matrices * ns_flops(*by_name[seg.name].mn, ns_steps)
                                     for seg in segs[r] if seg.start == 0)
                 else:
-                    state[r] += 2 * held * param_bytes      # exp_avg, exp_avg_sq of the partition
+                    state[r] += held * (2 * state_elem_bytes + master_bytes)   # exp_avg, exp_avg_sq
     out_rank = max(range(W), key=lambda r: (flops[r], -r)) if rank is None else rank
     for b in per_rank:
         b["total"] = sum(v for k, v in b.items() if k != "total")
@@ -317,7 +332,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
         t_ns = max(flops) / (hw.ns_tflops * 1e12)
         t_comm = max(b["total"] for b in per_rank) / (hw.link_gbps(W) * 1e9)
         # elementwise update: read+write param, grad read, state read+write (bytes of the local elements)
-        t_upd = (3 * P / (W if engine not in ("adamw_ddp",) else 1) * param_bytes + 2 * max(state)) / (hw.hbm_gbps * 1e9)
+        local = P if engine.endswith("ddp") else P / W
+        t_upd = (local * (2 * param_bytes + grad_bytes) + 2 * max(state)) / (hw.hbm_gbps * 1e9)
         res["time_s"] = {"ns": t_ns, "comm": t_comm, "update": t_upd, "total": t_ns + t_comm + t_upd,
                          "hardware": hw.name}
     return res
@@ -325,7 +341,9 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
 
 def scaling_table(cfg_or_specs: Any, worlds: Sequence[int], engines: Sequence[str] = ("muonclip_zero1", "adamw_zero1"),
                   hardware: str = "h100", **kw: Any) -> list[dict[str, Any]]:
-    """Rows of predictions per (world size, engine) for a config dict or spec list."""
+    """Rows of predictions per (world size, engine) for a config dict or spec list.
+    ``kw`` goes to :func:`predict` (default dtypes: :data:`MIXED_BF16`)."""
+    kw = {**MIXED_BF16, **kw}
     specs = specs_from_config(cfg_or_specs) if isinstance(cfg_or_specs, dict) else list(cfg_or_specs)
     rows = []
     for w in worlds:
@@ -339,9 +357,10 @@ def scaling_table(cfg_or_specs: Any, worlds: Sequence[int], engines: Sequence[st
 
 
 def format_table(rows: Sequence[dict[str, Any]], baseline: str = "adamw_zero1") -> str:
-    """Markdown table; ``overhead_ms`` is the estimated optimizer-step time minus ``baseline``'s."""
+    """Markdown table. ``comm+opt ms``: gradient/parameter/update communication plus the optimizer
+    update (no forward/backward compute, no overlap); ``overhead``: that minus ``baseline``'s."""
     base = {r["world_size"]: r["step_ms"] for r in rows if r["engine"] == baseline}
-    lines = ["| W | engine | NS ms/rank | GB sent/rank | state GB/rank | comm ms | step ms | overhead vs "
+    lines = ["| W | engine | NS ms/rank | GB sent/rank | state GB/rank | comm ms | comm+opt ms | overhead vs "
              f"{baseline} ms |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         over = r["step_ms"] - base[r["world_size"]] if r["world_size"] in base else float("nan")
