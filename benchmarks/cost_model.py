@@ -64,6 +64,52 @@ def validate(path: str) -> list[dict]:
     return out
 
 
+def measure_gpu(out_dir: str, layers: int = 2, steps: int = 6) -> dict:
+    """Time prediction vs a measured single-GPU run: a Llama-3-8B-shaped model with ``layers``
+    blocks, MuonClip at W=1 (Triton NS when available), phases timed by the profiler's CUDA events.
+    Compares the measured ``ns`` phase with the model's NS time and the measured optimizer
+    state / parameter bytes with the model's."""
+    import platform
+
+    import torch
+
+    from dist_muonclip import MuonClip
+    from dist_muonclip.cost_model import HARDWARE, predict, specs_from_model
+    from dist_muonclip.models import build_model
+    from dist_muonclip.profiler import StepProfiler
+
+    cfg = dict(MODELS["llama3-8b"], num_hidden_layers=layers, max_position_embeddings=256)
+    model = build_model(cfg, attn_implementation="sdpa", vocab_size=256).cuda()
+    opt = MuonClip(model, lr=1e-3, ns_backend="auto", qk_clip=False)
+    prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
+    for t in range(steps):
+        ids = torch.randint(0, 256, (2, 128), device="cuda", generator=None)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    prof.close()
+    recs = prof.records[2:]                     # warm-up: first steps compile Triton kernels
+    ns_ms = sorted(r["phases_s"].get("ns", 0.0) for r in recs)[len(recs) // 2] * 1e3
+    specs = specs_from_model(model)
+    rows = {}
+    for hw in ("h100", "h100_torch"):
+        p = predict(specs, 1, "muonclip_ddp", hardware=hw)
+        rows[hw] = {"ns_ms_predicted": p["time_s"]["ns"] * 1e3, "ratio_measured_over_predicted":
+                    ns_ms / (p["time_s"]["ns"] * 1e3)}
+    p = predict(specs, 1, "muonclip_ddp")
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
+           "model": f"llama3-8b shapes, {layers} layers", "num_params": p["num_params"],
+           "ns_backend": opt.param_groups[0]["ns_backend"], "ns_ms_measured_median": ns_ms,
+           "phases_ms_median": {k: sorted(r["phases_s"].get(k, 0.0) for r in recs)[len(recs) // 2] * 1e3
+                                for k in recs[-1]["phases_s"]},
+           "predictions": rows, "state_bytes_measured": recs[-1]["memory"]["optimizer_state"],
+           "state_bytes_predicted": p["state_bytes"], "memory": recs[-1]["memory"], "steps": recs}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "cost_model_gpu_check.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "steps"}, indent=1))
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     from dist_muonclip.cost_model import HARDWARE, format_table, scaling_table
 
@@ -74,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINES))
     p.add_argument("--hardware", default="h100", choices=list(HARDWARE))
     p.add_argument("--validate", default=None, help="a scaling_*.json to compare predictions with")
+    p.add_argument("--measure-gpu", default=None, metavar="OUT_DIR",
+                   help="time check on one GPU (Llama-3-8B shapes, 2 layers); writes cost_model_gpu_check.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cost_model_predictions.json"))
     args = p.parse_args(argv)
+    if args.measure_gpu:
+        measure_gpu(args.measure_gpu)
+        return 0
     if args.validate:
         rows = validate(args.validate)
         worst = max(abs(r["bytes_predicted"] - r["bytes_measured"]) / max(1.0, r["bytes_measured"]) for r in rows)
