@@ -71,8 +71,8 @@ class WireTap:
     """
 
     _NAMES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-              "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single",
-              "all_reduce_coalesced")
+              "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
+              "reduce_scatter_single", "all_to_all_single", "all_reduce_coalesced")
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, float]] = {}
@@ -103,11 +103,11 @@ class WireTap:
                 self._record("all_reduce", 2 * f * nb(kw.get("tensor", kw.get("tensors", args[0] if args else None))))
             elif name in ("reduce", "broadcast"):
                 self._record(name, f * nb(kw.get("tensor", args[0] if args else None)))
-            elif name in ("all_gather_into_tensor", "_all_gather_base"):
+            elif name in ("all_gather_into_tensor", "_all_gather_base", "all_gather_single"):
                 self._record("all_gather", f * nb(kw.get("output_tensor", args[0] if args else None)))
             elif name == "all_gather":
                 self._record("all_gather", f * nb(kw.get("tensor_list", args[0] if args else None)))
-            elif name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
+            elif name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single"):
                 self._record("reduce_scatter", f * nb(kw.get("input", args[1] if len(args) > 1 else None)))
             elif name == "reduce_scatter":
                 self._record("reduce_scatter", f * nb(kw.get("input_list", args[1] if len(args) > 1 else None)))
@@ -321,31 +321,86 @@ def _missing(module: str) -> str | None:
         return f"{module} does not import: {type(e).__name__}: {e}"
 
 
-def _integration_engine(module: str, entry: str) -> Callable[..., dict[str, Any]]:
-    """A MuonClip engine provided by an integration module (FSDP2 / DeepSpeed), once on main.
+def _train_tapped(step_fn: Callable[[Any], None], rank: int, world: int, steps: int, ns: NSCounter) -> dict[str, Any]:
+    """Run ``step_fn(ids)`` ``steps`` times counting every torch.distributed collective (tap)."""
+    import dist_muonclip.optimizer as opt_mod
 
-    The integration must expose ``entry(model, rank, world, steps, ns_counter) -> dict`` with the
-    keys the built-in runners return; until it does, the engine is recorded as skipped.
-    """
-    def run(model: Any, rank: int, world: int, steps: int, ns: NSCounter) -> dict[str, Any]:
-        fn = getattr(importlib.import_module(module), entry, None)
-        if fn is None:
-            raise NotImplementedError(f"{module}.{entry} (the scaling-benchmark hook) does not exist yet")
-        return fn(model, rank, world, steps, ns)
-    return run
+    TAP.counts.clear()
+    TAP.active = True
+    ns.patch(opt_mod, "orthogonalize")
+    times, flops, snaps = [], [], []
+    try:
+        for t in range(steps):
+            ids = _batch(t, rank, world)
+            before = ns.flops
+            TAP.counts.clear()
+            t0 = time.perf_counter()
+            step_fn(ids)
+            times.append(time.perf_counter() - t0)
+            flops.append(ns.flops - before)
+            snaps.append({k: dict(v) for k, v in TAP.counts.items()})
+    finally:
+        TAP.active = False
+        ns.remove()
+    comm = snaps[-1]
+    return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": flops[-1],
+            "ns_matrices": ns.matrices // steps, "step_times_s": times}
+
+
+def _run_muonclip_ds(model: Any, rank: int, world: int, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2, fp32); bytes from the wire tap
+    (DeepSpeed's collectives and MuonClip's alike)."""
+    from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
+
+    disable_shm_comm()
+    TAP.active = True        # DeepSpeed's first collectives happen in initialize; counted, then cleared
+    try:
+        cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+               "optimizer": {"type": "MuonClip", "params": {"lr": 0.01, "adamw_lr": 0.003, "ns_backend": "torch",
+                                                            "qk_clip": {"tau": 100.0}}}}
+        eng, *_ = initialize(model=model, config=cfg)
+    finally:
+        TAP.active = False
+
+    def step(ids: Any) -> None:
+        eng.backward(eng(input_ids=ids, labels=ids).loss)
+        eng.step()
+
+    out = _train_tapped(step, rank, world, steps, ns)
+    out["state_bytes"] = _state_bytes(muonclip_optimizer(eng).state)
+    return out
+
+
+def _run_muonclip_fsdp2(model: Any, rank: int, world: int, steps: int, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip on FSDP2 (dist_muonclip.fsdp, fp32); bytes from the wire tap. FSDP2 issues its
+    all-gathers / reduce-scatters through torch.distributed's Python functions."""
+    from dist_muonclip import fsdp
+
+    model = fsdp.fully_shard_model(model)
+    opt = fsdp.make_muonclip(model, lr=0.01, adamw_lr=0.003, ns_backend="torch", qk_clip={"tau": 100.0})
+
+    def step(ids: Any) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = _train_tapped(step, rank, world, steps, ns)
+    out["state_bytes"] = _state_bytes(opt.state)
+    return out
 
 
 #: engine name -> (runner(model, rank, world, steps, ns), reason-to-skip-or-None (evaluated lazily))
 ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]]] = {
     "muonclip_ddp": (lambda m, r, w, s, ns: _run_muonclip(m, r, w, s, "ddp", ns), lambda: None),
     "muonclip_optimizer": (lambda m, r, w, s, ns: _run_muonclip(m, r, w, s, "optimizer", ns), lambda: None),
-    "muonclip_ds_zero0": (_integration_engine("dist_muonclip.deepspeed", "scaling_run_zero0"),
+    "muonclip_ds_zero0": (lambda m, r, w, s, ns: _run_muonclip_ds(m, r, w, s, 0, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
-    "muonclip_ds_zero1": (_integration_engine("dist_muonclip.deepspeed", "scaling_run_zero1"),
+    "muonclip_ds_zero1": (lambda m, r, w, s, ns: _run_muonclip_ds(m, r, w, s, 1, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
-    "muonclip_ds_zero2": (_integration_engine("dist_muonclip.deepspeed", "scaling_run_zero2"),
+    "muonclip_ds_zero2": (lambda m, r, w, s, ns: _run_muonclip_ds(m, r, w, s, 2, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
-    "muonclip_fsdp2": (_integration_engine("dist_muonclip.fsdp", "scaling_run"), lambda: _missing("dist_muonclip.fsdp")),
+    "muonclip_fsdp2": (_run_muonclip_fsdp2, lambda: _missing("dist_muonclip.fsdp")),
     "ds_muon_zero1": (lambda m, r, w, s, ns: _run_deepspeed(m, r, w, s, "Muon", 1, ns), lambda: _missing("deepspeed")),
     "adamw_ddp": (lambda m, r, w, s, ns: _run_adamw_ddp(m, r, w, s), lambda: None),
     "adamw_ds_zero1": (lambda m, r, w, s, ns: _run_deepspeed(m, r, w, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
