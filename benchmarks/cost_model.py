@@ -46,7 +46,9 @@ def validate(path: str) -> list[dict]:
     from dist_muonclip.models import build_model
 
     engine_map = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_optimizer",
-                  "adamw_ddp": "adamw_ddp", "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1"}
+                  "adamw_ddp": "adamw_ddp", "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1",
+                  "muonclip_ds_zero0": "muonclip_ddp", "muonclip_ds_zero1": "muonclip_zero1",
+                  "muonclip_ds_zero2": "muonclip_zero1"}
     payload = json.loads(Path(path).read_text())
     specs, out = {}, []
     for r in payload["rows"]:

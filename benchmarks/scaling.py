@@ -77,6 +77,7 @@ class WireTap:
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, float]] = {}
         self.active = False
+        self._depth = 0
         self._saved: list[tuple[Any, str, Any]] = []
 
     def _record(self, kind: str, nbytes: float) -> None:
@@ -96,6 +97,16 @@ class WireTap:
             return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
         def tapped(*args: Any, **kw: Any) -> Any:
+            if self._depth:      # a collective implemented by another tapped one (torch's
+                return fn(*args, **kw)   # _all_gather_base calls all_gather_into_tensor): count once
+            self._depth += 1
+            try:
+                count(*args, **kw)
+                return fn(*args, **kw)
+            finally:
+                self._depth -= 1
+
+        def count(*args: Any, **kw: Any) -> None:
             group = kw.get("group")
             w = dist.get_world_size(group)
             f = (w - 1) / w
@@ -120,7 +131,6 @@ class WireTap:
                     self._record("all_to_all", sum(s for r, s in enumerate(splits) if r != rank) * es)
                 else:
                     self._record("all_to_all", f * nb(inp))
-            return fn(*args, **kw)
 
         return tapped
 
@@ -520,7 +530,15 @@ def plot(payload: dict[str, Any], prefix: str) -> list[str]:
             pts = sorted({(r["world_size"], r[key]) for r in rows if r["engine"] == engine and r["size"] == size
                           and r["rank"] == r["busiest_rank"]})
             if pts and (key != "ns_flops" or any(v for _, v in pts)):
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=engine)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=engine)
+                if key == "ns_flops":   # the sum over ranks: flat = no redundant orthogonalization
+                    tot: dict[int, float] = {}
+                    for r in rows:
+                        if r["engine"] == engine and r["size"] == size:
+                            tot[r["world_size"]] = tot.get(r["world_size"], 0) + r["ns_flops"]
+                    ws = sorted(tot)
+                    ax.plot(ws, [tot[w] for w in ws], linestyle="--", color=line.get_color(),
+                            label=f"{engine} (sum over ranks)")
         ax.set_xlabel("world size W")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
@@ -572,7 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="file tag (default: quick or full)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNGs of a results JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        print(plot(payload, args.replot[: -len(".json")]))
+        return 0
     sizes = args.sizes or (["tiny", "small"] if args.quick else ["tiny", "small", "medium", "large"])
     worlds = args.worlds or [1, 2, 4]
     steps = args.steps or (3 if args.quick else 4)

@@ -18,8 +18,9 @@ Engines (``engine=``):
 ``muonclip_ddp``        DDP all-reduces fp32 grads; owners orthogonalize; updates all-gathered
                         (ns dtype); AdamW sharded by flat slices, slices all-gathered.
 ``muonclip_optimizer``  no DDP: Muon grads all-to-all'd to owners, AdamW grads reduce-scattered.
-``muonclip_zero1``      DeepSpeed ZeRO-1/2 flat fragments: engine reduce-scatters grads and
-                        all-gathers params; Muon pieces all-to-all'd to owners and back.
+``muonclip_zero1``      DeepSpeed ZeRO-1/2 flat fragments (dist_muonclip.deepspeed): the engine
+                        all-reduces grads and all-gathers partitions; only pieces of matrices
+                        cut by a partition boundary travel to the matrix's holder and back.
 ``muonclip_fsdp2``      FSDP2 row shards: params all-gathered in forward and backward, grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
 ``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (measured behaviour of
@@ -273,17 +274,50 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     b["all_to_all[muon_reduce]"] = (P_muon - owned[r]) * grad_bytes
                     if adamw:
                         b["reduce_scatter[adamw_reduce]"] = (W - 1) * chunk_a * grad_bytes
-            else:   # sharded layouts: every element held once; pieces approximated as equal 1/W cuts
+            elif engine == "muonclip_fsdp2":   # row shards: every matrix cut into W pieces (1/W each)
                 state[r] = (P_muon / W + 2 * (P - P_muon) / W) * state_elem_bytes + P / W * master_bytes
                 if W > 1:
                     b["all_to_all[muon_gather]"] = (P_muon - owned[r]) / W * grad_bytes   # momentum pieces
                     b["all_to_all[muon_scatter]"] = owned[r] * f * ns_bytes
-                    if engine == "muonclip_fsdp2":   # reduce-scatter grads, all-gather params twice
-                        b["reduce_scatter[engine]"] = f * P * grad_bytes
-                        b["all_gather[engine]"] = 2 * f * P * param_bytes
-                    else:                            # the DeepSpeed ZeRO-1 engine, as adamw_zero1
-                        b["all_reduce[engine]"] = 2 * f * P * grad_bytes
-                        b["all_gather[engine]"] = f * P * param_bytes
+                    b["reduce_scatter[engine]"] = f * P * grad_bytes
+                    b["all_gather[engine]"] = 2 * f * P * param_bytes                # forward and backward
+        if engine == "muonclip_zero1":
+            # DeepSpeed ZeRO-1/2 flat partitions of the whole model (one param group): the engine
+            # all-reduces gradients and all-gathers the partitions (as adamw_zero1, measured); a
+            # matrix is orthogonalized by the rank holding most of it (the layout's owner hint), so
+            # only pieces of matrices cut by a partition boundary travel (momentum there, update back).
+            # The price: NS load follows the partitions (less balanced than LPT).
+            chunk, segs = flat_partition([(s.name, s.numel) for s in specs], W)
+            pieces: dict[str, list[tuple[int, int]]] = {}
+            for r, rs in enumerate(segs):
+                for seg in rs:
+                    pieces.setdefault(seg.name, []).append((r, seg.stop - seg.start))
+            is_muon = {s.name for s in muon}
+            flops = [0] * W        # the owner is the holder of most of the matrix, not LPT
+            for s_ in muon:
+                ps = pieces[s_.name]
+                holder = max(ps, key=lambda t: (t[1], -t[0]))[0]
+                flops[holder] += s_.num_matrices * ns_flops(*s_.mn, ns_steps)
+            for r in range(W):
+                held = sum(seg.stop - seg.start for seg in segs[r])
+                held_muon = sum(seg.stop - seg.start for seg in segs[r] if seg.name in is_muon)
+                state[r] = (held_muon + 2 * (held - held_muon)) * state_elem_bytes + held * master_bytes
+                if W == 1:
+                    continue
+                b = per_rank[r]
+                b["all_reduce[engine]"] = 2 * f * P * grad_bytes
+                b["all_gather[engine]"] = (W - 1) * chunk * param_bytes
+                gather = scatter = 0.0
+                for name, ps in pieces.items():
+                    if name not in is_muon or len(ps) < 2:
+                        continue
+                    holder = max(ps, key=lambda t: (t[1], -t[0]))[0]
+                    if holder == r:
+                        scatter += sum(n for q, n in ps if q != r) * ns_bytes
+                    else:
+                        gather += sum(n for q, n in ps if q == r) * grad_bytes
+                b["all_to_all[muon_gather]"] = gather
+                b["all_to_all[muon_scatter]"] = scatter
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes

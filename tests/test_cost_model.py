@@ -19,7 +19,8 @@ from tests.dist_utils import run_distributed, values
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 # benchmark engine name -> cost-model engine name
 ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_optimizer", "adamw_ddp": "adamw_ddp",
-              "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1"}
+              "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
+              "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1"}
 # The issue's acceptance bound. Our engines match to the byte; DeepSpeed adds a few bytes per
 # step (a 1-float overflow/loss all-reduce) that the model leaves out.
 REL_TOL = 0.05
@@ -56,7 +57,8 @@ def _measured_rows():
 
 def test_predictions_match_every_measured_configuration():
     """Bytes per rank and optimizer-state bytes per rank within 5% of every committed measurement
-    (W = 1, 2, 4; every model size; every engine the benchmark ran); NS FLOPs of our engines exact."""
+    (W = 1, 2, 4; every model size; every engine the benchmark ran, DeepSpeed's included; in
+    practice within 8 bytes); NS FLOPs per rank of every MuonClip engine exact."""
     from dist_muonclip.models import build_model
 
     rows = _measured_rows()
@@ -72,8 +74,9 @@ def test_predictions_match_every_measured_configuration():
         assert p["bytes"]["total"] == pytest.approx(r["bytes"], rel=REL_TOL, abs=16), where
         assert p["state_bytes"] == pytest.approx(r["state_bytes"], rel=REL_TOL), where
         if r["engine"].startswith("muonclip"):
-            assert p["ns_flops"] == r["ns_flops"], where        # same plan, same ns_flops convention
-            assert p["bytes"]["total"] == pytest.approx(r["bytes"], abs=1e-6), where
+            assert p["ns_flops"] == r["ns_flops"], where        # same owners, same ns_flops convention
+        if r["engine"] in ("muonclip_ddp", "muonclip_optimizer", "adamw_ddp"):
+            assert p["bytes"]["total"] == pytest.approx(r["bytes"], abs=1e-6), where   # no DeepSpeed extras
         checked.add((r["engine"], r["world_size"]))
     assert {w for _, w in checked} >= {1, 2, 4}
 
