@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = max(abs(r["bytes_predicted"] - r["bytes_measured"]) / max(1.0, r["bytes_measured"]) for r in rows)
         worst_state = max(abs(r["state_predicted"] - r["state_measured"]) / max(1.0, r["state_measured"]) for r in rows)
         print(f"{len(rows)} measured rows: worst relative error bytes {worst:.2e}, state {worst_state:.2e}")
-        out = Path(args.out).with_name("cost_model_validation.json")
+        out = Path(args.out).with_name(f"cost_model_validation_{Path(args.validate).stem}.json")
         out.write_text(json.dumps({"source": os.path.basename(args.validate), "worst_rel_err_bytes": worst,
                                    "worst_rel_err_state": worst_state, "rows": rows}, indent=1))
         print(f"wrote {out}")
