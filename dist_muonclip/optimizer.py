@@ -208,6 +208,8 @@ class MuonClip(Optimizer):
             from .metrics import MetricsLogger
 
             self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
+        if profiler is not None and hasattr(profiler, "attach"):
+            profiler.attach(self)          # idempotent; needs the accountant and comm set up above
         if verbose:
             print(self.describe_split())
 

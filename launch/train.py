@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
     g.add_argument("--out", default=None, help="write a JSON with the per-step log and final losses")
     g.add_argument("--save", default=None, help="checkpoint directory (written at the end and every --save-every)")
+    g.add_argument("--profile", default=None, metavar="TRACE.json",
+                   help="per-step, per-rank profile (phase times, bytes per collective, NS FLOPs, memory) "
+                   "to this JSON (+ .csv; rank r>0 writes TRACE.rank<r>.json); summary printed on rank 0")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     g.add_argument("--resume", default=None, help="checkpoint file or directory (latest step_*.pt) to resume")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -498,6 +501,15 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction,
                                   **({"mixed_precision": args.fsdp_mixed_precision} if args.engine == "fsdp" else {}))
     optimizer = build_optimizer(args, model, **getattr(engine, "optimizer_kwargs", dict)())
+    profiler = None
+    if args.profile:
+        from dist_muonclip.profiler import StepProfiler
+
+        profiler = StepProfiler(args.profile, model=model).attach(optimizer)   # AdamW too (no phases)
+        if ctx.world_size > 1 and hasattr(engine.model, "register_comm_hook"):  # DDP: count its all-reduces
+            from dist_muonclip.comm import ddp_accounting_hook
+
+            engine.model.register_comm_hook(profiler.accountant, ddp_accounting_hook)
     base_lrs = _base_lrs(optimizer)
 
     corpus = split_corpus(load_corpus(args.corpus))
@@ -586,6 +598,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
             else:
                 save_checkpoint(args.save, step=done, model=model, optimizer=optimizer, args=args, ctx=ctx)
     bar.close()
+    if profiler is not None:
+        profiler.close()      # writes the trace, prints the summary on rank 0
 
     eval_loss = evaluate(model, held_out, ctx, args.autocast)
     log["evals"].append({"step": args.steps, "eval_loss": eval_loss})
