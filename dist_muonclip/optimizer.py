@@ -524,8 +524,7 @@ class MuonClip(Optimizer):
             pre = self._preflight(s_max)                   # one all-reduce(MAX): flags + max logits
         with self._phase("reduce"):
             self._finish_reductions()
-        with self._phase("clip_grad"):
-            self._clip_coef = self._grad_clip_coef(pre)    # max_grad_norm on the reduced gradient
+        self._clip_coef = self._grad_clip_coef(pre)        # max_grad_norm on the reduced gradient
         if self._layout.sharded:
             sq_sums = self._sharded_muon(pre)              # momentum, gather, NS, scatter, apply on pieces
             with self._phase("adamw"):
@@ -559,6 +558,10 @@ class MuonClip(Optimizer):
         self._grad_norm = None
         if self.max_grad_norm is None:
             return None
+        with self._phase("clip_grad"):
+            return self._global_clip_coef(pre)
+
+    def _global_clip_coef(self, pre: "_Preflight") -> Tensor:
         sq: list[Tensor] = []
         needs_sum = self._comm is not None
         if self._layout.sharded:
