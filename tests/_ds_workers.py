@@ -1,0 +1,148 @@
+"""DeepSpeed scenarios run on W gloo processes by tests/test_deepspeed.py (module-level for spawn)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from tests._dist_workers import GLOBAL_BATCH, global_batch, local_batch
+from tests._tiny_hf import tiny_model
+
+# Equivalence runs: fp32 Newton-Schulz so the only difference from the oracle is reduction order.
+MC_PARAMS = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
+CLIP = 1.0   # DeepSpeed gradient_clipping; the oracle clips the raw gradient the same way
+
+
+def qk_clip_params() -> dict[str, Any]:
+    """QK-Clip active on the tiny model: tau below its max logits, so heads get clipped every step."""
+    try:
+        import dist_muonclip.qk_clip  # noqa: F401
+    except ImportError:
+        return {}
+    return {"qk_clip": {"tau": 1.0}}
+
+
+def ds_config(stage: int, world: int, *, bf16: bool = False, params: dict | None = None,
+              scheduler: bool = False) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,
+        "optimizer": {"type": "MuonClip", "params": {**MC_PARAMS, **qk_clip_params(), **(params or {})}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10_000,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if scheduler:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02,
+                                                           "warmup_num_steps": 4, "warmup_type": "linear"}}
+    return cfg
+
+
+def warmup_factor(step: int) -> float:
+    """DeepSpeed WarmupLR (linear, min 0, 4 steps) as a factor of the max lr at optimizer step ``step``."""
+    return min(1.0, step / 4) if step < 4 else 1.0
+
+
+def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
+                 scheduler: bool = False):
+    """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer."""
+    from dist_muonclip import MuonClip
+
+    if model is None:
+        model = tiny_model("llama", seed=0)
+        opt = MuonClip(model, **{**MC_PARAMS, **qk_clip_params(), **(params or {})})
+    base = [g["lr"] for g in opt.param_groups]
+    for t in range(start, start + steps):
+        if scheduler:
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * _ds_warmup(t)
+        ids = global_batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _ds_warmup(step: int) -> float:
+    # DeepSpeed's WarmupLR linear: lr = min + (max - min) * step / warmup_num_steps, step counted from
+    # the scheduler's last_batch_iteration (0 for the first optimizer step), capped at 1.
+    return min(1.0, step / 4)
+
+
+def _setup() -> None:
+    os.environ.setdefault("DIST_MUONCLIP_DS_SHM", "0")
+    from dist_muonclip.deepspeed import disable_shm_comm
+
+    disable_shm_comm()
+
+
+def _fp32_params(engine) -> dict[str, torch.Tensor]:
+    """Parameters by name; fp32 master weights where DeepSpeed keeps them (exact for comparison)."""
+    from dist_muonclip.deepspeed import full_state_dict
+
+    state = full_state_dict(engine)
+    return {k: v.clone() for k, v in state["masters"].items()}
+
+
+def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool = False, params: dict | None = None,
+                    scheduler: bool = False, use_instance: bool = False, accountant: bool = False,
+                    save_dir: str | None = None, save_at: int | None = None, resume_dir: str | None = None,
+                    start: int = 0, native_resume: bool = False):
+    _setup()
+    from dist_muonclip import MuonClip
+    from dist_muonclip.comm import CommAccountant
+    from dist_muonclip.deepspeed import initialize, load_checkpoint, muonclip_optimizer, save_checkpoint
+
+    model = tiny_model("llama", seed=0)
+    cfg = ds_config(stage, world, bf16=bf16, params=params, scheduler=scheduler)
+    acc = CommAccountant() if accountant else None
+    if use_instance:
+        mc = cfg.pop("optimizer")["params"]
+        opt = MuonClip(model, accountant=acc, **mc)
+        engine, *_ = initialize(model=model, optimizer=opt, config=cfg)
+    else:
+        engine, *_ = initialize(model=model, config=cfg, accountant=acc)
+    inner = muonclip_optimizer(engine)
+    if resume_dir is not None:
+        if native_resume:
+            engine.load_checkpoint(resume_dir)
+        else:
+            load_checkpoint(engine, resume_dir)
+    ns_calls = []
+    _count_ns(inner, ns_calls)
+    lrs = []
+    for t in range(start, start + steps):
+        ids = local_batch(t, rank, world)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        lrs.append([g["lr"] for g in inner.param_groups])
+        if save_dir is not None and save_at is not None and t + 1 == save_at:
+            save_checkpoint(engine, save_dir, tag="ckpt")
+    out = {"params": _fp32_params(engine), "lrs": lrs, "layout": engine._dist_muonclip.layout_name,
+           "ns_matrices": ns_calls,
+           "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
+                              if isinstance(t, torch.Tensor) and t.ndim > 0),
+           "acc": acc.totals() if acc is not None else None, "acc_steps": len(acc.steps) if acc else 0,
+           "metrics": inner.metrics()}
+    return out
+
+
+def _count_ns(inner, calls: list) -> None:
+    """Record every matrix this rank orthogonalizes (names via shapes per call)."""
+    import dist_muonclip.optimizer as optmod
+
+    real = optmod.orthogonalize
+
+    def counting(x, **kw):
+        calls.append(int(x.shape[0]) if x.ndim == 3 else 1)
+        return real(x, **kw)
+
+    optmod.orthogonalize = counting
