@@ -28,6 +28,7 @@ from .comm import Comm, CommAccountant
 from .functional import ADJUST_LR_FNS, muon_apply_, muon_momentum_, update_scale
 from .newton_schulz import orthogonalize, validate_ns_options
 from .param_split import ParamInfo, as_matrices, format_split, matrix_shape, split_parameters
+from .layouts import Layout, Replicated, piece_row_scale
 from .plan import Bucket, MatrixItem, Segment, build_plan, flat_partition
 
 __all__ = ["MuonClip"]
@@ -100,6 +101,9 @@ class MuonClip(Optimizer):
             slices are all-gathered). ``False`` updates AdamW parameters redundantly everywhere.
         accountant: a :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's
             collectives (calls, bytes) per step.
+        layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default
+            :class:`~dist_muonclip.layouts.Replicated`; FSDP2 and DeepSpeed ZeRO-1/2 integrations
+            pass their sharded layouts.
         verbose: print the parameter split at construction.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
@@ -136,6 +140,7 @@ class MuonClip(Optimizer):
         grad_reduction: str = "external",
         shard_adamw: bool = True,
         accountant: CommAccountant | None = None,
+        layout: Layout | None = None,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -175,7 +180,7 @@ class MuonClip(Optimizer):
         self._clipper = self._build_clipper(model, qk_clip, model_config)
         self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
         self._plan = None
-        self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant)
+        self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
         if verbose:
             print(self.describe_split())
 
@@ -341,7 +346,7 @@ class MuonClip(Optimizer):
 
     # ------------------------------------------------------------------ distribution
     def _setup_distribution(self, process_group: Any, grad_reduction: str, shard_adamw: bool,
-                            accountant: CommAccountant | None) -> None:
+                            accountant: CommAccountant | None, layout: Layout | None) -> None:
         if grad_reduction not in ("external", "optimizer"):
             raise ValueError(f"grad_reduction={grad_reduction!r} is unknown; use 'external' (DDP/DeepSpeed reduce "
                              "gradients) or 'optimizer' (the optimizer reduce-scatters them to owners)")
@@ -361,7 +366,16 @@ class MuonClip(Optimizer):
         self._ready: set[Tensor] = set()
         self._sync_enabled = True
         self._hooks: list[Any] = []
+        self._layout = layout if layout is not None else Replicated(self.world_size)
+        if not isinstance(self._layout, Layout):
+            raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        if self._layout.sharded and grad_reduction == "optimizer":
+            raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
+                             "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
         self._replan()
+        if self._layout.sharded:
+            self._layout.validate([p for g in self.param_groups for p in g["params"]], self._names,
+                                  self.world_size, self.rank)
         if grad_reduction == "optimizer" and self._comm is not None:
             for g in self.param_groups:
                 for p in g["params"]:
@@ -383,8 +397,8 @@ class MuonClip(Optimizer):
         # AdamW: per (group, dtype, device) one flat partition in parameter order
         self._partitions = []
         for gi, g in enumerate(self.param_groups):
-            if g["use_muon"]:
-                continue
+            if g["use_muon"] or getattr(self, "_layout", None) is not None and self._layout.sharded:
+                continue   # sharded layouts: AdamW runs on the local pieces, no partition needed
             by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in g["params"]:
                 by_kind[(str(p.dtype), str(p.device))].append(p)
@@ -442,9 +456,13 @@ class MuonClip(Optimizer):
         self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
         pre = self._preflight(s_max)                       # one all-reduce(MAX): flags + max logits
         self._finish_reductions()
-        pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, gather, NS, scatter
-        sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as updates arrive
-        self._adamw_step(pre)
+        if self._layout.sharded:
+            sq_sums = self._sharded_muon(pre)              # momentum, gather, NS, scatter, apply on pieces
+            self._sharded_adamw(pre)
+        else:
+            pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, NS, launch gather
+            sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as they arrive
+            self._adamw_step(pre)
         if pre.max_logits is not None:
             self._qk_clip_(pre.max_logits)
         self._record_metrics(pre, sq_sums)
@@ -463,7 +481,8 @@ class MuonClip(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         n, shape = len(params), self._ml_shape
         size = 1 + n * (2 if self.skip_nonfinite else 1) + (math.prod(shape) if shape is not None else 0)
-        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+        device = self._layout.local_param(params[0]).device if self._layout.sharded else next(
+            (p.grad.device for p in params if p.grad is not None), params[0].device)
         error = None
         try:
             packed = self._local_flags(params, s_max, device)
@@ -508,12 +527,13 @@ class MuonClip(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"parameter {self._names[p]!r} has a sparse gradient; MuonClip needs dense "
                                    "gradients (use nn.Embedding(sparse=False))")
+        grads = [self._layout.local_grad(p) if self._layout.sharded else p.grad for p in params]
         parts = [torch.zeros(1, device=device),
-                 torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)]
+                 torch.tensor([g is not None for g in grads], dtype=torch.float32, device=device)]
         if self.skip_nonfinite:
             zero = torch.zeros((), dtype=torch.bool, device=device)
-            parts.append(torch.stack([(~p.grad.isfinite().all()).to(device) if p.grad is not None else zero
-                                      for p in params]).float())
+            parts.append(torch.stack([(~g.isfinite().all()).to(device) if g is not None else zero
+                                      for g in grads]).float())
         shape = self._ml_shape
         if shape is not None:
             max_logits = self._local_max_logits(s_max)
@@ -644,6 +664,117 @@ class MuonClip(Optimizer):
         muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return ortho.float().square().sum() * scale**2
 
+    # -- sharded layouts (FSDP2 row shards, DeepSpeed flat fragments) ----------------------
+    def _local_size(self, p: Tensor, rank: int) -> int:
+        return sum(b - a for a, b in self._layout.ranges(p)[rank])
+
+    def _sharded_muon(self, pre: "_Preflight") -> list[Tensor]:
+        """Per bucket: momentum on local pieces -> all-to-all of pieces to owners -> NS on the
+        assembled matrices -> all-to-all of update pieces back -> apply on local pieces.
+
+        All gathers are launched first, then each bucket is orthogonalized as its pieces arrive
+        and its scatter launched, so communication of one bucket overlaps NS of the next.
+        """
+        jobs = [job for b in self._plan.buckets if (job := self._sharded_gather(b, pre)) is not None]
+        for job in jobs:
+            self._sharded_orthogonalize(job)
+        return [self._sharded_apply(job) for job in jobs]
+
+    def _sharded_gather(self, bucket: Bucket, pre: "_Preflight") -> dict | None:
+        g = self.param_groups[bucket.group]
+        active = [self._by_name[n] for n in bucket.names if self._by_name[n] in pre.active]
+        if not active:
+            return None
+        layout, me, w = self._layout, self.rank, self.world_size
+        grads, bufs = [], []
+        for p in active:
+            local = layout.local_param(p)
+            lg = layout.local_grad(p)
+            grads.append(lg if lg is not None else torch.zeros_like(local))
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
+            bufs.append(state["momentum_buffer"])
+        pieces = muon_momentum_(grads, bufs, momentum=g["momentum"], nesterov=g["nesterov"])
+        mine = [p for p in active if self._owner(p) == me]
+        in_splits = [0] * w
+        for p, v in zip(active, pieces):
+            in_splits[self._owner(p)] += v.numel()
+        out_splits = [sum(self._local_size(p, s) for p in mine) for s in range(w)]
+        send = torch.cat(pieces) if pieces else grads[0].new_empty(0)
+        recv = send.new_empty(sum(out_splits))
+        work = self._comm.all_to_all_single(recv, send, out_splits, in_splits, async_op=True, tag="muon_gather")
+        return {"bucket": bucket, "group": g, "active": active, "mine": mine, "recv": recv, "work": work}
+
+    def _sharded_orthogonalize(self, job: dict) -> None:
+        job["work"].wait()
+        layout, w, g = self._layout, self.world_size, job["group"]
+        mine, recv = job["mine"], job["recv"]
+        fulls = [recv.new_empty(math.prod(layout.full_shape(p))) for p in mine]
+        off = 0
+        for s in range(w):
+            for p, full in zip(mine, fulls):
+                for a, b in layout.ranges(p)[s]:
+                    full[a:b] = recv[off:off + b - a]
+                    off += b - a
+        sends: list[Tensor] = []
+        in_splits = [0] * w
+        if mine:
+            views = [as_matrices(f.view(layout.full_shape(p)), self._views[p]) for f, p in zip(fulls, mine)]
+            ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
+                         eps=g["ns_eps"], backend=g["ns_backend"])
+            ortho = orthogonalize(torch.cat(views), **ns_kw)
+            flats = [o.reshape(-1) for o in ortho.split([v.shape[0] for v in views])]
+            for r in range(w):
+                for p, flat in zip(mine, flats):
+                    for a, b in layout.ranges(p)[r]:
+                        sends.append(flat[a:b])
+                        in_splits[r] += b - a
+        dtype = g["ns_dtype"]
+        send = torch.cat(sends) if sends else recv.new_empty(0, dtype=dtype)
+        out_splits = [sum(self._local_size(p, self.rank) for p in job["active"] if self._owner(p) == s)
+                      for s in range(w)]
+        job["update"] = send.new_empty(sum(out_splits))
+        job["work"] = self._comm.all_to_all_single(job["update"], send, out_splits, in_splits, async_op=True,
+                                                   tag="muon_scatter")
+
+    def _sharded_apply(self, job: dict) -> Tensor:
+        job["work"].wait()
+        bucket, g, update = job["bucket"], job["group"], job["update"]
+        sizes = [self._local_size(p, self.rank) for p in job["active"]]
+        scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
+        muon_apply_([self._layout.local_param(p) for p in job["active"]], list(update.split(sizes)),
+                    lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        return update.float().square().sum() * scale**2   # this rank's pieces only
+
+    def _sharded_adamw(self, pre: "_Preflight") -> None:
+        """AdamW is elementwise: it runs on the local pieces with no communication."""
+        for g in self.param_groups:
+            if g["use_muon"]:
+                continue
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in g["params"]:
+                local = self._layout.local_param(p)
+                if p not in pre.active or local.numel() == 0:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32,
+                                                device=local.device if self.adamw_fused else "cpu")
+                    state["exp_avg"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
+                lg = self._layout.local_grad(p)
+                params.append(local)
+                grads.append(lg if lg is not None else torch.zeros_like(local))
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if params:
+                beta1, beta2 = g["betas"]
+                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
+                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
+                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+
     # -- AdamW -----------------------------------------------------------------------------
     def _adamw_step(self, pre: "_Preflight") -> None:
         for part in self._partitions:
@@ -718,16 +849,28 @@ class MuonClip(Optimizer):
 
     # -- QK-Clip, metrics ------------------------------------------------------------------
     def _qk_clip_(self, max_logits: Tensor) -> None:
+        """Scale the rows of W_q / W_k (and biases, MLA parts) of heads over tau, on held elements."""
         for p, scale in self._clipper.row_scales(max_logits):
-            p.data.mul_(scale.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1))))
+            if not self._layout.sharded:
+                p.data.mul_(scale.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1))))
+                continue
+            local = self._layout.local_param(p)
+            if local.numel():
+                shape = self._layout.full_shape(p)
+                row = math.prod(shape[1:])
+                local.mul_(piece_row_scale(scale.to(local.device), self._layout.ranges(p)[self.rank], row)
+                           .to(local.dtype))
 
     def _record_metrics(self, pre: "_Preflight", sq_sums: list[Tensor]) -> None:
         metrics: dict[str, Tensor] = {}
-        grads = [self._grad(p) for p in pre.active]
+        # sharded layouts: norms of this rank's pieces only (no extra collective for a metric)
+        grads = [self._layout.local_grad(p) if self._layout.sharded else self._grad(p) for p in pre.active]
+        grads = [g for g in grads if g is not None]
         if grads:
             metrics["grad_norm"] = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        n_muon = sum(p.numel() for p in pre.active if self.param_groups[self._group_of[p]]["use_muon"])
+        n_muon = sum((self._local_size(p, self.rank) if self._layout.sharded else p.numel())
+                     for p in pre.active if self.param_groups[self._group_of[p]]["use_muon"])
         if sq_sums and n_muon:
             metrics["muon_update_rms"] = torch.sqrt(torch.stack([s.to(sq_sums[0].device) for s in sq_sums]).sum()
                                                     / n_muon)
@@ -743,19 +886,40 @@ class MuonClip(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, dict[str, Any]]:
-        """This rank's state, keyed by name; AdamW entries carry their flat segment."""
+        """This rank's state keyed by name: ``{"step"?: t, "pieces": [(start, stop, {key: 1-D})]}``.
+
+        Pieces are flat element ranges of the full parameter, so shards from any layout and world
+        size merge into the full state (:meth:`_merge_states`).
+        """
         out: dict[str, dict[str, Any]] = {}
-        for part in self._partitions:
-            for seg in part.mine:
-                p = self._by_name[seg.name]
+
+        def add(name: str, start: int, stop: int, s: dict[str, Any]) -> None:
+            entry = out.setdefault(name, {"pieces": []})
+            if "step" in s:
+                entry["step"] = s["step"]
+            entry["pieces"].append((start, stop, {k: v.reshape(-1) for k, v in s.items()
+                                                  if isinstance(v, Tensor) and k != "step"}))
+
+        for g in self.param_groups:
+            for p in g["params"]:
                 s = self.state.get(p)
-                if s:
-                    out.setdefault(seg.name, {"step": s["step"], "segments": []})["segments"].append(
-                        (seg.start, seg.stop, s["exp_avg"].reshape(-1), s["exp_avg_sq"].reshape(-1)))
-        for name, owner in self._plan.owners.items():
-            p = self._by_name[name]
-            if owner == self.rank and self.state.get(p):
-                out[name] = dict(self.state[p])
+                if not s:
+                    continue
+                name = self._names[p]
+                if self._layout.sharded:
+                    off = 0
+                    for a, b in self._layout.ranges(p)[self.rank]:
+                        add(name, a, b, {k: (v.reshape(-1)[off:off + b - a] if k != "step" else v)
+                                         for k, v in s.items()})
+                        off += b - a
+                elif g["use_muon"]:
+                    add(name, 0, p.numel(), s)     # the owner holds the whole momentum buffer
+        if not self._layout.sharded:
+            for part in self._partitions:
+                for seg in part.mine:
+                    s = self.state.get(self._by_name[seg.name])
+                    if s:
+                        add(seg.name, seg.start, seg.stop, s)
         return out
 
     def state_dict(self, *, sharded: bool = False) -> dict[str, Any]:
@@ -780,22 +944,24 @@ class MuonClip(Optimizer):
         return {**base, "state": self._merge_states(shards)}
 
     def _merge_states(self, shards: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-        state: dict[str, dict[str, Any]] = {}
+        """Assemble full per-parameter state from every rank's pieces."""
+        pieces: dict[str, list] = defaultdict(list)
+        steps: dict[str, Tensor] = {}
         for shard in shards:
             for name, s in shard.items():
-                if "segments" not in s:
-                    state[name] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.items()}
-                    continue
-                entry = state.setdefault(name, {"step": s["step"].cpu(), "_segs": []})
-                entry["_segs"].extend(s["segments"])
-        for name, entry in state.items():
-            segs = entry.pop("_segs", None)
-            if segs is None:
-                continue
-            p = self._by_name[name]
-            segs.sort(key=lambda t: t[0])
-            entry["exp_avg"] = torch.cat([t[2].cpu() for t in segs]).view(p.shape)
-            entry["exp_avg_sq"] = torch.cat([t[3].cpu() for t in segs]).view(p.shape)
+                pieces[name].extend(s["pieces"])
+                if "step" in s:
+                    steps[name] = s["step"]
+        state: dict[str, dict[str, Any]] = {}
+        for name, plist in pieces.items():
+            plist = sorted(plist, key=lambda t: t[0])
+            shape = self._layout.full_shape(self._by_name[name])
+            entry: dict[str, Any] = {}
+            if name in steps:
+                entry["step"] = steps[name].detach().cpu().clone()
+            for key in plist[0][2]:
+                entry[key] = torch.cat([t[2][key].detach().cpu() for t in plist]).view(shape)
+            state[name] = entry
         return state
 
     def merge_sharded(self, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -842,26 +1008,35 @@ class MuonClip(Optimizer):
                                      f"{tuple(p.shape)}")
         new_state: dict[Tensor, dict[str, Any]] = {}
         full = state_dict["state"]
-        for name, owner in self._plan.owners.items():
-            if owner == self.rank and name in full:
-                p = self._by_name[name]
-                new_state[p] = {k: (v.detach().to(dtype=p.dtype, device=p.device).clone() if isinstance(v, Tensor)
-                                    else v) for k, v in full[name].items()}
-        for part in self._partitions:
-            for seg in part.mine:
-                if seg.name not in full:
+
+        def take(p: Tensor, s: dict[str, Any], ranges: list[tuple[int, int]], whole: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in s.items():
+                if not isinstance(v, Tensor):
+                    out[k] = v
+                elif k == "step":
+                    out[k] = v.detach().to(torch.float32).clone().to(p.device if self.adamw_fused else "cpu")
+                else:
+                    v = v.detach().to(dtype=p.dtype, device=self._layout.local_param(p).device)
+                    out[k] = v.clone() if whole else torch.cat([v.reshape(-1)[a:b] for a, b in ranges]).clone()
+            return out
+
+        for g in self.param_groups:
+            for p in g["params"]:
+                name = self._names[p]
+                if name not in full:
                     continue
-                p = self._by_name[seg.name]
-                s = full[seg.name]
-                whole = seg.start == 0 and seg.stop == p.numel()
-
-                def piece(t: Tensor) -> Tensor:
-                    t = t.detach().to(dtype=p.dtype, device=p.device)
-                    return (t if whole else t.reshape(-1)[seg.start:seg.stop]).clone()
-
-                new_state[p] = {"step": s["step"].detach().to(torch.float32).clone().to(
-                                    p.device if self.adamw_fused else "cpu"),
-                                "exp_avg": piece(s["exp_avg"]), "exp_avg_sq": piece(s["exp_avg_sq"])}
+                if self._layout.sharded:
+                    new_state[p] = take(p, full[name], self._layout.ranges(p)[self.rank], whole=False)
+                elif g["use_muon"] and self._owner(p) == self.rank:
+                    new_state[p] = take(p, full[name], [(0, p.numel())], whole=True)
+        if not self._layout.sharded:
+            for part in self._partitions:
+                for seg in part.mine:
+                    if seg.name in full:
+                        p = self._by_name[seg.name]
+                        whole = seg.start == 0 and seg.stop == p.numel()
+                        new_state[p] = take(p, full[seg.name], [(seg.start, seg.stop)], whole)
         for sg, g in zip(saved_groups, self.param_groups):
             for k, v in sg.items():
                 if k != "params":

@@ -140,3 +140,46 @@ def failing_rank_worker(rank: int, world: int):
         model.a.weight.grad = model.a.weight.grad.to_sparse()
     opt.step()
     return "stepped"
+
+
+def random_ranges(name: str, numel: int, world: int) -> list[list[tuple[int, int]]]:
+    """Deterministic cuts of [0, numel) into `world` contiguous pieces: mid-row, uneven, some empty."""
+    import random
+    import zlib
+
+    rng = random.Random(zlib.crc32(name.encode()))
+    cuts = [0] + sorted(rng.randint(0, numel) for _ in range(world - 1)) + [numel]
+    return [[(cuts[r], cuts[r + 1])] for r in range(world)]
+
+
+def flat_layout_worker(rank: int, world: int, steps: int):
+    """Sharded engine on arbitrary flat fragments (DeepSpeed-ZeRO-1/2-like cuts).
+
+    Gradients are averaged by hand (the sharding engine's job), the optimizer updates only this
+    rank's fragments, and the full parameters are re-assembled after each step (zero what is not
+    ours, all-reduce SUM), as DeepSpeed's parameter all-gather would.
+    """
+    from dist_muonclip.layouts import FlatRangesLayout
+
+    model = tiny_model("llama", seed=0)
+    names = {p: n for n, p in model.named_parameters()}
+    ranges = {n: random_ranges(n, p.numel(), world) for n, p in model.named_parameters()}
+    acc = CommAccountant()
+    opt = MuonClip(model, **OPT_KW, layout=FlatRangesLayout(ranges, names, rank), accountant=acc)
+    for t in range(steps):
+        ids = local_batch(t, rank, world)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                (a, b), = ranges[n][rank]
+                flat = p.view(-1)
+                flat[:a].zero_()
+                flat[b:].zero_()
+                dist.all_reduce(p.data)
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "acc": acc.totals(),
+            "state": opt.state_dict()}

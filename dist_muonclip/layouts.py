@@ -1,0 +1,125 @@
+"""Where a parameter's elements live on this rank (DESIGN.md, "Layouts").
+
+The core never asks which engine is running; it asks the parameter's layout:
+
+* :class:`Replicated` (DDP, torchrun, DeepSpeed ZeRO-0): every rank holds every element and the
+  reduced gradient. Owners orthogonalize; the updates are all-gathered.
+* sharded layouts (FSDP2 ``Shard(0)`` row shards, DeepSpeed ZeRO-1/2 flat fragments): every
+  element is held by exactly one rank. A layout says which flat element ranges of the full
+  row-major tensor each rank holds (:meth:`Layout.ranges`) and gives 1-D views of the local
+  elements and of their reduced gradient. The engine then gathers full matrices on owners with an
+  all-to-all of pieces and sends update pieces back the same way.
+
+Row-shards and flat fragments are the same thing to the engine: a row shard ``[r0, r1)`` of an
+``[R, C]`` matrix is the flat range ``[r0 * C, r1 * C)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layout", "Replicated", "FlatRangesLayout", "piece_row_scale"]
+
+
+class Layout:
+    """Interface of a parameter layout (see module doc)."""
+
+    sharded: bool = False
+
+    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
+        """Per rank, the sorted flat ranges ``[start, stop)`` of ``p``'s full tensor it holds."""
+        raise NotImplementedError
+
+    def local_param(self, p: Tensor) -> Tensor:
+        """1-D view of this rank's elements of ``p`` (range order); writes reach the real storage."""
+        raise NotImplementedError
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        """1-D reduced gradient matching :meth:`local_param`, or ``None`` when there is none."""
+        raise NotImplementedError
+
+    def full_shape(self, p: Tensor) -> torch.Size:
+        return p.shape
+
+    def validate(self, params: Sequence[Tensor], names: dict, world_size: int, rank: int) -> None:
+        """Check that the ranges tile every parameter exactly once (called at construction)."""
+        for p in params:
+            ranges = self.ranges(p)
+            if len(ranges) != world_size:
+                raise ValueError(f"layout gives {len(ranges)} ranks of ranges for {names[p]!r}, world size is "
+                                 f"{world_size}")
+            flat = sorted(r for per_rank in ranges for r in per_rank if r[1] > r[0])
+            pos, numel = 0, math.prod(self.full_shape(p))
+            for start, stop in flat:
+                if start != pos:
+                    raise ValueError(f"layout ranges of {names[p]!r} leave a gap or overlap at element {pos}")
+                pos = stop
+            if pos != numel:
+                raise ValueError(f"layout ranges of {names[p]!r} cover {pos} of {numel} elements")
+            local = sum(b - a for a, b in ranges[rank])
+            if self.local_param(p).numel() != local:
+                raise ValueError(f"layout: local view of {names[p]!r} has {self.local_param(p).numel()} elements, "
+                                 f"its ranges say {local}")
+
+
+class Replicated(Layout):
+    """Every rank holds the full parameter and its (externally or optimizer-) reduced gradient."""
+
+    sharded = False
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+
+    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
+        return [[(0, p.numel())] for _ in range(self.world_size)]
+
+    def local_param(self, p: Tensor) -> Tensor:
+        return p.detach().view(-1)
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        return None if p.grad is None else p.grad.view(-1)
+
+
+class FlatRangesLayout(Layout):
+    """A sharded layout given explicitly: ``ranges[name][r]`` are rank r's flat ranges of a
+    parameter whose full tensor every rank still stores (local views slice it).
+
+    Used by tests to exercise arbitrary cuts (mid-row, uneven, empty), and by integrations whose
+    engine keeps full-size tensors but owns only a slice of them.
+    """
+
+    sharded = True
+
+    def __init__(self, ranges: dict[str, list[list[tuple[int, int]]]], names: dict[Tensor, str], rank: int) -> None:
+        self._ranges = ranges
+        self._names = names
+        self.rank = rank
+
+    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
+        return self._ranges[self._names[p]]
+
+    def _cat(self, flat: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
+        ranges = [r for r in ranges if r[1] > r[0]]
+        if len(ranges) == 1:
+            return flat[ranges[0][0]:ranges[0][1]]
+        if not ranges:
+            return flat[:0]
+        raise ValueError("FlatRangesLayout supports one contiguous range per rank and parameter")
+
+    def local_param(self, p: Tensor) -> Tensor:
+        return self._cat(p.detach().view(-1), self.ranges(p)[self.rank])
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        return None if p.grad is None else self._cat(p.grad.view(-1), self.ranges(p)[self.rank])
+
+
+def piece_row_scale(scale: Tensor, ranges: Sequence[tuple[int, int]], row_numel: int) -> Tensor:
+    """Per-element multipliers for the local elements ``ranges`` of a tensor whose dim-0 rows
+    (``row_numel`` elements each) get ``scale[row]`` (QK-Clip on shards and fragments)."""
+    idx = [torch.arange(a, b, device=scale.device) // row_numel for a, b in ranges if b > a]
+    if not idx:
+        return scale.new_empty(0)
+    return scale[torch.cat(idx)]
