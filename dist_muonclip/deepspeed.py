@@ -419,10 +419,8 @@ def _set_layout(opt: MuonClip, layout: Any) -> None:
     if any(opt.state.values()):
         raise ValueError("a MuonClip instance that has already stepped cannot be moved onto DeepSpeed's partitions; "
                          "pass a fresh instance (or the config section) to initialize()")
-    if layout is None:
-        opt._setup_distribution(None, opt.grad_reduction, opt.shard_adamw, opt.accountant)
-    else:
-        opt._setup_distribution(None, "external", opt.shard_adamw, opt.accountant, layout)
+    opt._setup_distribution(None, "external" if layout is not None else opt.grad_reduction, opt.shard_adamw,
+                            opt.accountant, layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,7 +530,9 @@ class DeepSpeedMuonClip(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, s_max: Any = None) -> Any:
         if not self._bound:
-            raise RuntimeError("DeepSpeedMuonClip.step() before bind(engine); use dist_muonclip.deepspeed.initialize")
+            # DeepSpeed's fp16/bf16 wrappers call step() once with zero gradients while they are
+            # built, to create Adam's state eagerly; MuonClip creates state lazily: nothing to do.
+            return None
         self._sync_lr()
         loss = self.inner.step(closure, s_max=s_max)
         if self._after_step is not None:

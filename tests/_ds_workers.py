@@ -20,10 +20,10 @@ def qk_clip_params() -> dict[str, Any]:
         import dist_muonclip.qk_clip  # noqa: F401
     except ImportError:
         return {}
-    return {"qk_clip": {"tau": 1.0}}
+    return {"qk_clip": {"tau": 0.1}}
 
 
-def ds_config(stage: int, world: int, *, bf16: bool = False, params: dict | None = None,
+def ds_config(stage: int, world: int, *, bf16: bool | str = False, params: dict | None = None,
               scheduler: bool = False) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_batch_size": GLOBAL_BATCH,
@@ -37,15 +37,22 @@ def ds_config(stage: int, world: int, *, bf16: bool = False, params: dict | None
     }
     if bf16:
         cfg["bf16"] = {"enabled": True}
+    if bf16 == "fp32_accum":   # ZeRO-1 + bf16 + fp32 gradient accumulation -> DeepSpeed's BF16_Optimizer
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if scheduler:
-        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02,
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.002, "warmup_max_lr": 0.02,
                                                            "warmup_num_steps": 4, "warmup_type": "linear"}}
     return cfg
 
 
 def warmup_factor(step: int) -> float:
-    """DeepSpeed WarmupLR (linear, min 0, 4 steps) as a factor of the max lr at optimizer step ``step``."""
-    return min(1.0, step / 4) if step < 4 else 1.0
+    """lr factor of optimizer step ``step`` (0-based) under the WarmupLR section of :func:`ds_config`.
+
+    DeepSpeed's WarmupLR starts at ``last_batch_iteration = -1`` (lr = warmup_min_lr) and is stepped
+    after every optimizer step, so step ``t`` runs with gamma = max(0, t - 1) / 4 (capped at 1) and
+    lr = 0.002 + 0.018 * gamma, i.e. a factor 0.1 + 0.9 * gamma of the configured lr 0.02.
+    """
+    return 0.1 + 0.9 * min(1.0, max(0, step - 1) / 4)
 
 
 def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
@@ -60,7 +67,7 @@ def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, 
     for t in range(start, start + steps):
         if scheduler:
             for g, b in zip(opt.param_groups, base):
-                g["lr"] = b * _ds_warmup(t)
+                g["lr"] = b * warmup_factor(t)
         ids = global_batch(t)
         model(input_ids=ids, labels=ids).loss.backward()
         if clip:
@@ -68,12 +75,6 @@ def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, 
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model, opt
-
-
-def _ds_warmup(step: int) -> float:
-    # DeepSpeed's WarmupLR linear: lr = min + (max - min) * step / warmup_num_steps, step counted from
-    # the scheduler's last_batch_iteration (0 for the first optimizer step), capped at 1.
-    return min(1.0, step / 4)
 
 
 def _setup() -> None:
@@ -91,7 +92,7 @@ def _fp32_params(engine) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in state["masters"].items()}
 
 
-def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool = False, params: dict | None = None,
+def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | str = False, params: dict | None = None,
                     scheduler: bool = False, use_instance: bool = False, accountant: bool = False,
                     save_dir: str | None = None, save_at: int | None = None, resume_dir: str | None = None,
                     start: int = 0, native_resume: bool = False):
