@@ -353,7 +353,8 @@ class MuonClip(Optimizer):
         self._comm: Comm | None = None
         if process_group is not None or (dist.is_available() and dist.is_initialized()):
             comm = Comm(process_group, accountant)
-            if comm.world_size > 1 or grad_reduction == "optimizer":
+            # a sharded layout exchanges pieces through the group even at world size 1
+            if comm.world_size > 1 or grad_reduction == "optimizer" or (layout is not None and layout.sharded):
                 self._comm = comm
         self.accountant = accountant
         self.grad_reduction = grad_reduction
