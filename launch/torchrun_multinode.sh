@@ -9,6 +9,8 @@
 #   RDZV_ENDPOINT   host:port of the c10d rendezvous; any node's reachable address, the node whose
 #                   address it is hosts the store (default 127.0.0.1:29400)
 #   RDZV_ID         job id shared by all nodes (default dist_muonclip)
+#   LOCAL_ADDR      this node's address as the other nodes reach it (optional; default: torchrun
+#                   uses the host name, which must then resolve to a reachable address)
 #   TORCHRUN        torchrun executable (default torchrun)
 # Entry (after --): a script and its arguments, default launch/train.py. The DeepSpeed entry point
 # runs under torchrun too:  -- -m dist_muonclip.deepspeed --deepspeed_config configs/zero1.json
@@ -28,8 +30,11 @@ TORCHRUN="${TORCHRUN:-torchrun}"
 entry=()
 if [[ "$1" == "-m" ]]; then entry=(--module "$2"); shift 2; else entry=("$1"); shift; fi
 
+local_addr=()
+[[ -n "${LOCAL_ADDR:-}" ]] && local_addr=(--local-addr "$LOCAL_ADDR")
+
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$TORCHRUN" --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" \
+    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" "${local_addr[@]}" \
     "${entry[@]}" "$@"
