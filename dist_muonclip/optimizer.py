@@ -1018,8 +1018,10 @@ class MuonClip(Optimizer):
                 elif k == "step":
                     out[k] = v.detach().to(torch.float32).clone().to(p.device if self.adamw_fused else "cpu")
                 else:
-                    v = v.detach().to(dtype=p.dtype, device=self._layout.local_param(p).device)
-                    out[k] = v.clone() if whole else torch.cat([v.reshape(-1)[a:b] for a, b in ranges]).clone()
+                    local = self._layout.local_param(p)   # sharded: fp32 master pieces of a bf16 param
+                    v = v.detach().to(dtype=local.dtype if self._layout.sharded else p.dtype, device=local.device)
+                    pieces = [v.reshape(-1)[a:b] for a, b in ranges if b > a]
+                    out[k] = v.clone() if whole else (torch.cat(pieces) if pieces else v.reshape(-1)[:0]).clone()
             return out
 
         for g in self.param_groups:
