@@ -11,6 +11,8 @@
 #   RDZV_ID         job id shared by all nodes (default dist_muonclip)
 #   LOCAL_ADDR      this node's address as the other nodes reach it (optional; default: torchrun
 #                   uses the host name, which must then resolve to a reachable address)
+#   RDZV_CONF       extra rendezvous options, e.g. is_host=1 on the node whose address is
+#                   RDZV_ENDPOINT when torchrun cannot tell by itself (secondary NICs, namespaces)
 #   TORCHRUN        torchrun executable (default torchrun)
 # Entry (after --): a script and its arguments, default launch/train.py. The DeepSpeed entry point
 # runs under torchrun too:  -- -m dist_muonclip.deepspeed --deepspeed_config configs/zero1.json
@@ -32,6 +34,7 @@ if [[ "$1" == "-m" ]]; then entry=(--module "$2"); shift 2; else entry=("$1"); s
 
 local_addr=()
 [[ -n "${LOCAL_ADDR:-}" ]] && local_addr=(--local-addr "$LOCAL_ADDR")
+[[ -n "${RDZV_CONF:-}" ]] && local_addr+=(--rdzv-conf "$RDZV_CONF")
 
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
