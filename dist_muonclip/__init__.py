@@ -10,6 +10,10 @@ from .newton_schulz import ns_flops, ns_schedule, orthogonalize, validate_ns_opt
 from .optimizer import MuonClip  # noqa: E402
 from .param_split import format_split, split_parameters  # noqa: E402
 from .plan import build_plan  # noqa: E402
+from .qk_clip import QKClipConfig, QKClipper  # noqa: E402
+from .tracker import MaxLogitTracker  # noqa: E402
+from .metrics import MetricsLogger  # noqa: E402
 
 __all__ += ["MuonClip", "split_parameters", "format_split", "orthogonalize", "ns_schedule", "validate_ns_options",
-            "ns_flops", "CommAccountant", "ddp_accounting_hook", "build_plan"]
+            "ns_flops", "CommAccountant", "ddp_accounting_hook", "build_plan", "QKClipConfig", "QKClipper",
+            "MaxLogitTracker", "MetricsLogger"]

@@ -104,6 +104,12 @@ class MuonClip(Optimizer):
         layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default
             :class:`~dist_muonclip.layouts.Replicated`; FSDP2 and DeepSpeed ZeRO-1/2 integrations
             pass their sharded layouts.
+        log_dir, wandb_run, log_every: write :meth:`metrics` every ``log_every`` steps to
+            TensorBoard (``log_dir``) and/or W&B (``wandb_run="auto"``: the active run), on rank 0;
+            one device->host read per logged step (:class:`dist_muonclip.metrics.MetricsLogger`).
+        profiler: an object whose ``phase(name)`` returns a context manager timing that phase of
+            ``step()`` (preflight, reduce, ns, gather, scatter, apply, adamw, qk_clip); see
+            :mod:`dist_muonclip.profiler`.
         verbose: print the parameter split at construction.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
@@ -141,6 +147,10 @@ class MuonClip(Optimizer):
         shard_adamw: bool = True,
         accountant: CommAccountant | None = None,
         layout: Layout | None = None,
+        log_dir: str | None = None,
+        wandb_run: Any = None,
+        log_every: int = 1,
+        profiler: Any = None,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -180,7 +190,13 @@ class MuonClip(Optimizer):
         self._clipper = self._build_clipper(model, qk_clip, model_config)
         self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
         self._plan = None
+        self.profiler = profiler
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
+        self._logger = None
+        if (log_dir is not None or wandb_run is not None) and self.rank == 0:
+            from .metrics import MetricsLogger
+
+            self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
         if verbose:
             print(self.describe_split())
 
@@ -258,26 +274,41 @@ class MuonClip(Optimizer):
         for k, v in defaults.items():
             g.setdefault(k, v)
         existing = {p for grp in self.param_groups for p in grp["params"]}
-        for i, p in enumerate(params):
-            name = self._names.setdefault(p, f"group{len(self.param_groups)}.param{i}")
-            self._views.setdefault(p, "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector"))
+        taken = {self._names[p] for p in existing if p in self._names}
+        plain, names = [], []
+        for i, item in enumerate(params):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                name, p = item
+            else:
+                p = item
+                name = self._names.get(p, f"group{len(self.param_groups)}.param{i}") if isinstance(p, Tensor) \
+                    else f"group{len(self.param_groups)}.param{i}"
             if not isinstance(p, Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a Tensor")
-            if not (p.is_floating_point()):
+            if not p.is_floating_point():
                 raise TypeError(f"parameter {name!r} has dtype {p.dtype}; MuonClip optimizes floating-point "
                                 "parameters only (leave integer buffers out of the optimizer)")
             if p in existing:
                 raise ValueError(f"parameter {name!r} is already in another param group; each parameter "
                                  "may be in one group only")
+            if name in taken and self._names.get(p) != name:
+                raise ValueError(f"parameter name {name!r} is already used by another parameter; names key the "
+                                 "optimizer state and must be unique")
             if use_muon and p.ndim < 2:
                 raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)} is in a use_muon=True group, "
                                  "but Muon needs a matrix (>= 2 dims); put it in a group with use_muon=False")
+            plain.append(p)
+            names.append(name)
+        g["params"] = plain
         self._validate_group(g)
+        for p, name in zip(plain, names):      # register only once the group is known to be valid
+            self._names.setdefault(p, name)
+            self._views.setdefault(p, "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector"))
         super().add_param_group(g)
         if getattr(self, "_plan", None) is not None:   # added after construction: re-plan on every rank
             self._replan()
             if self.grad_reduction == "optimizer" and self._comm is not None:
-                for p in params:
+                for p in plain:
                     if p.requires_grad:
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
@@ -333,16 +364,20 @@ class MuonClip(Optimizer):
     def param_name(self, p: Tensor) -> str:
         return self._names[p]
 
-    def metrics(self) -> dict[str, float]:
-        """Scalars of the last step (one device->host read): update RMS, grad norm, QK-Clip stats."""
-        out: dict[str, float] = {}
-        if self._last_metrics:
-            keys = list(self._last_metrics)
-            values = torch.stack([self._last_metrics[k].float().reshape(()) for k in keys]).tolist()
-            out.update(zip(keys, values))
-        if self._clipper is not None and hasattr(self._clipper, "metrics"):
+    def device_metrics(self) -> dict[str, Tensor]:
+        """The last step's metrics as device scalars (no sync): ``muon_update_rms``, ``grad_norm``,
+        ``num_skipped`` and, with QK-Clip, ``qk_clip/*`` (max logit per layer before the clip,
+        heads clipped, min eta)."""
+        out = dict(self._last_metrics)
+        if self._clipper is not None:
             out.update(self._clipper.metrics())
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`device_metrics` as plain floats, with exactly one device->host read."""
+        from .metrics import to_host
+
+        return to_host(self.device_metrics())
 
     # ------------------------------------------------------------------ distribution
     def _setup_distribution(self, process_group: Any, grad_reduction: str, shard_adamw: bool,
@@ -455,20 +490,31 @@ class MuonClip(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
-        pre = self._preflight(s_max)                       # one all-reduce(MAX): flags + max logits
-        self._finish_reductions()
+        with self._phase("preflight"):
+            pre = self._preflight(s_max)                   # one all-reduce(MAX): flags + max logits
+        with self._phase("reduce"):
+            self._finish_reductions()
         if self._layout.sharded:
             sq_sums = self._sharded_muon(pre)              # momentum, gather, NS, scatter, apply on pieces
-            self._sharded_adamw(pre)
+            with self._phase("adamw"):
+                self._sharded_adamw(pre)
         else:
             pending = [self._muon_bucket(b, pre) for b in self._plan.buckets]   # momentum, NS, launch gather
             sq_sums = [self._finish_bucket(job) for job in pending if job is not None]  # apply as they arrive
-            self._adamw_step(pre)
+            with self._phase("adamw"):
+                self._adamw_step(pre)
         if pre.max_logits is not None:
-            self._qk_clip_(pre.max_logits)
+            with self._phase("qk_clip"):
+                self._qk_clip_(pre.max_logits)
         self._record_metrics(pre, sq_sums)
+        if self._logger is not None:
+            self._logger.log(self._step_count_total, self.device_metrics())
         self._end_step()
         return loss
+
+    def _phase(self, name: str):
+        """Time a phase of ``step()`` when a profiler is attached (``profiler.phase(name)``)."""
+        return self.profiler.phase(name) if self.profiler is not None else contextlib.nullcontext()
 
     def _local_max_logits(self, s_max: Any) -> Tensor | None:
         return self._clipper.max_logits(s_max) if self._clipper is not None else None
@@ -642,9 +688,11 @@ class MuonClip(Optimizer):
                                      nesterov=g["nesterov"])
             views = [as_matrices(u, self._views[p]) for u, p in zip(updates, mine)]
             if len(views) == 1 and views[0].shape[0] == 1:
-                ortho = orthogonalize(views[0][0], **ns_kw).unsqueeze(0)  # unbatched: bit-identical to torch
+                with self._phase("ns"):   # unbatched: bit-identical to torch.optim.Muon
+                    ortho = orthogonalize(views[0][0], **ns_kw).unsqueeze(0)
             else:
-                ortho = orthogonalize(torch.cat(views), **ns_kw)
+                with self._phase("ns"):
+                    ortho = orthogonalize(torch.cat(views), **ns_kw)
         if self._comm is None:
             return (bucket, active, ortho, None)
         counts = [0] * self.world_size
@@ -658,11 +706,13 @@ class MuonClip(Optimizer):
     def _finish_bucket(self, job) -> Tensor:
         bucket, active, ortho, work = job
         if work is not None:
-            work.wait()
+            with self._phase("gather"):
+                work.wait()
         g = self.param_groups[bucket.group]
         pieces = ortho.split([matrix_shape(p.shape, self._views[p])[0] for p in active])
         scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
-        muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        with self._phase("apply"):
+            muon_apply_(active, pieces, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return ortho.float().square().sum() * scale**2
 
     # -- sharded layouts (FSDP2 row shards, DeepSpeed flat fragments) ----------------------
@@ -708,7 +758,8 @@ class MuonClip(Optimizer):
         return {"bucket": bucket, "group": g, "active": active, "mine": mine, "recv": recv, "work": work}
 
     def _sharded_orthogonalize(self, job: dict) -> None:
-        job["work"].wait()
+        with self._phase("gather"):
+            job["work"].wait()
         layout, w, g = self._layout, self.world_size, job["group"]
         mine, recv = job["mine"], job["recv"]
         fulls = [recv.new_empty(math.prod(layout.full_shape(p))) for p in mine]
@@ -724,7 +775,8 @@ class MuonClip(Optimizer):
             views = [as_matrices(f.view(layout.full_shape(p)), self._views[p]) for f, p in zip(fulls, mine)]
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
-            ortho = orthogonalize(torch.cat(views), **ns_kw)
+            with self._phase("ns"):
+                ortho = orthogonalize(torch.cat(views), **ns_kw)
             flats = [o.reshape(-1) for o in ortho.split([v.shape[0] for v in views])]
             for r in range(w):
                 for p, flat in zip(mine, flats):
@@ -740,78 +792,74 @@ class MuonClip(Optimizer):
                                                    tag="muon_scatter")
 
     def _sharded_apply(self, job: dict) -> Tensor:
-        job["work"].wait()
+        with self._phase("scatter"):
+            job["work"].wait()
         bucket, g, update = job["bucket"], job["group"], job["update"]
         sizes = [self._local_size(p, self.rank) for p in job["active"]]
         scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
-        muon_apply_([self._layout.local_param(p) for p in job["active"]], list(update.split(sizes)),
-                    lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
+        with self._phase("apply"):
+            muon_apply_([self._layout.local_param(p) for p in job["active"]], list(update.split(sizes)),
+                        lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return update.float().square().sum() * scale**2   # this rank's pieces only
+
+    def _adamw_apply(self, g: dict, items: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """torch's AdamW kernel on ``(param, view, grad)`` triples; state is created lazily shaped
+        like ``view`` (the whole parameter or this rank's piece of it)."""
+        if not items:
+            return
+        views, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p, view, grad in items:
+            state = self.state[p]
+            if "step" not in state:
+                # torch.optim.AdamW's convention: a CPU step counter unless the fused kernel runs
+                state["step"] = torch.zeros((), dtype=torch.float32, device=view.device if self.adamw_fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(view, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(view, memory_format=torch.contiguous_format)
+            views.append(view)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = g["betas"]
+        _torch_adam(views, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach, fused=self.adamw_fused,
+                    decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=g["lr"],
+                    weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
 
     def _sharded_adamw(self, pre: "_Preflight") -> None:
         """AdamW is elementwise: it runs on the local pieces with no communication."""
         for g in self.param_groups:
             if g["use_muon"]:
                 continue
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            items = []
             for p in g["params"]:
                 local = self._layout.local_param(p)
-                if p not in pre.active or local.numel() == 0:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32,
-                                                device=local.device if self.adamw_fused else "cpu")
-                    state["exp_avg"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
-                lg = self._layout.local_grad(p)
-                params.append(local)
-                grads.append(lg if lg is not None else torch.zeros_like(local))
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if params:
-                beta1, beta2 = g["betas"]
-                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
-                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
-                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+                if p in pre.active and local.numel():
+                    lg = self._layout.local_grad(p)
+                    items.append((p, local, lg if lg is not None else torch.zeros_like(local)))
+            self._adamw_apply(g, items)
 
     # -- AdamW -----------------------------------------------------------------------------
     def _adamw_step(self, pre: "_Preflight") -> None:
+        """Replicated layout: each rank updates its equal flat slice (or everything when AdamW is
+        not sharded), then the slices are all-gathered."""
         for part in self._partitions:
             g = self.param_groups[part.group]
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             reduced = self._adamw_slices.pop(part.key, None)
             offset_of = self._slice_offsets(part)
+            items = []
             for seg in part.mine:
                 p = self._by_name[seg.name]
                 if p not in pre.active or seg.stop == seg.start:
                     continue
-                state = self.state[p]
-                if "step" not in state:
-                    # torch.optim.AdamW's convention: a CPU step counter unless the fused kernel runs
-                    state["step"] = torch.zeros((), dtype=torch.float32,
-                                                device=p.device if self.adamw_fused else "cpu")
-                    full = seg.start == 0 and seg.stop == p.numel()
-                    like = p if full else p.detach().reshape(-1)[seg.start:seg.stop]
-                    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
                 view = self._segment_view(p, seg)
-                params.append(view)
                 if reduced is not None:
                     off = offset_of[seg.name]
-                    grads.append(reduced[off:off + seg.stop - seg.start].view_as(view))
+                    grad = reduced[off:off + seg.stop - seg.start].view_as(view)
                 else:
                     gr = self._grad(p)
-                    grads.append(gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop])
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if params:
-                beta1, beta2 = g["betas"]
-                _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach,
-                            fused=self.adamw_fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
-                            beta2=beta2, lr=g["lr"], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+                    grad = gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop]
+                items.append((p, view, grad))
+            self._adamw_apply(g, items)
             if part.sharded:
                 self._gather_adamw(part)
 
@@ -851,9 +899,14 @@ class MuonClip(Optimizer):
     # -- QK-Clip, metrics ------------------------------------------------------------------
     def _qk_clip_(self, max_logits: Tensor) -> None:
         """Scale the rows of W_q / W_k (and biases, MLA parts) of heads over tau, on held elements."""
-        for p, scale in self._clipper.row_scales(max_logits):
+        # the preflight already refused non-finite logits (after the all-reduce): no second sync
+        for p, scale in self._clipper.row_scales(max_logits, check_finite=False):
             if not self._layout.sharded:
-                p.data.mul_(scale.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1))))
+                view = scale.to(p.device).view(-1, *([1] * (p.ndim - 1)))
+                if p.dtype in (torch.float32, torch.float64):
+                    p.data.mul_(view.to(p.dtype))
+                else:   # low precision: multiply in fp32 and round once, so S lands on tau, not a hair above
+                    p.data.copy_(p.data.float() * view)
                 continue
             local = self._layout.local_param(p)
             if local.numel():

@@ -422,6 +422,49 @@ def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+# Devices on which the fused attention+max kernel replaces SDPA (tests add "cpu" with a stand-in).
+_FUSED_DEVICES = ("cuda",)
+
+
+def _fused_attention():
+    """``attention_with_max_logits`` when the Triton kernels can run, else None."""
+    try:
+        from .kernels import triton_available
+        from .kernels.attention_max import attention_with_max_logits
+    except ImportError:
+        return None
+    return attention_with_max_logits if triton_available() else None
+
+
+def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
+    """The cheap path on GPU: one Triton attention forward returns the output and the exact
+    per-head max (flash attention's running row max), instead of SDPA plus a second q k^T pass.
+
+    Only for what that kernel computes exactly: causal self-attention with no mask tensor, no
+    dropout, no sliding window or packed sequences, query length == key length, no extra SDPA
+    arguments (sinks, position bias), bf16/fp16, a power-of-two head dim in [16, 256] shared by
+    values (not MLA's wider q/k heads). Returns HF's sdpa output format, or None to fall back.
+    """
+    q_len, kv_len, d = query.shape[2], key.shape[2], query.shape[-1]
+    if (value.shape != key.shape or d < 16 or d > 256 or d & (d - 1)
+            or query.dtype not in (torch.bfloat16, torch.float16)):   # what the kernel and cuDNN's backward take
+        return None
+    extras = set(opts) - {"scaling", "dropout", "is_causal", "sliding_window", "position_ids",
+                          "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                          "use_cache", "cache_position", "output_attentions", "past_key_value", "past_key_values"}
+    if (query.device.type not in _FUSED_DEVICES or mask is not None or q_len != kv_len or q_len < 2
+            or float(opts.get("dropout") or 0.0) != 0.0 or opts.get("sliding_window") is not None
+            or opts.get("cu_seq_lens_k") is not None or extras
+            or not (opts.get("is_causal") if opts.get("is_causal") is not None else getattr(module, "is_causal", True))):
+        return None
+    fused = _fused_attention()
+    if fused is None:
+        return None
+    out, smax = fused(query, key, value, scale=opts.get("scaling"), causal=True)
+    tracker.record(module, smax)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _make_wrapper(base: str) -> Callable[..., Any]:
     def tracked_attention(module, query, key, value, attention_mask, *args, **kwargs):
         inner = _base_function(base, module)
@@ -439,6 +482,10 @@ def _make_wrapper(base: str) -> Callable[..., Any]:
                     f"max-logit tracking cannot read a {type(attention_mask).__name__} mask "
                     f"(attn_implementation {base!r}); use sdpa/eager/flash or tracker.record()"
                 )
+            if base == "sdpa":
+                fused = _try_fused_sdpa(tracker, module, query, key, value, mask, opts)
+                if fused is not None:
+                    return fused
             is_causal = opts.get("is_causal")
             if is_causal is None:
                 is_causal = getattr(module, "is_causal", True)

@@ -10,7 +10,10 @@ from dist_muonclip.comm import CommAccountant, ddp_accounting_hook
 from tests._tiny_hf import tiny_model
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 96
-OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
+# tau=0.1 sits inside the tiny model's max-logit range (~0.10-0.14), so QK-Clip clips heads in
+# most steps and the cross-rank MAX reduction of the logits is exercised.
+OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch",
+              qk_clip={"tau": 0.1})
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -183,3 +186,17 @@ def flat_layout_worker(rank: int, world: int, steps: int):
                 dist.all_reduce(p.data)
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "acc": acc.totals(),
             "state": opt.state_dict()}
+
+
+def add_group_worker(rank: int, world: int, steps: int):
+    """Parameter c joins later through add_param_group: every rank re-plans identically."""
+    model = _TwoBranch()
+    opt = MuonClip([("a.weight", model.a.weight), ("b.weight", model.b.weight)], lr=0.05, ns_dtype="float32",
+                   ns_backend="torch", grad_reduction="optimizer")
+    opt.add_param_group({"params": [("c.weight", model.c.weight)]})
+    for t in range(steps):
+        model(branch_inputs(t, rank), use_b=True).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"params": {k: v.clone() for k, v in model.state_dict().items()},
+            "owners": dict(opt._plan.owners)}

@@ -18,7 +18,8 @@ ATOL, RTOL = 5e-5, 1e-4
 
 @pytest.fixture(scope="module")
 def oracle():
-    model, _ = W.train_single(STEPS)
+    model, opt = W.train_single(STEPS)
+    assert opt.metrics()["qk_clip/num_heads_clipped"] > 0   # the clip is active in these runs
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -155,3 +156,20 @@ def test_sharded_layout_on_arbitrary_fragments(world, oracle, tmp_path):
     gathered = sum(o["acc"]["all_to_all[muon_gather]"]["bytes"] for o in outs)
     # every Muon element travels to its owner at most once per step (fp32), less what owners hold
     assert gathered <= STEPS * muon * 4
+
+
+def test_add_param_group_replans_on_every_rank(tmp_path):
+    """A group added after construction is planned, reduced and stepped like the others."""
+    outs = values(run_distributed(W.add_group_worker, 2, 3, tmp_path=tmp_path))
+    assert outs[0]["owners"] == outs[1]["owners"] and "c.weight" in outs[0]["owners"]
+    from dist_muonclip import MuonClip
+
+    model = W._TwoBranch()
+    opt = MuonClip(model, lr=0.05, ns_dtype="float32", ns_backend="torch")
+    for t in range(3):
+        for r in range(2):
+            (model(W.branch_inputs(t, r), use_b=True) / 2).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for out in outs:
+        _assert_same_params(out["params"], model.state_dict())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 
 import pytest
 import torch
@@ -131,7 +132,12 @@ def test_wandb_offline_run_written_and_read_back(tmp_path, monkeypatch):
         run_dir = run.dir.rsplit("/files", 1)[0]
     finally:
         run.finish()
+    # the wandb service process may still be flushing the run file after finish(): poll briefly
+    deadline = time.monotonic() + 30
     hist = _wandb_history(run_dir)
+    while len(hist) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        hist = _wandb_history(run_dir)
     assert [h["_step"] for h in hist] == [0, 1, 2]
     assert [h["qk_clip/max_logit"] for h in hist] == [10.0, 11.0, 12.0]
     assert [h["qk_clip/max_logit_per_layer/1"] for h in hist] == [2.0, 3.0, 4.0]

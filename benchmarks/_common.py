@@ -1,0 +1,60 @@
+"""Shared helpers for the GPU benchmarks: environment record, timing, ceiling."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+__all__ = ["environment", "median_ms", "matmul_ceiling_tflops", "write_json"]
+
+
+def _git_commit() -> str:
+    env = os.environ.get("DMC_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - a copy without .git still benchmarks
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "sm_count": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def median_ms(fn, *, warmup_ms: float = 100, rep_ms: float = 400) -> float:
+    """Median wall time of ``fn`` on the GPU, CUDA events (triton.testing.do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def matmul_ceiling_tflops(n: int = 8192) -> float:
+    """Measured bf16 matmul ceiling: torch.mm (cuBLAS) on random n x n x n operands."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda: torch.mm(a, b), warmup_ms=300, rep_ms=1000)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

@@ -1,0 +1,290 @@
+"""Attention forward that also returns the per-head max logit (fused QK-Clip tracking).
+
+A flash-attention forward (Dao, arXiv 2205.14135 / 2307.08691) already keeps the running row max
+of the logits for its online softmax; keeping it unscaled and exact (max of the fp32 q . k
+products, scaled once at the end) gives Kimi K2's S_h (arXiv 2507.20534) with no second pass over
+q k^T. The backward reuses PyTorch's flash-attention backward (the forward's output and
+log-sum-exp are what it needs), so training pays only the difference between this forward and
+SDPA's.
+
+``attention_with_max_logits(q, k, v, scale=, causal=)`` -> (out [B, H, S, D], max_logits [H] fp32).
+GQA (Hkv dividing H) is handled in the kernel; the backward expands K/V to H heads when the
+flash backward needs it and sums the group's gradients back.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+__all__ = ["attention_forward_with_max_triton", "attention_with_max_logits"]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _attn_fwd_max_kernel(
+        Q, K, V, O, LSE, Mx,
+        H, Sq, Sk, group,
+        s_qb, s_qh, s_qs, s_qd,
+        s_kb, s_kh, s_ks, s_kd,
+        s_vb, s_vh, s_vs, s_vd,
+        s_ob, s_oh, s_os, s_od,
+        scale, scale_log2e,
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+        CAST_F32: tl.constexpr,
+    ):
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal blocks first
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        kvh = (h // group).to(tl.int64)
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D)
+        row_ok = offs_m < Sq
+        q = tl.load(Q + b * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd,
+                    mask=row_ok[:, None], other=0.0)
+        if CAST_F32:
+            q = q.to(tl.float32)
+        k_base = K + b * s_kb + kvh * s_kh
+        v_base = V + b * s_vb + kvh * s_vh
+        m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # exact row max of q . k (unscaled)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(Sk, m0 + BLOCK_M)
+            full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
+        else:
+            hi = Sk
+            full_end = (Sk // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            kt = tl.load(k_base + (n0 + offs_n)[None, :] * s_ks + offs_d[:, None] * s_kd)
+            v = tl.load(v_base + (n0 + offs_n)[:, None] * s_vs + offs_d[None, :] * s_vd)
+            if CAST_F32:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, kt)
+            m_new = tl.maximum(m_raw, tl.max(qk, 1))
+            mc = m_new * scale_log2e
+            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_raw = m_new
+        for n0 in range(full_end, hi, BLOCK_N):
+            cols = n0 + offs_n
+            kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+            v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
+            if CAST_F32:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, kt)
+            ok = cols[None, :] < Sk
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None])
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_raw, tl.max(qk, 1))
+            # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            mc = m_safe * scale_log2e
+            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_raw = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        lse = m_raw * scale + tl.log(l_safe)  # natural-log LSE, as the flash backward expects
+        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+        row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
+        tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
+
+    return triton, _attn_fwd_max_kernel
+
+
+FWD_CONFIG_OVERRIDE: dict | None = None
+
+
+def _fwd_config(d: int) -> dict:
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def attention_forward_with_max_triton(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, causal: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward only: (out [B, H, Sq, D] in query's dtype, lse [B, H, Sq] fp32, max_logits [H] fp32).
+
+    query [B, H, Sq, D], key / value [B, Hkv, Sk, D], D a power of two >= 16; causal top-left
+    aligned like SDPA's ``is_causal``. ``max_logits[h]`` is the max over batch and visible
+    positions of ``scale * q . k``, exact up to fp32 accumulation order.
+    """
+    if query.ndim != 4 or key.ndim != 4 or value.shape != key.shape:
+        raise ValueError(f"need query [B, H, Sq, D], key = value [B, Hkv, Sk, D]; got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    B, H, Sq, D = query.shape
+    Hkv, Sk = key.shape[1], key.shape[2]
+    if key.shape[0] != B or key.shape[3] != D or H % Hkv:
+        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} (same B, D; H % Hkv == 0)")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if not float(scale) > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if query.device.type != "cuda" and not _interpret():
+        raise ValueError(f"attention_forward_with_max_triton needs CUDA tensors (got {query.device}); "
+                         "use F.scaled_dot_product_attention + max_logits_reference on CPU")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
+    triton, kernel = _kernels()
+    cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D))
+    num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
+    out = torch.empty_like(query)
+    lse = torch.empty(B, H, Sq, device=query.device, dtype=torch.float32)
+    part = torch.empty(B * H * num_m, device=query.device, dtype=torch.float32)
+    kernel[(num_m, B * H)](
+        query, key, value, out, lse, part,
+        H, Sq, Sk, H // Hkv,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        float(scale), float(scale) * math.log2(math.e),
+        CAUSAL=bool(causal), HEAD_D=D, CAST_F32=_interpret(), **cfg,
+    )
+    return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
+
+
+@functools.lru_cache(maxsize=8)
+def _cudnn_meta(device: str, d: int):
+    """What PyTorch's cuDNN attention forward hands its backward, read off a tiny call: the
+    rank of its log-sum-exp tensor and the (unused without dropout) RNG tensors."""
+    q = torch.zeros(1, 1, 64, d, device=device, dtype=torch.bfloat16)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, 0.0, True, False, scale=1.0)
+    return res[1].ndim, res[6], res[7]
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    """PyTorch's cuDNN attention backward (SDPA's default on Hopper) fed with this forward's
+    output and LSE; GQA native."""
+    lse_ndim, seed, offset = _cudnn_meta(str(q.device), q.shape[-1])
+    lse_c = lse.unsqueeze(-1) if lse_ndim == 4 else lse
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse_c, seed, offset, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        scale=scale)
+
+
+class _AttnWithMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, backward):
+        out, lse, mx = attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.causal, ctx.backend = scale, causal, backward
+        ctx.mark_non_differentiable(mx)
+        return out, mx
+
+    @staticmethod
+    def backward(ctx, dout, _dmx):
+        q, k, v, out, lse = ctx.saved_tensors
+        B, H, S, D = q.shape
+        Hkv = k.shape[1]
+        g = H // Hkv
+        dout = dout.contiguous()
+        if ctx.backend in ("auto", "cudnn") and _CUDNN_OK != [False]:
+            try:
+                dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
+                _CUDNN_OK[:] = [True]
+                return dq, dk, dv, None, None, None
+            except RuntimeError:
+                if ctx.backend == "cudnn":
+                    raise
+                _CUDNN_OK[:] = [False]
+        if g > 1 and _GQA_NATIVE != [False]:
+            try:  # recent flash backends take Hkv < H directly
+                dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+                if dk.shape == k.shape:
+                    _GQA_NATIVE[:] = [True]
+                    return dq, dk, dv, None, None, None
+            except RuntimeError:
+                pass
+            _GQA_NATIVE[:] = [False]
+        if g > 1:  # expand K/V to H heads, then sum each group's gradients back
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
+        dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+        if g > 1:
+            dk = dk.view(B, Hkv, g, *dk.shape[2:]).sum(2)
+            dv = dv.view(B, Hkv, g, *dv.shape[2:]).sum(2)
+        return dq, dk, dv, None, None, None
+
+
+_BWD_VARIANT: list[int] = []
+_GQA_NATIVE: list[bool] = []
+_CUDNN_OK: list[bool] = []
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    """PyTorch's flash-attention backward fed with this forward's output and LSE.
+
+    Non-varlen calls pass undefined cumulative-length tensors (None) and, with no dropout, RNG
+    state that is never read; the exact types differ across torch versions, so the first call
+    finds the form that this torch accepts and keeps it.
+    """
+    op = torch.ops.aten._scaled_dot_product_flash_attention_backward
+    S, Sk = q.shape[2], k.shape[2]
+
+    def call(variant):
+        if variant == 0:
+            rng = torch.empty(2, dtype=torch.uint64, device=q.device)
+            unused = torch.empty(0, dtype=torch.uint64, device=q.device)
+        else:
+            rng = torch.empty((), dtype=torch.int64, device=q.device)
+            unused = torch.empty((), dtype=torch.int64, device=q.device)
+        return op(dout, q, k, v, out, lse, None, None, S, Sk, 0.0, causal, rng, unused, scale=scale)
+
+    if _BWD_VARIANT:
+        return call(_BWD_VARIANT[0])
+    err = None
+    for variant in (0, 1):
+        try:
+            res = call(variant)
+        except (RuntimeError, TypeError) as e:  # noqa: PERF203 - tried once per process
+            err = e
+            continue
+        _BWD_VARIANT.append(variant)
+        return res
+    raise RuntimeError(f"PyTorch's flash-attention backward rejected both argument forms: {err}")
+
+
+def attention_with_max_logits(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    backward: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable attention (CUDA) returning ``(out, max_logits [H] fp32)`` in one forward.
+
+    Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+    enable_gqa=True)`` plus the QK-Clip statistic. ``backward``: "cudnn" (PyTorch's cuDNN
+    attention backward, SDPA's default on Hopper), "flash" (PyTorch's flash backward) or "auto"
+    (cuDNN, falling back to flash where this torch / GPU has no cuDNN attention).
+    """
+    if backward not in ("auto", "cudnn", "flash"):
+        raise ValueError(f"backward must be 'auto', 'cudnn' or 'flash', got {backward!r}")
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _AttnWithMax.apply(query, key, value, scale, causal, backward)
