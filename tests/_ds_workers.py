@@ -147,3 +147,49 @@ def _count_ns(inner, calls: list) -> None:
         return real(x, **kw)
 
     optmod.orthogonalize = counting
+
+
+def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
+    """Rank 1 gets an inf in one Muon matrix's gradient at step 2: the step must leave MuonClip's
+    state (momentum, AdamW moments) and the fp32 masters untouched, and training must go on."""
+    _setup()
+    from dist_muonclip.deepspeed import full_state_dict, initialize, muonclip_optimizer
+
+    model = tiny_model("llama", seed=0)
+    engine, *_ = initialize(model=model, config=ds_config(stage, world, bf16=bf16))
+    inner = muonclip_optimizer(engine)
+    target = model.model.layers[0].mlp.up_proj.weight
+    poison = {"on": False}
+    target.register_hook(lambda g: g * float("inf") if poison["on"] and rank == 1 else g)
+
+    def snapshot():
+        state = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                 for p, s in inner.state.items()}
+        return state, full_state_dict(engine)["masters"]
+
+    import warnings
+
+    out = {}
+    for t in range(5):
+        ids = local_batch(t, rank, world)
+        if t == 2:
+            before = snapshot()
+            poison["on"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        poison["on"] = False
+        if t == 2:
+            after = snapshot()
+            out["state_unchanged"] = before[0].keys() == after[0].keys() and all(
+                torch.equal(before[0][k][n], after[0][k][n]) for k in before[0] for n in before[0][k])
+            out["masters_unchanged"] = all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+            out["num_state"] = len(before[0])
+    final = full_state_dict(engine)["masters"]
+    out["finite"] = all(bool(v.isfinite().all()) for v in final.values())
+    out["state_finite"] = all(bool(v.isfinite().all()) for s in inner.state.values() for v in s.values()
+                              if isinstance(v, torch.Tensor))
+    out["moved"] = any(not torch.equal(final[k], after[1][k]) for k in final)
+    return out

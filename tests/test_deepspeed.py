@@ -216,3 +216,15 @@ def test_checkpoint_save_at_2_resume_at_2_and_4(stage, oracle, tmp_path):
                                   ckpt, 5, False, tmp_path=tmp_path / "c"))
     for out in four:
         _assert_close(out["params"], oracle, ATOL, RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, bf16", [(2, False), (1, True)])
+def test_nonfinite_gradient_never_poisons_state(stage, bf16, tmp_path):
+    """An inf gradient on one rank: DeepSpeed skips the step (overflow) or MuonClip's preflight
+    skips the parameter; either way momentum, AdamW moments and fp32 masters stay bit-identical."""
+    outs = values(run_distributed(D.ds_nonfinite_worker, 2, stage, bf16, tmp_path=tmp_path))
+    for o in outs:
+        assert o["num_state"] > 0
+        assert o["state_unchanged"] and o["masters_unchanged"], o
+        assert o["finite"] and o["state_finite"] and o["moved"], o
