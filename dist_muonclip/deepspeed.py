@@ -326,6 +326,12 @@ class FlatFragmentsLayout(_LayoutBase):
                 out.append((r, off + a - r * self.partition_size, b - a))
         return out
 
+    def owner_hint(self, p: Tensor) -> int:
+        """The rank holding the largest fragment of ``p`` (lowest rank on ties): orthogonalizing
+        there moves only the other fragments (none for a matrix inside one partition)."""
+        sizes = [b - a for a, b in (self._span(p, r) for r in range(self.world_size))]
+        return max(range(self.world_size), key=lambda r: (sizes[r], -r))
+
     def _local(self, p: Tensor, flat: Tensor) -> Tensor:
         a, b = self._span(p, self.rank)
         if b <= a:
@@ -369,6 +375,10 @@ class MasterSliceLayout(_LayoutBase):
 
     def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
         return self._ranges[p]
+
+    def owner_hint(self, p: Tensor) -> int:
+        sizes = [sum(b - a for a, b in rs) for rs in self._ranges[p]]
+        return max(range(self.world_size), key=lambda r: (sizes[r], -r))
 
     def _local(self, p: Tensor, t: Tensor) -> Tensor:
         rs = self._ranges[p][self.rank]

@@ -429,7 +429,17 @@ class MuonClip(Optimizer):
             for p in g["params"]:
                 b, m, n = matrix_shape(p.shape, self._views[p])
                 items.append(MatrixItem(self._names[p], gi, b, m, n, str(p.dtype), g["ns_steps"]))
-        self._plan = build_plan(items, self.world_size)
+        layout = getattr(self, "_layout", None)
+        hint = getattr(layout, "owner_hint", None) if layout is not None and layout.sharded else None
+        preferred = {}
+        if hint is not None:   # sharded layouts may say where a matrix lives: orthogonalize it there
+            for g in self.param_groups:
+                if g["use_muon"]:
+                    for p in g["params"]:
+                        r = hint(p)
+                        if r is not None:
+                            preferred[self._names[p]] = r
+        self._plan = build_plan(items, self.world_size, preferred)
         # AdamW: per (group, dtype, device) one flat partition in parameter order
         self._partitions = []
         for gi, g in enumerate(self.param_groups):
