@@ -127,7 +127,15 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
         lrs.append([g["lr"] for g in inner.param_groups])
         if save_dir is not None and save_at is not None and t + 1 == save_at:
             save_checkpoint(engine, save_dir, tag="ckpt")
-    out = {"params": _fp32_params(engine), "lrs": lrs, "layout": engine._dist_muonclip.layout_name,
+    layout = inner._layout
+    moved = 0      # Muon elements held by a rank other than the matrix's owner (sent there and back)
+    if layout.sharded:
+        for g in inner.param_groups:
+            if g["use_muon"]:
+                for p in g["params"]:
+                    owner = inner._plan.owners[inner.param_name(p)]
+                    moved += sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
+    out = {"moved_elems": moved, "params": _fp32_params(engine), "lrs": lrs, "layout": engine._dist_muonclip.layout_name,
            "ns_matrices": ns_calls,
            "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
                               if isinstance(t, torch.Tensor) and t.ndim > 0),

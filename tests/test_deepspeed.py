@@ -147,7 +147,8 @@ def _assert_close(got, want, atol, rtol):
 def test_fp32_matches_single_process(stage, world, oracle, tmp_path):
     """fp32, ns_dtype=float32, QK-Clip active, gradient clipping and a WarmupLR scheduler from the
     config: parameters after 10 steps equal the one-process run on the same global batch."""
-    outs = values(run_distributed(D.ds_train_worker, world, stage, STEPS, False, None, True, tmp_path=tmp_path))
+    outs = values(run_distributed(D.ds_train_worker, world, stage, STEPS, False, None, True, False, True,
+                                  tmp_path=tmp_path))
     layout = {0: "replicated", 1: "flat_fragments(zero)", 2: "flat_fragments(zero)"}[stage]
     assert outs[0]["layout"] == layout
     for out in outs:
@@ -161,6 +162,14 @@ def test_fp32_matches_single_process(stage, world, oracle, tmp_path):
     # every Muon matrix orthogonalized exactly once per step, summed over all ranks
     n_muon = len(_muon_names())
     assert sum(sum(o["ns_matrices"]) for o in outs) == STEPS * n_muon
+    if stage:
+        # accountant: the fragments not on a matrix's owner travel to it once (fp32 momentum) and
+        # the update fragments come back once (fp32 here): nothing else, nothing twice
+        fp32 = 4
+        for tag in ("all_to_all[muon_gather]", "all_to_all[muon_scatter]"):
+            sent = sum(o["acc"].get(tag, {"bytes": 0})["bytes"] for o in outs)
+            assert sent == STEPS * outs[0]["moved_elems"] * fp32, (tag, sent)
+        assert all(o["acc_steps"] == STEPS for o in outs)
     # optimizer state is sharded, not replicated (ZeRO-1 memory)
     total = sum(o["state_numel"] for o in outs)
     assert max(o["state_numel"] for o in outs) <= 1.6 * total / world
@@ -228,3 +237,44 @@ def test_nonfinite_gradient_never_poisons_state(stage, bf16, tmp_path):
         assert o["num_state"] > 0
         assert o["state_unchanged"] and o["masters_unchanged"], o
         assert o["finite"] and o["state_finite"] and o["moved"], o
+
+
+def test_flat_fragments_layout_maps_deepspeed_partitions():
+    """Three matrices flattened like DeepSpeed (with 2 elements of alignment padding after the
+    first), cut into 3 equal partitions: ranges tile each matrix, local views are the right
+    slices of this rank's partition, the owner hint is the rank holding the largest fragment."""
+    from dist_muonclip.deepspeed import FlatFragmentsLayout
+
+    shapes = [(3, 4), (5, 2), (2, 6)]                 # 12, 10, 12 elements
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    offsets = [0, 14, 24]                             # 12 + 2 padding, 10, 12 -> 36 = 3 x 12
+    flat_all = torch.zeros(36)
+    for p, o in zip(params, offsets):
+        flat_all[o:o + p.numel()] = p.detach().reshape(-1)
+    for rank in range(3):
+        part = flat_all[rank * 12:(rank + 1) * 12].clone()
+        part.grad = part * 10
+        lay = FlatFragmentsLayout(params, offsets, 12, rank, 3, part)
+        lay.validate(params, {p: f"p{i}" for i, p in enumerate(params)}, 3, rank)
+        assert lay.ranges(params[0]) == [[(0, 12)], [], []]
+        assert lay.ranges(params[1]) == [[], [(0, 10)], []]
+        assert lay.ranges(params[2]) == [[], [], [(0, 12)]]
+        assert lay.fragments(params[1]) == [(1, 2, 10)]
+        for i, p in enumerate(params):
+            a_b = lay.ranges(p)[rank]
+            local = lay.local_param(p)
+            want = p.detach().reshape(-1)[a_b[0][0]:a_b[0][1]] if a_b else torch.empty(0)
+            assert torch.equal(local, want)
+            assert torch.equal(lay.local_grad(p), want * 10)
+            assert lay.owner_hint(p) == i
+        lay.local_param(params[rank]).mul_(0)         # views write into the partition (matrix r fills it)
+        assert part.abs().sum() == 0
+    # cut matrices, no padding: partitions of 12 on 3 ranks put p2 (22..34) on rank 1 (2) and 2 (10);
+    # partitions of 10 on 4 ranks cut all three
+    lay = FlatFragmentsLayout(params, [0, 12, 22], 12, 0, 3, torch.zeros(12))
+    assert lay.ranges(params[2]) == [[], [(0, 2)], [(2, 12)]] and lay.owner_hint(params[2]) == 2
+    lay10 = FlatFragmentsLayout(params, [0, 12, 22], 10, 0, 4, torch.zeros(10))
+    assert lay10.ranges(params[0]) == [[(0, 10)], [(10, 12)], [], []]
+    assert lay10.ranges(params[1]) == [[], [(0, 8)], [(8, 10)], []]
+    assert lay10.owner_hint(params[0]) == 0 and lay10.owner_hint(params[1]) == 1
+    assert lay10.fragments(params[2]) == [(2, 2, 8), (3, 0, 4)] and lay10.owner_hint(params[2]) == 2
