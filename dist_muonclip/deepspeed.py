@@ -46,9 +46,7 @@ sharding). fp16 (loss scaling) is not supported: use bf16.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -767,7 +765,8 @@ def _tiny_llama(args: Any) -> nn.Module:
     import transformers as tf
 
     torch.manual_seed(args.seed)
-    cfg = tf.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 3 // 2,
+    cfg = tf.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                         intermediate_size=args.hidden_size * 3 // 2,
                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=max(128, args.seq_len), attn_implementation="eager")
     return tf.AutoModelForCausalLM.from_config(cfg)
@@ -832,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="JSON log written by rank 0")
     p.add_argument("--save-dir", default=None, help="save a checkpoint at the end (save_checkpoint)")
     p.add_argument("--resume-dir", default=None, help="resume from save_checkpoint output (any world size)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")))
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if args.deepspeed_config is None:

@@ -3,7 +3,6 @@ oracle on W = 2 and 4 gloo processes, Newton-Schulz once per matrix, checkpoints
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import pytest
