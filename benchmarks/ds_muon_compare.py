@@ -204,7 +204,8 @@ def main(argv=None) -> list[dict]:
                 print(f"W={world} stage {stage} {kind:15s} NS/step {row['ns_matrices_per_step']} "
                       f"(matrices {row['num_muon_matrices']}) bytes/step {row['bytes_per_step_all_ranks']:.0f}")
             ours, theirs = pair["muonclip"], pair["deepspeed_muon"]
-            ours["bytes_ratio_vs_deepspeed_muon"] = ours["bytes_per_step_all_ranks"] / theirs["bytes_per_step_all_ranks"]
+            ratio = ours["bytes_per_step_all_ranks"] / theirs["bytes_per_step_all_ranks"]
+            ours["bytes_ratio_vs_deepspeed_muon"] = ratio
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:

@@ -135,7 +135,8 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
                 for p in g["params"]:
                     owner = inner._plan.owners[inner.param_name(p)]
                     moved += sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
-    out = {"moved_elems": moved, "params": _fp32_params(engine), "lrs": lrs, "layout": engine._dist_muonclip.layout_name,
+    out = {"moved_elems": moved, "params": _fp32_params(engine), "lrs": lrs,
+           "layout": engine._dist_muonclip.layout_name,
            "ns_matrices": ns_calls,
            "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
                               if isinstance(t, torch.Tensor) and t.ndim > 0),
@@ -201,3 +202,26 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
                               if isinstance(v, torch.Tensor))
     out["moved"] = any(not torch.equal(final[k], after[1][k]) for k in final)
     return out
+
+
+def ds_args_worker(rank: int, world: int, config_path: str):
+    """The --deepspeed_config path: deepspeed.add_config_arguments + initialize(args=...)."""
+    _setup()
+    import argparse
+
+    import deepspeed
+
+    from dist_muonclip.deepspeed import initialize, muonclip_optimizer
+
+    parser = deepspeed.add_config_arguments(argparse.ArgumentParser())
+    parser.add_argument("--local_rank", type=int, default=rank)
+    args = parser.parse_args(["--deepspeed_config", config_path])
+    model = tiny_model("llama", seed=0)
+    engine, opt, _, sched = initialize(args=args, model=model)
+    ids = local_batch(0, rank, world)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    inner = muonclip_optimizer(engine)
+    return {"layout": engine._dist_muonclip.layout_name, "stage": engine.zero_optimization_stage(),
+            "opt_is_engine_optimizer": opt is engine.optimizer, "momentum": inner.param_groups[0]["momentum"],
+            "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state)}

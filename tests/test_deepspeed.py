@@ -3,6 +3,7 @@ oracle on W = 2 and 4 gloo processes, Newton-Schulz once per matrix, checkpoints
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -277,3 +278,27 @@ def test_flat_fragments_layout_maps_deepspeed_partitions():
     assert lay10.ranges(params[1]) == [[], [(0, 8)], [(8, 10)], []]
     assert lay10.owner_hint(params[0]) == 0 and lay10.owner_hint(params[1]) == 1
     assert lay10.fragments(params[2]) == [(2, 2, 8), (3, 0, 4)] and lay10.owner_hint(params[2]) == 2
+
+
+def test_args_and_config_together_are_refused():
+    import argparse
+
+    from dist_muonclip.deepspeed import initialize
+
+    with pytest.raises(ValueError, match="pass one"):
+        initialize(args=argparse.Namespace(deepspeed_config="a.json"), model=torch.nn.Linear(2, 2), config={})
+
+
+@pytest.mark.slow
+def test_deepspeed_config_argument_path(tmp_path):
+    """--deepspeed_config FILE through deepspeed.add_config_arguments, a configs/ file edited to
+    W=2 batch sizes: initialize(args=...) reads the MuonClip section from the file."""
+    cfg = json.load(open(os.path.join(ROOT, "configs", "zero1.json")))
+    cfg["optimizer"]["params"]["momentum"] = 0.9
+    cfg["train_batch_size"] = D.GLOBAL_BATCH
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    outs = values(run_distributed(D.ds_args_worker, 2, str(path), tmp_path=tmp_path / "run"))
+    for o in outs:
+        assert o == {"layout": "flat_fragments(zero)", "stage": 1, "opt_is_engine_optimizer": True,
+                     "momentum": 0.9, "args_untouched": True, "stepped": True}
