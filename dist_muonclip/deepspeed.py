@@ -440,16 +440,15 @@ class DeepSpeedMuonClip(Optimizer):
 
     DeepSpeed replaces the group's ``params`` by its fp32 partition (ZeRO-1/2, bf16) and calls
     :meth:`step` after it has reduced, unscaled and clipped the gradients; :meth:`bind` (called
-    by :func:`initialize` once DeepSpeed is set up) builds the inner :class:`MuonClip` with the
+    by :func:`initialize` once DeepSpeed is set up) moves the inner :class:`MuonClip` onto the
     layout matching what DeepSpeed did. A scheduler writes ``param_groups[0]["lr"]``; every
     MuonClip group's lr is scaled by ``lr / initial lr``.
 
     Args:
         model: the model given to DeepSpeed (its parameter names drive the Muon/AdamW split and
             QK-Clip).
-        muonclip: an existing MuonClip instance on ``model`` (else one is built from ``kwargs``).
-        accountant: counts MuonClip's collectives (bytes per step).
-        kwargs: MuonClip options (see :class:`~dist_muonclip.MuonClip`).
+        muonclip: the MuonClip instance on ``model`` (built by :func:`initialize` from the config
+            section, or passed by the user), still replicated; :meth:`bind` gives it its layout.
     """
 
     def __init__(self, model: nn.Module, muonclip: MuonClip) -> None:
