@@ -213,6 +213,12 @@ def ds_args_worker(rank: int, world: int, config_path: str):
 
     from dist_muonclip.deepspeed import initialize, muonclip_optimizer
 
+    bad = ds_config(1, world, params={"momentum": 1.5})
+    try:   # a value out of range: refused with the config path, before DeepSpeed touches the model
+        initialize(model=tiny_model("llama", seed=0), config=bad)
+        value_error = None
+    except ValueError as e:
+        value_error = str(e)
     parser = deepspeed.add_config_arguments(argparse.ArgumentParser())
     parser.add_argument("--local_rank", type=int, default=rank)
     args = parser.parse_args(["--deepspeed_config", config_path])
@@ -224,4 +230,5 @@ def ds_args_worker(rank: int, world: int, config_path: str):
     inner = muonclip_optimizer(engine)
     return {"layout": engine._dist_muonclip.layout_name, "stage": engine.zero_optimization_stage(),
             "opt_is_engine_optimizer": opt is engine.optimizer, "momentum": inner.param_groups[0]["momentum"],
-            "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state)}
+            "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state),
+            "value_error": value_error}

@@ -292,7 +292,8 @@ def test_args_and_config_together_are_refused():
 @pytest.mark.slow
 def test_deepspeed_config_argument_path(tmp_path):
     """--deepspeed_config FILE through deepspeed.add_config_arguments, a configs/ file edited to
-    W=2 batch sizes: initialize(args=...) reads the MuonClip section from the file."""
+    W=2 batch sizes: initialize(args=...) reads the MuonClip section from the file. Also: an
+    out-of-range value (momentum 1.5) is refused naming the config path."""
     cfg = json.load(open(os.path.join(ROOT, "configs", "zero1.json")))
     cfg["optimizer"]["params"]["momentum"] = 0.9
     cfg["train_batch_size"] = D.GLOBAL_BATCH
@@ -300,5 +301,7 @@ def test_deepspeed_config_argument_path(tmp_path):
     path.write_text(json.dumps(cfg))
     outs = values(run_distributed(D.ds_args_worker, 2, str(path), tmp_path=tmp_path / "run"))
     for o in outs:
+        err = o.pop("value_error")
+        assert err is not None and "DeepSpeed config optimizer.params" in err and "momentum" in err, err
         assert o == {"layout": "flat_fragments(zero)", "stage": 1, "opt_is_engine_optimizer": True,
                      "momentum": 0.9, "args_untouched": True, "stepped": True}
