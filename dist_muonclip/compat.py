@@ -168,7 +168,6 @@ class MuonClip(_MuonClip):
                  metadata: Mapping[str, Any] | None = None, n_head: int | None = None, lr: float | None = None,
                  momentum: float = 0.95, rank: int | None = None, world_size: int | None = None,
                  tau: float = 100.0, alpha: float = 0.5, **kwargs: Any) -> None:
-        self._logger: MetricsLogger | None = None
         if muon_config is not None or isinstance(model_or_params, nn.Module) and params is None:
             if not isinstance(model_or_params, nn.Module):
                 raise TypeError("MuonClip(model, model_config, muon_config): model must be an nn.Module")
@@ -213,23 +212,7 @@ class MuonClip(_MuonClip):
         """``step(s_max)`` (seeds) or ``step(closure)`` (torch); ``s_max`` per layer, per head."""
         if callable(s_max) and closure is None:
             s_max, closure = None, s_max
-        loss = super().step(closure=closure, s_max=s_max)
-        if self._logger is not None:
-            self._logger.log(self._step_count_total, self._device_metrics())
-        return loss
-
-    def _device_metrics(self) -> dict[str, torch.Tensor]:
-        out = dict(self._last_metrics)
-        if self._clipper is not None:
-            out.update(self._clipper.metrics())
-        return out
-
-    def close(self) -> None:
-        """Flush/close the metric sinks and stop max-logit tracking."""
-        if self._logger is not None:
-            self._logger.close()
-        if self._clipper is not None:
-            self._clipper.close()
+        return super().step(closure=closure, s_max=s_max)   # the core logs to self._logger
 
 
 def _muon_groups(plist: list[Any]) -> list[dict[str, Any]]:

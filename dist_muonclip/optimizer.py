@@ -107,6 +107,9 @@ class MuonClip(Optimizer):
         log_dir, wandb_run, log_every: write :meth:`metrics` every ``log_every`` steps to
             TensorBoard (``log_dir``) and/or W&B (``wandb_run="auto"``: the active run), on rank 0;
             one device->host read per logged step (:class:`dist_muonclip.metrics.MetricsLogger`).
+        max_grad_norm: clip the global norm of the (reduced) gradient to this value before
+            momentum and Newton-Schulz, in every mode (DDP, optimizer-owned reduction, sharded
+            layouts). Clipping the orthogonalized update instead would be a no-op on its norm.
         profiler: an object whose ``phase(name)`` returns a context manager timing that phase of
             ``step()`` (preflight, reduce, ns, gather, scatter, apply, adamw, qk_clip); see
             :mod:`dist_muonclip.profiler`.
@@ -151,6 +154,7 @@ class MuonClip(Optimizer):
         wandb_run: Any = None,
         log_every: int = 1,
         profiler: Any = None,
+        max_grad_norm: float | None = None,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -191,12 +195,21 @@ class MuonClip(Optimizer):
         self._ml_shape = tuple(self._clipper.max_logits(None).shape) if self._clipper is not None else None
         self._plan = None
         self.profiler = profiler
+        self.max_grad_norm = None if max_grad_norm is None else _check_float("max_grad_norm", max_grad_norm, low=0.0,
+                                                                             low_open=True)
+        self._clip_coef: Tensor | None = None
+        self._grad_norm: Tensor | None = None
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
+        init_state = getattr(self._layout, "init_optimizer_state", None)
+        if init_state is not None:     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys everywhere
+            init_state(self)
         self._logger = None
         if (log_dir is not None or wandb_run is not None) and self.rank == 0:
             from .metrics import MetricsLogger
 
             self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
+        if profiler is not None and hasattr(profiler, "attach"):
+            profiler.attach(self)          # idempotent; needs the accountant and comm set up above
         if verbose:
             print(self.describe_split())
 
@@ -373,6 +386,14 @@ class MuonClip(Optimizer):
             out.update(self._clipper.metrics())
         return out
 
+    def close(self) -> None:
+        """Flush and close the metric sinks and stop max-logit tracking (restores the model's
+        attention implementation)."""
+        if self._logger is not None:
+            self._logger.close()
+        if self._clipper is not None:
+            self._clipper.close()
+
     def metrics(self) -> dict[str, float]:
         """:meth:`device_metrics` as plain floats, with exactly one device->host read."""
         from .metrics import to_host
@@ -388,7 +409,7 @@ class MuonClip(Optimizer):
         self._comm: Comm | None = None
         if process_group is not None or (dist.is_available() and dist.is_initialized()):
             comm = Comm(process_group, accountant)
-            # a sharded layout exchanges pieces through the group even at world size 1
+            # a sharded layout needs the all-to-alls even on one rank (FSDP2 at W=1: e.g. DCP resume at W=1)
             if comm.world_size > 1 or grad_reduction == "optimizer" or (layout is not None and layout.sharded):
                 self._comm = comm
         self.accountant = accountant
@@ -405,6 +426,15 @@ class MuonClip(Optimizer):
         self._layout = layout if layout is not None else Replicated(self.world_size)
         if not isinstance(self._layout, Layout):
             raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        if not self._layout.sharded:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
+                        raise ValueError(
+                            f"parameter {self._names[p]!r} is a DTensor with placements {tuple(p.placements)} (FSDP2 / "
+                            "tensor parallel) but the layout is Replicated; for fully_shard models use "
+                            "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
+                            "Shard0Layout(mesh), process_group=mesh.get_group()")
         if self._layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
@@ -504,6 +534,8 @@ class MuonClip(Optimizer):
             pre = self._preflight(s_max)                   # one all-reduce(MAX): flags + max logits
         with self._phase("reduce"):
             self._finish_reductions()
+        with self._phase("clip_grad"):
+            self._clip_coef = self._grad_clip_coef(pre)    # max_grad_norm on the reduced gradient
         if self._layout.sharded:
             sq_sums = self._sharded_muon(pre)              # momentum, gather, NS, scatter, apply on pieces
             with self._phase("adamw"):
@@ -517,14 +549,48 @@ class MuonClip(Optimizer):
             with self._phase("qk_clip"):
                 self._qk_clip_(pre.max_logits)
         self._record_metrics(pre, sq_sums)
-        if self._logger is not None:
-            self._logger.log(self._step_count_total, self.device_metrics())
         self._end_step()
+        if self._logger is not None:     # logged as step N = the N-th completed step
+            self._logger.log(self._step_count_total, self.device_metrics())
         return loss
 
     def _phase(self, name: str):
         """Time a phase of ``step()`` when a profiler is attached (``profiler.phase(name)``)."""
         return self.profiler.phase(name) if self.profiler is not None else contextlib.nullcontext()
+
+    def _grad_clip_coef(self, pre: "_Preflight") -> Tensor | None:
+        """``min(1, max_grad_norm / ||g||)`` of the reduced global gradient, applied to the raw
+        gradient before momentum and Newton-Schulz (never to the orthogonalized update).
+
+        Each element is counted on exactly one rank (owners' reduced matrices, AdamW slices, local
+        pieces of sharded layouts); one scalar all-reduce sums the squares when that differs from
+        what every rank already holds.
+        """
+        self._grad_norm = None
+        if self.max_grad_norm is None:
+            return None
+        sq: list[Tensor] = []
+        needs_sum = self._comm is not None
+        if self._layout.sharded:
+            sq = [g.float().square().sum() for p in pre.active if (g := self._layout.local_grad(p)) is not None]
+        elif self.grad_reduction == "optimizer" and self._comm is not None:
+            sq = [g.float().square().sum() for g in self._reduced.values()]
+            for part in self._partitions:
+                sl = self._adamw_slices.get(part.key)
+                if sl is not None and (part.sharded or self.rank == 0):
+                    sq.append(sl.float().square().sum())
+        else:   # replicated gradients: every rank holds the same full gradient
+            needs_sum = False
+            sq = [p.grad.float().square().sum() for p in pre.active if p.grad is not None]
+        device = self._layout.local_param(next(iter(self._by_name.values()))).device
+        total = torch.stack([s.to(device) for s in sq]).sum() if sq else torch.zeros((), device=device)
+        if needs_sum:
+            self._comm.all_reduce(total, tag="grad_norm")
+        self._grad_norm = total.sqrt()
+        return (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
+
+    def _clipped(self, g: Tensor) -> Tensor:
+        return g if self._clip_coef is None else g * self._clip_coef.to(g.dtype)
 
     def _local_max_logits(self, s_max: Any) -> Tensor | None:
         return self._clipper.max_logits(s_max) if self._clipper is not None else None
@@ -694,7 +760,7 @@ class MuonClip(Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
-            updates = muon_momentum_([self._grad(p) for p in mine], bufs, momentum=g["momentum"],
+            updates = muon_momentum_([self._clipped(self._grad(p)) for p in mine], bufs, momentum=g["momentum"],
                                      nesterov=g["nesterov"])
             views = [as_matrices(u, self._views[p]) for u, p in zip(updates, mine)]
             if len(views) == 1 and views[0].shape[0] == 1:
@@ -751,7 +817,7 @@ class MuonClip(Optimizer):
         for p in active:
             local = layout.local_param(p)
             lg = layout.local_grad(p)
-            grads.append(lg if lg is not None else torch.zeros_like(local))
+            grads.append(self._clipped(lg) if lg is not None else torch.zeros_like(local))
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
@@ -845,7 +911,7 @@ class MuonClip(Optimizer):
                 local = self._layout.local_param(p)
                 if p in pre.active and local.numel():
                     lg = self._layout.local_grad(p)
-                    items.append((p, local, lg if lg is not None else torch.zeros_like(local)))
+                    items.append((p, local, self._clipped(lg) if lg is not None else torch.zeros_like(local)))
             self._adamw_apply(g, items)
 
     # -- AdamW -----------------------------------------------------------------------------
@@ -864,10 +930,10 @@ class MuonClip(Optimizer):
                 view = self._segment_view(p, seg)
                 if reduced is not None:
                     off = offset_of[seg.name]
-                    grad = reduced[off:off + seg.stop - seg.start].view_as(view)
+                    grad = self._clipped(reduced[off:off + seg.stop - seg.start].view_as(view))
                 else:
                     gr = self._grad(p)
-                    grad = gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop]
+                    grad = self._clipped(gr if view.shape == p.shape else gr.reshape(-1)[seg.start:seg.stop])
                 items.append((p, view, grad))
             self._adamw_apply(g, items)
             if part.sharded:
@@ -927,10 +993,12 @@ class MuonClip(Optimizer):
 
     def _record_metrics(self, pre: "_Preflight", sq_sums: list[Tensor]) -> None:
         metrics: dict[str, Tensor] = {}
+        if self._grad_norm is not None:
+            metrics["grad_norm"] = self._grad_norm   # the global norm, computed for max_grad_norm
         # sharded layouts: norms of this rank's pieces only (no extra collective for a metric)
         grads = [self._layout.local_grad(p) if self._layout.sharded else self._grad(p) for p in pre.active]
         grads = [g for g in grads if g is not None]
-        if grads:
+        if grads and "grad_norm" not in metrics:
             metrics["grad_norm"] = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         n_muon = sum((self._local_size(p, self.rank) if self._layout.sharded else p.numel())
@@ -995,6 +1063,9 @@ class MuonClip(Optimizer):
 
         Layout: ``{"format", "step", "state": {name: {...}}, "param_groups": [{..., "params": [names]}]}``.
         """
+        hook = getattr(self._layout, "optimizer_state_dict", None)
+        if hook is not None and not sharded:   # e.g. FSDP2: torch's format with DTensor state (DCP, get_state_dict)
+            return hook(self)
         groups = []
         for g in self.param_groups:
             d = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -1042,6 +1113,10 @@ class MuonClip(Optimizer):
 
         Each rank keeps what it owns under the current plan. Validated before anything changes.
         """
+        hook = getattr(self._layout, "load_optimizer_state_dict", None)
+        if hook is not None and state_dict.get("format") != _STATE_FORMAT:
+            hook(self, state_dict)       # e.g. FSDP2: torch's format (from get_state_dict / dcp.load)
+            return
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {_STATE_FORMAT!r} "
                              "(a dist_muonclip MuonClip.state_dict())")

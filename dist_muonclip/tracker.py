@@ -173,6 +173,9 @@ def max_logits_torch(
     structural = attention_mask is None or attention_mask.ndim == 2
     only_causal = causal and attention_mask is None and sliding_window is None and segment_ids is None
     best = torch.full((num_kv, group), float("-inf"), dtype=torch.float32, device=query.device)
+    # one logits buffer reused by every chunk: chunks have different widths (causal), and fresh
+    # allocations of growing sizes fragment the host heap (glibc) beyond the chunk budget
+    buf = torch.empty(bsz * num_heads * min(rows, q_len) * kv_len, dtype=torch.float32, device=query.device)
     for r0 in range(0, q_len, rows):
         r1 = min(q_len, r0 + rows)
         # causal / window structure: skip key columns no row of this chunk can see
@@ -185,7 +188,8 @@ def max_logits_torch(
             continue
         c, width = r1 - r0, k_hi - k_lo
         qc = q5[:, :, :, r0:r1].to(torch.float32).reshape(bsz * num_kv, group * c, dim)
-        logits = torch.bmm(qc, k32[:, :, k_lo:k_hi]).view(bsz, num_kv, group, c, width)
+        out = buf[: bsz * num_heads * c * width].view(bsz * num_kv, group * c, width)
+        logits = torch.bmm(qc, k32[:, :, k_lo:k_hi], out=out).view(bsz, num_kv, group, c, width)
         if only_causal:  # columns left of the chunk's diagonal block are all visible
             d0 = r0 - k_lo
             if d0 < width:
@@ -588,8 +592,7 @@ def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
         seen.add(id(cfg))
         old = cfg._attn_implementation_internal
         base = old if old is not None else "eager"
-        if base.startswith(_PREFIX):  # e.g. a deepcopy of a tracked model: wrap the same base
-            base = base[len(_PREFIX):]
+        base = base.removeprefix(_PREFIX)  # e.g. a deepcopy of a tracked model: wrap the same base
         name = _register(base)
         configs.append((cfg, old))
         cfg._attn_implementation_internal = name

@@ -11,7 +11,10 @@ byte-level corpus shipped in ``dist_muonclip/data`` (vocabulary 256). The global
 takes its contiguous slice, so a W-rank run can be compared with the single-process run.
 
 Engines (``--engine``) wrap the model and own gradient reduction; today: ``ddp`` (no wrapper when
-the world size is 1). FSDP2 / DeepSpeed engines plug into :data:`ENGINES`.
+the world size is 1). With ``--grad-reduction optimizer`` the model is not wrapped and MuonClip
+reduce-scatters gradients to their owner ranks itself. FSDP2 / DeepSpeed engines plug into
+:data:`ENGINES` (a class taking ``(model, ctx, grad_reduction=...)`` with ``.model`` for the
+forward and ``clip_grad_norm_``).
 """
 from __future__ import annotations
 
@@ -107,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW betas (both optimizers)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%% of peak")
     g.add_argument("--grad-clip", type=float, default=None,
-                   help="max global grad norm (0 disables). Default 1.0; 0 with --grad-reduction optimizer, "
-                   "where gradients are reduced inside the optimizer step and cannot be clipped before it")
+                   help="max global grad norm (0 disables). Default 1.0. With --grad-reduction optimizer the "
+                   "optimizer clips the reduced gradient inside step() (MuonClip(max_grad_norm=...))")
     g.add_argument("--qk-clip-tau", type=float, default=100.0, help="QK-Clip threshold tau (MuonClip)")
     g.add_argument("--no-qk-clip", action="store_true", help="disable QK-Clip")
     g.add_argument("--ns-backend", default="auto", help="Newton-Schulz backend: torch | triton | auto")
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--engine", choices=sorted(ENGINES), default="ddp",
                    help="ddp: replicated parameters, DDP gradient all-reduce (no wrapper for 1 process)")
+    g.add_argument("--fsdp", dest="engine", action="store_const", const="fsdp", help="= --engine fsdp (FSDP2)")
+    g.add_argument("--fsdp-mixed-precision", choices=("none", "bf16"), default="none")
     g.add_argument("--grad-reduction", choices=("external", "optimizer"), default="external",
                    help="external: the engine (DDP) all-reduces gradients; optimizer: no DDP, MuonClip "
                    "reduce-scatters gradients to their owners during backward (same bytes as DDP)")
@@ -131,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
     g.add_argument("--out", default=None, help="write a JSON with the per-step log and final losses")
     g.add_argument("--save", default=None, help="checkpoint directory (written at the end and every --save-every)")
+    g.add_argument("--profile", default=None, metavar="TRACE.json",
+                   help="per-step, per-rank profile (phase times, bytes per collective, NS FLOPs, memory) "
+                   "to this JSON (+ .csv; rank r>0 writes TRACE.rank<r>.json); summary printed on rank 0")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     g.add_argument("--resume", default=None, help="checkpoint file or directory (latest step_*.pt) to resume")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -149,11 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.grad_reduction == "optimizer":
         if args.optimizer != "muonclip":
             parser.error("--grad-reduction optimizer needs --optimizer muonclip (AdamW relies on DDP's all-reduce)")
-        if args.grad_clip:
-            parser.error("--grad-clip > 0 cannot be combined with --grad-reduction optimizer: gradients are "
-                         "reduced inside optimizer.step(), after any clipping could run; pass --grad-clip 0")
-        args.grad_clip = 0.0
-    elif args.grad_clip is None:
+    if args.grad_clip is None:
         args.grad_clip = 1.0
     checks = [
         (args.steps >= 1, "--steps must be >= 1"),
@@ -267,6 +271,8 @@ class DDPEngine:
 
 # name -> engine class; later issues add "fsdp" and "deepspeed" here.
 ENGINES: dict[str, Callable[..., Any]] = {"ddp": DDPEngine}
+from launch.engines_fsdp import FSDPEngine  # noqa: E402
+ENGINES["fsdp"] = FSDPEngine
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +304,7 @@ def _qk_clip_config(args: argparse.Namespace) -> Any:
     return {"enable": True, "tau": args.qk_clip_tau}
 
 
-def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, **extra: Any) -> torch.optim.Optimizer:
     """MuonClip (Muon for hidden matrices, AdamW for the rest, QK-Clip) or plain AdamW.
 
     ``model`` is the unwrapped module (parameter names are used to split Muon/AdamW parameters).
@@ -315,7 +321,10 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
                     ns_coefficients=args.ns_coefficients, ns_backend=args.ns_backend,
                     ns_dtype=args.ns_dtype, adamw_lr=args.adamw_lr,
                     adamw_betas=tuple(args.adamw_betas), qk_clip=_qk_clip_config(args),
-                    grad_reduction=args.grad_reduction)
+                    grad_reduction=args.grad_reduction,
+                    # optimizer-owned reduction: only step() sees the reduced gradient, so it clips
+                    max_grad_norm=(args.grad_clip or None) if args.grad_reduction == "optimizer" else None,
+                    **extra)
 
 
 _LR_KEYS = ("lr", "adamw_lr")  # group keys holding a peak lr that the schedule scales
@@ -489,8 +498,18 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     model = build_model(model_cfg, seed=args.seed, attn_implementation=args.attn_implementation,
                         vocab_size=VOCAB_SIZE).to(ctx.device)
     num_params = sum(p.numel() for p in model.parameters())
-    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction)
-    optimizer = build_optimizer(args, model)
+    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction,
+                                  **({"mixed_precision": args.fsdp_mixed_precision} if args.engine == "fsdp" else {}))
+    optimizer = build_optimizer(args, model, **getattr(engine, "optimizer_kwargs", dict)())
+    profiler = None
+    if args.profile:
+        from dist_muonclip.profiler import StepProfiler
+
+        profiler = StepProfiler(args.profile, model=model).attach(optimizer)   # AdamW too (no phases)
+        if ctx.world_size > 1 and hasattr(engine.model, "register_comm_hook"):  # DDP: count its all-reduces
+            from dist_muonclip.comm import ddp_accounting_hook
+
+            engine.model.register_comm_hook(profiler.accountant, ddp_accounting_hook)
     base_lrs = _base_lrs(optimizer)
 
     corpus = split_corpus(load_corpus(args.corpus))
@@ -499,7 +518,9 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     held_out = eval_batches(args.eval_batches, **data_kw)
 
     start_step = 0
-    if args.resume:
+    if args.resume and hasattr(engine, "load_checkpoint"):      # fsdp: DCP directory, any world size
+        start_step = engine.load_checkpoint(engine.resolve_checkpoint(args.resume), optimizer=optimizer)["step"]
+    elif args.resume:
         ckpt_path = resolve_checkpoint(args.resume)
         ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -535,7 +556,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
         loss = _loss(engine.model, inputs, targets, args.autocast)
         loss.backward()
-        grad_norm = engine.clip_grad_norm_(args.grad_clip)
+        grad_norm = engine.clip_grad_norm_(0.0 if args.grad_reduction == "optimizer" else args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = _global_mean(loss, ctx)  # also the per-step sync point for timing
@@ -564,7 +585,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 extra = " | max logit/layer " + " ".join(
                     "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
-                f"lr {args.lr * factor:.3g} | grad norm {grad_norm:.3f} | "
+                f"lr {args.lr * factor:.3g} | grad norm {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3f}'} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
@@ -572,8 +593,13 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
             log["evals"].append({"step": done, "eval_loss": eval_loss})
             say(f"step {done:>6}/{args.steps} | eval loss {eval_loss:.4f}")
         if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
-            save_checkpoint(args.save, step=done, model=model, optimizer=optimizer, args=args, ctx=ctx)
+            if hasattr(engine, "save_checkpoint"):
+                engine.save_checkpoint(args.save, step=done, optimizer=optimizer)
+            else:
+                save_checkpoint(args.save, step=done, model=model, optimizer=optimizer, args=args, ctx=ctx)
     bar.close()
+    if profiler is not None:
+        profiler.close()      # writes the trace, prints the summary on rank 0
 
     eval_loss = evaluate(model, held_out, ctx, args.autocast)
     log["evals"].append({"step": args.steps, "eval_loss": eval_loss})
@@ -586,11 +612,15 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     say(f"final: train loss (last 10 steps) {log['final_train_loss']} | eval loss {eval_loss:.4f} | "
         f"{log['wall_s']:.1f}s")
     if args.save:
-        save_checkpoint(args.save, step=args.steps, model=model, optimizer=optimizer, args=args, ctx=ctx)
+        if hasattr(engine, "save_checkpoint"):
+            engine.save_checkpoint(args.save, step=args.steps, optimizer=optimizer)
+        else:
+            save_checkpoint(args.save, step=args.steps, model=model, optimizer=optimizer, args=args, ctx=ctx)
     if args.out and ctx.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(log, f, indent=1)
+    getattr(engine, "close", lambda: None)()
     return log
 
 

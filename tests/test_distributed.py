@@ -29,6 +29,16 @@ def _assert_same_params(got, want):
         torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m: f"{k}: {m}")
 
 
+def test_max_grad_norm_optimizer_owned(tmp_path):
+    """Clipping the global norm when no rank holds the whole reduced gradient (one scalar
+    all-reduce of squares) equals the single-process clipped run."""
+    kw = {"max_grad_norm": 0.3}
+    want_model, want_opt = W.train_single(4, **kw)
+    assert want_opt.metrics()["grad_norm"] > 0.3   # the clip acts
+    outs = values(run_distributed(W.train_worker, 2, "optimizer", 4, "llama", kw, tmp_path=tmp_path))
+    _assert_same_params(outs[0]["params"], {k: v.detach() for k, v in want_model.state_dict().items()})
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("mode", ["ddp", "optimizer"])
 def test_matches_single_process(world, mode, oracle, tmp_path):

@@ -203,3 +203,26 @@ def test_metrics_report_update_rms_and_grad_norm():
     assert m["grad_norm"] == pytest.approx(expected_norm, rel=1e-5)  # fp32 summation order
     # Jordan's quintic leaves singular values in ~[0.7, 1.2], so the RMS is 0.2 within ~20%.
     assert 0.15 < m["muon_update_rms"] < 0.25
+
+
+def test_max_grad_norm_clips_raw_gradient_like_clip_grad_norm_():
+    """Oracle: torch.nn.utils.clip_grad_norm_ on the gradients, then the unclipped optimizer.
+    Regression (the DeepSpeed trap): clipping must act on the raw gradient, not on the update.
+
+    Tolerance: the oracle scales gradients in place, we scale inside the step; the products round
+    the same way in fp32 but the norm is summed in a different order (~1e-7 relative)."""
+    ours = _params([(32, 32), (24, 40)], seed=12) + [nn.Parameter(torch.randn(7))]
+    ref = _clone(ours)
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "use_muon": False}]  # noqa: E731
+    a = MuonClip(groups(ours), lr=0.02, ns_dtype="float32", ns_backend="torch", max_grad_norm=0.5)
+    b = MuonClip(groups(ref), lr=0.02, ns_dtype="float32", ns_backend="torch")
+    norms = []
+    for t in range(6):
+        _set_grads(t, ours, ref, seed=13)
+        norms.append(torch.nn.utils.clip_grad_norm_(ref, 0.5).item())
+        a.step()
+        b.step()
+        assert a.metrics()["grad_norm"] == pytest.approx(norms[-1], rel=1e-5)
+    assert min(norms) > 0.5   # the clip acted in every step
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

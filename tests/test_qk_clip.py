@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -233,11 +234,11 @@ def test_row_scales_on_row_shards_and_flat_fragments_match_full_apply():
         full = p.detach().clone()
         # row shards of uneven sizes (Shard(0))
         bounds = [0, 5, 5 + p.shape[0] // 3, p.shape[0]]
-        shards = [full[a:b] * scale[a:b].view(-1, 1) for a, b in zip(bounds, bounds[1:])]
+        shards = [full[a:b] * scale[a:b].view(-1, 1) for a, b in itertools.pairwise(bounds)]
         # flat fragments cutting through rows (ZeRO-1/2 flat partitions)
         flat, cols = full.reshape(-1), p.shape[1]
         cut = [0, 77, 1000, flat.numel()]
-        frags = [flat[a:b] * scale.repeat_interleave(cols)[a:b] for a, b in zip(cut, cut[1:])]
+        frags = [flat[a:b] * scale.repeat_interleave(cols)[a:b] for a, b in itertools.pairwise(cut)]
         want = ref_params[names[id(p)]].detach()
         assert torch.equal(torch.cat(shards), want)
         assert torch.equal(torch.cat(frags).view_as(full), want)

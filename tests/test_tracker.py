@@ -391,10 +391,11 @@ def test_chunked_peak_memory_bounded_by_chunk_at_seq_2048():
     chunked, naive = _peak("chunked"), _peak("naive")
     full_bytes = 8 * 2048 * 2048 * 4
     assert naive["delta_kib"] * 1024 >= full_bytes  # the oracle run really paid for S^2
-    # budget: a few chunk-sized temporaries (logits, mask, masked copy) that glibc may keep mapped,
-    # plus a fixed 1 MiB for the fp32 key copy (2048*2*16*4 = 256 KiB) and allocator arenas
-    # (measured under load: 8.07 MiB); 9 MiB is still 14x below the materialized logits.
-    assert chunked["delta_kib"] * 1024 <= 8 * chunk_bytes + (1 << 20), chunked
+    # budget: logits chunk + bool mask chunk + fp32 key copy (2048*2*16*4 = 256 KiB) + allocator
+    # slack; measured 1.5-1.6 MiB. 8 chunks = 8 MiB is still 16x below the materialized logits.
+    # (Regression: fresh per-chunk allocations of growing widths once fragmented the heap to 8-8.7 MiB,
+    # measured on a loaded machine; the reused logits buffer fixed it.)
+    assert chunked["delta_kib"] * 1024 <= 8 * chunk_bytes, chunked
     # same answer both ways (fp32 both; reduction order differs: ~1e-6 relative)
     torch.testing.assert_close(torch.tensor(chunked["out"]), torch.tensor(naive["out"]), rtol=1e-5, atol=1e-5)
 

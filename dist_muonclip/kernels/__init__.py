@@ -26,13 +26,14 @@ __all__ = [
 def triton_available(device: "str | None" = None) -> bool:
     """True when the Triton kernels can run: Triton is installed and either a CUDA device is
     present or ``TRITON_INTERPRET=1`` is set (CPU interpreter, for tests)."""
-    if not _triton_importable():
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    import torch
+    # Device first: on a CPU-only process this never imports triton (importing it outside
+    # interpreter mode would pin its jit'd standard library to compiled mode for the process).
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import torch
 
-    return torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        if not (torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))):
+            return False
+    return _triton_importable()
 
 
 @functools.lru_cache(maxsize=None)

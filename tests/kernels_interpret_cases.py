@@ -1,0 +1,380 @@
+"""Triton kernels on CPU through the interpreter (TRITON_INTERPRET=1), against torch references.
+
+The interpreter is enabled only while this module's tests run (module fixture), and the lazily
+defined kernels are re-created inside it, so the rest of the suite never sees interpreted kernels.
+Loads are cast to fp32 inside the kernels under the interpreter (numpy has no bf16), so products
+are fp32 and every intermediate is still rounded to bf16 when stored, like on the GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+from dist_muonclip.kernels import attention_max as am_mod  # noqa: E402
+from dist_muonclip.kernels import max_logit as ml_mod  # noqa: E402
+from dist_muonclip.kernels import newton_schulz as ns_mod  # noqa: E402
+from dist_muonclip.kernels.reference import (  # noqa: E402
+    gram_newton_schulz_reference,
+    max_logits_reference,
+    newton_schulz_reference,
+    sym_product_reference,
+)
+
+JORDAN = [(3.4445, -4.7750, 2.0315)] * 5
+# Polar Express (arXiv 2505.16932), first five iterations of its published schedule (no safety factor):
+# a different (a, b, c) per iteration exercises the per-iteration coefficient path.
+POLAR_EXPRESS = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894303592),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    for mod in (ns_mod, ml_mod, am_mod):
+        mod._kernels.cache_clear()
+    yield
+    for mod in (ns_mod, ml_mod, am_mod):
+        mod._kernels.cache_clear()
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# Small rectangular tiles (BLOCK_N = 2 BLOCK_M, like the GPU default 128 x 256) so that several
+# tiles straddle the diagonal and the skip / mirror logic is exercised.
+SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("bt,m,k", [(1, 64, 64), (2, 48, 80), (1, 37, 29)])
+def test_sym_kernel_matches_reference(bt, m, k, monkeypatch):
+    """One-triangle product with mirrored store: every element written once, both triangles right."""
+    monkeypatch.setattr(ns_mod, "SYM_CONFIG_OVERRIDE", SMALL_TILES)
+    g = torch.Generator().manual_seed(m * k)
+    y = torch.randn(bt, m, k, generator=g).bfloat16()
+    w = torch.randn(bt, m, m, generator=g)
+    w = (w + w.mT).bfloat16()
+    out = torch.full((bt, m, m), float("nan"), dtype=torch.bfloat16)
+    ns_mod._sym(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
+    ref = sym_product_reference(y, None, w, alpha=0.7, beta=-1.3, gamma=0.25)
+    assert not out.isnan().any(), "an element of C was never written"
+    # fp32 accumulation then one bf16 rounding: relative error ~ 2^-9 (bf16 half-ulp) at most.
+    assert _rel(out, ref) < 4e-3
+    assert torch.equal(out, out.mT), "mirrored triangle differs"
+
+
+@pytest.mark.parametrize("bt,m,n", [(1, 64, 96), (2, 40, 72), (1, 33, 50)])
+def test_gemm_axpy_matches_reference(bt, m, n, monkeypatch):
+    monkeypatch.setattr(ns_mod, "GEMM_CONFIG_OVERRIDE", SMALL_TILES)
+    g = torch.Generator().manual_seed(m + n)
+    bm = torch.randn(bt, m, m, generator=g).bfloat16()
+    x = torch.randn(bt, m, n, generator=g).bfloat16()
+    out = torch.full((bt, m, n), float("nan"), dtype=torch.bfloat16)
+    ns_mod._gemm_axpy(bm, x, out=out, a=1.5)
+    ref = 1.5 * x.double() + bm.double() @ x.double()
+    assert not out.isnan().any()
+    assert _rel(out, ref) < 4e-3  # one bf16 rounding of an fp32 result
+
+
+@pytest.mark.parametrize("w_tma", [False, True])
+def test_tma_kernels_match_reference(monkeypatch, w_tma):
+    """The tensor-descriptor (TMA) variants, forced on under the interpreter: boundary tiles rely
+    on zero-padded loads and clipped stores instead of masks, so odd sizes pin that behaviour."""
+    monkeypatch.setattr(ns_mod, "_tma_ok", lambda *ts: True)
+    monkeypatch.setattr(ns_mod, "SYM_W_VIA_TMA", w_tma)
+    monkeypatch.setattr(ns_mod, "SYM_CONFIG_OVERRIDE", SMALL_TILES)
+    monkeypatch.setattr(ns_mod, "GEMM_CONFIG_OVERRIDE", SMALL_TILES)
+    g = torch.Generator().manual_seed(9)
+    for bt, m, k in [(2, 64, 64), (1, 40, 24)]:
+        y = torch.randn(bt, m, k, generator=g).bfloat16()
+        w = torch.randn(bt, m, m, generator=g)
+        w = (w + w.mT).bfloat16()
+        out = torch.full((bt, m, m), float("nan"), dtype=torch.bfloat16)
+        ns_mod._sym(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
+        assert not out.isnan().any() and torch.equal(out, out.mT)
+        assert _rel(out, sym_product_reference(y, None, w, alpha=0.7, beta=-1.3, gamma=0.25)) < 4e-3
+        x = torch.randn(bt, m, 72, generator=g).bfloat16()
+        o = torch.full((bt, m, 72), float("nan"), dtype=torch.bfloat16)
+        ns_mod._gemm_axpy(out, x, out=o, a=1.5)
+        assert not o.isnan().any()
+        assert _rel(o, 1.5 * x.double() + out.double() @ x.double()) < 4e-3  # one bf16 rounding
+
+
+def test_gemm_axpy_writes_through_transposed_strides():
+    """The last NS step writes a tall output through its transposed view: pins the strided store."""
+    g = torch.Generator().manual_seed(3)
+    bm = torch.randn(1, 40, 40, generator=g).bfloat16()
+    x = torch.randn(1, 40, 72, generator=g).bfloat16()
+    tall = torch.full((1, 72, 40), float("nan"), dtype=torch.bfloat16)
+    ns_mod._gemm_axpy(bm, x, out=tall.mT, a=-0.5)
+    ref = -0.5 * x.double() + bm.double() @ x.double()
+    assert _rel(tall.mT, ref) < 4e-3
+
+
+SHAPES = [(64, 64), (48, 96), (96, 40), (2, 40, 72), (2, 72, 40), (37, 53)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("schedule", [JORDAN, POLAR_EXPRESS], ids=["jordan", "polar_express"])
+def test_newton_schulz_triton_accuracy(shape, schedule):
+    """Relative error vs float64 NS of the same coefficients <= 1.5x that of torch eager bf16
+    (the acceptance criterion of the kernels issue), plus shape / dtype of the result.
+
+    On matrices this small the error of any bf16 run is dominated by the few near-zero singular
+    directions, which NS maps chaotically (Polar Express's a ~ 8.3 amplifies them most), so one
+    seed's ratio is a coin flip for torch eager as much as for the kernels: compare the mean over
+    three seeds instead.
+    """
+    errs, eager_errs = [], []
+    for seed in range(3):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        ref = newton_schulz_reference(x.double(), schedule, dtype=torch.float64)
+        out = ns_mod.newton_schulz_triton(x, schedule, method="standard")
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        assert torch.isfinite(out).all()
+        errs.append(_rel(out, ref))
+        eager_errs.append(_rel(newton_schulz_reference(x, schedule, dtype=torch.bfloat16), ref))
+    assert sum(errs) <= 1.5 * sum(eager_errs), (errs, eager_errs)
+
+
+def test_newton_schulz_triton_batched_equals_per_matrix():
+    """A bucket is the same computation as a loop: batch offsets address each matrix alone."""
+    x = torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(5))
+    batched = ns_mod.newton_schulz_triton(x, JORDAN)
+    for i in range(3):
+        assert torch.equal(batched[i], ns_mod.newton_schulz_triton(x[i], JORDAN))
+
+
+def test_newton_schulz_triton_zero_matrix_stays_finite():
+    """eps clamps the norm: an all-zero gradient gives zeros, not NaN."""
+    out = ns_mod.newton_schulz_triton(torch.zeros(32, 48), JORDAN)
+    assert torch.equal(out, torch.zeros(32, 48, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(40, 120), (120, 40), (2, 32, 100)])
+def test_gram_newton_schulz_triton_accuracy(shape):
+    """Gram NS with restart vs float64 (standard) NS: within 1.5x of torch eager bf16's error."""
+    errs, eager_errs = [], []
+    for seed in range(3):  # mean over seeds: see test_newton_schulz_triton_accuracy
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        ref = newton_schulz_reference(x.double(), JORDAN, dtype=torch.float64)
+        out = ns_mod.gram_newton_schulz_triton(x, JORDAN)
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        errs.append(_rel(out, ref))
+        eager_errs.append(_rel(newton_schulz_reference(x, JORDAN, dtype=torch.bfloat16), ref))
+    assert sum(errs) <= 1.5 * sum(eager_errs), (errs, eager_errs)
+    # The float64 Gram recursion equals standard NS: pins the algebra of the reference itself.
+    g64 = gram_newton_schulz_reference(x.double(), JORDAN, dtype=torch.float64, restart_every=3)
+    assert _rel(g64, ref) < 1e-10  # float64 rounding only
+
+
+def _decaying(m: int, n: int, seed: int) -> torch.Tensor:
+    """Singular values from 1 down to 1e-4 (momentum-like): where bf16 Gram NS can drift."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
+    return ((U * torch.logspace(0, -4, m, dtype=torch.float64)) @ V.mT).float()
+
+
+def test_auto_method_accurate_on_ill_conditioned_long_matrices():
+    """Regression: Gram NS with a restart after 2 iterations reached ~2.8x eager's error on
+    decaying spectra (CPU bf16 study); "auto" (Gram, restart after 3, Jordan) must stay within
+    1.5x, mean over seeds."""
+    errs, eager_errs = [], []
+    for seed in range(3):
+        x = _decaying(48, 160, seed)
+        ref = newton_schulz_reference(x.double(), JORDAN, dtype=torch.float64)
+        errs.append(_rel(ns_mod.newton_schulz_triton(x, JORDAN), ref))
+        eager_errs.append(_rel(newton_schulz_reference(x, JORDAN, dtype=torch.bfloat16), ref))
+    assert sum(errs) <= 1.5 * sum(eager_errs), (errs, eager_errs)
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_fp16_compute_is_more_accurate_on_ill_conditioned_inputs(method):
+    """compute_dtype=fp16 (opt-in): Polar Express on a decaying spectrum, where bf16 Gram NS drifts.
+    fp16 keeps 3 more mantissa bits at the same tensor-core rate, so both methods must beat the
+    bf16 kernels' error and stay within 1.5x of torch eager (mean over seeds); result is bf16."""
+    e16, e_bf, e_eager = 0.0, 0.0, 0.0
+    for seed in range(2):
+        x = _decaying(48, 160, seed)
+        ref = newton_schulz_reference(x.double(), POLAR_EXPRESS, dtype=torch.float64)
+        out = ns_mod.newton_schulz_triton(x, POLAR_EXPRESS, method=method, compute_dtype=torch.float16)
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape
+        e16 += _rel(out, ref)
+        e_bf += _rel(ns_mod.newton_schulz_triton(x, POLAR_EXPRESS, method=method), ref)
+        e_eager += _rel(newton_schulz_reference(x, POLAR_EXPRESS, dtype=torch.bfloat16), ref)
+    assert e16 < e_bf and e16 <= 1.5 * e_eager, (e16, e_bf, e_eager)
+
+
+def test_newton_schulz_triton_auto_picks_gram_for_long_matrices(monkeypatch):
+    """method="auto" routes by aspect ratio; pins the dispatch rule documented in the docstring."""
+    calls = []
+    monkeypatch.setattr(ns_mod, "_ns_gram", lambda x, **kw: calls.append("gram") or x.bfloat16())
+    monkeypatch.setattr(ns_mod, "_ns_standard", lambda x, **kw: calls.append("standard") or x.bfloat16())
+    ns_mod.newton_schulz_triton(torch.randn(16, 16 * 3), JORDAN)
+    ns_mod.newton_schulz_triton(torch.randn(16 * 3, 16), JORDAN)
+    ns_mod.newton_schulz_triton(torch.randn(16, 32), JORDAN)
+    ns_mod.newton_schulz_triton(torch.randn(16, 16 * 3), POLAR_EXPRESS)  # a = 8.3: Gram drifts
+    assert calls == ["gram", "gram", "standard", "standard"]
+
+
+def test_newton_schulz_triton_rejects_bad_input():
+    with pytest.raises(ValueError, match="x must be"):
+        ns_mod.newton_schulz_triton(torch.randn(4), JORDAN)
+    with pytest.raises(TypeError, match="floating-point"):
+        ns_mod.newton_schulz_triton(torch.ones(4, 4, dtype=torch.int64), JORDAN)
+    with pytest.raises(ValueError, match="triples"):
+        ns_mod.newton_schulz_triton(torch.randn(4, 4), [(1.0, 2.0)])
+    with pytest.raises(ValueError, match="eps"):
+        ns_mod.newton_schulz_triton(torch.randn(4, 4), JORDAN, eps=0.0)
+    with pytest.raises(ValueError, match="method"):
+        ns_mod.newton_schulz_triton(torch.randn(4, 4), JORDAN, method="fast")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ns_mod.newton_schulz_triton(torch.randn(4, 4), JORDAN, compute_dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# max logits
+
+def _qk(B, H, Hkv, Sq, Sk, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, Sq, D, generator=g) * 2).bfloat16()
+    k = (torch.randn(B, Hkv, Sk, D, generator=g) * 2).bfloat16()
+    return q, k
+
+
+# bf16 inputs, exact fp32 products, fp32 sums of D terms: relative error ~ D * 2^-24 << 1e-5.
+ML_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(2, 4, 2, 64, 64, 32), (1, 3, 1, 50, 50, 40), (2, 2, 2, 40, 70, 16)])
+def test_max_logits_matches_float64(causal, B, H, Hkv, Sq, Sk, D):
+    q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=Sq + D)
+    scale = D ** -0.5
+    out = ml_mod.max_logits_triton(q, k, scale=scale, causal=causal)
+    ref = max_logits_reference(q, k, scale=scale, causal=causal)
+    torch.testing.assert_close(out, ref, rtol=ML_RTOL, atol=0)
+
+
+def test_max_logits_causal_excludes_future_keys():
+    """A planted huge logit above the diagonal must not count when causal: pins the causal mask."""
+    q, k = _qk(1, 2, 2, 64, 64, 32, seed=1)
+    q[0, 0, 5] = 0
+    q[0, 0, 5, 0] = 50.0
+    k[0, 0, 40] = 0
+    k[0, 0, 40, 0] = 50.0  # q5 . k40 = 2500, only visible without the causal mask
+    causal = ml_mod.max_logits_triton(q, k, scale=1.0, causal=True)
+    full = ml_mod.max_logits_triton(q, k, scale=1.0, causal=False)
+    assert full[0].item() == pytest.approx(2500.0)
+    assert causal[0].item() < 2500.0
+    torch.testing.assert_close(causal, max_logits_reference(q, k, scale=1.0, causal=True), rtol=ML_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("form", ["bool4d", "additive4d", "padding2d"])
+def test_max_logits_with_masks(form):
+    B, H, Hkv, S, D = 2, 4, 2, 48, 32
+    q, k = _qk(B, H, Hkv, S, S, D, seed=11)
+    lengths = torch.tensor([48, 29])
+    keep = torch.arange(S)[None, :] < lengths[:, None]  # [B, Sk]
+    causal4d = torch.ones(S, S, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    if form == "bool4d":
+        mask, ref_mask = causal4d, causal4d
+    elif form == "additive4d":
+        mask = torch.zeros(B, 1, S, S).masked_fill(~causal4d, torch.finfo(torch.float32).min)
+        mask = mask + 0.5 * causal4d  # a finite additive bias must be included in the max
+        ref_mask = mask
+    else:
+        mask, ref_mask = keep.long(), keep[:, None, None, :]
+    causal = form == "padding2d"
+    out = ml_mod.max_logits_triton(q, k, scale=D ** -0.5, causal=causal, attention_mask=mask)
+    ref = max_logits_reference(q, k, scale=D ** -0.5, causal=causal, attention_mask=ref_mask)
+    torch.testing.assert_close(out, ref, rtol=ML_RTOL, atol=0)
+
+
+def test_max_logits_rejects_bad_input():
+    q, k = _qk(1, 4, 3, 16, 16, 16, seed=0)
+    with pytest.raises(ValueError, match="divisible"):
+        ml_mod.max_logits_triton(q, k, scale=1.0, causal=True)
+    q, k = _qk(1, 4, 2, 16, 16, 16, seed=0)
+    with pytest.raises(ValueError, match="scale"):
+        ml_mod.max_logits_triton(q, k, scale=0.0, causal=True)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ml_mod.max_logits_triton(q, k, scale=1.0, causal=True, attention_mask=torch.ones(1, 15, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention forward with max logits
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 64, 64, 32), (2, 2, 1, 45, 45, 16)])
+def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D):
+    """Output, natural-log LSE (what the flash backward reads) and per-head max vs float64."""
+    am = am_mod
+    q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=B + Sq)
+    v = torch.randn(B, Hkv, Sk, D, generator=torch.Generator().manual_seed(2)).bfloat16()
+    scale = D ** -0.5
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
+    g = H // Hkv
+    s = scale * (q.double() @ k.double().repeat_interleave(g, 1).mT)
+    if causal:
+        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+    ref_out = torch.softmax(s, -1) @ v.double().repeat_interleave(g, 1)
+    # out is rounded to bf16 and P is rounded to bf16 before P V (as in flash attention): ~1e-2.
+    assert _rel(out, ref_out) < 1e-2
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
+    torch.testing.assert_close(mx, max_logits_reference(q, k, scale=scale, causal=causal), rtol=ML_RTOL, atol=0)
+
+
+def test_package_imports_and_refuses_cleanly_without_triton():
+    """Regression for the lazy-import contract: with triton unimportable, `import
+    dist_muonclip.kernels` works, triton_available() is False, and a launcher raises a clear error
+    (before touching triton) instead of an ImportError at import time."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("blocked for the test")
+        return None
+sys.meta_path.insert(0, _Block())
+import torch
+import dist_muonclip.kernels as k
+assert not k.triton_available()
+try:
+    k.newton_schulz_triton(torch.randn(4, 4), [(3.4445, -4.775, 2.0315)])
+except ValueError as e:
+    assert "CUDA" in str(e)
+else:
+    raise SystemExit("no error")
+try:
+    k.max_logits_triton(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), scale=1.0, causal=True)
+except ValueError as e:
+    assert "CUDA" in str(e)
+else:
+    raise SystemExit("no error")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
