@@ -459,7 +459,17 @@ class MuonClip(Optimizer):
             for p in g["params"]:
                 b, m, n = matrix_shape(p.shape, self._views[p])
                 items.append(MatrixItem(self._names[p], gi, b, m, n, str(p.dtype), g["ns_steps"]))
-        self._plan = build_plan(items, self.world_size)
+        layout = getattr(self, "_layout", None)
+        hint = getattr(layout, "owner_hint", None) if layout is not None and layout.sharded else None
+        preferred = {}
+        if hint is not None:   # sharded layouts may say where a matrix lives: orthogonalize it there
+            for g in self.param_groups:
+                if g["use_muon"]:
+                    for p in g["params"]:
+                        r = hint(p)
+                        if r is not None:
+                            preferred[self._names[p]] = r
+        self._plan = build_plan(items, self.world_size, preferred)
         # AdamW: per (group, dtype, device) one flat partition in parameter order
         self._partitions = []
         for gi, g in enumerate(self.param_groups):
@@ -1149,8 +1159,10 @@ class MuonClip(Optimizer):
                 elif k == "step":
                     out[k] = v.detach().to(torch.float32).clone().to(p.device if self.adamw_fused else "cpu")
                 else:
-                    v = v.detach().to(dtype=p.dtype, device=self._layout.local_param(p).device)
-                    out[k] = v.clone() if whole else torch.cat([v.reshape(-1)[a:b] for a, b in ranges]).clone()
+                    local = self._layout.local_param(p)   # sharded: fp32 master pieces of a bf16 param
+                    v = v.detach().to(dtype=local.dtype if self._layout.sharded else p.dtype, device=local.device)
+                    pieces = [v.reshape(-1)[a:b] for a, b in ranges if b > a]
+                    out[k] = v.clone() if whole else (torch.cat(pieces) if pieces else v.reshape(-1)[:0]).clone()
             return out
 
         for g in self.param_groups:

@@ -16,7 +16,6 @@ Pure planning, no process group. Every rank builds the same plan from the same s
 from __future__ import annotations
 
 import hashlib
-import heapq
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -92,21 +91,32 @@ class Plan:
         return sum(by_name[n].numel for n, o in self.owners.items() if o == rank)
 
 
-def build_plan(items: Sequence[MatrixItem], world_size: int) -> Plan:
-    """Owner per matrix by LPT on NS FLOPs, and same-shape buckets (see module doc)."""
+def build_plan(items: Sequence[MatrixItem], world_size: int, preferred: dict[str, int] | None = None) -> Plan:
+    """Owner per matrix by LPT on NS FLOPs, and same-shape buckets (see module doc).
+
+    ``preferred`` (name -> rank) pins owners first, e.g. a sharded layout's hint that a matrix
+    lies (mostly) on one rank, so orthogonalizing it there moves few or no fragments; the other
+    matrices are then packed by LPT around those loads.
+    """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     names = [i.name for i in items]
     if len(set(names)) != len(names):
         raise ValueError("build_plan: parameter names must be unique")
-    heap = [(0, r) for r in range(world_size)]
+    preferred = dict(preferred or {})
     loads = [0] * world_size
     owners: dict[str, int] = {}
-    for item in sorted(items, key=lambda i: (-i.flops, i.name)):
-        load, rank = heapq.heappop(heap)
-        owners[item.name] = rank
-        loads[rank] = load + item.flops
-        heapq.heappush(heap, (loads[rank], rank))
+    ordered = sorted(items, key=lambda i: (-i.flops, i.name))
+    for item in ordered:
+        rank = preferred.get(item.name)
+        if rank is not None and 0 <= rank < world_size:
+            owners[item.name] = rank
+            loads[rank] += item.flops
+    for item in ordered:
+        if item.name not in owners:
+            rank = min(range(world_size), key=lambda r: (loads[r], r))   # LPT: least loaded, lowest rank
+            owners[item.name] = rank
+            loads[rank] += item.flops
     groups: dict[tuple, list[MatrixItem]] = {}
     for item in items:
         groups.setdefault((item.group, item.m, item.n, item.dtype), []).append(item)

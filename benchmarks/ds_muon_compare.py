@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""MuonClip (FlatFragments) vs DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1/2, same model.
+
+Per optimizer step, summed over all ranks, both runs are measured the same way:
+
+* bytes on the wire of every torch.distributed collective (DeepSpeed's gradient reduction and
+  parameter all-gather included), with the ring model of :mod:`dist_muonclip.comm`
+  (all-reduce 2 (W-1)/W N, reduce-scatter / all-gather (W-1)/W N, all-to-all: bytes to others);
+* Newton-Schulz runs: matrices orthogonalized (ours: ``orthogonalize`` calls x batch size; DeepSpeed:
+  ``muon_update`` calls), against the number of Muon matrices. DeepSpeed orthogonalizes a matrix on
+  every rank whose partition it overlaps, so matrices cut by a partition boundary are done twice.
+
+    python benchmarks/ds_muon_compare.py --world 2 4 --stage 1 2 --steps 3
+
+Writes ``benchmarks/results/ds_muon_compare_cpu.json``. CPU/gloo: the wall times are for
+reference only; bytes and NS counts are what the comparison is about.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_collectives(record):
+    """Wrap torch.distributed's collectives (looked up at call time by DeepSpeed and by us)."""
+    import torch.distributed as dist
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+
+    def wrap(name, cost):
+        real = getattr(dist, name, None)
+        if real is None:
+            return
+
+        sig = inspect.signature(real)
+
+        def counted(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs).arguments       # positional or keyword, as callers pass them
+            vals = [bound.get(n) for n in sig.parameters]
+            group = bound.get("group")
+            w = dist.get_world_size(group)
+            record(name, cost(w, dist.get_rank(group), *vals))
+            return real(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    wrap("all_reduce", lambda w, r, t, *a: 2 * (w - 1) / w * nbytes(t))
+    for n in ("all_gather_into_tensor", "all_gather_single"):
+        wrap(n, lambda w, r, out, inp, *a: (w - 1) / w * nbytes(out))
+    for n in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        wrap(n, lambda w, r, out, inp, *a: (w - 1) / w * nbytes(inp))
+    wrap("all_gather", lambda w, r, outs, t, *a: (w - 1) * nbytes(t))
+    wrap("reduce_scatter", lambda w, r, out, ins, *a: sum(nbytes(x) for x in ins) * (w - 1) / w)
+    wrap("broadcast", lambda w, r, t, *a: nbytes(t) * (w - 1) / w)
+
+    def a2a(w, r, out, inp, out_splits=None, in_splits=None, *a):
+        row = inp[0].numel() * inp.element_size() if inp.ndim and inp.shape[0] else 0
+        if in_splits is None:
+            return nbytes(inp) * (w - 1) / w
+        return sum(s for i, s in enumerate(in_splits) if i != r) * row
+
+    wrap("all_to_all_single", a2a)
+
+
+def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DIST_MUONCLIP_DS_SHM="0")
+    sys.path.insert(0, ROOT)
+    import torch
+
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    step_bytes: list[dict] = []
+    current: dict = defaultdict(float)
+    # before anything captures references to the collectives (dist_muonclip.comm, deepspeed.comm)
+    _count_collectives(lambda name, b: current.__setitem__(name, current[name] + b))
+    import transformers as tf
+
+    from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
+    from dist_muonclip.param_split import split_parameters
+
+    disable_shm_comm()
+    ns = [0]
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=hidden * 3 // 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, attn_implementation="eager")
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    infos = split_parameters(model)
+    n_muon = sum(1 for i in infos if i.use_muon)
+    ds_cfg = {"train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10_000}
+    if kind == "muonclip":
+        ds_cfg["optimizer"] = {"type": "MuonClip", "params": {"lr": 0.02, "adamw_lr": 0.01, "ns_backend": "torch",
+                                                              "qk_clip": False}}
+        engine, *_ = initialize(model=model, config=ds_cfg)
+        import dist_muonclip.optimizer as optmod
+
+        real = optmod.orthogonalize
+
+        def counting(x, **kw):
+            ns[0] += int(x.shape[0]) if x.ndim == 3 else 1
+            return real(x, **kw)
+
+        optmod.orthogonalize = counting
+        layout = engine._dist_muonclip.layout_name
+        assert muonclip_optimizer(engine) is not None
+    else:
+        import deepspeed
+        import deepspeed.runtime.zero.muon.original_muon as om
+
+        for info in infos:
+            info.param.use_muon = info.use_muon
+        ds_cfg["optimizer"] = {"type": "Muon", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+        real = om.muon_update
+
+        def counting_update(*a, **k):
+            ns[0] += 1
+            return real(*a, **k)
+
+        om.muon_update = counting_update
+        layout = "deepspeed"
+    times = []
+    for t in range(steps):
+        current.clear()
+        ns[0] = 0
+        g = torch.Generator().manual_seed(t)
+        ids = torch.randint(0, 128, (2 * world, 32), generator=g)[2 * rank:2 * rank + 2]
+        t0 = time.perf_counter()
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        step_bytes.append({"bytes": dict(current), "ns": ns[0]})
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump({"steps": step_bytes, "times": times, "n_muon": n_muon, "layout": layout}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(kind: str, stage: int, world: int, steps: int, hidden: int, layers: int) -> dict:
+    import torch.multiprocessing as mp
+
+    out_dir = tempfile.mkdtemp()
+    mp.start_processes(_worker, args=(world, _free_port(), kind, stage, steps, hidden, layers, out_dir),
+                       nprocs=world, start_method="spawn")
+    ranks = [json.load(open(os.path.join(out_dir, f"{r}.json"))) for r in range(world)]
+    measured = range(1, steps) if steps > 1 else range(steps)   # step 0 includes lazy state setup
+    by_kind: dict = defaultdict(float)
+    ns_per_step = []
+    for t in measured:
+        for r in ranks:
+            for k, b in r["steps"][t]["bytes"].items():
+                by_kind[k] += b / len(measured)
+        ns_per_step.append(sum(r["steps"][t]["ns"] for r in ranks))
+    return {"optimizer": kind, "zero_stage": stage, "world_size": world, "layout": ranks[0]["layout"],
+            "num_muon_matrices": ranks[0]["n_muon"], "ns_matrices_per_step": ns_per_step,
+            "bytes_per_step_all_ranks": sum(by_kind.values()), "bytes_per_step_by_collective": dict(by_kind),
+            "step_time_s_median": sorted(t for r in ranks for t in r["times"][1:] or r["times"])[
+                len(ranks) * max(1, steps - 1) // 2]}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--stage", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ds_muon_compare_cpu.json"))
+    args = p.parse_args(argv)
+    import deepspeed
+    import torch
+
+    rows = []
+    for world in args.world:
+        for stage in args.stage:
+            pair = {}
+            for kind in ("muonclip", "deepspeed_muon"):
+                row = run(kind, stage, world, args.steps, args.hidden_size, args.layers)
+                pair[kind] = row
+                rows.append(row)
+                print(f"W={world} stage {stage} {kind:15s} NS/step {row['ns_matrices_per_step']} "
+                      f"(matrices {row['num_muon_matrices']}) bytes/step {row['bytes_per_step_all_ranks']:.0f}")
+            ours, theirs = pair["muonclip"], pair["deepspeed_muon"]
+            ratio = ours["bytes_per_step_all_ranks"] / theirs["bytes_per_step_all_ranks"]
+            ours["bytes_ratio_vs_deepspeed_muon"] = ratio
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    meta = {"device": platform.processor() or platform.machine(), "backend": "gloo (CPU)", "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "git_commit": commit,
+            "model": f"llama hidden {args.hidden_size} x {args.layers} layers, vocab 128, fp32",
+            "note": "bytes per optimizer step summed over ranks, ring model; steps after the first averaged"}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,876 @@
+"""DeepSpeed integration: MuonClip from a DeepSpeed JSON config, at ZeRO stages 0, 1 and 2.
+
+Switch an existing DeepSpeed job to MuonClip by editing its config::
+
+    "optimizer": {"type": "MuonClip", "params": {"lr": 0.01, "adamw_lr": 0.003, "qk_clip": {"tau": 100}}}
+
+and replacing ``deepspeed.initialize`` by :func:`initialize` (same arguments, same return value)::
+
+    engine, optimizer, loader, scheduler = dist_muonclip.deepspeed.initialize(model=model, config="ds.json")
+
+What DeepSpeed hands the optimizer depends on the stage and precision; each case maps to a
+layout of :mod:`dist_muonclip.layouts` (DESIGN.md, "Layouts"):
+
+=====================  ===============================  =========================================
+config                 DeepSpeed wrapper                layout used by MuonClip
+=====================  ===============================  =========================================
+stage 0, fp32          none (client optimizer as is)    Replicated: DeepSpeed all-reduces
+                                                        gradients, owners orthogonalize, updates
+                                                        are all-gathered (ZeRO-1 state sharding)
+stage 0, bf16          FP16_UnfusedOptimizer (full      fp32 masters split into equal flat slices
+                       fp32 master per parameter)       (:class:`MasterSliceLayout`); the updated
+                                                        slices are all-gathered after the step
+stage 1, bf16          BF16_Optimizer (flat fp32        :class:`FlatFragmentsLayout`
+                       partitions)
+stage 1 fp32, stage 2  DeepSpeedZeroOptimizer (flat     :class:`FlatFragmentsLayout`
+                       fp32 partitions)
+=====================  ===============================  =========================================
+
+With flat partitions a matrix may be cut across ranks. :class:`FlatFragmentsLayout` reads
+DeepSpeed's partition bookkeeping (parameter offsets in the flat buffer, partition size) and
+tells the engine which ``(rank, offset, length)`` fragments make up every matrix; the engine keeps
+momentum on the fragments, all-to-alls them to the matrix's owner, orthogonalizes each matrix
+exactly once, sends update fragments back and applies them on the fp32 partition. DeepSpeed then
+all-gathers the parameters as usual. Gradient clipping (``gradient_clipping``) is done by
+DeepSpeed on the raw reduced gradient before :meth:`MuonClip.step` runs, never on the
+orthogonalized update; steps DeepSpeed skips for overflow never reach the optimizer, and
+non-finite gradients that do reach it are skipped by MuonClip's preflight (state untouched).
+
+The optimizer DeepSpeed sees is a thin :class:`DeepSpeedMuonClip` with one param group holding
+every trainable parameter; a DeepSpeed ``scheduler`` writes that group's ``lr`` and the adapter
+scales every MuonClip group by the same factor (so ``lr`` and ``adamw_lr`` keep their ratio).
+
+ZeRO-3 is not supported (MuonClip needs whole matrices once per step; use FSDP2 for parameter
+sharding). fp16 (loss scaling) is not supported: use bf16.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .comm import Comm, CommAccountant
+from .optimizer import MuonClip
+from .plan import flat_partition
+
+try:  # the layout contract (dist_muonclip.layouts); sharded layouts need it
+    from .layouts import Layout as _LayoutBase
+except ImportError:  # pragma: no cover - engine without layouts: only ZeRO-0 fp32 works
+    _LayoutBase = object
+
+__all__ = [
+    "MUONCLIP_OPTIONS",
+    "QK_CLIP_OPTIONS",
+    "parse_muonclip_section",
+    "prepare_config",
+    "DeepSpeedMuonClip",
+    "FlatFragmentsLayout",
+    "MasterSliceLayout",
+    "initialize",
+    "muonclip_optimizer",
+    "full_state_dict",
+    "load_full_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
+    "disable_shm_comm",
+]
+
+FULL_STATE_FILE = "muonclip_full_state.pt"
+
+# --------------------------------------------------------------------------------------------
+# The "optimizer" section of a DeepSpeed config
+# --------------------------------------------------------------------------------------------
+
+# key -> (JSON kind, default, meaning). Kinds: number, int, bool, str, number_or_null, pair,
+# str_list, coefficients, qk_clip. configs/REFERENCE.md documents the same table.
+MUONCLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "lr": ("number", None, "Muon lr (required); also the AdamW part's lr unless adamw_lr is set"),
+    "momentum": ("number", 0.95, "Muon momentum mu in [0, 1)"),
+    "nesterov": ("bool", True, "Nesterov momentum (torch.optim.Muon form)"),
+    "weight_decay": ("number", 0.1, "decoupled weight decay of the Muon part (and AdamW unless adamw_weight_decay)"),
+    "ns_steps": ("int", 5, "Newton-Schulz iterations"),
+    "ns_coefficients": ("coefficients", "jordan",
+                        "\"jordan\" | \"polar_express\" | \"cans\" | [a, b, c] | [[a, b, c], ...]"),
+    "ns_backend": ("str", "auto", "\"auto\" | \"torch\" | \"triton\""),
+    "ns_dtype": ("str", "bfloat16", "\"bfloat16\" | \"float32\" (NS operand dtype)"),
+    "ns_eps": ("number", 1e-7, "Frobenius-norm clamp of the NS input"),
+    "adjust_lr_fn": ("str", "match_rms_adamw", "\"match_rms_adamw\" | \"original\" | \"none\""),
+    "adamw_lr": ("number_or_null", None, "lr of the AdamW part (null: same as lr)"),
+    "adamw_betas": ("pair", [0.9, 0.95], "AdamW (beta1, beta2)"),
+    "adamw_eps": ("number", 1e-8, "AdamW epsilon"),
+    "adamw_weight_decay": ("number_or_null", None, "AdamW weight decay (null: same as weight_decay)"),
+    "qk_clip": ("qk_clip", None, "null (auto) | true | false | {QK-Clip options, see QK_CLIP_OPTIONS}"),
+    "muon_patterns": ("str_list", [], "name globs forced to Muon"),
+    "adamw_patterns": ("str_list", [], "name globs forced to AdamW"),
+    "skip_nonfinite": ("bool", True, "skip parameters whose gradient is non-finite (state untouched)"),
+    "shard_adamw": ("bool", True, "ZeRO-0: shard AdamW state over ranks (stages 1/2 always shard)"),
+    "verbose": ("bool", False, "print the Muon/AdamW split at construction"),
+}
+
+QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "enable": ("bool", True, "false turns QK-Clip off"),
+    "tau": ("number", 100.0, "max-logit threshold"),
+    "alpha": ("number", 0.5, "share of the clip put on the query side"),
+    "mapping": ("dict_or_null", None, "role -> attribute-name overrides for attention modules"),
+    "gqa_policy": ("str", "exact", "\"exact\" | \"conservative\""),
+    "qk_norm_policy": ("str", "shared", "\"shared\" | \"error\" (models with q_norm/k_norm)"),
+    "track": ("str", "auto", "\"auto\" | \"hf\" | \"manual\""),
+    "track_eval": ("bool", False, "also record forwards without autograd"),
+    "chunk_size": ("int", None, "logits materialized at once by the torch max-logit path"),
+    "backend": ("str", "auto", "max-logit backend: \"auto\" | \"torch\" | \"triton\""),
+    "check_finite": ("bool", True, "raise on NaN/+inf max logits"),
+}
+
+_KIND_TEXT = {"number": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+              "number_or_null": "a number or null", "pair": "a list of two numbers",
+              "str_list": "a list of strings", "dict_or_null": "an object or null",
+              "coefficients": "a string, [a, b, c] or a list of [a, b, c]",
+              "qk_clip": "null, true, false or an object"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_kind(path: str, kind: str, value: Any) -> None:
+    ok = {
+        "number": _is_number(value),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "number_or_null": value is None or _is_number(value),
+        "pair": isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value),
+        "str_list": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+        "dict_or_null": value is None or isinstance(value, dict),
+        "coefficients": isinstance(value, str)
+        or (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value))
+        or (isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(r, (list, tuple)) and len(r) == 3 and all(_is_number(v) for v in r) for r in value)),
+        "qk_clip": value is None or isinstance(value, (bool, dict)),
+    }[kind]
+    if not ok:
+        raise TypeError(f"DeepSpeed config {path} must be {_KIND_TEXT[kind]}, got {value!r} "
+                        f"({type(value).__name__})")
+
+
+def _unknown_key(path: str, key: str, allowed: Sequence[str]) -> ValueError:
+    import difflib
+
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"DeepSpeed config {path}: unknown key {key!r}{hint}; MuonClip accepts "
+                      f"{', '.join(sorted(allowed))} (see configs/REFERENCE.md)")
+
+
+def parse_muonclip_section(section: dict[str, Any]) -> dict[str, Any]:
+    """Validate a config's ``"optimizer"`` section of type MuonClip; return MuonClip kwargs.
+
+    Unknown keys and wrong JSON types raise ``ValueError``/``TypeError`` naming the key path
+    (e.g. ``optimizer.params.qk_clip.tau``). Values are checked again, in full, when the optimizer
+    is built (ranges, coefficient names), still before any state exists.
+    """
+    if not isinstance(section, dict):
+        raise TypeError(f"DeepSpeed config 'optimizer' must be an object, got {type(section).__name__}")
+    for key in section:
+        if key not in ("type", "params"):
+            raise _unknown_key("optimizer", key, ("type", "params"))
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise TypeError(f"DeepSpeed config optimizer.params must be an object, got {type(params).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in MUONCLIP_OPTIONS:
+            raise _unknown_key("optimizer.params", key, list(MUONCLIP_OPTIONS))
+        kind = MUONCLIP_OPTIONS[key][0]
+        _check_kind(f"optimizer.params.{key}", kind, value)
+        if kind == "qk_clip" and isinstance(value, dict):
+            for qk, qv in value.items():
+                if qk not in QK_CLIP_OPTIONS:
+                    raise _unknown_key("optimizer.params.qk_clip", qk, list(QK_CLIP_OPTIONS))
+                _check_kind(f"optimizer.params.qk_clip.{qk}", QK_CLIP_OPTIONS[qk][0], qv)
+        if kind == "pair":
+            value = tuple(value)
+        if kind == "coefficients" and not isinstance(value, str):
+            value = tuple(value) if _is_number(value[0]) else [tuple(r) for r in value]
+        kwargs[key] = value
+    if "lr" not in kwargs:
+        raise ValueError("DeepSpeed config optimizer.params.lr is required for MuonClip (e.g. \"lr\": 0.01 with the "
+                         "default adjust_lr_fn=\"match_rms_adamw\", which lets an AdamW-tuned lr serve both parts)")
+    return kwargs
+
+
+def _load_json(config: Any) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def _zero_stage(config: dict[str, Any]) -> int:
+    zero = config.get("zero_optimization", {}) or {}
+    if not isinstance(zero, dict):
+        raise TypeError("DeepSpeed config zero_optimization must be an object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise TypeError(f"DeepSpeed config zero_optimization.stage must be an integer, got {stage!r}")
+    return stage
+
+
+def prepare_config(config: Any, *, has_optimizer: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Split a DeepSpeed config (dict or JSON path) into (config for DeepSpeed, MuonClip kwargs).
+
+    The returned config is a copy without the MuonClip ``"optimizer"`` section and with
+    ``zero_allow_untested_optimizer`` set (DeepSpeed's whitelist does not know MuonClip). The
+    kwargs are ``None`` when the config has no MuonClip section (then ``has_optimizer`` must be
+    true: a MuonClip instance was passed). Raises for combinations MuonClip does not support.
+    """
+    cfg = _load_json(config)
+    section = cfg.get("optimizer")
+    kwargs = None
+    if section is not None:
+        if not isinstance(section, dict):
+            raise TypeError(f"DeepSpeed config 'optimizer' must be an object, got {type(section).__name__}")
+        if str(section.get("type", "")).lower() == "muonclip":
+            if has_optimizer:
+                raise ValueError("both an optimizer instance and an 'optimizer' section of type MuonClip were given; "
+                                 "remove one of them")
+            kwargs = parse_muonclip_section(section)
+            del cfg["optimizer"]
+        elif has_optimizer:
+            raise ValueError(f"the config's optimizer section has type {section.get('type')!r} but a MuonClip instance "
+                             "was passed; remove the section (or set its type to MuonClip and pass no instance)")
+        else:
+            raise ValueError(f"dist_muonclip.deepspeed.initialize: the config's optimizer type is "
+                             f"{section.get('type')!r}, not 'MuonClip'; use deepspeed.initialize for other optimizers")
+    elif not has_optimizer:
+        raise ValueError("the DeepSpeed config has no 'optimizer' section; add {\"type\": \"MuonClip\", \"params\": "
+                         "{\"lr\": ...}} (see configs/REFERENCE.md) or pass optimizer=MuonClip(model, ...)")
+    stage = _zero_stage(cfg)
+    if stage == 3:
+        raise ValueError("MuonClip does not support ZeRO stage 3: Newton-Schulz needs each whole matrix once per step, "
+                         "and stage 3 never materializes parameters outside forward/backward. Use ZeRO stage 1 or 2 "
+                         "(optimizer state and gradients sharded, configs/zero2*.json), or FSDP2 with "
+                         "dist_muonclip's Shard(0) layout for parameter sharding")
+    if stage not in (0, 1, 2):
+        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1 or 2")
+    zero = cfg.get("zero_optimization", {}) or {}
+    for key in ("offload_optimizer", "offload_param"):
+        off = zero.get(key)
+        if off and (not isinstance(off, dict) or off.get("device", "none") not in ("none", None)):
+            raise ValueError(f"DeepSpeed config zero_optimization.{key} is not supported with MuonClip (offloaded "
+                             "optimizer steps run DeepSpeed's CPU kernels); remove it")
+    if (cfg.get("fp16") or {}).get("enabled", False):
+        raise ValueError("DeepSpeed config fp16.enabled: MuonClip supports fp32 and bf16 (fp32 master weights); "
+                         "fp16 loss scaling is not supported, use \"bf16\": {\"enabled\": true}")
+    if stage in (1, 2):
+        cfg["zero_allow_untested_optimizer"] = True
+    return cfg, kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts over DeepSpeed's storage
+# --------------------------------------------------------------------------------------------
+
+class FlatFragmentsLayout(_LayoutBase):
+    """Matrices cut into fragments by DeepSpeed's flat fp32 partitions (ZeRO-1/2, BF16_Optimizer).
+
+    DeepSpeed flattens a param group into one buffer (parameter ``i`` at ``offsets[i]``, with
+    optional alignment padding between parameters) and gives rank ``r`` the elements
+    ``[r * partition_size, (r + 1) * partition_size)``. A parameter therefore lies on one or more
+    consecutive ranks, as one contiguous fragment per rank. ``flat`` is this rank's fp32
+    partition (DeepSpeed sets its ``.grad`` to the reduced, clipped gradient before the step).
+    """
+
+    sharded = True
+
+    def __init__(self, params: Sequence[Tensor], offsets: Sequence[int], partition_size: int, rank: int,
+                 world_size: int, flat: Tensor) -> None:
+        if len(params) != len(offsets):
+            raise ValueError("FlatFragmentsLayout: one offset per parameter")
+        self.partition_size, self.rank, self.world_size, self.flat = int(partition_size), rank, world_size, flat
+        self._where = {p: (int(o), p.numel()) for p, o in zip(params, offsets)}
+        self._shape = {p: p.shape for p in params}
+        if flat.numel() != self.partition_size:
+            raise ValueError(f"FlatFragmentsLayout: partition has {flat.numel()} elements, expected "
+                             f"{self.partition_size}")
+
+    def _span(self, p: Tensor, r: int) -> tuple[int, int]:
+        off, n = self._where[p]
+        a, b = max(off, r * self.partition_size), min(off + n, (r + 1) * self.partition_size)
+        return (a - off, b - off) if b > a else (0, 0)
+
+    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
+        out = []
+        for r in range(self.world_size):
+            a, b = self._span(p, r)
+            out.append([(a, b)] if b > a else [])
+        return out
+
+    def fragments(self, p: Tensor) -> list[tuple[int, int, int]]:
+        """``(rank, offset in rank's partition, length)`` of every fragment of ``p``."""
+        off, _ = self._where[p]
+        out = []
+        for r in range(self.world_size):
+            a, b = self._span(p, r)
+            if b > a:
+                out.append((r, off + a - r * self.partition_size, b - a))
+        return out
+
+    def owner_hint(self, p: Tensor) -> int:
+        """The rank holding the largest fragment of ``p`` (lowest rank on ties): orthogonalizing
+        there moves only the other fragments (none for a matrix inside one partition)."""
+        sizes = [b - a for a, b in (self._span(p, r) for r in range(self.world_size))]
+        return max(range(self.world_size), key=lambda r: (sizes[r], -r))
+
+    def _local(self, p: Tensor, flat: Tensor) -> Tensor:
+        a, b = self._span(p, self.rank)
+        if b <= a:
+            return flat[:0]
+        base = self._where[p][0] - self.rank * self.partition_size
+        return flat[base + a:base + b]
+
+    def local_param(self, p: Tensor) -> Tensor:
+        return self._local(p, self.flat.detach())
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        g = self.flat.grad
+        return None if g is None else self._local(p, g)
+
+    def full_shape(self, p: Tensor) -> torch.Size:
+        return self._shape[p]
+
+
+class MasterSliceLayout(_LayoutBase):
+    """Full fp32 master copies on every rank (DeepSpeed stage 0 + bf16), split into equal slices.
+
+    Each rank updates only its slice of the concatenated masters (ZeRO-1 state sharding);
+    :meth:`all_gather_` then refreshes the other slices so every replica's master is complete
+    again before DeepSpeed copies masters into the bf16 parameters.
+    """
+
+    sharded = True
+
+    def __init__(self, params: Sequence[Tensor], masters: Sequence[Tensor], names: Sequence[str], comm: Comm) -> None:
+        self.comm, self.rank, self.world_size = comm, comm.rank, comm.world_size
+        self._master = dict(zip(params, masters))
+        self._shape = {p: p.shape for p in params}
+        self.chunk, segments = flat_partition([(n, p.numel()) for n, p in zip(names, params)], self.world_size)
+        by_name = dict(zip(names, params))
+        self._ranges = {p: [[] for _ in range(self.world_size)] for p in params}
+        self._segments = segments
+        self._by_name = by_name
+        for r, segs in enumerate(segments):
+            for s in segs:
+                self._ranges[by_name[s.name]][r].append((s.start, s.stop))
+
+    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
+        return self._ranges[p]
+
+    def owner_hint(self, p: Tensor) -> int:
+        sizes = [sum(b - a for a, b in rs) for rs in self._ranges[p]]
+        return max(range(self.world_size), key=lambda r: (sizes[r], -r))
+
+    def _local(self, p: Tensor, t: Tensor) -> Tensor:
+        rs = self._ranges[p][self.rank]
+        return t.view(-1)[rs[0][0]:rs[0][1]] if rs else t.view(-1)[:0]
+
+    def local_param(self, p: Tensor) -> Tensor:
+        return self._local(p, self._master[p].detach())
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        g = self._master[p].grad
+        return None if g is None else self._local(p, g)
+
+    def full_shape(self, p: Tensor) -> torch.Size:
+        return self._shape[p]
+
+    @torch.no_grad()
+    def all_gather_(self) -> None:
+        """Every rank's updated slices into every rank's masters (one all-gather, fp32)."""
+        if self.world_size == 1:
+            return
+        device = next(iter(self._master.values())).device
+        send = torch.zeros(self.chunk, dtype=torch.float32, device=device)
+        off = 0
+        for s in self._segments[self.rank]:
+            n = s.stop - s.start
+            send[off:off + n] = self._master[self._by_name[s.name]].detach().view(-1)[s.start:s.stop]
+            off += n
+        full = torch.empty(self.chunk * self.world_size, dtype=torch.float32, device=device)
+        self.comm.all_gather_into_tensor(full, send, tag="master_gather")
+        for r, segs in enumerate(self._segments):
+            if r == self.rank:
+                continue
+            off = r * self.chunk
+            for s in segs:
+                n = s.stop - s.start
+                self._master[self._by_name[s.name]].detach().view(-1)[s.start:s.stop].copy_(full[off:off + n])
+                off += n
+
+
+def _set_layout(opt: MuonClip, layout: Any) -> None:
+    """Give an already built MuonClip a layout (``None``: Replicated) over the default process
+    group, before its first step (a MuonClip built before ``init_distributed`` is single-process)."""
+    setter = getattr(opt, "set_layout", None)
+    if setter is not None:
+        setter(layout)
+        return
+    # engines without set_layout: redo the distribution setup of construction
+    if any(opt.state.values()):
+        raise ValueError("a MuonClip instance that has already stepped cannot be moved onto DeepSpeed's partitions; "
+                         "pass a fresh instance (or the config section) to initialize()")
+    opt._setup_distribution(None, "external" if layout is not None else opt.grad_reduction, opt.shard_adamw,
+                            opt.accountant, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer DeepSpeed sees
+# --------------------------------------------------------------------------------------------
+
+class DeepSpeedMuonClip(Optimizer):
+    """The client optimizer handed to DeepSpeed: one param group, MuonClip inside.
+
+    DeepSpeed replaces the group's ``params`` by its fp32 partition (ZeRO-1/2, bf16) and calls
+    :meth:`step` after it has reduced, unscaled and clipped the gradients; :meth:`bind` (called
+    by :func:`initialize` once DeepSpeed is set up) moves the inner :class:`MuonClip` onto the
+    layout matching what DeepSpeed did. A scheduler writes ``param_groups[0]["lr"]``; every
+    MuonClip group's lr is scaled by ``lr / initial lr``.
+
+    Args:
+        model: the model given to DeepSpeed (its parameter names drive the Muon/AdamW split and
+            QK-Clip).
+        muonclip: the MuonClip instance on ``model`` (built by :func:`initialize` from the config
+            section, or passed by the user), still replicated; :meth:`bind` gives it its layout.
+    """
+
+    def __init__(self, model: nn.Module, muonclip: MuonClip) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(muonclip, MuonClip):
+            raise TypeError(f"optimizer must be a dist_muonclip.MuonClip, got {type(muonclip).__name__}")
+        owned = {p for g in muonclip.param_groups for p in g["params"]}
+        params = [p for p in model.parameters() if p in owned]
+        if len(params) != len(owned):
+            raise ValueError("the MuonClip instance optimizes parameters that are not the model's; build it on the "
+                             "same model passed to initialize()")
+        self._model = model
+        self.inner = muonclip
+        lr = float(muonclip.param_groups[0]["lr"])
+        self._lr0 = lr
+        self._base_lrs = [g["lr"] for g in muonclip.param_groups]
+        self._after_step: Callable[[], None] | None = None
+        self.layout_name = "unbound"
+        self._bound = False
+        super().__init__([{"params": params, "lr": lr}], {"lr": lr})
+
+    # -- binding to DeepSpeed's storage -----------------------------------------------------
+    def bind(self, engine: Any) -> None:
+        """Build the inner MuonClip over what DeepSpeed made of the parameters (see module doc)."""
+        wrapper = engine.optimizer
+        layout: Any = None
+        if wrapper is self:
+            self.layout_name = "replicated"
+        elif hasattr(wrapper, "single_partition_of_fp32_groups"):       # ZeRO-1/2 (DeepSpeedZeroOptimizer)
+            self._check_one_group(wrapper.bit16_groups)
+            layout = FlatFragmentsLayout(wrapper.round_robin_bit16_groups[0], wrapper.round_robin_bit16_offsets[0],
+                                         wrapper.partition_size[0], dist.get_rank(wrapper.dp_process_group),
+                                         dist.get_world_size(wrapper.dp_process_group),
+                                         wrapper.single_partition_of_fp32_groups[0])
+            self.layout_name = "flat_fragments(zero)"
+        elif hasattr(wrapper, "fp32_groups_flat_partition"):            # BF16_Optimizer (stage 1 + bf16)
+            self._check_one_group(wrapper.bf16_groups)
+            params = wrapper.bf16_groups[0]
+            offsets, off = [], 0
+            for p in params:
+                offsets.append(off)
+                off += p.numel()
+            group = wrapper.real_dp_process_group[0]
+            w = dist.get_world_size(group)
+            layout = FlatFragmentsLayout(params, offsets, wrapper.bf16_groups_flat[0].numel() // w,
+                                         dist.get_rank(group), w, wrapper.fp32_groups_flat_partition[0])
+            self.layout_name = "flat_fragments(bf16)"
+        elif hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):  # stage 0 + bf16
+            self._check_one_group(wrapper.fp16_groups)
+            params = wrapper.fp16_groups[0]
+            comm = Comm(None, self.inner.accountant)
+            names = {p: n for n, p in self._model.named_parameters()}
+            layout = MasterSliceLayout(params, wrapper.fp32_groups[0], [names[p] for p in params], comm)
+            self._after_step = layout.all_gather_
+            self.layout_name = "master_slices"
+        else:
+            raise TypeError(f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, which dist_muonclip does "
+                            "not support (supported: ZeRO stage 0/1/2 with fp32 or bf16)")
+        if layout is not None and _LayoutBase is object:
+            raise RuntimeError("this dist_muonclip has no sharded-layout engine (dist_muonclip.layouts); only ZeRO "
+                               "stage 0 with fp32 is available")
+        world = dist.get_world_size()
+        if layout is not None:
+            if layout.world_size != world:
+                raise ValueError(f"DeepSpeed's data-parallel group has {layout.world_size} of {world} ranks; "
+                                 "model/pipeline/sequence parallelism is not supported with MuonClip")
+            _set_layout(self.inner, layout)
+        elif self.inner.world_size != world:     # instance built before init_distributed
+            _set_layout(self.inner, None)
+        self._bound = True
+
+    @staticmethod
+    def _check_one_group(groups: Sequence[Any]) -> None:
+        if len(groups) != 1:
+            raise RuntimeError(f"DeepSpeed made {len(groups)} param groups out of DeepSpeedMuonClip's one; "
+                               "MoE expert groups are not supported")
+
+    # -- optimizer API ----------------------------------------------------------------------
+    def _sync_lr(self) -> None:
+        lr = float(self.param_groups[0]["lr"])
+        factor = lr / self._lr0 if self._lr0 > 0 else 1.0
+        for g, base in zip(self.inner.param_groups, self._base_lrs):
+            g["lr"] = base * factor
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, s_max: Any = None) -> Any:
+        if not self._bound:
+            # DeepSpeed's fp16/bf16 wrappers call step() once with zero gradients while they are
+            # built, to create Adam's state eagerly; MuonClip creates state lazily: nothing to do.
+            return None
+        self._sync_lr()
+        loss = self.inner.step(closure, s_max=s_max)
+        if self._after_step is not None:
+            self._after_step()
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        return self.inner.metrics()
+
+    def state_dict(self) -> dict[str, Any]:
+        """MuonClip's state: this rank's shard when DeepSpeed saves one file per rank (ZeRO-1/2,
+        bf16 master slices), else the full state. A collective for the full state."""
+        sharded = self.layout_name != "replicated"
+        return {"format": "dist_muonclip.deepspeed.v1", "lr0": self._lr0, "base_lrs": self._base_lrs,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                "muonclip": self.inner.state_dict(sharded=sharded)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` output; shards are merged over all ranks (a collective)."""
+        if state_dict.get("format") != "dist_muonclip.deepspeed.v1":
+            raise ValueError("not a DeepSpeedMuonClip state dict (expected format 'dist_muonclip.deepspeed.v1')")
+        inner_sd = state_dict["muonclip"]
+        if "sharded" in inner_sd:
+            if inner_sd["sharded"]["world_size"] != self.inner.world_size:
+                raise ValueError(f"this checkpoint's optimizer state was saved by {inner_sd['sharded']['world_size']} "
+                                 f"ranks, this run has {self.inner.world_size}: resume through "
+                                 "dist_muonclip.deepspeed.load_checkpoint (full-state export)")
+            shards = [None] * self.inner.world_size
+            dist.all_gather_object(shards, inner_sd)
+            inner_sd = self.inner.merge_sharded(shards)
+        self.inner.load_state_dict(inner_sd)
+        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+            g.update(saved)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume at any world size: MuonClip's full state, the fp32 master
+        weights by parameter name, and the lr bookkeeping. A collective; every rank gets it."""
+        inner = self.inner
+        names = {p: n for n, p in self._model.named_parameters()}
+        layout = getattr(inner, "_layout", None)
+        masters: dict[str, Tensor] = {}
+        if layout is not None and getattr(layout, "sharded", False):
+            local = {names[p]: [(a, b, layout.local_param(p).detach().float().cpu().clone())
+                                for a, b in layout.ranges(p)[inner.rank] if b > a]
+                     for g in inner.param_groups for p in g["params"]}
+            shards = [None] * inner.world_size
+            dist.all_gather_object(shards, local)
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    full = torch.empty(p.numel(), dtype=torch.float32)
+                    for shard in shards:
+                        for a, b, t in shard[names[p]]:
+                            full[a:b] = t
+                    masters[names[p]] = full.view(layout.full_shape(p))
+        else:
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    masters[names[p]] = p.detach().float().cpu().clone()
+        return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner.state_dict(), "masters": masters,
+                "lr": self.param_groups[0]["lr"], "lr0": self._lr0}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, Any], engine: Any) -> None:
+        """Load :meth:`full_state_dict` output saved at any world size (masters, then state)."""
+        if state.get("format") != "dist_muonclip.deepspeed.full.v1":
+            raise ValueError("not a dist_muonclip DeepSpeed full state (expected format "
+                             "'dist_muonclip.deepspeed.full.v1')")
+        inner = self.inner
+        names = {p: n for n, p in self._model.named_parameters()}
+        masters = state["masters"]
+        missing = [names[p] for g in inner.param_groups for p in g["params"] if names[p] not in masters]
+        if missing:
+            raise ValueError(f"full state has no weights for {missing[:5]}")
+        layout = getattr(inner, "_layout", None)
+        for g in inner.param_groups:
+            for p in g["params"]:
+                full = masters[names[p]].reshape(-1)
+                if layout is not None and getattr(layout, "sharded", False):
+                    for (a, b) in layout.ranges(p)[inner.rank]:
+                        if b > a:
+                            layout.local_param(p).copy_(full[a:b].to(layout.local_param(p)))
+                    if isinstance(layout, MasterSliceLayout):   # full masters everywhere
+                        layout._master[p].detach().view(-1).copy_(full.to(layout._master[p]))
+                p.detach().view(-1).copy_(full.to(device=p.device, dtype=p.dtype))
+        wrapper = engine.optimizer
+        if hasattr(wrapper, "update_lp_params") and hasattr(wrapper, "single_partition_of_fp32_groups"):
+            wrapper.update_lp_params()       # bit16 params <- fp32 partitions, all-gathered
+        inner.load_state_dict(state["optimizer"])
+        self.param_groups[0]["lr"] = state["lr"]
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+def disable_shm_comm() -> None:
+    """Skip DeepSpeed's shared-memory CPU collective op (a ~30 s compile on first use); plain gloo
+    runs instead. Call before :func:`initialize`. Also set by ``DIST_MUONCLIP_DS_SHM=0``."""
+    import importlib
+
+    # not `import deepspeed.comm.torch as m`: deepspeed.comm's attribute `torch` is the torch package
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any = None, *,
+               config: Any = None, config_params: Any = None, accountant: CommAccountant | None = None,
+               **kwargs: Any):
+    """``deepspeed.initialize`` with MuonClip: same arguments, returns exactly what it returns.
+
+    The config (``config=`` dict or JSON path, or ``args.deepspeed_config`` from
+    ``deepspeed.add_config_arguments``) carries ``"optimizer": {"type": "MuonClip", "params":
+    {...}}``; or ``optimizer=MuonClip(model, ...)`` is passed and the config has no optimizer
+    section. Any ``scheduler`` section drives the lr of both the Muon and the AdamW part.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)``; the MuonClip instance
+    is :func:`muonclip_optimizer` ``(engine)``.
+    """
+    import deepspeed
+
+    if model is None:
+        raise ValueError("initialize() needs model=")
+    if config is None and config_params is not None:
+        config = config_params
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        if config is not None:
+            raise ValueError("both args.deepspeed_config and config= were given; pass one")
+        config = args.deepspeed_config
+        args = copy.copy(args)
+        args.deepspeed_config = None      # deepspeed.initialize refuses both; we pass the edited dict
+    if config is None:
+        raise ValueError("initialize() needs a DeepSpeed config: config= (dict or JSON path) or --deepspeed_config")
+    if optimizer is not None and not isinstance(optimizer, MuonClip):
+        raise TypeError(f"optimizer must be a dist_muonclip.MuonClip instance (or None with a MuonClip config "
+                        f"section), got {type(optimizer).__name__}; use deepspeed.initialize for other optimizers")
+    cfg, mc_kwargs = prepare_config(config, has_optimizer=optimizer is not None)
+    if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
+        disable_shm_comm()
+    if not (dist.is_available() and dist.is_initialized()):
+        deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
+    if mc_kwargs is not None:
+        try:   # every value is validated here, before DeepSpeed touches the model
+            optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
+    elif accountant is not None:
+        raise ValueError("accountant=: pass it to the MuonClip instance instead")
+    client = DeepSpeedMuonClip(model, optimizer)
+    out = deepspeed.initialize(args=args, model=model, optimizer=client, config=cfg, **kwargs)
+    client.bind(out[0])
+    out[0]._dist_muonclip = client
+    return out
+
+
+def _client(engine: Any) -> DeepSpeedMuonClip:
+    client = getattr(engine, "_dist_muonclip", None)
+    if client is None:
+        raise ValueError("this DeepSpeed engine was not built by dist_muonclip.deepspeed.initialize")
+    return client
+
+
+def muonclip_optimizer(engine: Any) -> MuonClip:
+    """The :class:`MuonClip` inside an engine built by :func:`initialize`."""
+    return _client(engine).inner
+
+
+def full_state_dict(engine: Any) -> dict[str, Any]:
+    """Full-state export (any world size can load it): see :meth:`DeepSpeedMuonClip.full_state_dict`."""
+    return _client(engine).full_state_dict()
+
+
+def load_full_state_dict(engine: Any, state: dict[str, Any]) -> None:
+    _client(engine).load_full_state_dict(state, engine)
+
+
+def save_checkpoint(engine: Any, save_dir: str, tag: str | None = None, **kwargs: Any) -> str:
+    """``engine.save_checkpoint`` plus the full-state export in ``<save_dir>/<tag>/muonclip_full_state.pt``.
+
+    A collective. Resume at the same world size with ``engine.load_checkpoint`` or
+    :func:`load_checkpoint`; at a different one with :func:`load_checkpoint`.
+    """
+    if tag is None:
+        tag = f"global_step{engine.global_steps}"
+    engine.save_checkpoint(save_dir, tag=tag, **kwargs)
+    state = full_state_dict(engine)
+    if dist.get_rank() == 0:
+        torch.save(state, os.path.join(save_dir, str(tag), FULL_STATE_FILE))
+    dist.barrier()
+    return str(tag)
+
+
+def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> str:
+    """Resume from :func:`save_checkpoint` at any world size: model weights, fp32 masters,
+    MuonClip state, lr scheduler and step counters. Returns the tag."""
+    if tag is None:
+        with open(os.path.join(load_dir, "latest")) as f:
+            tag = f.read().strip()
+    path = os.path.join(load_dir, str(tag), FULL_STATE_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: the checkpoint was not written by "
+                         "dist_muonclip.deepspeed.save_checkpoint (engine.save_checkpoint resumes only at the same "
+                         "world size, through engine.load_checkpoint)")
+    engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_full_state_dict(engine, state)
+    model_sd = torch.load(os.path.join(load_dir, str(tag), "mp_rank_00_model_states.pt"), map_location="cpu",
+                          weights_only=False)
+    if engine.lr_scheduler is not None and model_sd.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(model_sd["lr_scheduler"])
+    engine.global_steps = model_sd.get("global_steps", engine.global_steps)
+    engine.global_samples = model_sd.get("global_samples", engine.global_samples)
+    engine.skipped_steps = model_sd.get("skipped_steps", engine.skipped_steps)
+    return str(tag)
+
+
+# --------------------------------------------------------------------------------------------
+# A small DeepSpeed training entry point (launchers and tests run it)
+# --------------------------------------------------------------------------------------------
+
+def _tiny_llama(args: Any) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(args.seed)
+    cfg = tf.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                         intermediate_size=args.hidden_size * 3 // 2,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max(128, args.seq_len), attn_implementation="eager")
+    return tf.AutoModelForCausalLM.from_config(cfg)
+
+
+def _global_batch(step: int, args: Any) -> Tensor:
+    """The global batch of ``step``: identical for every world size (rank r takes its rows)."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + step)
+    # learnable sequences: each row is an arithmetic progression mod vocab (random start, stride 1..4)
+    start = torch.randint(0, args.vocab_size, (args.global_batch, 1), generator=g)
+    stride = torch.randint(1, 5, (args.global_batch, 1), generator=g)
+    return (start + stride * torch.arange(args.seq_len)) % args.vocab_size
+
+
+def train_engine(engine: Any, batch_for_step: Callable[[int], Tensor], *, steps: int, start: int = 0,
+                 log: Callable[[str], None] | None = None) -> list[float]:
+    """Train a causal LM DeepSpeed engine for ``steps`` steps; ``batch_for_step(t)`` gives this
+    rank's token ids ``[micro_batch * grad_accum, seq]``. Returns the global mean loss per step.
+
+    The loop is DeepSpeed's: ``engine(...)``, ``engine.backward(loss)``, ``engine.step()`` per
+    micro batch (DeepSpeed steps the optimizer at the accumulation boundary).
+    """
+    gas = engine.gradient_accumulation_steps()
+    losses = []
+    for t in range(start, start + steps):
+        ids = batch_for_step(t)
+        total = torch.zeros(())
+        for micro in ids.chunk(gas):
+            loss = engine(input_ids=micro, labels=micro).loss
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float() / gas
+        if dist.is_initialized():
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
+        losses.append(float(total))
+        if log is not None:
+            log(f"step {t + 1}/{start + steps} loss {losses[-1]:.4f} lr {engine.get_lr()[0]:.3g}")
+    return losses
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m dist_muonclip.deepspeed --deepspeed_config configs/zero1.json --steps 10``.
+
+    Trains a tiny Llama (built from a config, no download) on deterministic random tokens with
+    MuonClip from the config's optimizer section. Works under the ``deepspeed`` launcher,
+    ``torchrun``, ``mpirun`` (via ``python -m dist_muonclip.launch_env``) or alone. Rank 0 writes
+    ``--out`` (losses, world size, a parameter checksum).
+    """
+    import argparse
+
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, all ranks")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON log written by rank 0")
+    p.add_argument("--save-dir", default=None, help="save a checkpoint at the end (save_checkpoint)")
+    p.add_argument("--resume-dir", default=None, help="resume from save_checkpoint output (any world size)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")))
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if args.deepspeed_config is None:
+        p.error("--deepspeed_config is required (e.g. configs/zero1.json)")
+    if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
+        disable_shm_comm()
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = _load_json(args.deepspeed_config)
+    gas = int(cfg.get("gradient_accumulation_steps", 1))
+    if args.global_batch % (world * gas):
+        p.error(f"--global-batch {args.global_batch} must be divisible by world size x accumulation = {world * gas}")
+    cfg["train_batch_size"] = args.global_batch
+    cfg["train_micro_batch_size_per_gpu"] = args.global_batch // (world * gas)
+    args.deepspeed_config = None
+    model = _tiny_llama(args)
+    engine, *_ = initialize(args=args, model=model, config=cfg)
+    start = 0
+    if args.resume_dir:
+        load_checkpoint(engine, args.resume_dir)
+        start = int(engine.global_steps)
+    per = args.global_batch // world
+
+    def batch(t: int) -> Tensor:
+        return _global_batch(t, args)[rank * per:(rank + 1) * per]
+
+    say = print if rank == 0 else None
+    losses = train_engine(engine, batch, steps=args.steps - start, start=start, log=say)
+    if args.save_dir:
+        save_checkpoint(engine, args.save_dir, tag=f"step{args.steps}")
+    masters = full_state_dict(engine)["masters"]
+    result = {"world_size": world, "layout": engine._dist_muonclip.layout_name, "start": start, "losses": losses,
+              "checksum": {k: float(v.double().sum()) for k, v in masters.items()},
+              "zero_stage": engine.zero_optimization_stage(), "bf16": bool(engine.bfloat16_enabled())}
+    if rank == 0 and args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""DeepSpeed scenarios run on W gloo processes by tests/test_deepspeed.py (module-level for spawn)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from tests._dist_workers import GLOBAL_BATCH, global_batch, local_batch
+from tests._tiny_hf import tiny_model
+
+# Equivalence runs: fp32 Newton-Schulz so the only difference from the oracle is reduction order.
+MC_PARAMS = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
+CLIP = 1.0   # DeepSpeed gradient_clipping; the oracle clips the raw gradient the same way
+
+
+def qk_clip_params() -> dict[str, Any]:
+    """QK-Clip active on the tiny model: tau below its max logits, so heads get clipped every step."""
+    try:
+        import dist_muonclip.qk_clip  # noqa: F401
+    except ImportError:
+        return {}
+    return {"qk_clip": {"tau": 0.1}}
+
+
+def ds_config(stage: int, world: int, *, bf16: bool | str = False, params: dict | None = None,
+              scheduler: bool = False) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,
+        "optimizer": {"type": "MuonClip", "params": {**MC_PARAMS, **qk_clip_params(), **(params or {})}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10_000,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if bf16 == "fp32_accum":   # ZeRO-1 + bf16 + fp32 gradient accumulation -> DeepSpeed's BF16_Optimizer
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if scheduler:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.002, "warmup_max_lr": 0.02,
+                                                           "warmup_num_steps": 4, "warmup_type": "linear"}}
+    return cfg
+
+
+def warmup_factor(step: int) -> float:
+    """lr factor of optimizer step ``step`` (0-based) under the WarmupLR section of :func:`ds_config`.
+
+    DeepSpeed's WarmupLR starts at ``last_batch_iteration = -1`` (lr = warmup_min_lr) and is stepped
+    after every optimizer step, so step ``t`` runs with gamma = max(0, t - 1) / 4 (capped at 1) and
+    lr = 0.002 + 0.018 * gamma, i.e. a factor 0.1 + 0.9 * gamma of the configured lr 0.02.
+    """
+    return 0.1 + 0.9 * min(1.0, max(0, step - 1) / 4)
+
+
+def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
+                 scheduler: bool = False):
+    """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer."""
+    from dist_muonclip import MuonClip
+
+    if model is None:
+        model = tiny_model("llama", seed=0)
+        opt = MuonClip(model, **{**MC_PARAMS, **qk_clip_params(), **(params or {})})
+    base = [g["lr"] for g in opt.param_groups]
+    for t in range(start, start + steps):
+        if scheduler:
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * warmup_factor(t)
+        ids = global_batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _setup() -> None:
+    os.environ.setdefault("DIST_MUONCLIP_DS_SHM", "0")
+    from dist_muonclip.deepspeed import disable_shm_comm
+
+    disable_shm_comm()
+
+
+def _fp32_params(engine) -> dict[str, torch.Tensor]:
+    """Parameters by name; fp32 master weights where DeepSpeed keeps them (exact for comparison)."""
+    from dist_muonclip.deepspeed import full_state_dict
+
+    state = full_state_dict(engine)
+    return {k: v.clone() for k, v in state["masters"].items()}
+
+
+def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | str = False, params: dict | None = None,
+                    scheduler: bool = False, use_instance: bool = False, accountant: bool = False,
+                    save_dir: str | None = None, save_at: int | None = None, resume_dir: str | None = None,
+                    start: int = 0, native_resume: bool = False):
+    _setup()
+    from dist_muonclip import MuonClip
+    from dist_muonclip.comm import CommAccountant
+    from dist_muonclip.deepspeed import initialize, load_checkpoint, muonclip_optimizer, save_checkpoint
+
+    model = tiny_model("llama", seed=0)
+    cfg = ds_config(stage, world, bf16=bf16, params=params, scheduler=scheduler)
+    acc = CommAccountant() if accountant else None
+    if use_instance:
+        mc = cfg.pop("optimizer")["params"]
+        opt = MuonClip(model, accountant=acc, **mc)
+        engine, *_ = initialize(model=model, optimizer=opt, config=cfg)
+    else:
+        engine, *_ = initialize(model=model, config=cfg, accountant=acc)
+    inner = muonclip_optimizer(engine)
+    if resume_dir is not None:
+        if native_resume:
+            engine.load_checkpoint(resume_dir)
+        else:
+            load_checkpoint(engine, resume_dir)
+    ns_calls = []
+    _count_ns(inner, ns_calls)
+    lrs = []
+    for t in range(start, start + steps):
+        ids = local_batch(t, rank, world)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        lrs.append([g["lr"] for g in inner.param_groups])
+        if save_dir is not None and save_at is not None and t + 1 == save_at:
+            save_checkpoint(engine, save_dir, tag="ckpt")
+    layout = inner._layout
+    moved = 0      # Muon elements held by a rank other than the matrix's owner (sent there and back)
+    if layout.sharded:
+        for g in inner.param_groups:
+            if g["use_muon"]:
+                for p in g["params"]:
+                    owner = inner._plan.owners[inner.param_name(p)]
+                    moved += sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
+    out = {"moved_elems": moved, "params": _fp32_params(engine), "lrs": lrs,
+           "layout": engine._dist_muonclip.layout_name,
+           "ns_matrices": ns_calls,
+           "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
+                              if isinstance(t, torch.Tensor) and t.ndim > 0),
+           "acc": acc.totals() if acc is not None else None, "acc_steps": len(acc.steps) if acc else 0,
+           "metrics": inner.metrics()}
+    return out
+
+
+def _count_ns(inner, calls: list) -> None:
+    """Record every matrix this rank orthogonalizes (names via shapes per call)."""
+    import dist_muonclip.optimizer as optmod
+
+    real = optmod.orthogonalize
+
+    def counting(x, **kw):
+        calls.append(int(x.shape[0]) if x.ndim == 3 else 1)
+        return real(x, **kw)
+
+    optmod.orthogonalize = counting
+
+
+def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
+    """Rank 1 gets an inf in one Muon matrix's gradient at step 2: the step must leave MuonClip's
+    state (momentum, AdamW moments) and the fp32 masters untouched, and training must go on."""
+    _setup()
+    from dist_muonclip.deepspeed import full_state_dict, initialize, muonclip_optimizer
+
+    model = tiny_model("llama", seed=0)
+    engine, *_ = initialize(model=model, config=ds_config(stage, world, bf16=bf16))
+    inner = muonclip_optimizer(engine)
+    target = model.model.layers[0].mlp.up_proj.weight
+    poison = {"on": False}
+    target.register_hook(lambda g: g * float("inf") if poison["on"] and rank == 1 else g)
+
+    def snapshot():
+        state = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                 for p, s in inner.state.items()}
+        return state, full_state_dict(engine)["masters"]
+
+    import warnings
+
+    out = {}
+    for t in range(5):
+        ids = local_batch(t, rank, world)
+        if t == 2:
+            before = snapshot()
+            poison["on"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        poison["on"] = False
+        if t == 2:
+            after = snapshot()
+            out["state_unchanged"] = before[0].keys() == after[0].keys() and all(
+                torch.equal(before[0][k][n], after[0][k][n]) for k in before[0] for n in before[0][k])
+            out["masters_unchanged"] = all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+            out["num_state"] = len(before[0])
+    final = full_state_dict(engine)["masters"]
+    out["finite"] = all(bool(v.isfinite().all()) for v in final.values())
+    out["state_finite"] = all(bool(v.isfinite().all()) for s in inner.state.values() for v in s.values()
+                              if isinstance(v, torch.Tensor))
+    out["moved"] = any(not torch.equal(final[k], after[1][k]) for k in final)
+    return out
+
+
+def ds_args_worker(rank: int, world: int, config_path: str):
+    """The --deepspeed_config path: deepspeed.add_config_arguments + initialize(args=...)."""
+    _setup()
+    import argparse
+
+    import deepspeed
+
+    from dist_muonclip.deepspeed import initialize, muonclip_optimizer
+
+    bad = ds_config(1, world, params={"momentum": 1.5})
+    try:   # a value out of range: refused with the config path, before DeepSpeed touches the model
+        initialize(model=tiny_model("llama", seed=0), config=bad)
+        value_error = None
+    except ValueError as e:
+        value_error = str(e)
+    parser = deepspeed.add_config_arguments(argparse.ArgumentParser())
+    parser.add_argument("--local_rank", type=int, default=rank)
+    args = parser.parse_args(["--deepspeed_config", config_path])
+    model = tiny_model("llama", seed=0)
+    engine, opt, _, sched = initialize(args=args, model=model)
+    ids = local_batch(0, rank, world)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    inner = muonclip_optimizer(engine)
+    return {"layout": engine._dist_muonclip.layout_name, "stage": engine.zero_optimization_stage(),
+            "opt_is_engine_optimizer": opt is engine.optimizer, "momentum": inner.param_groups[0]["momentum"],
+            "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state),
+            "value_error": value_error}
