@@ -7,7 +7,7 @@ EXTRAS = {
     # Hugging Face models: automatic attention discovery and max-logit tracking.
     "transformers": ["transformers>=4.48"],
     # DeepSpeed JSON-config integration (ZeRO-0/1/2).
-    "deepspeed": ["deepspeed>=0.16"],
+    "deepspeed": ["deepspeed>=0.19"],
     # Triton Newton-Schulz and max-logit kernels (GPU; CPU via TRITON_INTERPRET=1).
     "triton": ["triton>=3.1"],
     # rank discovery under mpirun / SLURM.

@@ -508,6 +508,21 @@ class MuonClip(Optimizer):
     def _owner(self, p: Tensor) -> int:
         return self._plan.owners[self._names[p]]
 
+    def set_layout(self, layout: Layout | None, *, process_group: Any = None) -> None:
+        """Move a not-yet-stepped optimizer onto another layout (``None``: Replicated) over
+        ``process_group`` (default: the world group when initialized), re-planning on every rank.
+
+        For integrations that partition the model after the optimizer was built (DeepSpeed's
+        ZeRO-1/2 flat partitions). Raises if the optimizer already holds state.
+        """
+        if any(self.state.values()):
+            raise ValueError("set_layout: this MuonClip has already stepped (it holds state); move a fresh "
+                             "optimizer, or load the state after changing the layout")
+        for h in self._hooks:
+            h.remove()
+        reduction = "external" if layout is not None and layout.sharded else self.grad_reduction
+        self._setup_distribution(process_group, reduction, self.shard_adamw, self.accountant, layout)
+
     @contextlib.contextmanager
     def no_sync(self):
         """Gradient accumulation with ``grad_reduction="optimizer"``: backward passes inside this
