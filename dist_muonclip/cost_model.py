@@ -21,7 +21,8 @@ Engines (``engine=``):
 ``muonclip_zero1``      DeepSpeed ZeRO-1/2 flat fragments (dist_muonclip.deepspeed): the engine
                         all-reduces grads and all-gathers partitions; only pieces of matrices
                         cut by a partition boundary travel to the matrix's holder and back.
-``muonclip_fsdp2``      FSDP2 row shards: params all-gathered in forward and backward, grads
+``muonclip_fsdp2``      FSDP2 row shards: block params all-gathered in forward and backward (the
+                        root's once), grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
 ``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (measured behaviour of
                         DeepSpeed 0.19.8: gradients all-reduced, flat partitions updated,
@@ -47,6 +48,14 @@ __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_fsdp2", "ds_muon_zero1",
            "adamw_ddp", "adamw_zero1")
+
+
+_BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
+
+
+def _in_block(name: str) -> bool:
+    """Whether a parameter lives in a repeated decoder block (an FSDP2 unit of its own)."""
+    return bool(_BLOCK_RE.search(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +254,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     adamw = [s for s in specs if not s.use_muon]
     P = sum(s.numel for s in specs)
     P_muon = sum(s.numel for s in muon)
+    P_blocks = sum(s.numel for s in specs if _in_block(s.name))
     f = (W - 1) / W
     per_rank: list[dict[str, float]] = [dict() for _ in range(W)]
     state = [0.0] * W
@@ -280,7 +290,10 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     b["all_to_all[muon_gather]"] = (P_muon - owned[r]) / W * grad_bytes   # momentum pieces
                     b["all_to_all[muon_scatter]"] = owned[r] * f * ns_bytes
                     b["reduce_scatter[engine]"] = f * P * grad_bytes
-                    b["all_gather[engine]"] = 2 * f * P * param_bytes                # forward and backward
+                    # blocks are gathered in forward and again in backward; the root module
+                    # (embeddings, final norm, head) stays unsharded between the two (FSDP2 does
+                    # not reshard the root after forward), so it is gathered once (measured)
+                    b["all_gather[engine]"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
         if engine == "muonclip_zero1":
             # DeepSpeed ZeRO-1/2 flat partitions of the whole model (one param group): the engine
             # all-reduces gradients and all-gathers the partitions (as adamw_zero1, measured); a

@@ -20,7 +20,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 # benchmark engine name -> cost-model engine name
 ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_optimizer", "adamw_ddp": "adamw_ddp",
               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
-              "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1"}
+              "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
+              "muonclip_fsdp2": "muonclip_fsdp2"}
 # The acceptance bound. Our engines match to the byte; DeepSpeed adds a few bytes per
 # step (a 1-float overflow/loss all-reduce) that the model leaves out.
 REL_TOL = 0.05
