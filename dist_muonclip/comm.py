@@ -171,6 +171,29 @@ class Comm:
                                       [local.numel()] * self.world_size, async_op=async_op, tag=tag)
         return out, work
 
+    def all_gather_segments_(self, segments: Sequence[Sequence[Any]], view: Any, chunk: int, *,
+                             dtype: torch.dtype, device: torch.device, tag: str = "") -> None:
+        """Equal flat slices (classic ZeRO-1): rank r holds ``segments[r]`` (objects with ``start``
+        and ``stop``), each read and written through ``view(seg)``, a 1-D view of its elements.
+        Packs this rank's segments into a ``chunk``-sized buffer, all-gathers, and copies every
+        other rank's segments into place."""
+        send = torch.zeros(chunk, dtype=dtype, device=device)
+        off = 0
+        for seg in segments[self.rank]:
+            n = seg.stop - seg.start
+            send[off:off + n] = view(seg)
+            off += n
+        full = torch.empty(chunk * self.world_size, dtype=dtype, device=device)
+        self.all_gather_into_tensor(full, send, tag=tag)
+        for r, segs in enumerate(segments):
+            if r == self.rank:
+                continue
+            off = r * chunk
+            for seg in segs:
+                n = seg.stop - seg.start
+                view(seg).copy_(full[off:off + n])
+                off += n
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)

@@ -397,23 +397,10 @@ class MasterSliceLayout(_LayoutBase):
         """Every rank's updated slices into every rank's masters (one all-gather, fp32)."""
         if self.world_size == 1:
             return
-        device = next(iter(self._master.values())).device
-        send = torch.zeros(self.chunk, dtype=torch.float32, device=device)
-        off = 0
-        for s in self._segments[self.rank]:
-            n = s.stop - s.start
-            send[off:off + n] = self._master[self._by_name[s.name]].detach().view(-1)[s.start:s.stop]
-            off += n
-        full = torch.empty(self.chunk * self.world_size, dtype=torch.float32, device=device)
-        self.comm.all_gather_into_tensor(full, send, tag="master_gather")
-        for r, segs in enumerate(self._segments):
-            if r == self.rank:
-                continue
-            off = r * self.chunk
-            for s in segs:
-                n = s.stop - s.start
-                self._master[self._by_name[s.name]].detach().view(-1)[s.start:s.stop].copy_(full[off:off + n])
-                off += n
+        self.comm.all_gather_segments_(
+            self._segments, lambda s: self._master[self._by_name[s.name]].detach().view(-1)[s.start:s.stop],
+            self.chunk, dtype=torch.float32, device=next(iter(self._master.values())).device,
+            tag="master_gather")
 
 
 def _set_layout(opt: MuonClip, layout: Any) -> None:

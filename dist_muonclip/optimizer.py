@@ -972,23 +972,9 @@ class MuonClip(Optimizer):
 
     def _gather_adamw(self, part: "_Partition") -> None:
         """All-gather the updated AdamW slices so every replica holds the full parameters."""
-        dtype, device = part.params[0].dtype, part.params[0].device
-        send = torch.zeros(part.chunk, dtype=dtype, device=device)
-        off = 0
-        for seg in part.mine:
-            n = seg.stop - seg.start
-            send[off:off + n] = self._segment_view(self._by_name[seg.name], seg).reshape(-1)
-            off += n
-        full = torch.empty(part.chunk * self.world_size, dtype=dtype, device=device)
-        self._comm.all_gather_into_tensor(full, send, tag="adamw_gather")
-        for r, segs in enumerate(part.segments):
-            if r == self.rank:
-                continue
-            off = r * part.chunk
-            for seg in segs:
-                n = seg.stop - seg.start
-                self._segment_view(self._by_name[seg.name], seg).reshape(-1).copy_(full[off:off + n])
-                off += n
+        self._comm.all_gather_segments_(
+            part.segments, lambda seg: self._segment_view(self._by_name[seg.name], seg).reshape(-1), part.chunk,
+            dtype=part.params[0].dtype, device=part.params[0].device, tag="adamw_gather")
 
     # -- QK-Clip, metrics ------------------------------------------------------------------
     def _qk_clip_(self, max_logits: Tensor) -> None:
