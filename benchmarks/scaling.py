@@ -467,6 +467,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps
         results.append({"engine": engine, "size": size, "rank": rank, **res})
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 

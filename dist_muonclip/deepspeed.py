@@ -824,8 +824,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.error("--deepspeed_config is required (e.g. configs/zero1.json)")
     if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
         disable_shm_comm()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         deepspeed.init_distributed()
+    result = _main_run(p, args)
+    if owns_group:
+        # A process group still alive at interpreter exit can abort in gloo's thread teardown
+        # ("terminate called without an active exception"): leave together, then destroy.
+        # (Not on an exception: the other ranks may never reach the barrier.)
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _main_run(p: Any, args: Any) -> dict[str, Any]:
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg = _load_json(args.deepspeed_config)
     gas = int(cfg.get("gradient_accumulation_steps", 1))
