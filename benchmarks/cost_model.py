@@ -76,7 +76,7 @@ def measure_gpu(out_dir: str, layers: int = 2, steps: int = 6) -> dict:
     import torch
 
     from dist_muonclip import MuonClip
-    from dist_muonclip.cost_model import HARDWARE, predict, specs_from_model
+    from dist_muonclip.cost_model import predict, specs_from_model
     from dist_muonclip.models import build_model
     from dist_muonclip.profiler import StepProfiler
 

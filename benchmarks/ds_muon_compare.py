@@ -22,7 +22,6 @@ import inspect
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,10 +31,6 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count_collectives(record):
@@ -160,11 +155,11 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
 
 
 def run(kind: str, stage: int, world: int, steps: int, hidden: int, layers: int) -> dict:
-    import torch.multiprocessing as mp
+    from dist_muonclip.launch_env import free_port, spawn_local
 
     out_dir = tempfile.mkdtemp()
-    mp.start_processes(_worker, args=(world, _free_port(), kind, stage, steps, hidden, layers, out_dir),
-                       nprocs=world, start_method="spawn")
+    spawn_local(_worker, world, (world, free_port(), kind, stage, steps, hidden, layers, out_dir), timeout=1800,
+                what=f"{kind} ZeRO-{stage} comparison")
     ranks = [json.load(open(os.path.join(out_dir, f"{r}.json"))) for r in range(world)]
     measured = range(1, steps) if steps > 1 else range(steps)   # step 0 includes lazy state setup
     by_kind: dict = defaultdict(float)

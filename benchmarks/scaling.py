@@ -27,7 +27,6 @@ import contextlib
 import importlib
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -210,7 +209,6 @@ def _state_bytes(state: Any) -> int:
 
 
 def _run_muonclip(model: Any, rank: int, world: int, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
-    import torch
     from torch import nn
 
     import dist_muonclip.optimizer as opt_mod
@@ -438,10 +436,6 @@ def run_engine(rank: int, world: int, engine: str, size: str, steps: int) -> dic
 
 
 # ----------------------------------------------------------------------------------------- spawn
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps: int, result_dir: str,
@@ -474,17 +468,11 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps
 def run_world(world: int, jobs: list[tuple[str, str]], steps: int, *, backend: str = "gloo",
               timeout: float = 900) -> list[dict[str, Any]]:
     """All ``jobs`` (engine, size) on one W-process group; returns every rank's records."""
-    import torch.multiprocessing as mp
+    from dist_muonclip.launch_env import free_port, spawn_local
 
     result_dir = tempfile.mkdtemp(prefix="scaling_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), jobs, steps, result_dir, backend), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"world {world} ran for more than {timeout} s")
+    spawn_local(_worker, world, (world, free_port(), jobs, steps, result_dir, backend), timeout=timeout,
+                what=f"scaling world {world}")
     out = []
     for r in range(world):
         with open(os.path.join(result_dir, f"rank{r}.json")) as f:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = ["ADJUST_LR_FNS", "update_scale", "muon_momentum_", "muon_apply_"]

@@ -22,18 +22,44 @@ import re
 import runpy
 import socket
 import sys
-from typing import MutableMapping
+import time
+from typing import Any, Callable, MutableMapping
 
-__all__ = ["discover", "main"]
+__all__ = ["discover", "free_port", "main", "spawn_local"]
 
 _KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _MPI_HINTS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
 
 
-def _free_port(addr: str) -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port free on ``addr`` now (for ``MASTER_PORT``; ``""``/``"0.0.0.0"`` mean any interface)."""
     with socket.socket() as s:
         s.bind((addr if addr not in ("", "0.0.0.0") else "", 0))
         return s.getsockname()[1]
+
+
+
+
+
+def spawn_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: float | None = None,
+                what: str | None = None) -> None:
+    """Run ``fn(rank, *args)`` on ``nprocs`` spawned processes of this host and wait for all of them.
+
+    Like ``torch.multiprocessing.spawn`` with a deadline: a run longer than ``timeout`` seconds
+    (a rank stuck in a collective its peers never join) is killed and raises ``TimeoutError``
+    naming ``what`` instead of hanging the caller. A rank that raises fails the whole run, as in
+    ``spawn``. ``fn`` must be picklable (a module-level function).
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if deadline is not None and time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{what or getattr(fn, '__name__', 'spawned run')} on {nprocs} processes ran for "
+                               f"more than {timeout} s (killed): a rank is likely waiting in a collective")
 
 
 def _own_address() -> str:
@@ -58,7 +84,7 @@ def _from_mpi(env: MutableMapping[str, str]) -> dict[str, str]:
     local_rank = local.Get_rank()
     local.Free()
     addr = env.get("MASTER_ADDR") or (_own_address() if rank == 0 else None)
-    port = env.get("MASTER_PORT") or (str(_free_port(addr)) if rank == 0 else None)
+    port = env.get("MASTER_PORT") or (str(free_port(addr)) if rank == 0 else None)
     addr, port = comm.bcast((addr, port), root=0)
     return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(local_rank), "MASTER_ADDR": addr,
             "MASTER_PORT": str(port)}
@@ -94,7 +120,7 @@ def discover(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
         found = _from_slurm(env)
     else:   # a single process
         found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-                 "MASTER_PORT": env.get("MASTER_PORT", str(_free_port("127.0.0.1")))}
+                 "MASTER_PORT": env.get("MASTER_PORT", str(free_port("127.0.0.1")))}
     for k, v in found.items():
         env.setdefault(k, v)
     return {k: env[k] for k in _KEYS}

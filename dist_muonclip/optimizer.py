@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence

@@ -200,3 +200,18 @@ def add_group_worker(rank: int, world: int, steps: int):
         opt.zero_grad(set_to_none=True)
     return {"params": {k: v.clone() for k, v in model.state_dict().items()},
             "owners": dict(opt._plan.owners)}
+
+
+def spawn_sleeper(rank: int, marker_dir: str) -> None:
+    """Rank 0 waits forever (a peer that never joins a collective); rank 1 returns at once."""
+    import os
+    import time
+
+    open(os.path.join(marker_dir, f"started{rank}"), "w").close()
+    while rank == 0:
+        time.sleep(0.1)
+
+
+def spawn_failer(rank: int) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")

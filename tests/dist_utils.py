@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_muonclip.launch_env import free_port, spawn_local
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, result_dir: str) -> None:
@@ -45,14 +38,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_path, timeout
     """
     result_dir = str(tmp_path)
     os.makedirs(result_dir, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args, result_dir), nprocs=world_size,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"distributed run of {fn.__name__} hung for more than {timeout} s")
+    spawn_local(_entry, world_size, (fn, world_size, free_port(), args, result_dir), timeout=timeout,
+                what=f"distributed run of {fn.__name__}")
     return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

@@ -24,17 +24,12 @@ from dist_muonclip.kernels.reference import (  # noqa: E402
     newton_schulz_reference,
     sym_product_reference,
 )
+from dist_muonclip.newton_schulz import JORDAN_COEFFICIENTS, polar_express_schedule  # noqa: E402
 
-JORDAN = [(3.4445, -4.7750, 2.0315)] * 5
-# Polar Express (arXiv 2505.16932), first five iterations of its published schedule (no safety factor):
-# a different (a, b, c) per iteration exercises the per-iteration coefficient path.
-POLAR_EXPRESS = [
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894303592),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-]
+JORDAN = [JORDAN_COEFFICIENTS] * 5
+# Polar Express as the library runs it: 5 iterations, a different (a, b, c) each, safety factor
+# folded in (tests/test_newton_schulz.py checks it against the published coefficients).
+POLAR_EXPRESS = polar_express_schedule(5)
 
 
 @pytest.fixture(autouse=True, scope="module")

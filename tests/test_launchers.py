@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from dist_muonclip.launch_env import _first_slurm_host, discover
+from dist_muonclip.launch_env import _first_slurm_host, discover, spawn_local
 from tests.dist_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +75,24 @@ def test_discover_keeps_torchrun_env_and_reads_slurm():
 # ------------------------------------------------------------------ launchers, one machine
 
 @pytest.mark.slow
+def test_spawn_local_deadline_and_failure(tmp_path):
+    """spawn_local kills a run that outlives its deadline (instead of hanging) and propagates a
+    rank's exception like torch.multiprocessing.spawn."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from tests._dist_workers import spawn_failer, spawn_sleeper
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="stuck ranks on 2 processes ran for more than 5"):
+        spawn_local(spawn_sleeper, 2, (str(tmp_path),), timeout=5, what="stuck ranks")
+    assert time.monotonic() - t0 < 60
+    assert sorted(os.listdir(tmp_path)) == ["started0", "started1"]
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails on purpose"):
+        spawn_local(spawn_failer, 2, timeout=120)
+
+
 def test_deepspeed_launcher_with_hostfile(ds_reference, tmp_path):
     """launch/deepspeed.sh: deepspeed launcher, hostfile 'localhost slots=2', configs/zero1.json."""
     hostfile = tmp_path / "hostfile"

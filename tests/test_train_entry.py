@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -171,10 +170,7 @@ def test_qk_clip_flags_reach_the_optimizer(tmp_path):
     assert [r["loss"] for r in default["steps"]] == [r["loss"] for r in off["steps"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_muonclip.launch_env import free_port as _free_port  # noqa: E402
 
 
 _MUONCLIP_MARK = pytest.mark.skipif(not _has_muonclip(), reason="dist_muonclip.MuonClip not available yet")

@@ -9,20 +9,18 @@ import importlib.util
 import pytest
 import torch
 
+from dist_muonclip.newton_schulz import JORDAN_COEFFICIENTS, polar_express_schedule
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                        reason="needs CUDA and triton"),
 ]
 
-JORDAN = [(3.4445, -4.7750, 2.0315)] * 5
-POLAR_EXPRESS = [
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894303592),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-]
+JORDAN = [JORDAN_COEFFICIENTS] * 5
+# Polar Express as the library runs it: 5 iterations, a different (a, b, c) each, safety factor
+# folded in (tests/test_newton_schulz.py checks it against the published coefficients).
+POLAR_EXPRESS = polar_express_schedule(5)
 SHAPES = [(1024, 1024), (2048, 2048), (1024, 3000), (3000, 1024), (777, 1234), (1234, 777), (8, 512, 512),
           (4, 384, 1000), (4, 1000, 384)]
 
