@@ -42,7 +42,7 @@ import math
 from typing import Any, Sequence
 
 from .newton_schulz import ns_flops
-from .plan import MatrixItem, build_plan, flat_partition
+from .plan import MatrixItem, build_plan, flat_partition, split_stacked
 
 __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_from_model", "specs_from_config",
            "predict", "scaling_table", "format_table"]
@@ -211,8 +211,12 @@ def specs_from_config(cfg: dict[str, Any]) -> list[ParamSpec]:
 
 
 # ----------------------------------------------------------------------------------------- model
-def _plan(specs: Sequence[ParamSpec], world: int, ns_steps: int):
+def _plan(specs: Sequence[ParamSpec], world: int, ns_steps: int, *, split: bool = False):
+    """The optimizer's plan; ``split``: stacked experts cut into chunks with owners of their own
+    (what MuonClip does on the Replicated layout: DDP, optimizer-owned reduction, ZeRO-0)."""
     items = [MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps) for s in specs if s.use_muon]
+    if split and world > 1:
+        items = split_stacked(items, world)
     return build_plan(items, world)
 
 
@@ -262,12 +266,12 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     flops = [0] * W
 
     if engine.startswith("muonclip"):
-        plan = _plan(specs, W, ns_steps)
+        plan = _plan(specs, W, ns_steps, split=engine in ("muonclip_ddp", "muonclip_optimizer"))
         owned = [0] * W
-        for s in muon:
-            o = plan.owners[s.name]
-            owned[o] += s.numel
-            flops[o] += s.num_matrices * ns_flops(*s.mn, ns_steps)
+        for item in plan.items:
+            o = plan.owners[item.name]
+            owned[o] += item.numel
+            flops[o] += item.flops
         chunk_a, held_a = _chunk_of([(s.name, s.numel) for s in adamw], W)
         for r in range(W):
             b = per_rank[r]
