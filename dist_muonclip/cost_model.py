@@ -42,7 +42,7 @@ import math
 from typing import Any, Sequence
 
 from .newton_schulz import ns_flops
-from .plan import MatrixItem, build_plan, flat_partition, split_stacked
+from .plan import MatrixItem, build_plan, chunk_ranges, flat_partition, split_on_ranges, split_stacked
 
 __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_from_model", "specs_from_config",
            "predict", "scaling_table", "format_table"]
@@ -220,6 +220,49 @@ def _plan(specs: Sequence[ParamSpec], world: int, ns_steps: int, *, split: bool 
     return build_plan(items, world)
 
 
+def _sharded_plan(specs: Sequence[ParamSpec], world: int, ns_steps: int, ranges_of, *, pin_all: bool):
+    """The optimizer's plan on a sharded layout: stacked parameters cut along the layout's ranges
+    (``ranges_of(spec)``: per rank, flat ranges), chunks pinned to the rank holding most of them;
+    whole matrices too with ``pin_all`` (layouts with an owner hint: DeepSpeed), else placed by
+    LPT (FSDP2). Returns ``(plan, ranges by item name)``."""
+    items, preferred, where = [], {}, {}
+    for s in specs:
+        if not s.use_muon:
+            continue
+        ranges = ranges_of(s)
+        item = MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps)
+        for it in split_on_ranges(item, ranges):
+            rs = chunk_ranges(it, ranges) if it.parent is not None else ranges
+            if pin_all or it.parent is not None:
+                sizes = [sum(b - a for a, b in r) for r in rs]
+                preferred[it.name] = max(range(world), key=lambda r: (sizes[r], -r))
+            where[it.name] = rs
+            items.append(it)
+    return build_plan(items, world, preferred), where
+
+
+def _piece_bytes(plan: Any, where: dict[str, list[list[tuple[int, int]]]], world: int, grad_bytes: int,
+                 ns_bytes: int) -> tuple[list[float], list[float]]:
+    """Per rank, bytes of the sharded engine's two all-to-alls: pieces of matrices it holds but
+    does not own go to the owner (gather, momentum), the owner sends the update pieces back."""
+    gather, scatter = [0.0] * world, [0.0] * world
+    for name, rs in where.items():
+        sizes = [sum(b - a for a, b in x) for x in rs]
+        o = plan.owners[name]
+        scatter[o] += (sum(sizes) - sizes[o]) * ns_bytes
+        for r, n in enumerate(sizes):
+            if r != o and n:
+                gather[r] += n * grad_bytes
+    return gather, scatter
+
+
+def _shard0_ranges(s: ParamSpec, world: int) -> list[list[tuple[int, int]]]:
+    """FSDP2's Shard(0) rows (torch.chunk: ceil(rows / W) per rank) as flat ranges."""
+    rows, row = s.shape[0], s.numel // s.shape[0]
+    size = -(-rows // world)
+    return [[(min(r * size, rows) * row, min((r + 1) * size, rows) * row)] for r in range(world)]
+
+
 def _chunk_of(numels: Sequence[tuple[str, int]], world: int) -> tuple[int, list[int]]:
     """Equal flat slices (classic ZeRO-1): chunk size and the elements each rank really holds."""
     chunk, segs = flat_partition(list(numels), world)
@@ -266,7 +309,11 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     flops = [0] * W
 
     if engine.startswith("muonclip"):
-        plan = _plan(specs, W, ns_steps, split=engine in ("muonclip_ddp", "muonclip_optimizer"))
+        if engine == "muonclip_fsdp2":
+            plan, where = _sharded_plan(specs, W, ns_steps, lambda s_: _shard0_ranges(s_, W), pin_all=False)
+            f_gather, f_scatter = _piece_bytes(plan, where, W, grad_bytes, ns_bytes)
+        else:
+            plan = _plan(specs, W, ns_steps, split=engine in ("muonclip_ddp", "muonclip_optimizer"))
         owned = [0] * W
         for item in plan.items:
             o = plan.owners[item.name]
@@ -289,11 +336,13 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     b["all_to_all[muon_reduce]"] = (P_muon - owned[r]) * grad_bytes
                     if adamw:
                         b["reduce_scatter[adamw_reduce]"] = (W - 1) * chunk_a * grad_bytes
-            elif engine == "muonclip_fsdp2":   # row shards: every matrix cut into W pieces (1/W each)
+            elif engine == "muonclip_fsdp2":   # row shards: matrices cut into W row blocks (1/W each)
                 state[r] = (P_muon / W + 2 * (P - P_muon) / W) * state_elem_bytes + P / W * master_bytes
                 if W > 1:
-                    b["all_to_all[muon_gather]"] = (P_muon - owned[r]) / W * grad_bytes   # momentum pieces
-                    b["all_to_all[muon_scatter]"] = owned[r] * f * ns_bytes
+                    # momentum row blocks of the matrices others own travel there, updates come back;
+                    # stacked experts are chunked along the shards and owned where they lie: nothing moves
+                    b["all_to_all[muon_gather]"] = f_gather[r]
+                    b["all_to_all[muon_scatter]"] = f_scatter[r]
                     b["reduce_scatter[engine]"] = f * P * grad_bytes
                     # blocks are gathered in forward and again in backward; the root module
                     # (embeddings, final norm, head) stays unsharded between the two (FSDP2 does
@@ -307,24 +356,28 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             # pieces of matrices cut by a partition boundary travel (momentum there, update back).
             # Every rank holds 1/W of each group: balanced state. The price: NS load follows the
             # partitions (less balanced than LPT).
-            pieces: dict[str, list[tuple[int, int]]] = {}
             held = {"muon": [0] * W, "adamw": [0] * W}
+            muon_ranges: dict[str, list[list[tuple[int, int]]]] = {s_.name: [[] for _ in range(W)] for s_ in muon}
             for kind, group in (("muon", muon), ("adamw", adamw)):
                 if not group:
                     continue
-                chunk, segs = flat_partition([(s.name, s.numel) for s in group], W)
+                chunk, segs = flat_partition([(s_.name, s_.numel) for s_ in group], W)
                 for r, rs in enumerate(segs):
                     for seg in rs:
-                        pieces.setdefault(seg.name, []).append((r, seg.stop - seg.start))
                         held[kind][r] += seg.stop - seg.start
+                        if kind == "muon":
+                            muon_ranges[seg.name][r].append((seg.start, seg.stop))
                     if W > 1:
                         b = per_rank[r]
                         b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
-            flops = [0] * W        # the owner is the holder of most of the matrix, not LPT
-            holders = {}
-            for s_ in muon:
-                holders[s_.name] = max(pieces[s_.name], key=lambda t: (t[1], -t[0]))[0]
-                flops[holders[s_.name]] += s_.num_matrices * ns_flops(*s_.mn, ns_steps)
+            # owners: the holder of most of each matrix (the layout's owner hint); stacked experts
+            # cut along the partitions, whole experts owned where they lie. NS load follows the
+            # partitions (less balanced than LPT).
+            zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: muon_ranges[s_.name], pin_all=True)
+            flops = [0] * W
+            for item in zplan.items:
+                flops[zplan.owners[item.name]] += item.flops
+            z_gather, z_scatter = _piece_bytes(zplan, where, W, grad_bytes, ns_bytes)
             for r in range(W):
                 state[r] = ((held["muon"][r] + 2 * held["adamw"][r]) * state_elem_bytes
                             + (held["muon"][r] + held["adamw"][r]) * master_bytes)
@@ -332,17 +385,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     continue
                 b = per_rank[r]
                 b["all_reduce[engine]"] = 2 * f * P * grad_bytes
-                gather = scatter = 0.0
-                for name, holder in holders.items():
-                    ps = pieces[name]
-                    if len(ps) < 2:
-                        continue
-                    if holder == r:
-                        scatter += sum(n for q, n in ps if q != r) * ns_bytes
-                    else:
-                        gather += sum(n for q, n in ps if q == r) * grad_bytes
-                b["all_to_all[muon_gather]"] = gather
-                b["all_to_all[muon_scatter]"] = scatter
+                b["all_to_all[muon_gather]"] = z_gather[r]
+                b["all_to_all[muon_scatter]"] = z_scatter[r]
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes

@@ -28,7 +28,8 @@ from .functional import ADJUST_LR_FNS, muon_apply_, muon_momentum_, update_scale
 from .newton_schulz import orthogonalize, validate_ns_options
 from .param_split import ParamInfo, as_matrices, format_split, matrix_shape, split_parameters
 from .layouts import Layout, Replicated, piece_row_scale
-from .plan import Bucket, MatrixItem, Segment, build_plan, flat_partition, split_stacked
+from .plan import (Bucket, MatrixItem, Segment, build_plan, chunk_ranges, flat_partition, split_on_ranges,
+                   split_stacked)
 
 __all__ = ["MuonClip"]
 
@@ -498,31 +499,13 @@ class MuonClip(Optimizer):
             self._check_plan_across_ranks()
 
     def _split_on_layout(self, items: list[MatrixItem]) -> list[MatrixItem]:
-        """Chunks of stacked parameters along a sharded layout's cuts: every run of whole matrices
-        one rank holds is a chunk (owned there: nothing moves), every matrix cut by a range
-        boundary a chunk of its own. Parameters a rank holds in several ranges stay whole."""
+        """Chunks of stacked parameters along the sharded layout's cuts (:func:`split_on_ranges`)."""
         out: list[MatrixItem] = []
         for item in items:
             if item.num_matrices < 2:
                 out.append(item)
-                continue
-            ranges = self._layout.ranges(self._by_name[item.name])
-            if any(sum(b > a for a, b in rs) > 1 for rs in ranges):
-                out.append(item)
-                continue
-            per = item.m * item.n
-            cuts = {0, item.num_matrices}
-            for rs in ranges:
-                for a, b in rs:
-                    if b > a:
-                        cuts |= {a // per, -(-a // per), b // per, -(-b // per)}
-            cuts = sorted(cuts)
-            if len(cuts) <= 2:
-                out.append(item)
-                continue
-            for c0, c1 in zip(cuts, cuts[1:]):
-                out.append(MatrixItem(f"{item.name}[{c0}:{c1}]", item.group, c1 - c0, item.m, item.n, item.dtype,
-                                      item.ns_steps, parent=item.name, start=c0))
+            else:
+                out.extend(split_on_ranges(item, self._layout.ranges(self._by_name[item.name])))
         return out
 
     def _build_slabs(self, items: Sequence[MatrixItem], *, meta: bool = False) -> None:
@@ -582,10 +565,8 @@ class MuonClip(Optimizer):
         if info is None:
             return self._layout.ranges(t)
         p, a, b = info
-        per = math.prod(t.shape[1:])
-        lo, hi = a * per, b * per
-        return [[(max(x, lo) - lo, min(y, hi) - lo) for x, y in rs if min(y, hi) > max(x, lo)]
-                for rs in self._layout.ranges(p)]
+        item = MatrixItem("", 0, b - a, t.shape[1], t.shape[2], "", parent="", start=a)
+        return chunk_ranges(item, self._layout.ranges(p))
 
     def _lay_slice(self, t: Tensor, flat: Tensor) -> Tensor:
         """The slab's elements within its parameter's local 1-D ``flat`` (one local range)."""

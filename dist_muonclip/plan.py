@@ -25,7 +25,8 @@ from typing import Sequence
 
 from .newton_schulz import ns_flops
 
-__all__ = ["MatrixItem", "Bucket", "Plan", "build_plan", "flat_partition", "Segment", "split_stacked"]
+__all__ = ["MatrixItem", "Bucket", "Plan", "build_plan", "flat_partition", "Segment", "split_stacked",
+           "split_on_ranges", "chunk_ranges"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,35 @@ def split_stacked(items: Sequence[MatrixItem], world_size: int) -> list[MatrixIt
                                   item.dtype, item.ns_steps, parent=item.name, start=start))
             start += size
     return out
+
+
+def split_on_ranges(item: MatrixItem, ranges: Sequence[Sequence[tuple[int, int]]]) -> list[MatrixItem]:
+    """Cut a stacked item along a sharded layout's per-rank flat ranges (elements of the whole
+    ``[num_matrices, m, n]`` parameter): every run of whole matrices inside one rank's range is a
+    chunk (it can be orthogonalized there without moving), every matrix a range boundary cuts
+    is a chunk of its own. ``[item]`` when nothing is cut, or when a rank holds the parameter in
+    several ranges (then its pieces are not one slice of the parameter)."""
+    if item.num_matrices < 2 or any(sum(b > a for a, b in rs) > 1 for rs in ranges):
+        return [item]
+    per = item.m * item.n
+    cuts = {0, item.num_matrices}
+    for rs in ranges:
+        for a, b in rs:
+            if b > a:
+                cuts |= {a // per, -(-a // per), b // per, -(-b // per)}
+    cuts = sorted(cuts)
+    if len(cuts) <= 2:
+        return [item]
+    return [MatrixItem(f"{item.name}[{c0}:{c1}]", item.group, c1 - c0, item.m, item.n, item.dtype, item.ns_steps,
+                       parent=item.name, start=c0) for c0, c1 in zip(cuts, cuts[1:])]
+
+
+def chunk_ranges(chunk: MatrixItem, ranges: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+    """Per rank, the flat ranges of a chunk (``split_on_ranges`` / ``split_stacked`` output) within
+    its parameter's ``ranges``, relative to the chunk's first element."""
+    per = chunk.m * chunk.n
+    lo, hi = chunk.start * per, (chunk.start + chunk.num_matrices) * per
+    return [[(max(x, lo) - lo, min(y, hi) - lo) for x, y in rs if min(y, hi) > max(x, lo)] for rs in ranges]
 
 
 def build_plan(items: Sequence[MatrixItem], world_size: int, preferred: dict[str, int] | None = None) -> Plan:
