@@ -6,10 +6,11 @@ Pure planning, no process group. Every rank builds the same plan from the same s
   is within 4/3 of the optimal makespan). Matrices are taken in order of decreasing FLOPs
   (tie-break by parameter name) and each goes to the rank with the least load so far (tie-break
   by lowest rank). A parameter that is a stack of matrices (fused MoE experts ``[E, m, n]``) is
-  first cut into ``min(E, world_size)`` contiguous chunks of experts (:func:`split_stacked`), each
-  an item of its own, so one layer's experts spread over many ranks instead of loading one rank
-  with ``E`` matrices (at ``W`` >= the number of stacked parameters that one rank would set the
-  step time).
+  first cut into chunks of experts, each an item of its own, so one layer's experts spread over
+  many ranks instead of loading one rank with ``E`` matrices (at ``W`` >= the number of stacked
+  parameters that one rank would set the step time): ``min(E, world_size)`` equal chunks placed by
+  LPT on replicated parameters (:func:`split_stacked`), the layout's own cuts on sharded ones
+  (:func:`split_on_ranges`: whole experts stay where they lie).
 * Buckets: the Muon parameters of one param group with the same matrix shape and dtype form a
   bucket. Its owned members are orthogonalized by their owner as one ``[B, m, n]`` batch, and its
   updates are exchanged in one collective. Buckets are ordered by decreasing size so the first
