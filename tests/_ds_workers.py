@@ -61,12 +61,13 @@ def warmup_factor(step: int) -> float:
 
 
 def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
-                 scheduler: bool = False, kind: str = "llama", device: str | torch.device | None = None):
+                 scheduler: bool = False, kind: str = "llama", device: str | torch.device | None = None,
+                 model_kw: dict | None = None):
     """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer."""
     from dist_muonclip import MuonClip
 
     if model is None:
-        model = tiny_model(kind, seed=0)
+        model = tiny_model(kind, seed=0, **(model_kw or {}))
         if device is not None:
             model.to(device)
         opt = MuonClip(model, **{**MC_PARAMS, **qk_clip_params(), **(params or {})})
@@ -103,7 +104,7 @@ def _fp32_params(engine) -> dict[str, torch.Tensor]:
 def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | str = False, params: dict | None = None,
                     scheduler: bool = False, use_instance: bool = False, accountant: bool = False,
                     save_dir: str | None = None, save_at: int | None = None, resume_dir: str | None = None,
-                    start: int = 0, native_resume: bool = False, kind: str = "llama"):
+                    start: int = 0, native_resume: bool = False, kind: str = "llama", model_kw: dict | None = None):
     """One DeepSpeed run of the tiny ``kind`` model; returns fp32 master parameters (CPU), lrs,
     NS calls, state size, accountant totals and the optimizer's metrics."""
     _setup()
@@ -111,7 +112,7 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
     from dist_muonclip.comm import CommAccountant
     from dist_muonclip.deepspeed import initialize, load_checkpoint, muonclip_optimizer, save_checkpoint
 
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0, **(model_kw or {}))
     cfg = ds_config(stage, world, bf16=bf16, params=params, scheduler=scheduler)
     acc = CommAccountant() if accountant else None
     if use_instance:
