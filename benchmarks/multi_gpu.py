@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,7 +198,10 @@ def _check_worker(rank: int, world: int, port: int, backend: str, scenarios: lis
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = "cuda"
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    # NCCL: a collective stuck for 2 minutes (tiny models: a hang) aborts the rank instead of
+    # waiting out the budget; gloo keeps torch's default
+    kw = {"timeout": datetime.timedelta(seconds=120)} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     flag_device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     results = []
     for engine, model in scenarios:
@@ -277,8 +280,6 @@ def compare_params(got: dict[str, Any], want: dict[str, Any], init: dict[str, An
     ``||got - want|| <= BF16_REL ||want - init||``; ``ratio`` is the largest
     ``||got - want|| / (BF16_REL ||want - init||)``. Missing or extra names fail.
     """
-    import torch
-
     if mode not in ("tight", "bf16"):
         raise ValueError(f"mode={mode!r}: use 'tight' or 'bf16'")
     if mode == "bf16" and init is None:
@@ -307,8 +308,12 @@ def compare_params(got: dict[str, Any], want: dict[str, Any], init: dict[str, An
 
 
 def run_check(worlds: list[int], engines: list[str], models: list[str], steps: int, *, backend: str,
-              oracle_device: str, deadline: float | None = None, timeout: float = 900) -> dict[str, Any]:
-    """Every (engine, model) scenario on each W in ``worlds``, compared with the oracles."""
+              oracle_device: str, deadline: float | None = None, hard_deadline: float | None = None,
+              timeout: float = 900) -> dict[str, Any]:
+    """Every (engine, model) scenario on each W in ``worlds``, compared with the oracles.
+
+    ``deadline``: scenarios not started by then are skipped (agreed by all ranks); ``hard_deadline``:
+    a world still running then (a hung collective) is killed, keeping the scenarios it finished."""
     import torch
 
     from dist_muonclip.launch_env import free_port, spawn_local
@@ -337,11 +342,11 @@ def run_check(worlds: list[int], engines: list[str], models: list[str], steps: i
     rows, failures = [], {}
     for world in worlds:
         result_dir = tempfile.mkdtemp(prefix="multi_gpu_check_")
-        left = None if deadline is None else max(30.0, deadline - time.time() + 120.0)
+        left = timeout if hard_deadline is None else max(10.0, min(timeout, hard_deadline - time.time()))
         t1 = time.time()
         try:
             spawn_local(_check_worker, world, (world, free_port(), backend, scenarios, steps, result_dir, deadline),
-                        timeout=min(timeout, left) if left else timeout, what=f"check world {world}")
+                        timeout=left, what=f"check world {world}")
         except Exception as e:  # noqa: BLE001 - keep what the ranks wrote
             failures[world] = f"{type(e).__name__}: {e}"
         per_rank = []
@@ -435,7 +440,11 @@ def _scale_order(worlds: list[int]) -> list[int]:
 
 
 def run_scale(worlds: list[int], engines: list[str], sizes: list[str], steps: int, *, backend: str,
-              opts: dict[str, Any], deadline: float | None, w1_all: bool = False) -> dict[str, Any]:
+              opts: dict[str, Any], deadline: float | None, hard_deadline: float | None = None,
+              w1_all: bool = False) -> dict[str, Any]:
+    """``scaling.py``'s engines at every W (see :func:`_scale_order`); jobs not started by
+    ``deadline`` are skipped, a world still running at ``hard_deadline`` is killed (its finished
+    jobs are kept)."""
     from benchmarks.scaling import ENGINES, run_world
 
     skipped: dict[str, str] = {}
@@ -455,9 +464,9 @@ def run_scale(worlds: list[int], engines: list[str], sizes: list[str], steps: in
                       "error": "skipped: --budget-s reached"} for e, s in jobs for r in range(w)]
             continue
         t0 = time.time()
-        left = None if deadline is None else max(60.0, deadline - time.time() + 120.0)
+        left = 3600.0 if hard_deadline is None else max(10.0, hard_deadline - time.time())
         recs = run_world(w, jobs, steps, backend=backend, opts=opts, deadline=deadline,
-                         timeout=left or 3600, tolerate_failure=True)
+                         timeout=left, tolerate_failure=True)
         print(f"scale W={w}: {len(jobs)} runs in {time.time() - t0:.0f} s", flush=True)
         for r in recs:
             r["world_size"] = w
@@ -568,7 +577,8 @@ def goals(table: list[dict[str, Any]]) -> dict[str, Any]:
                 ent["pass"] = None
             if adamw:
                 best = min(adamw, key=lambda a: a["step_time_s"])
-                ent.update(fastest_adamw=best["engine"], overhead_vs_fastest_adamw=t["step_time_s"] / best["step_time_s"] - 1)
+                ent.update(fastest_adamw=best["engine"],
+                           overhead_vs_fastest_adamw=t["step_time_s"] / best["step_time_s"] - 1)
             e2e[e] = ent
         mc = [v["pass"] for k, v in e2e.items() if k.startswith("muonclip") and v["pass"] is not None]
         g["e2e_overhead_at_max_w"] = {"world_size": wmax, "rule": "step(MuonClip) / step(AdamW, same engine) - 1 <= 3%",
@@ -727,7 +737,9 @@ def plot(payload: dict[str, Any], prefix: str) -> list[str]:
             axes[0].plot([p[0] for p in bpts], [p[1] for p in bpts], color="k", linestyle="--",
                          label="goal: 1.2 NS1/W + AdamW ZeRO-1")
         axes[0].legend(fontsize=6)
-        fig.suptitle(f"{size} ({sel[0]['num_params'] / 1e9:.2f}B params, {sel[0].get('precision')}, "
+        n = sel[0]["num_params"]
+        count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+        fig.suptitle(f"{size} ({count} params, {sel[0].get('precision')}, "
                      f"micro-batch {sel[0].get('micro_batch')} x {sel[0].get('seq')})")
         fig.tight_layout()
         paths.append(f"{prefix}_step.png")
@@ -812,6 +824,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: 2048 on GPUs, 32 on CPU)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="wall-clock budget: runs not started by then are skipped (JSON still written)")
+    p.add_argument("--grace-s", type=float, default=60.0, help="after the budget, a run still going is killed "
+                   "(hung collective) once this much more has passed; keep budget + grace + ~15 s under the "
+                   "machine's limit")
+    p.add_argument("--check-budget-s", type=float, default=None,
+                   help="the part of the budget --check may use when --scale follows (default: 40%%)")
     p.add_argument("--oracle-device", default=None, help="device of the single-process oracles (default: cuda:0 "
                    "when CUDA is available, else cpu)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -848,9 +865,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         micro = 1
     tag = args.tag or (f"gpu{ngpu}" if cuda else "cpu")
     deadline = t_start + args.budget_s
+    hard_deadline = deadline + args.grace_s
+    check_deadline = deadline
+    if do_scale:
+        check_deadline = t_start + (args.check_budget_s if args.check_budget_s is not None else 0.4 * args.budget_s)
     env = environment()
-    print(f"multi_gpu: {env['device']} x{ngpu or 'cpu'}, backend {backend}, check W={check_worlds if do_check else '-'}, "
-          f"scale W={worlds if do_scale else '-'} sizes {sizes}, budget {args.budget_s:.0f} s", flush=True)
+    print(f"multi_gpu: {env['device']} x{ngpu or 'cpu'}, backend {backend}, "
+          f"check W={check_worlds if do_check else '-'}, scale W={worlds if do_scale else '-'} sizes {sizes}, "
+          f"budget {args.budget_s:.0f} s", flush=True)
     if env.get("nvidia_smi_topo"):
         print(env["nvidia_smi_topo"], flush=True)
     payload: dict[str, Any] = {
@@ -861,14 +883,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.time()
         payload["check"] = run_check(check_worlds, args.check_engines, args.check_models, args.check_steps,
                                      backend=backend, oracle_device=args.oracle_device or ("cuda:0" if cuda else "cpu"),
-                                     deadline=deadline)
+                                     deadline=check_deadline,
+                                     hard_deadline=min(hard_deadline, check_deadline + args.grace_s))
         payload["check"]["wall_s"] = time.time() - t0
         _print_check(payload["check"])
     if do_scale:
         t0 = time.time()
-        opts = {"precision": args.precision, "micro_batch": micro, "seq": seq, "attn": "sdpa" if cuda else "eager"}
+        opts = {"precision": args.precision, "micro_batch": micro, "seq": seq, "attn": "sdpa" if cuda else "eager",
+                "pg_timeout_s": 300}
         payload["scale"] = run_scale(worlds, args.engines, sizes, args.steps, backend=backend, opts=opts,
-                                     deadline=deadline, w1_all=args.w1_all)
+                                     deadline=deadline, hard_deadline=hard_deadline, w1_all=args.w1_all)
         payload["scale"].update(options=opts, steps=args.steps, wall_s=time.time() - t0,
                                 models={s: __import__("benchmarks.scaling", fromlist=["model_config"]).model_config(s)
                                         for s in sizes})

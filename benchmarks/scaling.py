@@ -209,9 +209,10 @@ class NSCounter:
 #: (DDP-style engines: fp32 parameters + ``torch.autocast`` bf16; DeepSpeed: ``"bf16": {"enabled":
 #: true}`` with fp32 masters; FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``);
 #: ``micro_batch``/``seq``: per-rank batch (weak scaling; ``None``: GLOBAL_BATCH split over the
-#: ranks, strong scaling); ``attn``: the HF attention implementation.
+#: ranks, strong scaling); ``attn``: the HF attention implementation; ``pg_timeout_s``: the process
+#: group timeout (None: torch's default; NCCL aborts a rank stuck that long in a collective).
 DEFAULT_OPTIONS: dict[str, Any] = {"device": "cpu", "precision": "fp32", "micro_batch": None, "seq": None,
-                                   "attn": "eager"}
+                                   "attn": "eager", "pg_timeout_s": None}
 
 
 def _batch(step: int, rank: int, world: int):
@@ -242,6 +243,7 @@ class _Run:
         self.fwd_bwd_s: list[float] = []
         self.opt_s: list[float] = []
         self.step_s: list[float] = []
+        self.peak_bytes = 0
 
     @property
     def micro_batch(self) -> int:
@@ -270,6 +272,9 @@ class _Run:
 
         if self.cuda:
             torch.cuda.synchronize(self.device)
+            # read the peak at every timestamp: the profiler resets CUDA's peak counter when a
+            # MuonClip step starts, which would otherwise hide forward/backward's activations
+            self.peak_bytes = max(self.peak_bytes, int(torch.cuda.max_memory_allocated(self.device)))
         return time.perf_counter()
 
     def timed(self, fwd_bwd: Callable[[], None], opt_step: Callable[[], None]) -> None:
@@ -590,7 +595,8 @@ def run_engine(rank: int, world: int, engine: str, size: str, steps: int,
     out["fwd_bwd_time_s"] = statistics.median(out["fwd_bwd_times_s"][1:] or out["fwd_bwd_times_s"])
     out["peak_rss_bytes"] = _rss_hwm_bytes()
     if run.cuda:
-        out["peak_bytes"], out["peak_kind"] = int(torch.cuda.max_memory_allocated(run.device)), "cuda_max_allocated"
+        run.now()
+        out["peak_bytes"], out["peak_kind"] = run.peak_bytes, "cuda_max_allocated"
     else:
         out["peak_bytes"], out["peak_kind"] = out["peak_rss_bytes"], "rss_high_water"
     out["precision"], out["device"] = run.opts["precision"], str(run.device)
@@ -631,7 +637,12 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps
         opts["device"] = "cuda"
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     TAP.install()          # before any DeepSpeed backend caches a collective
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    kw = {}
+    if opts.get("pg_timeout_s"):     # a hung collective aborts the rank (NCCL watchdog) instead of blocking
+        import datetime
+
+        kw["timeout"] = datetime.timedelta(seconds=opts["pg_timeout_s"])
+    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     results = []
     path = os.path.join(result_dir, f"rank{rank}.json")
     for engine, size in jobs:
