@@ -822,6 +822,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch (default: 8 on GPUs; on CPU the "
                    "global batch 8 split over the ranks)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: 2048 on GPUs, 32 on CPU)")
+    p.add_argument("--attn", default=None, help="HF attention implementation for --scale (default: sdpa on GPUs, "
+                   "eager on CPU); max logits are recorded by dist_muonclip's wrapper either way")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="wall-clock budget: runs not started by then are skipped (JSON still written)")
     p.add_argument("--grace-s", type=float, default=60.0, help="after the budget, a run still going is killed "
@@ -889,7 +891,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _print_check(payload["check"])
     if do_scale:
         t0 = time.time()
-        opts = {"precision": args.precision, "micro_batch": micro, "seq": seq, "attn": "sdpa" if cuda else "eager",
+        opts = {"precision": args.precision, "micro_batch": micro, "seq": seq, "attn": args.attn or ("sdpa" if cuda else "eager"),
                 "pg_timeout_s": 300}
         payload["scale"] = run_scale(worlds, args.engines, sizes, args.steps, backend=backend, opts=opts,
                                      deadline=deadline, hard_deadline=hard_deadline, w1_all=args.w1_all)
