@@ -835,7 +835,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "when CUDA is available, else cpu)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default=None, help="file tag (default: gpu<N> or cpu)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNGs of a results JSON "
+                   "(e.g. one written on a machine without matplotlib)")
     args = p.parse_args(argv)
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        payload["plots"] = [os.path.basename(x) for x in plot(payload, args.replot[: -len(".json")])]
+        print(payload["plots"])
+        return payload
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
     if args.check_steps < 1:
