@@ -194,7 +194,9 @@ def _check_worker(rank: int, world: int, port: int, backend: str, scenarios: lis
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), TORCHDYNAMO_DISABLE="1", DIST_MUONCLIP_DS_SHM="0")
     torch.set_num_threads(1)
-    device = None
+    # "cpu" rather than None on gloo: the CPU dry run takes the same explicit-device branches
+    # (model.to, batch.to, the mesh's device type) as "cuda" does on a GPU box
+    device = "cpu"
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = "cuda"
@@ -324,13 +326,15 @@ def run_check(worlds: list[int], engines: list[str], models: list[str], steps: i
     for m in models:
         if m not in CHECK_MODELS:
             raise ValueError(f"check model {m!r} is unknown; use any of {sorted(CHECK_MODELS)}")
-    if "deepspeed" in sys.modules or any(e.startswith("ds-") for e in engines):
+    skipped_engines: dict[str, str] = {}
+    if any(e.startswith("ds-") for e in engines):
         try:
             import deepspeed  # noqa: F401
-        except Exception as e:  # noqa: BLE001
-            skipped = [x for x in engines if x.startswith("ds-")]
+        except Exception as e:  # noqa: BLE001 - recorded; the other engines still run
+            why = f"deepspeed does not import: {type(e).__name__}: {e}"
+            skipped_engines = {x: why for x in engines if x.startswith("ds-")}
             engines = [x for x in engines if not x.startswith("ds-")]
-            print(f"check: deepspeed does not import ({type(e).__name__}: {e}); skipping {skipped}", flush=True)
+            print(f"check: {why}; skipping {sorted(skipped_engines)}", flush=True)
     scenarios = [(e, m) for m in models for e in engines]
     t0 = time.time()
     oracles = {}
@@ -367,7 +371,7 @@ def run_check(worlds: list[int], engines: list[str], models: list[str], steps: i
                                        "ns_matrices_per_step": o["ns_matrices_per_step"],
                                        "num_muon_matrices": o["num_muon_matrices"]}
                         for (fam, m), o in oracles.items()},
-            "rows": rows, "failures": failures,
+            "rows": rows, "failures": failures, "skipped_engines": skipped_engines,
             "all_pass": bool(done) and all(r["pass"] for r in done), "num_skipped": len(rows) - len(done)}
 
 
@@ -898,8 +902,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _print_check(payload["check"])
     if do_scale:
         t0 = time.time()
-        opts = {"precision": args.precision, "micro_batch": micro, "seq": seq, "attn": args.attn or ("sdpa" if cuda else "eager"),
-                "pg_timeout_s": 300}
+        opts = {"precision": args.precision, "micro_batch": micro, "seq": seq,
+                "attn": args.attn or ("sdpa" if cuda else "eager"), "pg_timeout_s": 300}
         payload["scale"] = run_scale(worlds, args.engines, sizes, args.steps, backend=backend, opts=opts,
                                      deadline=deadline, hard_deadline=hard_deadline, w1_all=args.w1_all)
         payload["scale"].update(options=opts, steps=args.steps, wall_s=time.time() - t0,
