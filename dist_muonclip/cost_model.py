@@ -18,9 +18,10 @@ Engines (``engine=``):
 ``muonclip_ddp``        DDP all-reduces fp32 grads; owners orthogonalize; updates all-gathered
                         (ns dtype); AdamW sharded by flat slices, slices all-gathered.
 ``muonclip_optimizer``  no DDP: Muon grads all-to-all'd to owners, AdamW grads reduce-scattered.
-``muonclip_zero1``      DeepSpeed ZeRO-1/2 flat fragments (dist_muonclip.deepspeed): the engine
-                        all-reduces grads and all-gathers partitions; only pieces of matrices
-                        cut by a partition boundary travel to the matrix's holder and back.
+``muonclip_zero1``      DeepSpeed ZeRO-1/2 flat fragments (dist_muonclip.deepspeed, two param
+                        groups: Muon, AdamW): the engine all-reduces grads and all-gathers
+                        partitions; only pieces of matrices cut by a partition boundary travel
+                        to the matrix's holder and back.
 ``muonclip_fsdp2``      FSDP2 row shards: block params all-gathered in forward and backward (the
                         root's once), grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
@@ -41,7 +42,7 @@ import math
 from typing import Any, Sequence
 
 from .newton_schulz import ns_flops
-from .plan import MatrixItem, build_plan, flat_partition
+from .plan import MatrixItem, build_plan, flat_partition, split_stacked
 
 __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_from_model", "specs_from_config",
            "predict", "scaling_table", "format_table"]
@@ -210,8 +211,12 @@ def specs_from_config(cfg: dict[str, Any]) -> list[ParamSpec]:
 
 
 # ----------------------------------------------------------------------------------------- model
-def _plan(specs: Sequence[ParamSpec], world: int, ns_steps: int):
+def _plan(specs: Sequence[ParamSpec], world: int, ns_steps: int, *, split: bool = False):
+    """The optimizer's plan; ``split``: stacked experts cut into chunks with owners of their own
+    (what MuonClip does on the Replicated layout: DDP, optimizer-owned reduction, ZeRO-0)."""
     items = [MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps) for s in specs if s.use_muon]
+    if split and world > 1:
+        items = split_stacked(items, world)
     return build_plan(items, world)
 
 
@@ -261,12 +266,12 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     flops = [0] * W
 
     if engine.startswith("muonclip"):
-        plan = _plan(specs, W, ns_steps)
+        plan = _plan(specs, W, ns_steps, split=engine in ("muonclip_ddp", "muonclip_optimizer"))
         owned = [0] * W
-        for s in muon:
-            o = plan.owners[s.name]
-            owned[o] += s.numel
-            flops[o] += s.num_matrices * ns_flops(*s.mn, ns_steps)
+        for item in plan.items:
+            o = plan.owners[item.name]
+            owned[o] += item.numel
+            flops[o] += item.flops
         chunk_a, held_a = _chunk_of([(s.name, s.numel) for s in adamw], W)
         for r in range(W):
             b = per_rank[r]
@@ -295,36 +300,43 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     # not reshard the root after forward), so it is gathered once (measured)
                     b["all_gather[engine]"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
         if engine == "muonclip_zero1":
-            # DeepSpeed ZeRO-1/2 flat partitions of the whole model (one param group): the engine
-            # all-reduces gradients and all-gathers the partitions (as adamw_zero1, measured); a
-            # matrix is orthogonalized by the rank holding most of it (the layout's owner hint), so
-            # only pieces of matrices cut by a partition boundary travel (momentum there, update back).
-            # The price: NS load follows the partitions (less balanced than LPT).
-            chunk, segs = flat_partition([(s.name, s.numel) for s in specs], W)
+            # DeepSpeed ZeRO-1/2 flat partitions, one per param group (dist_muonclip.deepspeed hands
+            # DeepSpeed two: the Muon matrices and the AdamW parameters): the engine all-reduces
+            # gradients and all-gathers each group's partitions (as adamw_zero1, measured); a matrix
+            # is orthogonalized by the rank holding most of it (the layout's owner hint), so only
+            # pieces of matrices cut by a partition boundary travel (momentum there, update back).
+            # Every rank holds 1/W of each group: balanced state. The price: NS load follows the
+            # partitions (less balanced than LPT).
             pieces: dict[str, list[tuple[int, int]]] = {}
-            for r, rs in enumerate(segs):
-                for seg in rs:
-                    pieces.setdefault(seg.name, []).append((r, seg.stop - seg.start))
-            is_muon = {s.name for s in muon}
+            held = {"muon": [0] * W, "adamw": [0] * W}
+            for kind, group in (("muon", muon), ("adamw", adamw)):
+                if not group:
+                    continue
+                chunk, segs = flat_partition([(s.name, s.numel) for s in group], W)
+                for r, rs in enumerate(segs):
+                    for seg in rs:
+                        pieces.setdefault(seg.name, []).append((r, seg.stop - seg.start))
+                        held[kind][r] += seg.stop - seg.start
+                    if W > 1:
+                        b = per_rank[r]
+                        b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
             flops = [0] * W        # the owner is the holder of most of the matrix, not LPT
+            holders = {}
             for s_ in muon:
-                ps = pieces[s_.name]
-                holder = max(ps, key=lambda t: (t[1], -t[0]))[0]
-                flops[holder] += s_.num_matrices * ns_flops(*s_.mn, ns_steps)
+                holders[s_.name] = max(pieces[s_.name], key=lambda t: (t[1], -t[0]))[0]
+                flops[holders[s_.name]] += s_.num_matrices * ns_flops(*s_.mn, ns_steps)
             for r in range(W):
-                held = sum(seg.stop - seg.start for seg in segs[r])
-                held_muon = sum(seg.stop - seg.start for seg in segs[r] if seg.name in is_muon)
-                state[r] = (held_muon + 2 * (held - held_muon)) * state_elem_bytes + held * master_bytes
+                state[r] = ((held["muon"][r] + 2 * held["adamw"][r]) * state_elem_bytes
+                            + (held["muon"][r] + held["adamw"][r]) * master_bytes)
                 if W == 1:
                     continue
                 b = per_rank[r]
                 b["all_reduce[engine]"] = 2 * f * P * grad_bytes
-                b["all_gather[engine]"] = (W - 1) * chunk * param_bytes
                 gather = scatter = 0.0
-                for name, ps in pieces.items():
-                    if name not in is_muon or len(ps) < 2:
+                for name, holder in holders.items():
+                    ps = pieces[name]
+                    if len(ps) < 2:
                         continue
-                    holder = max(ps, key=lambda t: (t[1], -t[0]))[0]
                     if holder == r:
                         scatter += sum(n for q, n in ps if q != r) * ns_bytes
                     else:

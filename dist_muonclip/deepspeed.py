@@ -36,9 +36,13 @@ DeepSpeed on the raw reduced gradient before :meth:`MuonClip.step` runs, never o
 orthogonalized update; steps DeepSpeed skips for overflow never reach the optimizer, and
 non-finite gradients that do reach it are skipped by MuonClip's preflight (state untouched).
 
-The optimizer DeepSpeed sees is a thin :class:`DeepSpeedMuonClip` with one param group holding
-every trainable parameter; a DeepSpeed ``scheduler`` writes that group's ``lr`` and the adapter
-scales every MuonClip group by the same factor (so ``lr`` and ``adamw_lr`` keep their ratio).
+The optimizer DeepSpeed sees is a thin :class:`DeepSpeedMuonClip` with two param groups, the Muon
+matrices and the AdamW parameters. DeepSpeed flattens and partitions every group on its own, so
+each rank holds ~1/W of the Muon elements (one momentum word each) and ~1/W of the AdamW elements
+(two moment words each): optimizer state is balanced across ranks, instead of the ranks whose
+partition holds the embedding and the output head carrying twice the state of the others. A
+DeepSpeed ``scheduler`` writes the groups' ``lr``; the adapter reads the first group's and scales
+every MuonClip group by ``lr / initial lr`` (so ``lr`` and ``adamw_lr`` keep their ratio).
 
 ZeRO-3 is not supported (MuonClip needs whole matrices once per step; use FSDP2 for parameter
 sharding). fp16 (loss scaling) is not supported: use bf16.
@@ -279,32 +283,94 @@ def prepare_config(config: Any, *, has_optimizer: bool = False) -> tuple[dict[st
 # Layouts over DeepSpeed's storage
 # --------------------------------------------------------------------------------------------
 
+_GROUP_KEY = "dist_muonclip_group"   # index of a DeepSpeedMuonClip param group (0: Muon, 1: AdamW)
+
+
 class FlatFragmentsLayout(_LayoutBase):
     """Matrices cut into fragments by DeepSpeed's flat fp32 partitions (ZeRO-1/2, BF16_Optimizer).
 
-    DeepSpeed flattens a param group into one buffer (parameter ``i`` at ``offsets[i]``, with
+    DeepSpeed flattens each param group into one buffer (parameter ``i`` at ``offsets[i]``, with
     optional alignment padding between parameters) and gives rank ``r`` the elements
-    ``[r * partition_size, (r + 1) * partition_size)``. A parameter therefore lies on one or more
-    consecutive ranks, as one contiguous fragment per rank. ``flat`` is this rank's fp32
-    partition (DeepSpeed sets its ``.grad`` to the reduced, clipped gradient before the step).
+    ``[r * partition_size, (r + 1) * partition_size)`` of it. A parameter therefore lies on one or
+    more consecutive ranks, as one contiguous fragment per rank. ``flat`` is this rank's fp32
+    partition of the group (DeepSpeed sets its ``.grad`` to the reduced, clipped gradient before
+    the step). One group: the constructor; several: :meth:`from_groups`.
     """
 
     sharded = True
 
     def __init__(self, params: Sequence[Tensor], offsets: Sequence[int], partition_size: int, rank: int,
                  world_size: int, flat: Tensor) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._where: dict[Tensor, tuple[int, int, int]] = {}     # p -> (group, offset, numel)
+        self._shape: dict[Tensor, torch.Size] = {}
+        self._partition_size: list[int] = []
+        self._flat: list[Tensor] = []
+        self._stashed: dict[int, Tensor] = {}
+        self._add_group(params, offsets, partition_size, flat)
+
+    @classmethod
+    def from_groups(cls, groups: Sequence[tuple[Sequence[Tensor], Sequence[int], int, Tensor]], rank: int,
+                    world_size: int) -> "FlatFragmentsLayout":
+        """One layout over several flat groups: ``(params, offsets, partition_size, flat)`` each."""
+        if not groups:
+            raise ValueError("FlatFragmentsLayout.from_groups: no groups")
+        params, offsets, partition_size, flat = groups[0]
+        layout = cls(params, offsets, partition_size, rank, world_size, flat)
+        for g in groups[1:]:
+            layout._add_group(*g)
+        return layout
+
+    def _add_group(self, params: Sequence[Tensor], offsets: Sequence[int], partition_size: int,
+                   flat: Tensor) -> None:
         if len(params) != len(offsets):
             raise ValueError("FlatFragmentsLayout: one offset per parameter")
-        self.partition_size, self.rank, self.world_size, self.flat = int(partition_size), rank, world_size, flat
-        self._where = {p: (int(o), p.numel()) for p, o in zip(params, offsets)}
-        self._shape = {p: p.shape for p in params}
-        if flat.numel() != self.partition_size:
+        if flat.numel() != int(partition_size):
             raise ValueError(f"FlatFragmentsLayout: partition has {flat.numel()} elements, expected "
-                             f"{self.partition_size}")
+                             f"{int(partition_size)}")
+        gi = len(self._flat)
+        self._partition_size.append(int(partition_size))
+        self._flat.append(flat)
+        for p, o in zip(params, offsets):
+            if p in self._where:
+                raise ValueError("FlatFragmentsLayout: a parameter appears in two groups")
+            self._where[p] = (gi, int(o), p.numel())
+            self._shape[p] = p.shape
+
+    @property
+    def partition_size(self) -> int:
+        """The first group's partition size (one-group layouts)."""
+        return self._partition_size[0]
+
+    @property
+    def flat(self) -> Tensor:
+        """The first group's fp32 partition (one-group layouts)."""
+        return self._flat[0]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._flat)
+
+    def stash_grad(self, group: int) -> None:
+        """Keep group ``group``'s gradient partition for a step that runs after DeepSpeed has
+        dropped it (ZeRO-1/2 step the client one group at a time, see DeepSpeedMuonClip.step)."""
+        g = self._flat[group].grad
+        if g is None:
+            self._stashed.pop(group, None)
+        else:
+            self._stashed[group] = g
+
+    def clear_stash(self) -> None:
+        self._stashed.clear()
+
+    def _grad_of(self, group: int) -> Tensor | None:
+        g = self._flat[group].grad
+        return self._stashed.get(group) if g is None else g
 
     def _span(self, p: Tensor, r: int) -> tuple[int, int]:
-        off, n = self._where[p]
-        a, b = max(off, r * self.partition_size), min(off + n, (r + 1) * self.partition_size)
+        gi, off, n = self._where[p]
+        ps = self._partition_size[gi]
+        a, b = max(off, r * ps), min(off + n, (r + 1) * ps)
         return (a - off, b - off) if b > a else (0, 0)
 
     def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
@@ -315,13 +381,14 @@ class FlatFragmentsLayout(_LayoutBase):
         return out
 
     def fragments(self, p: Tensor) -> list[tuple[int, int, int]]:
-        """``(rank, offset in rank's partition, length)`` of every fragment of ``p``."""
-        off, _ = self._where[p]
+        """``(rank, offset in rank's partition of p's group, length)`` of every fragment of ``p``."""
+        gi, off, _ = self._where[p]
+        ps = self._partition_size[gi]
         out = []
         for r in range(self.world_size):
             a, b = self._span(p, r)
             if b > a:
-                out.append((r, off + a - r * self.partition_size, b - a))
+                out.append((r, off + a - r * ps, b - a))
         return out
 
     def owner_hint(self, p: Tensor) -> int:
@@ -334,14 +401,15 @@ class FlatFragmentsLayout(_LayoutBase):
         a, b = self._span(p, self.rank)
         if b <= a:
             return flat[:0]
-        base = self._where[p][0] - self.rank * self.partition_size
+        gi, off, _ = self._where[p]
+        base = off - self.rank * self._partition_size[gi]
         return flat[base + a:base + b]
 
     def local_param(self, p: Tensor) -> Tensor:
-        return self._local(p, self.flat.detach())
+        return self._local(p, self._flat[self._where[p][0]].detach())
 
     def local_grad(self, p: Tensor) -> Tensor | None:
-        g = self.flat.grad
+        g = self._grad_of(self._where[p][0])
         return None if g is None else self._local(p, g)
 
     def full_shape(self, p: Tensor) -> torch.Size:
@@ -423,13 +491,16 @@ def _set_layout(opt: MuonClip, layout: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 class DeepSpeedMuonClip(Optimizer):
-    """The client optimizer handed to DeepSpeed: one param group, MuonClip inside.
+    """The client optimizer handed to DeepSpeed: two param groups (Muon matrices, AdamW
+    parameters; an empty one is left out), MuonClip inside.
 
-    DeepSpeed replaces the group's ``params`` by its fp32 partition (ZeRO-1/2, bf16) and calls
+    DeepSpeed replaces each group's ``params`` by its fp32 partition (ZeRO-1/2, bf16) and calls
     :meth:`step` after it has reduced, unscaled and clipped the gradients; :meth:`bind` (called
     by :func:`initialize` once DeepSpeed is set up) moves the inner :class:`MuonClip` onto the
-    layout matching what DeepSpeed did. A scheduler writes ``param_groups[0]["lr"]``; every
-    MuonClip group's lr is scaled by ``lr / initial lr``.
+    layout matching what DeepSpeed did. Separate groups make DeepSpeed partition the Muon and the
+    AdamW elements evenly on their own, which balances optimizer state across ranks. A scheduler
+    writes the groups' ``lr``; every MuonClip group's lr is scaled by ``first group's lr /
+    initial lr``.
 
     Args:
         model: the model given to DeepSpeed (its parameter names drive the Muon/AdamW split and
@@ -454,9 +525,14 @@ class DeepSpeedMuonClip(Optimizer):
         self._lr0 = lr
         self._base_lrs = [g["lr"] for g in muonclip.param_groups]
         self._after_step: Callable[[], None] | None = None
+        self._fragments: FlatFragmentsLayout | None = None
         self.layout_name = "unbound"
         self._bound = False
-        super().__init__([{"params": params, "lr": lr}], {"lr": lr})
+        muon = {p for g in muonclip.param_groups if g.get("use_muon", True) for p in g["params"]}
+        split = [[p for p in params if p in muon], [p for p in params if p not in muon]]
+        groups = [{"params": ps, "lr": lr, _GROUP_KEY: k} for k, ps in enumerate(g for g in split if g)]
+        super().__init__(groups, {"lr": lr})
+        self._groups = list(self.param_groups)   # DeepSpeed narrows param_groups while it steps
 
     # -- binding to DeepSpeed's storage -----------------------------------------------------
     def bind(self, engine: Any) -> None:
@@ -466,30 +542,37 @@ class DeepSpeedMuonClip(Optimizer):
         if wrapper is self:
             self.layout_name = "replicated"
         elif hasattr(wrapper, "single_partition_of_fp32_groups"):       # ZeRO-1/2 (DeepSpeedZeroOptimizer)
-            self._check_one_group(wrapper.bit16_groups)
-            layout = FlatFragmentsLayout(wrapper.round_robin_bit16_groups[0], wrapper.round_robin_bit16_offsets[0],
-                                         wrapper.partition_size[0], dist.get_rank(wrapper.dp_process_group),
-                                         dist.get_world_size(wrapper.dp_process_group),
-                                         wrapper.single_partition_of_fp32_groups[0])
+            self._check_groups(wrapper.bit16_groups)
+            n = len(self._groups)
+            layout = FlatFragmentsLayout.from_groups(
+                [(wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i], wrapper.partition_size[i],
+                  wrapper.single_partition_of_fp32_groups[i]) for i in range(n)],
+                dist.get_rank(wrapper.dp_process_group), dist.get_world_size(wrapper.dp_process_group))
+            self._fragments = layout
+            if n > 1:
+                self._after_step = lambda: self._refresh_bit16(wrapper, range(n - 1))
             self.layout_name = "flat_fragments(zero)"
         elif hasattr(wrapper, "fp32_groups_flat_partition"):            # BF16_Optimizer (stage 1 + bf16)
-            self._check_one_group(wrapper.bf16_groups)
-            params = wrapper.bf16_groups[0]
-            offsets, off = [], 0
-            for p in params:
-                offsets.append(off)
-                off += p.numel()
+            self._check_groups(wrapper.bf16_groups)
+            parts = []
+            for i, params in enumerate(wrapper.bf16_groups):
+                offsets, off = [], 0
+                for p in params:
+                    offsets.append(off)
+                    off += p.numel()
+                w = dist.get_world_size(wrapper.real_dp_process_group[i])
+                parts.append((params, offsets, wrapper.bf16_groups_flat[i].numel() // w,
+                              wrapper.fp32_groups_flat_partition[i]))
             group = wrapper.real_dp_process_group[0]
-            w = dist.get_world_size(group)
-            layout = FlatFragmentsLayout(params, offsets, wrapper.bf16_groups_flat[0].numel() // w,
-                                         dist.get_rank(group), w, wrapper.fp32_groups_flat_partition[0])
+            layout = FlatFragmentsLayout.from_groups(parts, dist.get_rank(group), dist.get_world_size(group))
             self.layout_name = "flat_fragments(bf16)"
         elif hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):  # stage 0 + bf16
-            self._check_one_group(wrapper.fp16_groups)
-            params = wrapper.fp16_groups[0]
+            self._check_groups(wrapper.fp16_groups)
+            params = [p for g in wrapper.fp16_groups for p in g]
+            masters = [m for g in wrapper.fp32_groups for m in g]
             comm = Comm(None, self.inner.accountant)
             names = {p: n for n, p in self._model.named_parameters()}
-            layout = MasterSliceLayout(params, wrapper.fp32_groups[0], [names[p] for p in params], comm)
+            layout = MasterSliceLayout(params, masters, [names[p] for p in params], comm)
             self._after_step = layout.all_gather_
             self.layout_name = "master_slices"
         else:
@@ -508,27 +591,55 @@ class DeepSpeedMuonClip(Optimizer):
             _set_layout(self.inner, None)
         self._bound = True
 
+    def _check_groups(self, groups: Sequence[Any]) -> None:
+        if len(groups) != len(self._groups):
+            raise RuntimeError(f"DeepSpeed made {len(groups)} param groups out of DeepSpeedMuonClip's "
+                               f"{len(self._groups)}; MoE expert groups are not supported")
+
     @staticmethod
-    def _check_one_group(groups: Sequence[Any]) -> None:
-        if len(groups) != 1:
-            raise RuntimeError(f"DeepSpeed made {len(groups)} param groups out of DeepSpeedMuonClip's one; "
-                               "MoE expert groups are not supported")
+    @torch.no_grad()
+    def _refresh_bit16(wrapper: Any, groups: Sequence[int]) -> None:
+        """Copy the fp32 partitions of ``groups`` into their bit16 partitions, as DeepSpeed does
+        right after stepping each group (ours were updated after DeepSpeed's copy, see step)."""
+        for i in groups:
+            pid = dist.get_rank(group=wrapper.real_dp_process_group[i])
+            wrapper.parallel_partitioned_bit16_groups[i][pid].data.copy_(wrapper.single_partition_of_fp32_groups[i].data)
 
     # -- optimizer API ----------------------------------------------------------------------
     def _sync_lr(self) -> None:
-        lr = float(self.param_groups[0]["lr"])
+        lr = float(self._groups[0]["lr"])
         factor = lr / self._lr0 if self._lr0 > 0 else 1.0
         for g, base in zip(self.inner.param_groups, self._base_lrs):
             g["lr"] = base * factor
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, s_max: Any = None) -> Any:
+        """One MuonClip step over all groups.
+
+        DeepSpeed's ZeRO-1/2 optimizer steps its client once per param group, with
+        ``param_groups`` narrowed to that group, and drops each group's gradient partition right
+        after; MuonClip needs every gradient at once (one preflight, QK-Clip after all updates).
+        So the calls for the first groups only keep their gradient partitions, the call for the
+        last group runs the whole step, and the earlier groups' bit16 partitions are refreshed
+        from the updated fp32 partitions before DeepSpeed all-gathers the parameters.
+        """
         if not self._bound:
             # DeepSpeed's fp16/bf16 wrappers call step() once with zero gradients while they are
             # built, to create Adam's state eagerly; MuonClip creates state lazily: nothing to do.
             return None
+        if len(self.param_groups) == 1 and len(self._groups) > 1:
+            k = self.param_groups[0][_GROUP_KEY]
+            if self._fragments is None:
+                raise RuntimeError("DeepSpeed stepped one param group of several on a layout that is not ZeRO-1/2's")
+            if k != len(self._groups) - 1:
+                self._fragments.stash_grad(k)
+                return None
         self._sync_lr()
-        loss = self.inner.step(closure, s_max=s_max)
+        try:
+            loss = self.inner.step(closure, s_max=s_max)
+        finally:
+            if self._fragments is not None:
+                self._fragments.clear_stash()
         if self._after_step is not None:
             self._after_step()
         return loss
@@ -541,7 +652,7 @@ class DeepSpeedMuonClip(Optimizer):
         bf16 master slices), else the full state. A collective for the full state."""
         sharded = self.layout_name != "replicated"
         return {"format": "dist_muonclip.deepspeed.v1", "lr0": self._lr0, "base_lrs": self._base_lrs,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self._groups],
                 "muonclip": self.inner.state_dict(sharded=sharded)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -558,7 +669,11 @@ class DeepSpeedMuonClip(Optimizer):
             dist.all_gather_object(shards, inner_sd)
             inner_sd = self.inner.merge_sharded(shards)
         self.inner.load_state_dict(inner_sd)
-        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+        if len(state_dict["param_groups"]) != len(self._groups):
+            raise ValueError(f"this checkpoint has {len(state_dict['param_groups'])} DeepSpeedMuonClip param groups, "
+                             f"this run has {len(self._groups)}: resume through dist_muonclip.deepspeed.load_checkpoint "
+                             "(full-state export)")
+        for g, saved in zip(self._groups, state_dict["param_groups"]):
             g.update(saved)
 
     def full_state_dict(self) -> dict[str, Any]:
@@ -586,7 +701,7 @@ class DeepSpeedMuonClip(Optimizer):
                 for p in g["params"]:
                     masters[names[p]] = p.detach().float().cpu().clone()
         return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner.state_dict(), "masters": masters,
-                "lr": self.param_groups[0]["lr"], "lr0": self._lr0}
+                "lr": self._groups[0]["lr"], "lr0": self._lr0}
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Any], engine: Any) -> None:
@@ -615,7 +730,8 @@ class DeepSpeedMuonClip(Optimizer):
         if hasattr(wrapper, "update_lp_params") and hasattr(wrapper, "single_partition_of_fp32_groups"):
             wrapper.update_lp_params()       # bit16 params <- fp32 partitions, all-gathered
         inner.load_state_dict(state["optimizer"])
-        self.param_groups[0]["lr"] = state["lr"]
+        for g in self._groups:
+            g["lr"] = state["lr"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .functional import ADJUST_LR_FNS, muon_apply_, muon_momentum_, update_scale
 from .newton_schulz import orthogonalize, validate_ns_options
 from .param_split import ParamInfo, as_matrices, format_split, matrix_shape, split_parameters
 from .layouts import Layout, Replicated, piece_row_scale
-from .plan import Bucket, MatrixItem, Segment, build_plan, flat_partition
+from .plan import Bucket, MatrixItem, Segment, build_plan, flat_partition, split_stacked
 
 __all__ = ["MuonClip"]
 
@@ -459,6 +459,11 @@ class MuonClip(Optimizer):
                 b, m, n = matrix_shape(p.shape, self._views[p])
                 items.append(MatrixItem(self._names[p], gi, b, m, n, str(p.dtype), g["ns_steps"]))
         layout = getattr(self, "_layout", None)
+        if self.world_size > 1 and not (layout is not None and layout.sharded):
+            # fused MoE experts [E, m, n]: chunks of experts get owners of their own (sharded
+            # layouts gather whole parameters to one owner and keep one item per parameter)
+            items = split_stacked(items, self.world_size)
+        self._build_slabs(items)
         hint = getattr(layout, "owner_hint", None) if layout is not None and layout.sharded else None
         preferred = {}
         if hint is not None:   # sharded layouts may say where a matrix lives: orthogonalize it there
@@ -485,6 +490,53 @@ class MuonClip(Optimizer):
                 self._partitions.append(_Partition(gi, kind, params, chunk, segs, mine, shard))
         if self._comm is not None:
             self._check_plan_across_ranks()
+
+    def _build_slabs(self, items: Sequence[MatrixItem]) -> None:
+        """Register the chunks of stacked parameters as units of the Muon engine.
+
+        A slab is a ``[k, m, n]`` view of its parameter's matrices (``as_matrices``) with a name,
+        an owner and a momentum buffer of its own; everything else (gradient, activity, the
+        parameter's storage) comes from the parameter. Slab objects are cached by (parameter,
+        start, stop), so a re-plan that keeps a chunk keeps its state.
+        """
+        cache = getattr(self, "_slab_cache", {})
+        for slab in getattr(self, "_slab_parent", {}):
+            self._names.pop(slab, None)
+            self._views.pop(slab, None)
+        self._slab_parent: dict[Tensor, tuple[Tensor, int, int]] = {}
+        self._slabs_of: dict[Tensor, list[Tensor]] = {}
+        keep = {}
+        for item in items:
+            if item.parent is None:
+                continue
+            p = self._by_name[item.parent]
+            key = (id(p), item.start, item.start + item.num_matrices)
+            slab = cache.get(key)
+            if slab is None:
+                with torch.no_grad():
+                    slab = as_matrices(p.detach(), self._views[p])[item.start:item.start + item.num_matrices]
+            keep[key] = slab
+            self._slab_parent[slab] = (p, item.start, item.start + item.num_matrices)
+            self._slabs_of.setdefault(p, []).append(slab)
+            self._names[slab] = item.name
+            self._views[slab] = "batch"
+            self._by_name[item.name] = slab
+            self._group_of[slab] = self._group_of[p]
+        self._slab_cache = keep
+
+    def _refresh_slabs(self) -> None:
+        """Re-point slabs whose parameter got new storage (``p.data = ...``, ``model.to(...)``)."""
+        for slab, (p, a, b) in self._slab_parent.items():
+            full = as_matrices(p.detach(), self._views[p])
+            if slab.data_ptr() != full[a:b].data_ptr() or slab.dtype != p.dtype or slab.device != p.device:
+                with torch.no_grad():
+                    view = full[a:b]
+                    slab.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+    def _unit_param(self, t: Tensor) -> Tensor:
+        """The parameter a Muon unit belongs to (itself unless it is a slab)."""
+        info = self._slab_parent.get(t)
+        return t if info is None else info[0]
 
     def _check_plan_across_ranks(self) -> None:
         descr = [(self._names[p], tuple(p.shape), str(p.dtype), bool(g["use_muon"]))
@@ -543,6 +595,8 @@ class MuonClip(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._slab_parent:
+            self._refresh_slabs()
         self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
         with self._phase("preflight"):
             pre = self._preflight(s_max)                   # one all-reduce(MAX): flags + max logits
@@ -688,6 +742,10 @@ class MuonClip(Optimizer):
         """The reduced gradient of ``p`` as this rank sees it (zeros where the graph gave none)."""
         if p in self._reduced:
             return self._reduced[p]
+        info = self._slab_parent.get(p)
+        if info is not None:
+            q, a, b = info
+            return as_matrices(q.grad, self._views[q])[a:b] if q.grad is not None else torch.zeros_like(p)
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
     # -- optimizer-owned gradient reduction ------------------------------------------------
@@ -701,7 +759,7 @@ class MuonClip(Optimizer):
         units = self._comm_units()
         while len(self._launched) < len(units):
             kind, unit = units[len(self._launched)]
-            members = ([self._by_name[n] for n in unit.names] if kind == "muon" else unit.params)
+            members = ([self._unit_param(self._by_name[n]) for n in unit.names] if kind == "muon" else unit.params)
             if not all(m in self._ready for m in members):
                 break
             self._launched.append(self._launch_reduce(kind, unit))
@@ -729,6 +787,8 @@ class MuonClip(Optimizer):
         return (kind, unit, out, work)
 
     def _local_grad(self, p: Tensor) -> Tensor:
+        if p in self._slab_parent:       # this rank's unreduced gradient of the slab's matrices
+            return self._grad(p)
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
     def _launch_reductions(self) -> None:
@@ -763,7 +823,7 @@ class MuonClip(Optimizer):
     def _muon_bucket(self, bucket: Bucket, pre: "_Preflight"):
         """Momentum + NS on the matrices this rank owns, then launch the exchange of updates."""
         g = self.param_groups[bucket.group]
-        active = [self._by_name[n] for n in bucket.names if self._by_name[n] in pre.active]
+        active = [self._by_name[n] for n in bucket.names if self._unit_param(self._by_name[n]) in pre.active]
         if not active:
             return None
         mine = [p for p in active if self._owner(p) == self.rank]
@@ -1037,6 +1097,12 @@ class MuonClip(Optimizer):
 
         for g in self.param_groups:
             for p in g["params"]:
+                for slab in self._slabs_of.get(p, ()):   # chunks of a stacked parameter: their owners
+                    s = self.state.get(slab)
+                    if s:
+                        _, a, b = self._slab_parent[slab]
+                        per = slab[0].numel()
+                        add(self._names[p], a * per, b * per, s)
                 s = self.state.get(p)
                 if not s:
                     continue
@@ -1172,6 +1238,14 @@ class MuonClip(Optimizer):
                     continue
                 if self._layout.sharded:
                     new_state[p] = take(p, full[name], self._layout.ranges(p)[self.rank], whole=False)
+                elif p in self._slabs_of:
+                    for slab in self._slabs_of[p]:
+                        if self._owner(slab) == self.rank:
+                            _, a, b = self._slab_parent[slab]
+                            per = slab[0].numel()
+                            st = take(p, full[name], [(a * per, b * per)], whole=False)
+                            new_state[slab] = {k: (v.view(slab.shape) if isinstance(v, Tensor) and k != "step" else v)
+                                               for k, v in st.items()}
                 elif g["use_muon"] and self._owner(p) == self.rank:
                     new_state[p] = take(p, full[name], [(0, p.numel())], whole=True)
         if not self._layout.sharded:

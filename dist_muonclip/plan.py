@@ -5,7 +5,11 @@ Pure planning, no process group. Every rank builds the same plan from the same s
 * Ownership: longest-processing-time (LPT) bin packing on Newton-Schulz FLOPs (Graham 1969: LPT
   is within 4/3 of the optimal makespan). Matrices are taken in order of decreasing FLOPs
   (tie-break by parameter name) and each goes to the rank with the least load so far (tie-break
-  by lowest rank). A parameter that is a stack of matrices (fused MoE experts) has one owner.
+  by lowest rank). A parameter that is a stack of matrices (fused MoE experts ``[E, m, n]``) is
+  first cut into ``min(E, world_size)`` contiguous chunks of experts (:func:`split_stacked`), each
+  an item of its own, so one layer's experts spread over many ranks instead of loading one rank
+  with ``E`` matrices (at ``W`` >= the number of stacked parameters that one rank would set the
+  step time).
 * Buckets: the Muon parameters of one param group with the same matrix shape and dtype form a
   bucket. Its owned members are orthogonalized by their owner as one ``[B, m, n]`` batch, and its
   updates are exchanged in one collective. Buckets are ordered by decreasing size so the first
@@ -21,7 +25,7 @@ from typing import Sequence
 
 from .newton_schulz import ns_flops
 
-__all__ = ["MatrixItem", "Bucket", "Plan", "build_plan", "flat_partition", "Segment"]
+__all__ = ["MatrixItem", "Bucket", "Plan", "build_plan", "flat_partition", "Segment", "split_stacked"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class MatrixItem:
     n: int
     dtype: str
     ns_steps: int = 5
+    parent: str | None = None   # a chunk of a stacked parameter: its name ...
+    start: int = 0              # ... and the index of its first matrix there
 
     @property
     def numel(self) -> int:
@@ -89,6 +95,27 @@ class Plan:
     def owned_numel(self, rank: int) -> int:
         by_name = {i.name: i for i in self.items}
         return sum(by_name[n].numel for n, o in self.owners.items() if o == rank)
+
+
+def split_stacked(items: Sequence[MatrixItem], world_size: int) -> list[MatrixItem]:
+    """Cut every stacked item (``num_matrices`` > 1) into ``min(num_matrices, world_size)``
+    contiguous chunks of near-equal size (the first ``num_matrices % k`` one matrix larger), named
+    ``"<name>[start:stop]"``. Other items pass through. Chunks are independent matrices for
+    Newton-Schulz (each expert is orthogonalized on its own), so any split is exact."""
+    out: list[MatrixItem] = []
+    for item in items:
+        k = min(item.num_matrices, world_size)
+        if k <= 1:
+            out.append(item)
+            continue
+        base, extra = divmod(item.num_matrices, k)
+        start = 0
+        for c in range(k):
+            size = base + (c < extra)
+            out.append(MatrixItem(f"{item.name}[{start}:{start + size}]", item.group, size, item.m, item.n,
+                                  item.dtype, item.ns_steps, parent=item.name, start=start))
+            start += size
+    return out
 
 
 def build_plan(items: Sequence[MatrixItem], world_size: int, preferred: dict[str, int] | None = None) -> Plan:

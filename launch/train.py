@@ -10,11 +10,13 @@ byte-level corpus shipped in ``dist_muonclip/data`` (vocabulary 256). The global
 ``t`` is identical for every world size (:func:`dist_muonclip.data.batch_for_step`): each rank
 takes its contiguous slice, so a W-rank run can be compared with the single-process run.
 
-Engines (``--engine``) wrap the model and own gradient reduction; today: ``ddp`` (no wrapper when
-the world size is 1). With ``--grad-reduction optimizer`` the model is not wrapped and MuonClip
-reduce-scatters gradients to their owner ranks itself. FSDP2 / DeepSpeed engines plug into
-:data:`ENGINES` (a class taking ``(model, ctx, grad_reduction=...)`` with ``.model`` for the
-forward and ``clip_grad_norm_``).
+Engines (``--engine``) wrap the model and own gradient reduction: ``ddp`` (no wrapper when the
+world size is 1; with ``--grad-reduction optimizer`` the model is not wrapped and MuonClip
+reduce-scatters gradients to their owner ranks itself), ``fsdp`` (FSDP2, ``--fsdp``) and
+``deepspeed`` (``--deepspeed_config ds.json``, also under the ``deepspeed`` launcher; see
+``launch/engines_deepspeed.py``). An engine is a class in :data:`ENGINES` taking
+``(model, ctx, grad_reduction=...)`` with ``.model`` for the forward and ``clip_grad_norm_`` (or
+``backward_step``).
 """
 from __future__ import annotations
 
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddp: replicated parameters, DDP gradient all-reduce (no wrapper for 1 process)")
     g.add_argument("--fsdp", dest="engine", action="store_const", const="fsdp", help="= --engine fsdp (FSDP2)")
     g.add_argument("--fsdp-mixed-precision", choices=("none", "bf16"), default="none")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   metavar="DS.json", help="DeepSpeed JSON config: selects --engine deepspeed (configs/zero*.json)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)   # passed by the deepspeed launcher; LOCAL_RANK is read from the env
     g.add_argument("--grad-reduction", choices=("external", "optimizer"), default="external",
                    help="external: the engine (DDP) all-reduces gradients; optimizer: no DDP, MuonClip "
                    "reduce-scatters gradients to their owners during backward (same bytes as DDP)")
@@ -159,6 +165,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--grad-reduction optimizer needs --optimizer muonclip (AdamW relies on DDP's all-reduce)")
     if args.grad_clip is None:
         args.grad_clip = 1.0
+    if args.deepspeed_config is not None:
+        if args.engine not in ("ddp", "deepspeed"):
+            parser.error(f"--deepspeed_config selects the deepspeed engine; it cannot be combined with --engine "
+                         f"{args.engine}")
+        if not os.path.isfile(args.deepspeed_config):
+            parser.error(f"--deepspeed_config {args.deepspeed_config}: no such file")
+        args.engine = "deepspeed"
+    elif args.engine == "deepspeed":
+        parser.error("--engine deepspeed needs --deepspeed_config PATH (e.g. configs/zero1.json)")
+    if args.engine == "deepspeed" and args.grad_reduction != "external":
+        parser.error("--grad-reduction optimizer does not apply to the deepspeed engine (DeepSpeed reduces gradients)")
     checks = [
         (args.steps >= 1, "--steps must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
@@ -272,7 +289,9 @@ class DDPEngine:
 # name -> engine class; later issues add "fsdp" and "deepspeed" here.
 ENGINES: dict[str, Callable[..., Any]] = {"ddp": DDPEngine}
 from launch.engines_fsdp import FSDPEngine  # noqa: E402
+from launch.engines_deepspeed import DeepSpeedEngine  # noqa: E402
 ENGINES["fsdp"] = FSDPEngine
+ENGINES["deepspeed"] = DeepSpeedEngine
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,14 +517,20 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     model = build_model(model_cfg, seed=args.seed, attn_implementation=args.attn_implementation,
                         vocab_size=VOCAB_SIZE).to(ctx.device)
     num_params = sum(p.numel() for p in model.parameters())
-    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction,
-                                  **({"mixed_precision": args.fsdp_mixed_precision} if args.engine == "fsdp" else {}))
-    optimizer = build_optimizer(args, model, **getattr(engine, "optimizer_kwargs", dict)())
+    engine_kw = {"fsdp": {"mixed_precision": args.fsdp_mixed_precision},
+                 "deepspeed": {"config": args.deepspeed_config}}.get(args.engine, {})
+    engine = ENGINES[args.engine](model, ctx, grad_reduction=args.grad_reduction, **engine_kw)
+    if hasattr(engine, "build_optimizer"):     # deepspeed: the engine owns the optimizer
+        optimizer = engine.build_optimizer(args, build_optimizer)
+    else:
+        optimizer = build_optimizer(args, model, **getattr(engine, "optimizer_kwargs", dict)())
+    schedule = not getattr(engine, "config_scheduler", False)   # a DeepSpeed scheduler section drives lr
     profiler = None
     if args.profile:
         from dist_muonclip.profiler import StepProfiler
 
-        profiler = StepProfiler(args.profile, model=model).attach(optimizer)   # AdamW too (no phases)
+        profiler = StepProfiler(args.profile, model=model).attach(   # AdamW too (no phases)
+            getattr(engine, "inner_optimizer", optimizer))
         if ctx.world_size > 1 and hasattr(engine.model, "register_comm_hook"):  # DDP: count its all-reduces
             from dist_muonclip.comm import ddp_accounting_hook
 
@@ -541,8 +566,9 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         f"{num_params / 1e6:.2f}M params | optimizer {args.optimizer} lr {args.lr:g}"
         + (f" adamw_lr {args.adamw_lr:g}" if args.optimizer == "muonclip" else "")
         + f" | world {ctx.world_size} on {ctx.device} ({args.engine}, {args.grad_reduction} grad reduction)"
-        f" | global batch "
-        f"{args.batch_size}x{args.seq_len} = {tokens_per_step} tokens/step")
+        + (f" | {engine.source}" + ("" if schedule else ", lr from the config's scheduler")
+           if getattr(engine, "source", "") else "")
+        + f" | global batch {args.batch_size}x{args.seq_len} = {tokens_per_step} tokens/step")
 
     bar = tqdm(total=args.steps, initial=start_step, disable=not ctx.is_main or args.no_progress,
                dynamic_ncols=True, desc="train")
@@ -550,15 +576,19 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     run_t0 = time.perf_counter()
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
-        factor = lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps)
-        _set_lr(optimizer, base_lrs, factor)
+        if schedule:
+            _set_lr(optimizer, base_lrs, lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps))
+        lr_now = float(optimizer.param_groups[0]["lr"])
         inputs, targets = batch_for_step(step, split="train", **data_kw)
         inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
         loss = _loss(engine.model, inputs, targets, args.autocast)
-        loss.backward()
-        grad_norm = engine.clip_grad_norm_(0.0 if args.grad_reduction == "optimizer" else args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if hasattr(engine, "backward_step"):   # deepspeed: backward, clip, step, zero grads, scheduler
+            grad_norm = engine.backward_step(loss)
+        else:
+            loss.backward()
+            grad_norm = engine.clip_grad_norm_(0.0 if args.grad_reduction == "optimizer" else args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         loss_value = _global_mean(loss, ctx)  # also the per-step sync point for timing
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
@@ -568,7 +598,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         metrics = _optimizer_metrics(optimizer)
         # None: the optimizer reduces gradients itself, no rank holds the global gradient (NaN/null)
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        row = {"step": step, "loss": loss_value, "lr": args.lr * factor, "grad_norm": _jsonable(grad_norm),
+        row = {"step": step, "loss": loss_value, "lr": lr_now, "grad_norm": _jsonable(grad_norm),
                "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
         if metrics is not None:
             row["metrics"] = metrics
@@ -585,7 +615,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 extra = " | max logit/layer " + " ".join(
                     "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
-                f"lr {args.lr * factor:.3g} | grad norm {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3f}'} | "
+                f"lr {lr_now:.3g} | grad norm {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3f}'} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:

@@ -92,7 +92,8 @@ def train_worker(rank: int, world: int, mode: str, steps: int, kind: str = "llam
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = {"params": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-           "acc": acc.totals(), "num_steps": len(acc.steps),
+           "acc": acc.totals(), "num_steps": len(acc.steps), "owners": dict(opt._plan.owners),
+           "loads": list(opt._plan.loads),
            "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values()
                               if isinstance(t, torch.Tensor) and t.ndim > 0)}
     if save_state:

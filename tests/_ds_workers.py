@@ -149,7 +149,12 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
                 for p in g["params"]:
                     owner = inner._plan.owners[inner.param_name(p)]
                     moved += sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
-    out = {"moved_elems": moved, "params": _fp32_params(engine), "lrs": lrs,
+    local = {"muon": 0, "adamw": 0}     # parameter elements whose optimizer state this rank holds
+    if layout.sharded:
+        for g in inner.param_groups:
+            for p in g["params"]:
+                local["muon" if g["use_muon"] else "adamw"] += sum(b - a for a, b in layout.ranges(p)[rank])
+    out = {"moved_elems": moved, "local_elems": local, "params": _fp32_params(engine), "lrs": lrs,
            "layout": engine._dist_muonclip.layout_name,
            "ns_matrices": ns_calls,
            "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()

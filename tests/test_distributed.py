@@ -183,3 +183,70 @@ def test_add_param_group_replans_on_every_rank(tmp_path):
         opt.zero_grad(set_to_none=True)
     for out in outs:
         _assert_same_params(out["params"], model.state_dict())
+
+
+# --------------------------------------------------------------------------- MoE: stacked experts
+EXPERTS = ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj")   # [4, m, n] each
+
+
+def _matrix_dims(t):
+    from dist_muonclip.param_split import matrix_shape
+
+    return matrix_shape(t.shape, "batch" if t.ndim > 2 else "matrix")
+
+
+@pytest.fixture(scope="module")
+def moe_oracle():
+    model, opt = W.train_single(STEPS, "deepseek_v3")
+    assert opt.metrics()["qk_clip/num_heads_clipped"] > 0
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("mode", ["ddp", "optimizer"])
+def test_moe_experts_split_over_owners_match_single_process(world, mode, moe_oracle, tmp_path):
+    """DeepSeek-V3 (MLA + fused MoE experts [4, m, n]): each stacked parameter is cut into
+    min(4, W) chunks of experts with owners of their own, and the run still equals the single
+    process (same tolerance as the dense model: only reduction order differs)."""
+    outs = values(run_distributed(W.train_worker, world, mode, STEPS, "deepseek_v3", tmp_path=tmp_path))
+    for r, out in enumerate(outs):
+        _assert_same_params(out["params"], moe_oracle)
+        if r:
+            for k in out["params"]:
+                assert torch.equal(out["params"][k], outs[0]["params"][k]), k
+    owners = outs[0]["owners"]
+    used = set()
+    for name in EXPERTS:
+        chunks = sorted(n for n in owners if n.startswith(name + "["))
+        assert len(chunks) == min(4, world) and name not in owners, chunks
+        used |= {owners[c] for c in chunks}
+    assert len(used) > 1                     # the experts of one layer are orthogonalized on several ranks
+    # and the busiest rank carries no more NS work than with one owner per stacked parameter
+    from dist_muonclip.plan import MatrixItem, build_plan
+    whole: dict[str, MatrixItem] = {}
+    for n in owners:
+        base = n.split("[")[0]
+        k, m_, n_ = _matrix_dims(outs[0]["params"][base])
+        whole[base] = MatrixItem(base, 0, k, m_, n_, "torch.float32")
+    assert max(outs[0]["loads"]) <= max(build_plan(list(whole.values()), world).loads)
+    single_state = sum(out["state_numel"] for out in outs)
+    assert max(out["state_numel"] for out in outs) <= 1.5 * single_state / world
+
+
+def test_moe_checkpoint_save_at_2_resume_at_4_and_1(tmp_path):
+    """Momentum of expert chunks is saved by its owners as pieces of the full parameter: saved at
+    W=2 (chunks of 2 experts), resumed at W=4 (chunks of 1, other owners) and W=1 (no chunks)."""
+    first = values(run_distributed(W.train_worker, 2, "ddp", 5, "deepseek_v3", None, True, tmp_path=tmp_path / "a"))
+    ckpt = first[0]["checkpoint"]
+    for name in EXPERTS:     # the full state holds the whole [4, m, n] momentum of each stacked parameter
+        assert ckpt["optim"]["state"][name]["momentum_buffer"].shape == ckpt["model"][name].shape
+    oracle_model, _ = W.train_single(10, "deepseek_v3")
+    want = {k: v.detach() for k, v in oracle_model.state_dict().items()}
+    four = values(run_distributed(W.train_worker, 4, "optimizer", 5, "deepseek_v3", None, False, ckpt, 5,
+                                  tmp_path=tmp_path / "b"))
+    _assert_same_params(four[0]["params"], want)
+    model, opt = W.build("deepseek_v3")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optim"])
+    W.train_single(5, "deepseek_v3", start=5, model=model, opt=opt)
+    _assert_same_params(model.state_dict(), want)
