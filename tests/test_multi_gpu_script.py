@@ -17,7 +17,9 @@ import torch
 
 from benchmarks import multi_gpu as MG
 
-STEPS = 4
+# the test suite's 10 steps: the tolerances' reasons (tests/test_deepspeed.py) are stated for 10 steps;
+# with fewer, parameters move less and the bf16 ratio to the movement grows (4 steps: 0.67 for MLA)
+STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,9 @@ def test_reduced_check_reports_the_oracle_equivalence(check_payload):
             assert r["max_abs_diff"] < 1e-5, (key, r["max_abs_diff"])
         else:
             assert r["tolerance"]["rel_to_movement"] == MG.BF16_REL and r["engine"].endswith("-bf16")
-            assert 0 < r["max_abs_diff"] < 0.05, (key, r["max_abs_diff"])   # bf16 noise: not zero, not huge
+            # bf16 forward/backward vs the fp32 oracle: measured ~1e-2 on these O(0.1) weights; exactly 0
+            # would mean the bf16 path was not taken, >= 0.05 a wrong update rather than rounding
+            assert 0 < r["max_abs_diff"] < 0.05, (key, r["max_abs_diff"])
         assert r["tolerance"]["reason"]
         # QK-Clip active: heads were rescaled in this run and in its oracle
         assert r["heads_clipped_total"] > 0 and sum(r["oracle_heads_clipped_per_step"]) > 0, key
