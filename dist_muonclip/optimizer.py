@@ -437,10 +437,10 @@ class MuonClip(Optimizer):
         if self._layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
-        self._replan()
         if self._layout.sharded:
             self._layout.validate([p for g in self.param_groups for p in g["params"]], self._names,
                                   self.world_size, self.rank)
+        self._replan()
         if grad_reduction == "optimizer" and self._comm is not None:
             for g in self.param_groups:
                 for p in g["params"]:
@@ -459,20 +459,26 @@ class MuonClip(Optimizer):
                 b, m, n = matrix_shape(p.shape, self._views[p])
                 items.append(MatrixItem(self._names[p], gi, b, m, n, str(p.dtype), g["ns_steps"]))
         layout = getattr(self, "_layout", None)
-        if self.world_size > 1 and not (layout is not None and layout.sharded):
-            # fused MoE experts [E, m, n]: chunks of experts get owners of their own (sharded
-            # layouts gather whole parameters to one owner and keep one item per parameter)
+        sharded = layout is not None and layout.sharded
+        # fused MoE experts [E, m, n]: chunks of experts get owners of their own. Replicated: min(E, W)
+        # equal chunks placed by LPT; sharded: the chunks each rank holds (no expert travels)
+        if sharded:
+            items = self._split_on_layout(items)
+        elif self.world_size > 1:
             items = split_stacked(items, self.world_size)
-        self._build_slabs(items)
-        hint = getattr(layout, "owner_hint", None) if layout is not None and layout.sharded else None
+        self._build_slabs(items, meta=sharded)
+        hint = getattr(layout, "owner_hint", None) if sharded else None
         preferred = {}
-        if hint is not None:   # sharded layouts may say where a matrix lives: orthogonalize it there
+        if sharded:   # sharded layouts: orthogonalize a matrix where (most of) it lives
             for g in self.param_groups:
                 if g["use_muon"]:
                     for p in g["params"]:
-                        r = hint(p)
+                        r = hint(p) if hint is not None else None
                         if r is not None:
                             preferred[self._names[p]] = r
+            for slab in self._slab_parent:
+                sizes = [sum(b - a for a, b in rs) for rs in self._lay_ranges(slab)]
+                preferred[self._names[slab]] = max(range(len(sizes)), key=lambda r: (sizes[r], -r))
         self._plan = build_plan(items, self.world_size, preferred)
         # AdamW: per (group, dtype, device) one flat partition in parameter order
         self._partitions = []
@@ -491,13 +497,44 @@ class MuonClip(Optimizer):
         if self._comm is not None:
             self._check_plan_across_ranks()
 
-    def _build_slabs(self, items: Sequence[MatrixItem]) -> None:
+    def _split_on_layout(self, items: list[MatrixItem]) -> list[MatrixItem]:
+        """Chunks of stacked parameters along a sharded layout's cuts: every run of whole matrices
+        one rank holds is a chunk (owned there: nothing moves), every matrix cut by a range
+        boundary a chunk of its own. Parameters a rank holds in several ranges stay whole."""
+        out: list[MatrixItem] = []
+        for item in items:
+            if item.num_matrices < 2:
+                out.append(item)
+                continue
+            ranges = self._layout.ranges(self._by_name[item.name])
+            if any(sum(b > a for a, b in rs) > 1 for rs in ranges):
+                out.append(item)
+                continue
+            per = item.m * item.n
+            cuts = {0, item.num_matrices}
+            for rs in ranges:
+                for a, b in rs:
+                    if b > a:
+                        cuts |= {a // per, -(-a // per), b // per, -(-b // per)}
+            cuts = sorted(cuts)
+            if len(cuts) <= 2:
+                out.append(item)
+                continue
+            for c0, c1 in zip(cuts, cuts[1:]):
+                out.append(MatrixItem(f"{item.name}[{c0}:{c1}]", item.group, c1 - c0, item.m, item.n, item.dtype,
+                                      item.ns_steps, parent=item.name, start=c0))
+        return out
+
+    def _build_slabs(self, items: Sequence[MatrixItem], *, meta: bool = False) -> None:
         """Register the chunks of stacked parameters as units of the Muon engine.
 
-        A slab is a ``[k, m, n]`` view of its parameter's matrices (``as_matrices``) with a name,
-        an owner and a momentum buffer of its own; everything else (gradient, activity, the
-        parameter's storage) comes from the parameter. Slab objects are cached by (parameter,
-        start, stop), so a re-plan that keeps a chunk keeps its state.
+        Replicated layout: a slab is a ``[k, m, n]`` view of its parameter's matrices
+        (``as_matrices``) with a name, an owner and a momentum buffer of its own; gradient,
+        activity and storage come from the parameter. Sharded layouts (``meta``): a slab is a
+        ``[k, m, n]`` meta tensor naming the chunk; its local pieces are slices of the
+        parameter's local pieces and its momentum a slice of the parameter's (so checkpoints see
+        per-parameter state). Slab objects are cached by (parameter, start, stop), so a re-plan
+        that keeps a chunk keeps its state.
         """
         cache = getattr(self, "_slab_cache", {})
         for slab in getattr(self, "_slab_parent", {}):
@@ -512,7 +549,11 @@ class MuonClip(Optimizer):
             p = self._by_name[item.parent]
             key = (id(p), item.start, item.start + item.num_matrices)
             slab = cache.get(key)
-            if slab is None:
+            if slab is not None and (slab.device.type == "meta") != meta:
+                slab = None
+            if slab is None and meta:
+                slab = torch.empty((item.num_matrices, item.m, item.n), device="meta")
+            elif slab is None:
                 with torch.no_grad():
                     slab = as_matrices(p.detach(), self._views[p])[item.start:item.start + item.num_matrices]
             keep[key] = slab
@@ -527,11 +568,58 @@ class MuonClip(Optimizer):
     def _refresh_slabs(self) -> None:
         """Re-point slabs whose parameter got new storage (``p.data = ...``, ``model.to(...)``)."""
         for slab, (p, a, b) in self._slab_parent.items():
+            if slab.device.type == "meta":
+                continue
             full = as_matrices(p.detach(), self._views[p])
             if slab.data_ptr() != full[a:b].data_ptr() or slab.dtype != p.dtype or slab.device != p.device:
                 with torch.no_grad():
                     view = full[a:b]
                     slab.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+    # -- the sharded layout as seen by Muon units (parameters and slabs of stacked parameters) -
+    def _lay_ranges(self, t: Tensor) -> list[list[tuple[int, int]]]:
+        info = self._slab_parent.get(t)
+        if info is None:
+            return self._layout.ranges(t)
+        p, a, b = info
+        per = math.prod(t.shape[1:])
+        lo, hi = a * per, b * per
+        return [[(max(x, lo) - lo, min(y, hi) - lo) for x, y in rs if min(y, hi) > max(x, lo)]
+                for rs in self._layout.ranges(p)]
+
+    def _lay_slice(self, t: Tensor, flat: Tensor) -> Tensor:
+        """The slab's elements within its parameter's local 1-D ``flat`` (one local range)."""
+        p, a, b = self._slab_parent[t]
+        per = math.prod(t.shape[1:])
+        lo, hi = a * per, b * per
+        for x, y in self._layout.ranges(p)[self.rank]:
+            if y > x:
+                s, e = max(x, lo), min(y, hi)
+                return flat[s - x:e - x] if e > s else flat[:0]
+        return flat[:0]
+
+    def _lay_local_param(self, t: Tensor) -> Tensor:
+        if t not in self._slab_parent:
+            return self._layout.local_param(t)
+        return self._lay_slice(t, self._layout.local_param(self._slab_parent[t][0]))
+
+    def _lay_local_grad(self, t: Tensor) -> Tensor | None:
+        if t not in self._slab_parent:
+            return self._layout.local_grad(t)
+        g = self._layout.local_grad(self._slab_parent[t][0])
+        return None if g is None else self._lay_slice(t, g)
+
+    def _lay_full_shape(self, t: Tensor) -> torch.Size:
+        return t.shape if t in self._slab_parent else self._layout.full_shape(t)
+
+    def _local_momentum(self, t: Tensor, local: Tensor) -> Tensor:
+        """Momentum of this rank's pieces of ``t``: a slab's is a slice of its parameter's."""
+        p = self._unit_param(t)
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(self._layout.local_param(p) if p is not t else local,
+                                                        memory_format=torch.contiguous_format)
+        return state["momentum_buffer"] if p is t else self._lay_slice(t, state["momentum_buffer"])
 
     def _unit_param(self, t: Tensor) -> Tensor:
         """The parameter a Muon unit belongs to (itself unless it is a slab)."""
@@ -870,7 +958,7 @@ class MuonClip(Optimizer):
 
     # -- sharded layouts (FSDP2 row shards, DeepSpeed flat fragments) ----------------------
     def _local_size(self, p: Tensor, rank: int) -> int:
-        return sum(b - a for a, b in self._layout.ranges(p)[rank])
+        return sum(b - a for a, b in self._lay_ranges(p)[rank])
 
     def _sharded_muon(self, pre: "_Preflight") -> list[Tensor]:
         """Per bucket: momentum on local pieces -> all-to-all of pieces to owners -> NS on the
@@ -886,19 +974,16 @@ class MuonClip(Optimizer):
 
     def _sharded_gather(self, bucket: Bucket, pre: "_Preflight") -> dict | None:
         g = self.param_groups[bucket.group]
-        active = [self._by_name[n] for n in bucket.names if self._by_name[n] in pre.active]
+        active = [self._by_name[n] for n in bucket.names if self._unit_param(self._by_name[n]) in pre.active]
         if not active:
             return None
-        layout, me, w = self._layout, self.rank, self.world_size
+        me, w = self.rank, self.world_size
         grads, bufs = [], []
         for p in active:
-            local = layout.local_param(p)
-            lg = layout.local_grad(p)
+            local = self._lay_local_param(p)
+            lg = self._lay_local_grad(p)
             grads.append(self._clipped(lg) if lg is not None else torch.zeros_like(local))
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(local, memory_format=torch.contiguous_format)
-            bufs.append(state["momentum_buffer"])
+            bufs.append(self._local_momentum(p, local))
         pieces = muon_momentum_(grads, bufs, momentum=g["momentum"], nesterov=g["nesterov"])
         mine = [p for p in active if self._owner(p) == me]
         in_splits = [0] * w
@@ -913,19 +998,19 @@ class MuonClip(Optimizer):
     def _sharded_orthogonalize(self, job: dict) -> None:
         with self._phase("gather"):
             job["work"].wait()
-        layout, w, g = self._layout, self.world_size, job["group"]
+        w, g = self.world_size, job["group"]
         mine, recv = job["mine"], job["recv"]
-        fulls = [recv.new_empty(math.prod(layout.full_shape(p))) for p in mine]
+        fulls = [recv.new_empty(math.prod(self._lay_full_shape(p))) for p in mine]
         off = 0
         for s in range(w):
             for p, full in zip(mine, fulls):
-                for a, b in layout.ranges(p)[s]:
+                for a, b in self._lay_ranges(p)[s]:
                     full[a:b] = recv[off:off + b - a]
                     off += b - a
         sends: list[Tensor] = []
         in_splits = [0] * w
         if mine:
-            views = [as_matrices(f.view(layout.full_shape(p)), self._views[p]) for f, p in zip(fulls, mine)]
+            views = [as_matrices(f.view(self._lay_full_shape(p)), self._views[p]) for f, p in zip(fulls, mine)]
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
             with self._phase("ns"):
@@ -933,7 +1018,7 @@ class MuonClip(Optimizer):
             flats = [o.reshape(-1) for o in ortho.split([v.shape[0] for v in views])]
             for r in range(w):
                 for p, flat in zip(mine, flats):
-                    for a, b in layout.ranges(p)[r]:
+                    for a, b in self._lay_ranges(p)[r]:
                         sends.append(flat[a:b])
                         in_splits[r] += b - a
         dtype = g["ns_dtype"]
@@ -951,7 +1036,7 @@ class MuonClip(Optimizer):
         sizes = [self._local_size(p, self.rank) for p in job["active"]]
         scale = update_scale(bucket.m, bucket.n, g["adjust_lr_fn"])
         with self._phase("apply"):
-            muon_apply_([self._layout.local_param(p) for p in job["active"]], list(update.split(sizes)),
+            muon_apply_([self._lay_local_param(p) for p in job["active"]], list(update.split(sizes)),
                         lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return update.float().square().sum() * scale**2   # this rank's pieces only
 

@@ -168,15 +168,24 @@ def _muon_numel_and_bytes(kind, world):
 
     model = F.build_model(kind)
     opt = MuonClip(model, qk_clip=False, **F.OPT_KW)
-    items, params = [], {}
+    items, params, preferred, stacked = [], {}, {}, []
     for gi, g in enumerate(opt.param_groups):
         if g["use_muon"]:
             for p in g["params"]:
                 name = opt.param_name(p)
                 b, m, n = matrix_shape(p.shape, opt._views[p])
+                if b > 1:   # fused experts: the experts each rank holds are a chunk owned there (no traffic)
+                    for r in range(world):
+                        r0, r1 = shard0_rows(p.shape[0], world, r)
+                        if r1 > r0:
+                            items.append(MatrixItem(f"{name}[{r0}:{r1}]", gi, r1 - r0, m, n, str(p.dtype),
+                                                    g["ns_steps"]))
+                            preferred[f"{name}[{r0}:{r1}]"] = r
+                    stacked.append(p)
+                    continue
                 items.append(MatrixItem(name, gi, b, m, n, str(p.dtype), g["ns_steps"]))
                 params[name] = p
-    plan = build_plan(items, world)
+    plan = build_plan(items, world, preferred)
     sent = [0] * world
     for name, p in params.items():
         row = p[0].numel()
@@ -186,7 +195,7 @@ def _muon_numel_and_bytes(kind, world):
             if r != owner:
                 sent[r] += local[r] * 4                      # gather: my rows to the owner
         sent[owner] += (p.numel() - local[owner]) * 4        # scatter: update rows to their holders
-    return sum(p.numel() for p in params.values()), sent
+    return sum(p.numel() for p in [*params.values(), *stacked]), sent
 
 
 def test_mixed_precision_bf16_params_fp32_reduce(fsdp_runs):
