@@ -147,8 +147,7 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
         for g in inner.param_groups:
             if g["use_muon"]:
                 for p in g["params"]:
-                    owner = inner._plan.owners[inner.param_name(p)]
-                    moved += sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
+                    moved += _moved_elems(inner, layout, p)
     local = {"muon": 0, "adamw": 0}     # parameter elements whose optimizer state this rank holds
     if layout.sharded:
         for g in inner.param_groups:
@@ -162,6 +161,23 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
            "acc": acc.totals() if acc is not None else None, "acc_steps": len(acc.steps) if acc else 0,
            "metrics": inner.metrics()}
     return out
+
+
+def _moved_elems(inner, layout, p) -> int:
+    """Elements of ``p`` held by ranks other than the owner of the matrices they belong to. A
+    stacked [E, m, n] parameter may be planned as chunks of whole matrices (``MatrixItem.parent``
+    / ``start``), each with its own owner (an MLA + MoE model's experts)."""
+    name = inner.param_name(p)
+    owners = inner._plan.owners
+    if name in owners:
+        spans = [(0, p.numel(), owners[name])]
+    else:
+        per = p[0].numel()      # elements of one matrix of the stack
+        spans = [(it.start * per, (it.start + it.num_matrices) * per, owners[it.name])
+                 for it in inner._plan.items if it.parent == name]
+    ranges = layout.ranges(p)
+    return sum(max(0, min(b, hi) - max(a, lo)) for lo, hi, owner in spans
+               for r, rs in enumerate(ranges) if r != owner for a, b in rs)
 
 
 def _count_ns(inner, calls: list):
