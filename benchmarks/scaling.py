@@ -14,8 +14,15 @@ Per run and rank it records (the first step is warm-up; numbers are from the las
   (``dist_muonclip.optimizer.orthogonalize``; DeepSpeed's ``original_muon.muon_update``), summed
   with :func:`dist_muonclip.newton_schulz.ns_flops` per matrix: redundant orthogonalization shows.
 * optimizer-state bytes (distinct storages of the optimizer's state tensors), peak memory
-  (process RSS high-water mark on CPU: noisy and includes the interpreter), step time (median;
-  noisy on a shared CPU: bytes, state and FLOPs are the deterministic primary measures).
+  (``torch.cuda.max_memory_allocated`` on GPU; process RSS high-water mark on CPU: noisy and
+  includes the interpreter), step time split into forward+backward and optimizer step (median;
+  on GPU after ``torch.cuda.synchronize``; noisy on a shared CPU: bytes, state and FLOPs are the
+  deterministic primary measures), and for MuonClip engines the profiler's per-phase times (CUDA
+  events on GPU) and memory split.
+
+Device and precision (``--backend nccl``: rank r on ``cuda:r``; ``--precision bf16``; weak scaling
+with ``--micro-batch``/``--seq``): see :data:`DEFAULT_OPTIONS`. ``benchmarks/multi_gpu.py`` drives
+this module on GPUs.
 
 Engines whose integration module does not import yet are skipped with the reason in the JSON.
 Writes ``benchmarks/results/scaling_<tag>.json`` and three PNG plots.
@@ -38,7 +45,7 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-__all__ = ["SIZES", "ENGINES", "run_engine", "main"]
+__all__ = ["SIZES", "GPU_SIZES", "ENGINES", "DEFAULT_OPTIONS", "run_engine", "run_world", "main"]
 
 # Llama-style ladder (byte vocabulary 256, GQA 2:1). Parameter counts in the JSON.
 SIZES: dict[str, dict[str, int]] = {
@@ -52,7 +59,14 @@ SIZES: dict[str, dict[str, int]] = {
                   num_key_value_heads=4),
     "xl": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=8),
+    # GPU sizes (benchmarks/multi_gpu.py): Llama-style, head_dim 128, GQA 4:1, a 32k vocabulary
+    # (the batches still draw ids below 256). ~1.2B and ~2.0B parameters.
+    "gpu-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "gpu-2b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=28, num_attention_heads=20,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
 }
+GPU_SIZES = ("gpu-1b", "gpu-2b")
 GLOBAL_BATCH, SEQ = 8, 32
 
 
@@ -190,6 +204,17 @@ class NSCounter:
 
 
 # ----------------------------------------------------------------------------------------- engines
+#: How a run is set up (``run_engine(..., opts=)``); the defaults are the CPU benchmark's:
+#: ``device`` "cpu" or "cuda" (this rank's GPU, ``cuda:LOCAL_RANK``); ``precision`` "fp32" or "bf16"
+#: (DDP-style engines: fp32 parameters + ``torch.autocast`` bf16; DeepSpeed: ``"bf16": {"enabled":
+#: true}`` with fp32 masters; FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``);
+#: ``micro_batch``/``seq``: per-rank batch (weak scaling; ``None``: GLOBAL_BATCH split over the
+#: ranks, strong scaling); ``attn``: the HF attention implementation; ``pg_timeout_s``: the process
+#: group timeout (None: torch's default; NCCL aborts a rank stuck that long in a collective).
+DEFAULT_OPTIONS: dict[str, Any] = {"device": "cpu", "precision": "fp32", "micro_batch": None, "seq": None,
+                                   "attn": "eager", "pg_timeout_s": None}
+
+
 def _batch(step: int, rank: int, world: int):
     import torch
 
@@ -197,6 +222,73 @@ def _batch(step: int, rank: int, world: int):
     ids = torch.randint(0, 256, (GLOBAL_BATCH, SEQ), generator=g)
     per = GLOBAL_BATCH // world
     return ids[rank * per:(rank + 1) * per]
+
+
+class _Run:
+    """One run's device, precision, batches and timing. On GPU every timestamp is taken after
+    ``torch.cuda.synchronize`` (so a time covers the kernels it launched, not just their launch);
+    forward+backward and the optimizer step are timed separately and together."""
+
+    def __init__(self, rank: int, world: int, opts: dict[str, Any] | None = None) -> None:
+        import torch
+
+        self.rank, self.world = rank, world
+        self.opts = {**DEFAULT_OPTIONS, **(opts or {})}
+        if self.opts["precision"] not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.opts['precision']!r}: use 'fp32' or 'bf16'")
+        self.cuda = self.opts["device"] == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.bf16 = self.opts["precision"] == "bf16"
+        self.ns_backend = "auto" if self.cuda else "torch"    # Triton NS on GPU, torch on CPU
+        self.fwd_bwd_s: list[float] = []
+        self.opt_s: list[float] = []
+        self.step_s: list[float] = []
+        self.peak_bytes = 0
+
+    @property
+    def micro_batch(self) -> int:
+        return self.opts["micro_batch"] or GLOBAL_BATCH // self.world
+
+    def batch(self, step: int):
+        import torch
+
+        if self.opts["micro_batch"] is None:
+            ids = _batch(step, self.rank, self.world)
+        else:     # weak scaling: every rank its own micro-batch
+            g = torch.Generator().manual_seed(1000 + 1009 * step + self.rank)
+            ids = torch.randint(0, 256, (self.opts["micro_batch"], self.opts["seq"] or SEQ), generator=g)
+        return ids.to(self.device)
+
+    def autocast(self) -> Any:
+        import torch
+
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def ddp_kwargs(self) -> dict[str, Any]:
+        return {"device_ids": [self.device.index]} if self.cuda else {}
+
+    def now(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            # read the peak at every timestamp: the profiler resets CUDA's peak counter when a
+            # MuonClip step starts, which would otherwise hide forward/backward's activations
+            self.peak_bytes = max(self.peak_bytes, int(torch.cuda.max_memory_allocated(self.device)))
+        return time.perf_counter()
+
+    def timed(self, fwd_bwd: Callable[[], None], opt_step: Callable[[], None]) -> None:
+        t0 = self.now()
+        fwd_bwd()
+        t1 = self.now()
+        opt_step()
+        t2 = self.now()
+        self.fwd_bwd_s.append(t1 - t0)
+        self.opt_s.append(t2 - t1)
+        self.step_s.append(t2 - t0)
+
+    def times(self) -> dict[str, Any]:
+        return {"step_times_s": self.step_s, "fwd_bwd_times_s": self.fwd_bwd_s, "opt_times_s": self.opt_s}
 
 
 def _state_bytes(state: Any) -> int:
@@ -208,7 +300,19 @@ def _state_bytes(state: Any) -> int:
     return storage_bytes(t for s in state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.ndim > 0)
 
 
-def _run_muonclip(model: Any, rank: int, world: int, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
+def _phase_medians(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Median per phase over the profiler's records after the first (warm-up) step."""
+    recs = records[1:] or records
+    names = dict.fromkeys(k for r in recs for k in r.get("phases_s", {}))
+    return {k: statistics.median(r.get("phases_s", {}).get(k, 0.0) for r in recs) for k in names}
+
+
+def _profiled(prof: Any) -> dict[str, Any]:
+    last = prof.records[-1]
+    return {"phases_s": last["phases_s"], "phases_s_median": _phase_medians(prof.records), "memory": last["memory"]}
+
+
+def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
     from torch import nn
 
     import dist_muonclip.optimizer as opt_mod
@@ -216,45 +320,79 @@ def _run_muonclip(model: Any, rank: int, world: int, steps: int, mode: str, ns: 
     from dist_muonclip.comm import ddp_accounting_hook
     from dist_muonclip.profiler import StepProfiler
 
-    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend="torch", qk_clip={"tau": 100.0},
+    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0},
                    grad_reduction="external" if mode == "ddp" else "optimizer")
     prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
     fwd = model
-    if mode == "ddp" and world > 1:
-        fwd = nn.parallel.DistributedDataParallel(model)
+    if mode == "ddp" and run.world > 1:
+        fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
         fwd.register_comm_hook(prof.accountant, ddp_accounting_hook)
     ns.patch(opt_mod, "orthogonalize")
-    times, flops = [], []
+    flops = []
     try:
         for t in range(steps):
-            ids = _batch(t, rank, world)
-            t0 = time.perf_counter()
-            fwd(input_ids=ids, labels=ids).loss.backward()
+            ids = run.batch(t)
             before = ns.flops
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
+
+            def fwd_bwd() -> None:
+                with run.autocast():
+                    loss = fwd(input_ids=ids, labels=ids).loss
+                loss.backward()
+
+            def opt_step() -> None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            run.timed(fwd_bwd, opt_step)
             flops.append(ns.flops - before)
     finally:
         ns.remove()
         prof.close()
     last = prof.records[-1]
     return {"comm": last["comm"], "bytes": last["comm_bytes"], "ns_flops": flops[-1], "ns_flops_plan": last["ns_flops"],
-            "ns_matrices": ns.matrices // steps, "state_bytes": _state_bytes(opt.state), "step_times_s": times,
-            "phases_s": last["phases_s"], "memory": last["memory"]}
+            "ns_matrices": ns.matrices // steps, "state_bytes": _state_bytes(opt.state), **run.times(),
+            **_profiled(prof)}
 
 
-def _ds_config(world: int, opt_type: str, stage: int) -> dict[str, Any]:
-    params: dict[str, Any] = {"lr": 0.003, "torch_adam": True, "weight_decay": 0.1}
-    if opt_type == "Muon":
-        params.update(momentum=0.95, ns_method="standard")
-    return {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-            "gradient_accumulation_steps": 1, "optimizer": {"type": opt_type, "params": params},
-            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    if params is None:
+        params = {"lr": 0.003, "torch_adam": True, "weight_decay": 0.1}
+        if opt_type == "Muon":
+            params.update(momentum=0.95, ns_method="standard")
+    cfg = {"train_batch_size": run.micro_batch * run.world, "train_micro_batch_size_per_gpu": run.micro_batch,
+           "gradient_accumulation_steps": 1, "optimizer": {"type": opt_type, "params": params},
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+    if run.bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
 
 
-def _run_deepspeed(model: Any, rank: int, world: int, steps: int, opt_type: str, stage: int,
-                   ns: NSCounter) -> dict[str, Any]:
+def _train_tapped(fwd_bwd: Callable[[Any], None], opt_step: Callable[[], None], run: _Run, steps: int,
+                  ns: NSCounter, ns_patch: tuple[Any, str] | None) -> dict[str, Any]:
+    """Run ``steps`` steps counting every torch.distributed collective (tap) and NS FLOPs."""
+    TAP.counts.clear()
+    TAP.active = True
+    if ns_patch is not None:
+        ns.patch(*ns_patch)
+    flops, snaps = [], []
+    try:
+        for t in range(steps):
+            ids = run.batch(t)
+            before = ns.flops
+            TAP.counts.clear()
+            run.timed(lambda: fwd_bwd(ids), opt_step)
+            flops.append(ns.flops - before)
+            snaps.append({k: dict(v) for k, v in TAP.counts.items()})
+    finally:
+        TAP.active = False
+        ns.remove()
+    comm = snaps[-1]
+    return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": flops[-1],
+            "ns_matrices": ns.matrices // steps, **run.times()}
+
+
+def _run_deepspeed(model: Any, run: _Run, steps: int, opt_type: str, stage: int, ns: NSCounter) -> dict[str, Any]:
+    """DeepSpeed's own optimizers (torch AdamW, built-in Muon) at ZeRO ``stage``."""
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None   # no 30 s shm op compile
@@ -265,36 +403,25 @@ def _run_deepspeed(model: Any, rank: int, world: int, steps: int, opt_type: str,
     muon = {i.name for i in split_parameters(model) if i.use_muon}
     for n, p in model.named_parameters():
         p.use_muon = n in muon       # DeepSpeed's Muon needs every parameter tagged; same split as ours
-    tap = TAP
-    tap.counts.clear()
-    tap.active = True
-    if opt_type == "Muon":
-        ns.patch(om, "muon_update")
-    times, flops, snaps = [], [], []
+    TAP.counts.clear()
+    TAP.active = True
     try:
         eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                            config=_ds_config(world, opt_type, stage))
-        for t in range(steps):
-            ids = _batch(t, rank, world)
-            before = ns.flops
-            tap.counts.clear()
-            t0 = time.perf_counter()
-            eng.backward(eng(input_ids=ids, labels=ids).loss)
-            eng.step()
-            times.append(time.perf_counter() - t0)
-            flops.append(ns.flops - before)
-            snaps.append({k: dict(v) for k, v in tap.counts.items()})
+                                            config=_ds_config(run, opt_type, stage))
     finally:
-        tap.active = False
-        ns.remove()
+        TAP.active = False
+
+    def fwd_bwd(ids: Any) -> None:
+        eng.backward(eng(input_ids=ids, labels=ids).loss)
+
+    out = _train_tapped(fwd_bwd, eng.step, run, steps, ns, (om, "muon_update") if opt_type == "Muon" else None)
     inner = eng.optimizer.optimizer if hasattr(eng.optimizer, "optimizer") else eng.optimizer
-    comm = snaps[-1]
-    return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": flops[-1],
-            "ns_matrices": ns.matrices // steps, "state_bytes": _state_bytes(inner.state), "step_times_s": times,
-            "zero_optimizer": type(eng.optimizer).__name__}
+    out["state_bytes"] = _state_bytes(inner.state)
+    out["zero_optimizer"] = type(eng.optimizer).__name__
+    return out
 
 
-def _run_adamw_ddp(model: Any, rank: int, world: int, steps: int) -> dict[str, Any]:
+def _run_adamw_ddp(model: Any, run: _Run, steps: int) -> dict[str, Any]:
     import torch
     from torch import nn
 
@@ -303,22 +430,27 @@ def _run_adamw_ddp(model: Any, rank: int, world: int, steps: int) -> dict[str, A
     acc = CommAccountant()
     opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1)
     fwd = model
-    if world > 1:
-        fwd = nn.parallel.DistributedDataParallel(model)
+    if run.world > 1:
+        fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
         fwd.register_comm_hook(acc, ddp_accounting_hook)
-    times = []
     for t in range(steps):
-        ids = _batch(t, rank, world)
-        t0 = time.perf_counter()
-        with acc.step():
-            fwd(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        ids = run.batch(t)
+
+        def fwd_bwd() -> None:
+            with acc.step():
+                with run.autocast():
+                    loss = fwd(input_ids=ids, labels=ids).loss
+                loss.backward()
+
+        def opt_step() -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        run.timed(fwd_bwd, opt_step)
     comm = acc.steps[-1] if acc.steps else {}
     comm = {k: {"calls": v["calls"], "bytes": v["bytes"]} for k, v in comm.items()}
     return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": 0, "ns_matrices": 0,
-            "state_bytes": _state_bytes(opt.state), "step_times_s": times}
+            "state_bytes": _state_bytes(opt.state), **run.times()}
 
 
 def _missing(module: str) -> str | None:
@@ -329,156 +461,243 @@ def _missing(module: str) -> str | None:
         return f"{module} does not import: {type(e).__name__}: {e}"
 
 
-def _train_tapped(step_fn: Callable[[Any], None], rank: int, world: int, steps: int, ns: NSCounter) -> dict[str, Any]:
-    """Run ``step_fn(ids)`` ``steps`` times counting every torch.distributed collective (tap)."""
+def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2; bf16 with fp32 masters when the run
+    is bf16); bytes from the wire tap (DeepSpeed's collectives and MuonClip's alike); phases from
+    the profiler on the inner MuonClip."""
     import dist_muonclip.optimizer as opt_mod
-
-    TAP.counts.clear()
-    TAP.active = True
-    ns.patch(opt_mod, "orthogonalize")
-    times, flops, snaps = [], [], []
-    try:
-        for t in range(steps):
-            ids = _batch(t, rank, world)
-            before = ns.flops
-            TAP.counts.clear()
-            t0 = time.perf_counter()
-            step_fn(ids)
-            times.append(time.perf_counter() - t0)
-            flops.append(ns.flops - before)
-            snaps.append({k: dict(v) for k, v in TAP.counts.items()})
-    finally:
-        TAP.active = False
-        ns.remove()
-    comm = snaps[-1]
-    return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": flops[-1],
-            "ns_matrices": ns.matrices // steps, "step_times_s": times}
-
-
-def _run_muonclip_ds(model: Any, rank: int, world: int, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2, fp32); bytes from the wire tap
-    (DeepSpeed's collectives and MuonClip's alike)."""
     from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
+    from dist_muonclip.profiler import StepProfiler
 
     disable_shm_comm()
     TAP.active = True        # DeepSpeed's first collectives happen in initialize; counted, then cleared
     try:
-        cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-               "optimizer": {"type": "MuonClip", "params": {"lr": 0.01, "adamw_lr": 0.003, "ns_backend": "torch",
-                                                            "qk_clip": {"tau": 100.0}}}}
+        cfg = _ds_config(run, "MuonClip", stage, {"lr": 0.01, "adamw_lr": 0.003, "ns_backend": run.ns_backend,
+                                                  "qk_clip": {"tau": 100.0}})
         eng, *_ = initialize(model=model, config=cfg)
     finally:
         TAP.active = False
+    opt = muonclip_optimizer(eng)
+    prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
 
-    def step(ids: Any) -> None:
+    def fwd_bwd(ids: Any) -> None:
         eng.backward(eng(input_ids=ids, labels=ids).loss)
-        eng.step()
 
-    out = _train_tapped(step, rank, world, steps, ns)
-    out["state_bytes"] = _state_bytes(muonclip_optimizer(eng).state)
+    try:
+        out = _train_tapped(fwd_bwd, eng.step, run, steps, ns, (opt_mod, "orthogonalize"))
+    finally:
+        prof.close()
+    out["state_bytes"] = _state_bytes(opt.state)
+    out.update(_profiled(prof))
     return out
 
 
-def _run_muonclip_fsdp2(model: Any, rank: int, world: int, steps: int, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip on FSDP2 (dist_muonclip.fsdp, fp32); bytes from the wire tap. FSDP2 issues its
+def _fsdp_policy(run: _Run) -> Any:
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if run.bf16 else None
+
+
+def _run_muonclip_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip on FSDP2 (dist_muonclip.fsdp); bytes from the wire tap. FSDP2 issues its
     all-gathers / reduce-scatters through torch.distributed's Python functions."""
+    import dist_muonclip.optimizer as opt_mod
     from dist_muonclip import fsdp
+    from dist_muonclip.profiler import StepProfiler
 
-    model = fsdp.fully_shard_model(model)
-    opt = fsdp.make_muonclip(model, lr=0.01, adamw_lr=0.003, ns_backend="torch", qk_clip={"tau": 100.0})
+    model = fsdp.fully_shard_model(model, None, _fsdp_policy(run))
+    opt = fsdp.make_muonclip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
+    prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
 
-    def step(ids: Any) -> None:
+    def fwd_bwd(ids: Any) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
+
+    def opt_step() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = _train_tapped(step, rank, world, steps, ns)
+    try:
+        out = _train_tapped(fwd_bwd, opt_step, run, steps, ns, (opt_mod, "orthogonalize"))
+    finally:
+        prof.close()
+    out["state_bytes"] = _state_bytes(opt.state)
+    out.update(_profiled(prof))
+    return out
+
+
+def _run_adamw_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
+    """torch AdamW on the same FSDP2 sharding (the baseline MuonClip-on-FSDP2 is compared with)."""
+    import torch
+
+    import dist_muonclip.optimizer as opt_mod
+    from dist_muonclip import fsdp
+
+    model = fsdp.fully_shard_model(model, None, _fsdp_policy(run))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1)
+
+    def fwd_bwd(ids: Any) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def opt_step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = _train_tapped(fwd_bwd, opt_step, run, steps, ns, (opt_mod, "orthogonalize"))
     out["state_bytes"] = _state_bytes(opt.state)
     return out
 
 
-#: engine name -> (runner(model, rank, world, steps, ns), reason-to-skip-or-None (evaluated lazily))
+#: engine name -> (runner(model, run, steps, ns), reason-to-skip-or-None (evaluated lazily))
 ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]]] = {
-    "muonclip_ddp": (lambda m, r, w, s, ns: _run_muonclip(m, r, w, s, "ddp", ns), lambda: None),
-    "muonclip_optimizer": (lambda m, r, w, s, ns: _run_muonclip(m, r, w, s, "optimizer", ns), lambda: None),
-    "muonclip_ds_zero0": (lambda m, r, w, s, ns: _run_muonclip_ds(m, r, w, s, 0, ns),
+    "muonclip_ddp": (lambda m, r, s, ns: _run_muonclip(m, r, s, "ddp", ns), lambda: None),
+    "muonclip_optimizer": (lambda m, r, s, ns: _run_muonclip(m, r, s, "optimizer", ns), lambda: None),
+    "muonclip_ds_zero0": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 0, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
-    "muonclip_ds_zero1": (lambda m, r, w, s, ns: _run_muonclip_ds(m, r, w, s, 1, ns),
+    "muonclip_ds_zero1": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 1, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
-    "muonclip_ds_zero2": (lambda m, r, w, s, ns: _run_muonclip_ds(m, r, w, s, 2, ns),
+    "muonclip_ds_zero2": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 2, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
     "muonclip_fsdp2": (_run_muonclip_fsdp2, lambda: _missing("dist_muonclip.fsdp")),
-    "ds_muon_zero1": (lambda m, r, w, s, ns: _run_deepspeed(m, r, w, s, "Muon", 1, ns), lambda: _missing("deepspeed")),
-    "adamw_ddp": (lambda m, r, w, s, ns: _run_adamw_ddp(m, r, w, s), lambda: None),
-    "adamw_ds_zero1": (lambda m, r, w, s, ns: _run_deepspeed(m, r, w, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
+    "ds_muon_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "Muon", 1, ns), lambda: _missing("deepspeed")),
+    "adamw_ddp": (lambda m, r, s, ns: _run_adamw_ddp(m, r, s), lambda: None),
+    "adamw_ds_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
+    "adamw_fsdp2": (_run_adamw_fsdp2, lambda: _missing("dist_muonclip.fsdp")),
 }
 
 
-def run_engine(rank: int, world: int, engine: str, size: str, steps: int) -> dict[str, Any]:
-    """One engine on one model size, on this rank of an initialized process group."""
+def run_engine(rank: int, world: int, engine: str, size: str, steps: int,
+               opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One engine on one model size, on this rank of an initialized process group.
+
+    ``opts``: see :data:`DEFAULT_OPTIONS` (default: CPU, fp32, the global batch split over ranks).
+    """
+    import gc
+
     import torch
 
     from dist_muonclip.models import build_model
+    from dist_muonclip.profiler import _rss_hwm_bytes, storage_bytes
 
-    model = build_model(model_config(size), seed=0, attn_implementation="eager")
+    run = _Run(rank, world, opts)
+    if run.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(run.device)
+    with torch.device(run.device):       # initialize on the device (a 1B model initializes in ~1 s on a GPU)
+        model = build_model(model_config(size), seed=0, attn_implementation=run.opts["attn"])
     ns = NSCounter()
     runner, _ = ENGINES[engine]
-    out = runner(model, rank, world, steps, ns)
+    out = runner(model, run, steps, ns)
     out["num_params"] = sum(p.numel() for p in model.parameters())
+    out["param_bytes"] = storage_bytes(model.parameters())
     out["step_time_s"] = statistics.median(out["step_times_s"][1:] or out["step_times_s"])
-    from dist_muonclip.profiler import _rss_hwm_bytes
-
+    out["opt_time_s"] = statistics.median(out["opt_times_s"][1:] or out["opt_times_s"])
+    out["fwd_bwd_time_s"] = statistics.median(out["fwd_bwd_times_s"][1:] or out["fwd_bwd_times_s"])
     out["peak_rss_bytes"] = _rss_hwm_bytes()
-    del model
+    if run.cuda:
+        run.now()
+        out["peak_bytes"], out["peak_kind"] = run.peak_bytes, "cuda_max_allocated"
+    else:
+        out["peak_bytes"], out["peak_kind"] = out["peak_rss_bytes"], "rss_high_water"
+    out["precision"], out["device"] = run.opts["precision"], str(run.device)
+    out["micro_batch"], out["seq"] = run.micro_batch, run.opts["seq"] or SEQ
+    del model, runner
+    gc.collect()
+    if run.cuda:
+        torch.cuda.empty_cache()
     torch.distributed.barrier()
     return out
 
 
 # ----------------------------------------------------------------------------------------- spawn
+def _agreed_out_of_time(deadline: float | None, device: Any) -> bool:
+    """Whether the wall-clock ``deadline`` has passed, agreed by all ranks (one all-reduce MAX),
+    so that every rank skips the same jobs and no collective is left waiting."""
+    import torch
+    import torch.distributed as dist
+
+    if deadline is None:
+        return False
+    flag = torch.tensor([1.0 if time.time() > deadline else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps: int, result_dir: str,
-            backend: str) -> None:
+            backend: str, opts: dict[str, Any] | None = None, deadline: float | None = None) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), TORCHDYNAMO_DISABLE="1")
     torch.set_num_threads(1)
+    opts = dict(opts or {})
     if backend == "nccl":
         torch.cuda.set_device(rank)
+        opts["device"] = "cuda"
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     TAP.install()          # before any DeepSpeed backend caches a collective
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    kw = {}
+    if opts.get("pg_timeout_s"):     # a hung collective aborts the rank (NCCL watchdog) instead of blocking
+        import datetime
+
+        kw["timeout"] = datetime.timedelta(seconds=opts["pg_timeout_s"])
+    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     results = []
+    path = os.path.join(result_dir, f"rank{rank}.json")
     for engine, size in jobs:
-        try:
-            res = {"ok": True, **run_engine(rank, world, engine, size, steps)}
-        except Exception as e:  # noqa: BLE001 - record and go on with the next engine
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            with contextlib.suppress(Exception):
-                dist.barrier()
+        if _agreed_out_of_time(deadline, device):
+            res = {"ok": False, "skipped": True, "error": "skipped: --budget-s reached"}
+        else:
+            try:
+                res = {"ok": True, **run_engine(rank, world, engine, size, steps, opts)}
+            except Exception as e:  # noqa: BLE001 - record and go on with the next engine
+                res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+                if backend == "nccl":
+                    with contextlib.suppress(Exception):
+                        torch.cuda.empty_cache()
+                with contextlib.suppress(Exception):
+                    dist.barrier()
         results.append({"engine": engine, "size": size, "rank": rank, **res})
-    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+        with open(path + ".tmp", "w") as f:       # after every job: a run killed later keeps these
+            json.dump(results, f)
+        os.replace(path + ".tmp", path)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run_world(world: int, jobs: list[tuple[str, str]], steps: int, *, backend: str = "gloo",
-              timeout: float = 900) -> list[dict[str, Any]]:
-    """All ``jobs`` (engine, size) on one W-process group; returns every rank's records."""
+              timeout: float = 900, opts: dict[str, Any] | None = None, deadline: float | None = None,
+              tolerate_failure: bool = False) -> list[dict[str, Any]]:
+    """All ``jobs`` (engine, size) on one W-process group; returns every rank's records.
+
+    ``deadline`` (``time.time()`` value): jobs not started by then are recorded as skipped.
+    ``tolerate_failure``: a run that is killed (``timeout``) or crashes returns the records its
+    ranks wrote so far, plus a failed record for every job without one, instead of raising.
+    """
     from dist_muonclip.launch_env import free_port, spawn_local
 
     result_dir = tempfile.mkdtemp(prefix="scaling_")
-    spawn_local(_worker, world, (world, free_port(), jobs, steps, result_dir, backend), timeout=timeout,
-                what=f"scaling world {world}")
+    failure = None
+    try:
+        spawn_local(_worker, world, (world, free_port(), jobs, steps, result_dir, backend, opts, deadline),
+                    timeout=timeout, what=f"scaling world {world}")
+    except Exception as e:  # noqa: BLE001
+        if not tolerate_failure:
+            raise
+        failure = f"{type(e).__name__}: {e}"
     out = []
     for r in range(world):
-        with open(os.path.join(result_dir, f"rank{r}.json")) as f:
-            out.extend(json.load(f))
+        path = os.path.join(result_dir, f"rank{r}.json")
+        recs = []
+        if os.path.exists(path):
+            with open(path) as f:
+                recs = json.load(f)
+        done = {(x["engine"], x["size"]) for x in recs}
+        recs += [{"engine": e, "size": s, "rank": r, "ok": False, "error": f"not run: {failure}"}
+                 for e, s in jobs if (e, s) not in done]
+        out.extend(recs)
     return out
-
 
 # ----------------------------------------------------------------------------------------- report
 def _environment() -> dict[str, Any]:
@@ -576,7 +795,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worlds", nargs="+", type=int, default=None)
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     p.add_argument("--steps", type=int, default=None, help="steps per run (first is warm-up)")
-    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="nccl: rank r on cuda:r")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch (weak scaling; default: the "
+                   f"global batch {GLOBAL_BATCH} split over the ranks)")
+    p.add_argument("--seq", type=int, default=None, help=f"sequence length with --micro-batch (default {SEQ})")
+    p.add_argument("--attn", default="eager", help="HF attention implementation (eager, sdpa)")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="file tag (default: quick or full)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNGs of a results JSON")
@@ -585,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(Path(args.replot).read_text())
         print(plot(payload, args.replot[: -len(".json")]))
         return 0
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")     # NVLink multicast off (device machines' rule)
     sizes = args.sizes or (["tiny", "small"] if args.quick else ["tiny", "small", "medium", "large"])
     worlds = args.worlds or [1, 2, 4]
     steps = args.steps or (3 if args.quick else 4)
@@ -606,7 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in worlds:
         jobs = [(e, s) for s in sizes for e in engines]
         t0 = time.time()
-        recs = run_world(w, jobs, steps, backend=args.backend)
+        opts = {"precision": args.precision, "micro_batch": args.micro_batch, "seq": args.seq, "attn": args.attn}
+        recs = run_world(w, jobs, steps, backend=args.backend, opts=opts)
         print(f"W={w}: {len(jobs)} runs in {time.time() - t0:.0f} s", flush=True)
         for r in recs:
             r["world_size"] = w

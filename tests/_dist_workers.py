@@ -1,5 +1,12 @@
-"""Training scenarios run on W gloo processes by test_distributed (module-level for spawn)."""
+"""Training scenarios run on W gloo processes by test_distributed (module-level for spawn).
+
+The equivalence scenarios (:func:`train_single`, :func:`train_worker`) also run on GPUs over NCCL
+from ``benchmarks/multi_gpu.py --check``: ``device=None`` keeps everything on the CPU (the tests),
+``device="cuda"`` puts each rank on ``cuda:LOCAL_RANK`` (the oracle on the current GPU).
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -16,6 +23,21 @@ OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_b
               qk_clip={"tau": 0.1})
 
 
+def rank_device(device: str | torch.device | None) -> torch.device | None:
+    """``None`` -> None (CPU, the tests' default); ``"cuda"`` -> this rank's GPU (``LOCAL_RANK``,
+    else the current device); any other value -> ``torch.device(device)``."""
+    if device is None:
+        return None
+    if str(device) == "cuda":
+        local = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
+    return torch.device(device)
+
+
+def to_device(x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return x if device is None else x.to(device)
+
+
 def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1000 + step))
 
@@ -25,18 +47,22 @@ def local_batch(step: int, rank: int, world: int) -> torch.Tensor:
     return global_batch(step)[rank * per:(rank + 1) * per]
 
 
-def build(kind: str = "llama", **kw):
+def build(kind: str = "llama", device: str | torch.device | None = None, **kw):
     model = tiny_model(kind, seed=0)
+    dev = rank_device(device)
+    if dev is not None:
+        model.to(dev)
     opt = MuonClip(model, **{**OPT_KW, **kw})
     return model, opt
 
 
-def train_single(steps: int, kind: str = "llama", start: int = 0, model=None, opt=None, **kw):
-    """The oracle: one process, the whole global batch."""
+def train_single(steps: int, kind: str = "llama", start: int = 0, model=None, opt=None, device=None, **kw):
+    """The oracle: one process, the whole global batch (on ``device``, default CPU)."""
     if model is None:
-        model, opt = build(kind, **kw)
+        model, opt = build(kind, device, **kw)
+    dev = next(model.parameters()).device
     for t in range(start, start + steps):
-        ids = global_batch(t)
+        ids = global_batch(t).to(dev)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -44,24 +70,28 @@ def train_single(steps: int, kind: str = "llama", start: int = 0, model=None, op
 
 
 def train_worker(rank: int, world: int, mode: str, steps: int, kind: str = "llama", kw: dict | None = None,
-                 save_state: bool = False, load_state: dict | None = None, start: int = 0):
-    """Train under DDP ('ddp') or optimizer-owned reduction ('optimizer'); return params + accounting."""
+                 save_state: bool = False, load_state: dict | None = None, start: int = 0,
+                 device: str | None = None):
+    """Train under DDP ('ddp') or optimizer-owned reduction ('optimizer'); return params + accounting.
+    ``device="cuda"``: this rank's GPU (NCCL); parameters are returned on the CPU either way."""
     kw = dict(kw or {})
     acc = CommAccountant()
-    model, opt = build(kind, grad_reduction="external" if mode == "ddp" else "optimizer", accountant=acc, **kw)
+    dev = rank_device(device)
+    model, opt = build(kind, dev, grad_reduction="external" if mode == "ddp" else "optimizer", accountant=acc, **kw)
     if load_state is not None:
         model.load_state_dict(load_state["model"])
         opt.load_state_dict(load_state["optim"])
     fwd = model
     if mode == "ddp":
-        fwd = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+        ids_kw = {"device_ids": [dev.index]} if dev is not None and dev.type == "cuda" else {}
+        fwd = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1, **ids_kw)
         fwd.register_comm_hook(acc, ddp_accounting_hook)
     for t in range(start, start + steps):
-        ids = local_batch(t, rank, world)
+        ids = to_device(local_batch(t, rank, world), dev)
         fwd(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    out = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    out = {"params": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
            "acc": acc.totals(), "num_steps": len(acc.steps), "owners": dict(opt._plan.owners),
            "loads": list(opt._plan.loads),
            "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values()

@@ -1,4 +1,9 @@
-"""DeepSpeed scenarios run on W gloo processes by tests/test_deepspeed.py (module-level for spawn)."""
+"""DeepSpeed scenarios run on W gloo processes by tests/test_deepspeed.py (module-level for spawn).
+
+:func:`train_single` and :func:`ds_train_worker` also serve ``benchmarks/multi_gpu.py --check`` on
+GPUs: ``kind`` picks the tiny model (GQA "llama", MLA "deepseek_v3"), ``device`` the oracle's
+device; DeepSpeed places each rank's engine on its accelerator (``cuda:LOCAL_RANK``) by itself.
+"""
 from __future__ import annotations
 
 import os
@@ -56,19 +61,23 @@ def warmup_factor(step: int) -> float:
 
 
 def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
-                 scheduler: bool = False):
+                 scheduler: bool = False, kind: str = "llama", device: str | torch.device | None = None,
+                 model_kw: dict | None = None):
     """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer."""
     from dist_muonclip import MuonClip
 
     if model is None:
-        model = tiny_model("llama", seed=0)
+        model = tiny_model(kind, seed=0, **(model_kw or {}))
+        if device is not None:
+            model.to(device)
         opt = MuonClip(model, **{**MC_PARAMS, **qk_clip_params(), **(params or {})})
+    dev = next(model.parameters()).device
     base = [g["lr"] for g in opt.param_groups]
     for t in range(start, start + steps):
         if scheduler:
             for g, b in zip(opt.param_groups, base):
                 g["lr"] = b * warmup_factor(t)
-        ids = global_batch(t)
+        ids = global_batch(t).to(dev)
         model(input_ids=ids, labels=ids).loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -89,19 +98,21 @@ def _fp32_params(engine) -> dict[str, torch.Tensor]:
     from dist_muonclip.deepspeed import full_state_dict
 
     state = full_state_dict(engine)
-    return {k: v.clone() for k, v in state["masters"].items()}
+    return {k: v.detach().cpu().clone() for k, v in state["masters"].items()}
 
 
 def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | str = False, params: dict | None = None,
                     scheduler: bool = False, use_instance: bool = False, accountant: bool = False,
                     save_dir: str | None = None, save_at: int | None = None, resume_dir: str | None = None,
-                    start: int = 0, native_resume: bool = False):
+                    start: int = 0, native_resume: bool = False, kind: str = "llama", model_kw: dict | None = None):
+    """One DeepSpeed run of the tiny ``kind`` model; returns fp32 master parameters (CPU), lrs,
+    NS calls, state size, accountant totals and the optimizer's metrics."""
     _setup()
     from dist_muonclip import MuonClip
     from dist_muonclip.comm import CommAccountant
     from dist_muonclip.deepspeed import initialize, load_checkpoint, muonclip_optimizer, save_checkpoint
 
-    model = tiny_model("llama", seed=0)
+    model = tiny_model(kind, seed=0, **(model_kw or {}))
     cfg = ds_config(stage, world, bf16=bf16, params=params, scheduler=scheduler)
     acc = CommAccountant() if accountant else None
     if use_instance:
@@ -117,24 +128,26 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
         else:
             load_checkpoint(engine, resume_dir)
     ns_calls = []
-    _count_ns(inner, ns_calls)
+    restore_ns = _count_ns(inner, ns_calls)
     lrs = []
-    for t in range(start, start + steps):
-        ids = local_batch(t, rank, world)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        lrs.append([g["lr"] for g in inner.param_groups])
-        if save_dir is not None and save_at is not None and t + 1 == save_at:
-            save_checkpoint(engine, save_dir, tag="ckpt")
+    try:
+        for t in range(start, start + steps):
+            ids = local_batch(t, rank, world).to(engine.device)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            lrs.append([g["lr"] for g in inner.param_groups])
+            if save_dir is not None and save_at is not None and t + 1 == save_at:
+                save_checkpoint(engine, save_dir, tag="ckpt")
+    finally:
+        restore_ns()
     layout = inner._layout
     moved = 0      # Muon elements held by a rank other than the matrix's owner (sent there and back)
     if layout.sharded:
         for g in inner.param_groups:
             if g["use_muon"]:
                 for p in g["params"]:
-                    owner = inner._plan.owners[inner.param_name(p)]
-                    moved += sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
+                    moved += _moved_elems(inner, layout, p)
     local = {"muon": 0, "adamw": 0}     # parameter elements whose optimizer state this rank holds
     if layout.sharded:
         for g in inner.param_groups:
@@ -150,8 +163,26 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
     return out
 
 
-def _count_ns(inner, calls: list) -> None:
-    """Record every matrix this rank orthogonalizes (names via shapes per call)."""
+def _moved_elems(inner, layout, p) -> int:
+    """Elements of ``p`` held by ranks other than the owner of the matrices they belong to. A
+    stacked [E, m, n] parameter may be planned as chunks of whole matrices (``MatrixItem.parent``
+    / ``start``), each with its own owner (an MLA + MoE model's experts)."""
+    name = inner.param_name(p)
+    owners = inner._plan.owners
+    if name in owners:
+        spans = [(0, p.numel(), owners[name])]
+    else:
+        per = p[0].numel()      # elements of one matrix of the stack
+        spans = [(it.start * per, (it.start + it.num_matrices) * per, owners[it.name])
+                 for it in inner._plan.items if it.parent == name]
+    ranges = layout.ranges(p)
+    return sum(max(0, min(b, hi) - max(a, lo)) for lo, hi, owner in spans
+               for r, rs in enumerate(ranges) if r != owner for a, b in rs)
+
+
+def _count_ns(inner, calls: list):
+    """Record every matrix this rank orthogonalizes (names via shapes per call); returns the
+    function that puts the real orthogonalize back (several scenarios share one process)."""
     import dist_muonclip.optimizer as optmod
 
     real = optmod.orthogonalize
@@ -161,6 +192,11 @@ def _count_ns(inner, calls: list) -> None:
         return real(x, **kw)
 
     optmod.orthogonalize = counting
+
+    def restore() -> None:
+        optmod.orthogonalize = real
+
+    return restore
 
 
 def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):

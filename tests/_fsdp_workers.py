@@ -1,4 +1,9 @@
-"""FSDP2 scenarios run on W gloo processes by test_fsdp (module-level for spawn)."""
+"""FSDP2 scenarios run on W gloo processes by test_fsdp (module-level for spawn).
+
+:func:`train_single` and :func:`fsdp_train_worker` also serve ``benchmarks/multi_gpu.py --check``
+on GPUs: ``device="cuda"`` builds the mesh on CUDA and puts each rank on ``cuda:LOCAL_RANK``
+(default ``None``: CPU, as the tests run).
+"""
 from __future__ import annotations
 
 import torch
@@ -32,20 +37,29 @@ def local_batch(step: int, rank: int, world: int) -> torch.Tensor:
     return global_batch(step)[rank * per:(rank + 1) * per]
 
 
+def _rank_device(device):
+    from tests._dist_workers import rank_device
+
+    return rank_device(device)
+
+
 def build_model(kind: str) -> nn.Module:
     return tiny_model(kind, seed=0, **MODEL_KW[kind])
 
 
-def train_single(kind: str, steps: int, start: int = 0, model=None, opt=None):
+def train_single(kind: str, steps: int, start: int = 0, model=None, opt=None, device=None):
     """The oracle: one process (no process group), the whole global batch, same hyperparameters."""
     from dist_muonclip import MuonClip
 
     if model is None:
         model = build_model(kind)
+        if device is not None:
+            model.to(device)
         opt = MuonClip(model, qk_clip=QK[kind], **OPT_KW)
+    dev = next(model.parameters()).device
     clipped = []
     for t in range(start, start + steps):
-        ids = global_batch(t)
+        ids = global_batch(t).to(dev)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -90,18 +104,21 @@ def train_single_mixed_precision(kind: str, steps: int, world: int):
 
 def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full parameters for the comparison in the test (full_tensor() only here, never in the engine)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
             for n, p in model.named_parameters()}
 
 
-def fsdp_setup(kind: str, world: int, mp: bool = False, accountant=None):
+def fsdp_setup(kind: str, world: int, mp: bool = False, accountant=None, device=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from dist_muonclip import fsdp
 
-    mesh = init_device_mesh("cpu", (world,))
+    dev = _rank_device(device)
+    mesh = init_device_mesh(dev.type if dev is not None else "cpu", (world,))
     model = build_model(kind)
+    if dev is not None:
+        model.to(dev)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else None
     fsdp.fully_shard_model(model, mesh, policy)
     opt = fsdp.make_muonclip(model, qk_clip=QK[kind], accountant=accountant, **OPT_KW)
@@ -120,16 +137,19 @@ def _state_dicts(model, opt, api: str) -> dict:
 
 
 def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = False, save_dir: str | None = None,
-                      load_dir: str | None = None, start: int = 0, api: str = "fsdp", full: dict | None = None):
+                      load_dir: str | None = None, start: int = 0, api: str = "fsdp", full: dict | None = None,
+                      device: str | None = None):
     """Train a fully_shard'ed tiny HF model with MuonClip; optionally DCP-save at the end / load first
-    (``api``: "fsdp" = dist_muonclip.fsdp's state functions, "torch" = torch's get/set_state_dict)."""
+    (``api``: "fsdp" = dist_muonclip.fsdp's state functions, "torch" = torch's get/set_state_dict).
+    ``device="cuda"``: CUDA mesh, this rank's GPU; parameters are returned on the CPU."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     from dist_muonclip import fsdp
 
     acc = CommAccountant()
-    model, opt = fsdp_setup(kind, world, mp, acc)
+    model, opt = fsdp_setup(kind, world, mp, acc, device)
+    dev = _rank_device(device)
     if load_dir is not None:
         sd = _state_dicts(model, opt, api)
         dcp.load(sd, checkpoint_id=load_dir)
@@ -147,6 +167,8 @@ def fsdp_train_worker(rank: int, world: int, kind: str, steps: int, mp: bool = F
     losses, clipped = [], []
     for t in range(start, start + steps):
         ids = local_batch(t, rank, world)
+        if dev is not None:
+            ids = ids.to(dev)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
