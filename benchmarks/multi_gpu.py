@@ -622,10 +622,13 @@ def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict
             continue
         cfg = model_config(t["size"])
         specs.setdefault(t["size"], specs_from_config(cfg))
-        p = predict(specs[t["size"]], t["world_size"], COST_ENGINE[t["engine"]], hardware=HARDWARE[hw],
+        engine = COST_ENGINE[t["engine"]]
+        if t["engine"] == "muonclip_ds_zero0" and (t.get("precision") or "fp32") == "bf16":
+            engine = "muonclip_zero0_bf16"      # fp32 master slices (MasterSliceLayout)
+        p = predict(specs[t["size"]], t["world_size"], engine, hardware=HARDWARE[hw],
                     num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                     **_predict_kwargs(t["engine"], t.get("precision") or "fp32"))
-        per_rank = [predict(specs[t["size"]], t["world_size"], COST_ENGINE[t["engine"]], rank=r,
+        per_rank = [predict(specs[t["size"]], t["world_size"], engine, rank=r,
                             num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                             **_predict_kwargs(t["engine"], t.get("precision") or "fp32"))["bytes"]["total"]
                     for r in range(t["world_size"])]

@@ -22,6 +22,9 @@ Engines (``engine=``):
                         groups: Muon, AdamW): the engine all-reduces grads and all-gathers
                         partitions; only pieces of matrices cut by a partition boundary travel
                         to the matrix's holder and back.
+``muonclip_zero0_bf16`` DeepSpeed ZeRO-0 with bf16 (master slices): the engine all-reduces bf16
+                        grads; each rank updates its slice of the fp32 masters of each group;
+                        cut-matrix pieces travel as above; one all-gather of the fp32 slices.
 ``muonclip_fsdp2``      FSDP2 row shards: block params all-gathered in forward and backward (the
                         root's once), grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
@@ -47,8 +50,8 @@ from .plan import MatrixItem, build_plan, chunk_ranges, flat_partition, split_on
 __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_from_model", "specs_from_config",
            "predict", "scaling_table", "format_table"]
 
-ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_fsdp2", "ds_muon_zero1",
-           "adamw_ddp", "adamw_zero1")
+ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_zero0_bf16", "muonclip_fsdp2",
+           "ds_muon_zero1", "adamw_ddp", "adamw_zero1")
 
 
 _BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
@@ -244,7 +247,8 @@ def _sharded_plan(specs: Sequence[ParamSpec], world: int, ns_steps: int, ranges_
 def _piece_bytes(plan: Any, where: dict[str, list[list[tuple[int, int]]]], world: int, grad_bytes: int,
                  ns_bytes: int) -> tuple[list[float], list[float]]:
     """Per rank, bytes of the sharded engine's two all-to-alls: pieces of matrices it holds but
-    does not own go to the owner (gather, momentum), the owner sends the update pieces back."""
+    does not own go to the owner (gather: the momentum-updated pieces, ``grad_bytes`` = the
+    optimizer state's element size), the owner sends the update pieces back (``ns_bytes``)."""
     gather, scatter = [0.0] * world, [0.0] * world
     for name, rs in where.items():
         sizes = [sum(b - a for a, b in x) for x in rs]
@@ -311,7 +315,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     if engine.startswith("muonclip"):
         if engine == "muonclip_fsdp2":
             plan, where = _sharded_plan(specs, W, ns_steps, lambda s_: _shard0_ranges(s_, W), pin_all=False)
-            f_gather, f_scatter = _piece_bytes(plan, where, W, grad_bytes, ns_bytes)
+            f_gather, f_scatter = _piece_bytes(plan, where, W, state_elem_bytes, ns_bytes)
         else:
             plan = _plan(specs, W, ns_steps, split=engine in ("muonclip_ddp", "muonclip_optimizer"))
         owned = [0] * W
@@ -348,7 +352,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     # (embeddings, final norm, head) stays unsharded between the two (FSDP2 does
                     # not reshard the root after forward), so it is gathered once (measured)
                     b["all_gather[engine]"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
-        if engine == "muonclip_zero1":
+        if engine in ("muonclip_zero1", "muonclip_zero0_bf16"):
             # DeepSpeed ZeRO-1/2 flat partitions, one per param group (dist_muonclip.deepspeed hands
             # DeepSpeed two: the Muon matrices and the AdamW parameters): the engine all-reduces
             # gradients and all-gathers each group's partitions (as adamw_zero1, measured); a matrix
@@ -369,7 +373,11 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                             muon_ranges[seg.name][r].append((seg.start, seg.stop))
                     if W > 1:
                         b = per_rank[r]
-                        b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
+                        if engine == "muonclip_zero1":   # DeepSpeed gathers the updated bit16 partitions
+                            b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
+                        else:                            # MasterSliceLayout: one all-gather of fp32 slices
+                            b["all_gather[master_gather]"] = (b.get("all_gather[master_gather]", 0.0)
+                                                              + (W - 1) * chunk * 4)
             # owners: the holder of most of each matrix (the layout's owner hint); stacked experts
             # cut along the partitions, whole experts owned where they lie. NS load follows the
             # partitions (less balanced than LPT).
@@ -377,10 +385,11 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             flops = [0] * W
             for item in zplan.items:
                 flops[zplan.owners[item.name]] += item.flops
-            z_gather, z_scatter = _piece_bytes(zplan, where, W, grad_bytes, ns_bytes)
+            z_gather, z_scatter = _piece_bytes(zplan, where, W, state_elem_bytes, ns_bytes)
             for r in range(W):
-                state[r] = ((held["muon"][r] + 2 * held["adamw"][r]) * state_elem_bytes
-                            + (held["muon"][r] + held["adamw"][r]) * master_bytes)
+                state[r] = (held["muon"][r] + 2 * held["adamw"][r]) * state_elem_bytes
+                # fp32 masters: ZeRO-1/2 keep this rank's partitions, ZeRO-0 a full copy on every rank
+                state[r] += (held["muon"][r] + held["adamw"][r] if engine == "muonclip_zero1" else P) * master_bytes
                 if W == 1:
                     continue
                 b = per_rank[r]

@@ -419,25 +419,33 @@ class FlatFragmentsLayout(_LayoutBase):
 class MasterSliceLayout(_LayoutBase):
     """Full fp32 master copies on every rank (DeepSpeed stage 0 + bf16), split into equal slices.
 
-    Each rank updates only its slice of the concatenated masters (ZeRO-1 state sharding);
-    :meth:`all_gather_` then refreshes the other slices so every replica's master is complete
-    again before DeepSpeed copies masters into the bf16 parameters.
+    Each rank updates only its slice of the concatenated masters of each group (ZeRO-1 state
+    sharding; with DeepSpeedMuonClip's two groups every rank holds 1/W of the Muon and 1/W of the
+    AdamW elements: balanced state); :meth:`all_gather_` then refreshes the other slices (one
+    all-gather) so every replica's master is complete again before DeepSpeed copies masters into
+    the bf16 parameters. ``groups``: more lists of ``(params, masters, names)`` after the first.
     """
 
     sharded = True
 
-    def __init__(self, params: Sequence[Tensor], masters: Sequence[Tensor], names: Sequence[str], comm: Comm) -> None:
+    def __init__(self, params: Sequence[Tensor], masters: Sequence[Tensor], names: Sequence[str], comm: Comm,
+                 groups: Sequence[tuple[Sequence[Tensor], Sequence[Tensor], Sequence[str]]] = ()) -> None:
         self.comm, self.rank, self.world_size = comm, comm.rank, comm.world_size
-        self._master = dict(zip(params, masters))
-        self._shape = {p: p.shape for p in params}
-        self.chunk, segments = flat_partition([(n, p.numel()) for n, p in zip(names, params)], self.world_size)
-        by_name = dict(zip(names, params))
-        self._ranges = {p: [[] for _ in range(self.world_size)] for p in params}
-        self._segments = segments
-        self._by_name = by_name
-        for r, segs in enumerate(segments):
-            for s in segs:
-                self._ranges[by_name[s.name]][r].append((s.start, s.stop))
+        all_groups = [(params, masters, names), *groups]
+        self._master = {p: m for ps, ms, _ in all_groups for p, m in zip(ps, ms)}
+        self._shape = {p: p.shape for p in self._master}
+        self._by_name = {n: p for ps, _, ns in all_groups for n, p in zip(ns, ps)}
+        self._ranges = {p: [[] for _ in range(self.world_size)] for p in self._master}
+        # per rank: its slice of every group, packed back to back into one chunk for the all-gather
+        self.chunk = 0
+        self._segments: list[list[Any]] = [[] for _ in range(self.world_size)]
+        for ps, _, ns in all_groups:
+            chunk, segments = flat_partition([(n, p.numel()) for n, p in zip(ns, ps)], self.world_size)
+            self.chunk += chunk
+            for r, segs in enumerate(segments):
+                self._segments[r].extend(segs)
+                for seg in segs:
+                    self._ranges[self._by_name[seg.name]][r].append((seg.start, seg.stop))
 
     def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
         return self._ranges[p]
@@ -568,11 +576,11 @@ class DeepSpeedMuonClip(Optimizer):
             self.layout_name = "flat_fragments(bf16)"
         elif hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):  # stage 0 + bf16
             self._check_groups(wrapper.fp16_groups)
-            params = [p for g in wrapper.fp16_groups for p in g]
-            masters = [m for g in wrapper.fp32_groups for m in g]
             comm = Comm(None, self.inner.accountant)
             names = {p: n for n, p in self._model.named_parameters()}
-            layout = MasterSliceLayout(params, masters, [names[p] for p in params], comm)
+            groups = [(list(ps), list(ms), [names[p] for p in ps]) for ps, ms in zip(wrapper.fp16_groups,
+                                                                                   wrapper.fp32_groups)]
+            layout = MasterSliceLayout(*groups[0], comm, groups=groups[1:])
             self._after_step = layout.all_gather_
             self.layout_name = "master_slices"
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_muonclip.cost_model import ENGINES, predict, scaling_table, specs_from_config, specs_from_model
+from dist_muonclip.cost_model import ENGINES, MIXED_BF16, predict, scaling_table, specs_from_config, specs_from_model
 from tests._tiny_hf import tiny_model
 from tests.dist_utils import run_distributed, values
 
@@ -22,6 +22,9 @@ ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_op
               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
               "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
               "muonclip_fsdp2": "muonclip_fsdp2"}
+# bf16 runs (DeepSpeed bf16: bf16 params and gradients, fp32 masters): ZeRO-0 keeps full fp32 masters
+# and MuonClip slices them (MasterSliceLayout), a different engine for the model
+ENGINE_MAP_BF16 = {**ENGINE_MAP, "muonclip_ds_zero0": "muonclip_zero0_bf16"}
 # The issue's acceptance bound. Our engines match to the byte; DeepSpeed adds a few bytes per
 # step (a 1-float overflow/loss all-reduce) that the model leaves out.
 REL_TOL = 0.05
@@ -51,8 +54,9 @@ def _measured_rows():
     for path in sorted(RESULTS.glob("scaling_*.json")):
         payload = json.loads(path.read_text())
         for r in payload["rows"]:
-            if r.get("ok") and r["engine"] in ENGINE_MAP:
-                rows.append((payload["models"][r["size"]]["config"], r))
+            bf16 = (r.get("precision") or (payload.get("args") or {}).get("precision")) == "bf16"
+            if r.get("ok") and r["engine"] in ENGINE_MAP and (not bf16 or r["engine"].startswith("muonclip_ds")):
+                rows.append((payload["models"][r["size"]]["config"], r, bf16))
     return rows
 
 
@@ -65,12 +69,15 @@ def test_predictions_match_every_measured_configuration():
     rows = _measured_rows()
     assert len(rows) >= 30, "benchmarks/results/scaling_quick.json is missing or incomplete"
     specs, checked = {}, set()
-    for cfg, r in rows:
+    for cfg, r, bf16 in rows:
         key = json.dumps(cfg, sort_keys=True)
         if key not in specs:
             specs[key] = specs_from_model(build_model(cfg, attn_implementation="eager"))
-        p = predict(specs[key], r["world_size"], ENGINE_MAP[r["engine"]], rank=r["rank"],
-                    num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"])
+        # bf16: bf16 parameters and gradients on the wire, fp32 state; the measured state is the
+        # optimizer's own tensors, so the fp32 masters DeepSpeed keeps are left out of the prediction
+        kw = {**MIXED_BF16, "master_bytes": 0} if bf16 else {}
+        p = predict(specs[key], r["world_size"], (ENGINE_MAP_BF16 if bf16 else ENGINE_MAP)[r["engine"]],
+                    rank=r["rank"], num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"], **kw)
         where = f"{r['engine']} {r['size']} W={r['world_size']} rank {r['rank']}"
         assert p["bytes"]["total"] == pytest.approx(r["bytes"], rel=REL_TOL, abs=16), where
         assert p["state_bytes"] == pytest.approx(r["state_bytes"], rel=REL_TOL), where
@@ -78,8 +85,9 @@ def test_predictions_match_every_measured_configuration():
             assert p["ns_flops"] == r["ns_flops"], where        # same owners, same ns_flops convention
         if r["engine"] in ("muonclip_ddp", "muonclip_optimizer", "adamw_ddp"):
             assert p["bytes"]["total"] == pytest.approx(r["bytes"], abs=1e-6), where   # no DeepSpeed extras
-        checked.add((r["engine"], r["world_size"]))
-    assert {w for _, w in checked} >= {1, 2, 4}
+        checked.add((r["engine"], r["world_size"], bf16))
+    assert {w for _, w, _ in checked} >= {1, 2, 4}
+    assert {("muonclip_ds_zero0", 4, True), ("muonclip_ds_zero1", 4, True)} <= checked   # scaling_ds_bf16.json
 
 
 def _fresh_worker(rank, world):
