@@ -466,7 +466,10 @@ class MuonClip(Optimizer):
         if sharded:
             items = self._split_on_layout(items)
         elif self.world_size > 1:
-            items = split_stacked(items, self.world_size)
+            # a slab must be a view of its parameter (updates land in place): non-contiguous stacks stay whole
+            whole = [i for i in items if not self._by_name[i.name].is_contiguous()]
+            items = whole + split_stacked([i for i in items if self._by_name[i.name].is_contiguous()],
+                                          self.world_size)
         self._build_slabs(items, meta=sharded)
         hint = getattr(layout, "owner_hint", None) if sharded else None
         preferred = {}
