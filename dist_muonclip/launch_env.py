@@ -41,6 +41,19 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 
+def _spawned(rank: int, fn: Callable[..., Any], args: tuple) -> None:
+    """Child side of :func:`spawn_local`: run ``fn``, then leave without interpreter teardown.
+
+    gloo's background threads can abort a process in teardown ("terminate called without an
+    active exception", SIGABRT) even after ``destroy_process_group``; a child that finished its
+    work flushes its output and exits with ``os._exit(0)``. Exceptions propagate as usual.
+    """
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: float | None = None,
                 what: str | None = None) -> None:
     """Run ``fn(rank, *args)`` on ``nprocs`` spawned processes of this host and wait for all of them.
@@ -52,7 +65,7 @@ def spawn_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeou
     """
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    ctx = mp.start_processes(_spawned, args=(fn, args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = None if timeout is None else time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if deadline is not None and time.monotonic() > deadline:
