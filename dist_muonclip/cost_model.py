@@ -235,7 +235,8 @@ def _sharded_plan(specs: Sequence[ParamSpec], world: int, ns_steps: int, ranges_
         ranges = ranges_of(s)
         item = MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps)
         for it in split_on_ranges(item, ranges):
-            rs = chunk_ranges(it, ranges) if it.parent is not None else ranges
+            rs = (chunk_ranges(it.start, it.start + it.num_matrices, it.m * it.n, ranges)
+                  if it.parent is not None else ranges)
             if pin_all or it.parent is not None:
                 sizes = [sum(b - a for a, b in r) for r in rs]
                 preferred[it.name] = max(range(world), key=lambda r: (sizes[r], -r))
@@ -358,6 +359,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             # gradients and all-gathers each group's partitions (as adamw_zero1, measured); a matrix
             # is orthogonalized by the rank holding most of it (the layout's owner hint), so only
             # pieces of matrices cut by a partition boundary travel (momentum there, update back).
+            # Stacked experts are cut along the partitions, whole experts owned where they lie.
             # Every rank holds 1/W of each group: balanced state. The price: NS load follows the
             # partitions (less balanced than LPT).
             held = {"muon": [0] * W, "adamw": [0] * W}
@@ -378,9 +380,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                         else:                            # MasterSliceLayout: one all-gather of fp32 slices
                             b["all_gather[master_gather]"] = (b.get("all_gather[master_gather]", 0.0)
                                                               + (W - 1) * chunk * 4)
-            # owners: the holder of most of each matrix (the layout's owner hint); stacked experts
-            # cut along the partitions, whole experts owned where they lie. NS load follows the
-            # partitions (less balanced than LPT).
+            # owners: the holder of most of each matrix or expert chunk (see above)
             zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: muon_ranges[s_.name], pin_all=True)
             flops = [0] * W
             for item in zplan.items:

@@ -337,20 +337,6 @@ class FlatFragmentsLayout(_LayoutBase):
             self._where[p] = (gi, int(o), p.numel())
             self._shape[p] = p.shape
 
-    @property
-    def partition_size(self) -> int:
-        """The first group's partition size (one-group layouts)."""
-        return self._partition_size[0]
-
-    @property
-    def flat(self) -> Tensor:
-        """The first group's fp32 partition (one-group layouts)."""
-        return self._flat[0]
-
-    @property
-    def num_groups(self) -> int:
-        return len(self._flat)
-
     def stash_grad(self, group: int) -> None:
         """Keep group ``group``'s gradient partition for a step that runs after DeepSpeed has
         dropped it (ZeRO-1/2 step the client one group at a time, see DeepSpeedMuonClip.step)."""

@@ -568,8 +568,7 @@ class MuonClip(Optimizer):
         if info is None:
             return self._layout.ranges(t)
         p, a, b = info
-        item = MatrixItem("", 0, b - a, t.shape[1], t.shape[2], "", parent="", start=a)
-        return chunk_ranges(item, self._layout.ranges(p))
+        return chunk_ranges(a, b, math.prod(t.shape[1:]), self._layout.ranges(p))
 
     def _lay_slice(self, t: Tensor, flat: Tensor) -> Tensor:
         """The slab's elements within its parameter's local 1-D ``flat`` (one local range)."""

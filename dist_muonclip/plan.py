@@ -141,11 +141,11 @@ def split_on_ranges(item: MatrixItem, ranges: Sequence[Sequence[tuple[int, int]]
                        parent=item.name, start=c0) for c0, c1 in zip(cuts, cuts[1:])]
 
 
-def chunk_ranges(chunk: MatrixItem, ranges: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
-    """Per rank, the flat ranges of a chunk (``split_on_ranges`` / ``split_stacked`` output) within
-    its parameter's ``ranges``, relative to the chunk's first element."""
-    per = chunk.m * chunk.n
-    lo, hi = chunk.start * per, (chunk.start + chunk.num_matrices) * per
+def chunk_ranges(start: int, stop: int, per: int, ranges: Sequence[Sequence[tuple[int, int]]]
+                 ) -> list[list[tuple[int, int]]]:
+    """Per rank, the flat ranges of matrices ``[start, stop)`` (``per`` elements each) of a stacked
+    parameter held in ``ranges``, relative to the chunk's first element."""
+    lo, hi = start * per, stop * per
     return [[(max(x, lo) - lo, min(y, hi) - lo) for x, y in rs if min(y, hi) > max(x, lo)] for rs in ranges]
 
 

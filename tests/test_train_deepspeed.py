@@ -114,9 +114,8 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     for extra, words in [(("--engine", "deepspeed"), "needs --deepspeed_config"),
                          (("--deepspeed_config", cfg, "--fsdp"), "cannot be combined"),
                          (("--deepspeed_config", cfg, "--grad-reduction", "optimizer"), "does not apply")]:
-        argv = _argv(*extra) if extra[0] != "--engine" else _argv(*extra)
         with pytest.raises(SystemExit):
-            train_mod.parse_args(argv)
+            train_mod.parse_args(_argv(*extra))
         assert words in capsys.readouterr().err
     from launch.engines_deepspeed import prepare_train_config
 

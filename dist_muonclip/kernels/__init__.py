@@ -7,8 +7,8 @@ kernels can run). One op per file, each with a torch reference in :mod:`.referen
 from __future__ import annotations
 
 import functools
-import os
 
+from ._env import interpret
 from .attention_max import attention_forward_with_max_triton, attention_with_max_logits
 from .max_logit import max_logits_triton
 from .newton_schulz import gram_newton_schulz_triton, newton_schulz_triton
@@ -28,7 +28,7 @@ def triton_available(device: "str | None" = None) -> bool:
     present or ``TRITON_INTERPRET=1`` is set (CPU interpreter, for tests)."""
     # Device first: on a CPU-only process this never imports triton (importing it outside
     # interpreter mode would pin its jit'd standard library to compiled mode for the process).
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpret():
         import torch
 
         if not (torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))):

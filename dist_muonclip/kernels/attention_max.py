@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
+from ._env import interpret as _interpret
+
 __all__ = ["attention_forward_with_max_triton", "attention_with_max_logits"]
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)

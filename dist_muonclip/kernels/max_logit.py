@@ -15,15 +15,12 @@ query i iff j <= i), like SDPA's ``is_causal``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from ._env import interpret as _interpret
+
 __all__ = ["max_logits_triton"]
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from typing import Sequence
 
 import torch
 
+from ._env import interpret as _interpret
+
 __all__ = ["gram_newton_schulz_triton", "newton_schulz_triton", "ns_kernel_flops"]
 
 Schedule = Sequence[tuple[float, float, float]]
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
