@@ -316,12 +316,18 @@ def test_max_logits_rejects_bad_input():
 # ---------------------------------------------------------------------------------------------
 # attention forward with max logits
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 64, 64, 32), (2, 2, 1, 45, 45, 16)])
-def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D):
-    """Output, natural-log LSE (what the flash backward reads) and per-head max vs float64."""
+def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D, tma, monkeypatch):
+    """Output, natural-log LSE (what the flash backward reads) and per-head max vs float64; with
+    ``tma`` the tensor-descriptor kernel, forced on under the interpreter, reading q through a
+    [B, S, H, D]-strided view (HF's layout) and relying on zero-padded rows at odd lengths."""
     am = am_mod
+    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
     q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=B + Sq)
+    if tma:
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     v = torch.randn(B, Hkv, Sk, D, generator=torch.Generator().manual_seed(2)).bfloat16()
     scale = D ** -0.5
     out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)

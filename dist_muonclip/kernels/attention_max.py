@@ -111,10 +111,103 @@ def _kernels():
         row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
         tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
 
-    return triton, _attn_fwd_max_kernel
+    @triton.jit
+    def _attn_fwd_max_kernel_tma(
+        q_desc, k_desc, v_desc, o_desc, LSE, Mx,
+        H, Sq, Sk, group,
+        scale, scale_log2e,
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+        CAST_F32: tl.constexpr, WARP_SPEC: tl.constexpr,
+    ):
+        """``_attn_fwd_max_kernel`` with tensor-memory-accelerator loads / stores through 4-D
+        [B, H, S, D] descriptors: rows past S read as zeros (never the next head's), stores clip."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        kvh = h // group
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_D)
+        if CAST_F32:
+            q = q.to(tl.float32)
+        m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(Sk, m0 + BLOCK_M)
+            full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
+        else:
+            hi = Sk
+            full_end = (Sk // BLOCK_N) * BLOCK_N
+        for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
+            kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+            v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+            if CAST_F32:
+                kk = kk.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, kk.T)
+            m_new = tl.maximum(m_raw, tl.max(qk, 1))
+            mc = m_new * scale_log2e
+            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_raw = m_new
+        for n0 in range(full_end, hi, BLOCK_N):
+            cols = n0 + offs_n
+            kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+            v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+            if CAST_F32:
+                kk = kk.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, kk.T)
+            ok = cols[None, :] < Sk
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None])
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_raw, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            mc = m_safe * scale_log2e
+            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_raw = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
+        row_ok = offs_m < Sq
+        lse = m_raw * scale + tl.log(l_safe)
+        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+        row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
+        tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
+
+    return triton, _attn_fwd_max_kernel, _attn_fwd_max_kernel_tma
 
 
 FWD_CONFIG_OVERRIDE: dict | None = None
+
+FWD_USE_TMA = True
+"""Use the TMA-descriptor forward on Hopper+ when q, k, v are [B, H, S, D] with unit last stride
+and 16-byte aligned strides (the pointer kernel otherwise, and under the interpreter)."""
+
+FWD_WARP_SPECIALIZE = False
+"""Ask Triton to warp-specialize the TMA forward's main loop (producer / consumer warps)."""
+
+
+def _fwd_tma_ok(*ts: torch.Tensor) -> bool:
+    if not FWD_USE_TMA or _interpret() or not ts[0].is_cuda:
+        return False
+    from .newton_schulz import _tma_supported
+
+    if not _tma_supported(ts[0].device.index or 0):
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and not any((s * t.element_size()) % 16 for s in t.stride()[:-1]) for t in ts)
 
 
 def _fwd_config(d: int) -> dict:
@@ -148,12 +241,24 @@ def attention_forward_with_max_triton(
                          "use F.scaled_dot_product_attention + max_logits_reference on CPU")
     if key.device != query.device or value.device != query.device:
         raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
-    triton, kernel = _kernels()
+    triton, kernel, kernel_tma = _kernels()
     cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
     out = torch.empty_like(query)
     lse = torch.empty(B, H, Sq, device=query.device, dtype=torch.float32)
     part = torch.empty(B * H * num_m, device=query.device, dtype=torch.float32)
+    if _fwd_tma_ok(query, key, value, out):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+        desc = lambda t, rows: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D])  # noqa: E731
+        kernel_tma[(num_m, B * H)](
+            desc(query, bm), desc(key, bn), desc(value, bn), desc(out, bm), lse, part,
+            H, Sq, Sk, H // Hkv, float(scale), float(scale) * math.log2(math.e),
+            CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D, CAST_F32=_interpret(),
+            WARP_SPEC=FWD_WARP_SPECIALIZE, **cfg,
+        )
+        return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
     kernel[(num_m, B * H)](
         query, key, value, out, lse, part,
         H, Sq, Sk, H // Hkv,

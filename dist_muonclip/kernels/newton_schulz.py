@@ -271,7 +271,8 @@ def _kernels():
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 
-def _sym_config(m: int, k: int) -> dict:
+def _sym_config(m: int, k: int, fused: bool = False) -> dict:
+    """Tiles of ``_sym_kernel``; ``fused``: the b A + c A A call (an epilogue operand to load)."""
     # Measured on an H100 (benchmarks/results/run5_tma, TMA kernels): 128 x 128 tiles with 4
     # warps and 5 stages win up to m = 4096, 128 x 256 with 8 warps beyond.
     if _interpret():
@@ -292,6 +293,11 @@ def _gemm_config(m: int, n: int, k: int) -> dict:
 SYM_CONFIG_OVERRIDE: dict | None = None
 GEMM_CONFIG_OVERRIDE: dict | None = None
 
+
+GEMM_BACKEND = "triton"
+"""Backend of the a X + B X product: "triton" (``_gemm_axpy_kernel``) or "cublas"
+(``torch.baddbmm``, cuBLAS fusing the a X term into its epilogue, one bf16 rounding like ours), used
+where every operand is a contiguous CUDA tensor; Triton for strided views and the interpreter."""
 
 USE_TMA = True
 SYM_W_VIA_TMA = False  # epilogue operand W of the sym kernel: TMA (shared memory) or plain loads
@@ -348,7 +354,7 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     triton, sym_kernel, _, sym_tma, _ = _kernels()
     z = y if z is None else z
     bt, m, k = y.shape
-    cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k))
+    cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k, w is not None and beta != 0.0))
     even = m % cfg["BLOCK_M"] == 0 and m % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     tiles = _lower_tiles(m, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("GROUP_M"), str(y.device))
     grid = (tiles.numel() // 2, bt)
@@ -376,6 +382,11 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
 
 def _gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
     """out = a * x + bm @ x for bm [Bt, m, k], x [Bt, k, n] (a != 0 needs k == m)."""
+    if GEMM_BACKEND == "cublas" and bm.is_cuda and not _interpret() and all(
+            t.is_contiguous() for t in (bm, x, out)):
+        if a != 0.0:
+            return torch.baddbmm(x, bm, x, beta=float(a), out=out)
+        return torch.bmm(bm, x, out=out)
     triton, _, gemm_kernel, _, gemm_tma = _kernels()
     bt, m, k = bm.shape
     n = x.shape[-1]
