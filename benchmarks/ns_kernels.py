@@ -2,7 +2,8 @@
 
     python benchmarks/ns_kernels.py [--cases 4096x4096,llama3_8b_block] [--no-compile] [--sweep]
 
-Times each case with CUDA events (median, triton.testing.do_bench), reports ms, speed-up over
+Times each case with CUDA events (median, triton.testing.do_bench; every method once per round,
+``--rounds`` interleaved rounds, median of rounds), reports ms, speed-up over
 torch eager, effective TFLOP/s (standard NS FLOPs / time) and the fraction of the measured bf16
 matmul ceiling that the kernels' own FLOPs reach; relative error of each method vs a float64 NS
 of the same coefficients. Writes JSON (+ PNG) with device, versions and git commit.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -132,10 +134,18 @@ def run_cases(args, env, ceiling) -> list[dict]:
         row = {"case": name, "shapes": [[list(s), c] for s, c in spec], "schedule": args.schedule,
                "steps": steps, "flops_standard": flops_std, "flops_symmetric": flops_sym,
                "floor_ms": flops_sym / (ceiling * 1e12) * 1e3, "rel_err": errs, "ms": {}}
-        for mname, fn in methods.items():
-            if (mname == "torch_eager_batched" and all(c == 1 for _, c in spec)) or mname in broken:
-                continue
-            row["ms"][mname] = median_ms(lambda: [fn(b) for b in buckets], warmup_ms=args.warmup, rep_ms=args.rep)
+        # Interleaved rounds (every method once per round, median of rounds): the GPU's clock
+        # drifts by a few percent over a run, which would otherwise land on whichever method
+        # happened to be timed in a slow stretch.
+        timed = [m for m in methods if not ((m == "torch_eager_batched" and all(c == 1 for _, c in spec))
+                                            or m in broken)]
+        row["rounds_ms"] = {m: [] for m in timed}
+        for _ in range(args.rounds):
+            for mname in timed:
+                fn = methods[mname]
+                row["rounds_ms"][mname].append(
+                    median_ms(lambda: [fn(b) for b in buckets], warmup_ms=args.warmup, rep_ms=args.rep))
+        row["ms"] = {m: statistics.median(v) for m, v in row["rounds_ms"].items()}
         base = row["ms"]["torch_eager"]
         row["speedup_vs_eager"] = {k: base / v for k, v in row["ms"].items()}
         row["effective_tflops"] = {k: flops_std / (v * 1e-3) / 1e12 for k, v in row["ms"].items()}
@@ -225,7 +235,7 @@ def run_sweep(args, ceiling) -> list[dict]:
             finally:
                 nsk.SYM_CONFIG_OVERRIDE = None
                 nsk.GEMM_CONFIG_OVERRIDE = None
-                nsk.SYM_W_VIA_TMA = False
+                nsk.SYM_W_VIA_TMA = None
             out.append(rec)
             if "error" in rec:
                 print(f"[sweep] {bt}x{m}x{n} tma={use_tma} {cfg} ERROR {rec['error']}", flush=True)
@@ -275,7 +285,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-cases", dest="run_cases", action="store_false")
     p.add_argument("--sweep-w-tma", default="1,0", help="sym-kernel epilogue W via TMA (1) / loads (0)")
     p.add_argument("--warmup", type=float, default=100.0)
-    p.add_argument("--rep", type=float, default=500.0)
+    p.add_argument("--rep", type=float, default=300.0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per case")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default="ns_kernels")
     args = p.parse_args(argv)

@@ -272,14 +272,19 @@ def _kernels():
 # launch configuration
 
 def _sym_config(m: int, k: int, fused: bool = False) -> dict:
-    """Tiles of ``_sym_kernel``; ``fused``: the b A + c A A call (an epilogue operand to load)."""
-    # Measured on an H100 (benchmarks/results/run5_tma, TMA kernels): 128 x 128 tiles with 4
-    # warps and 5 stages win up to m = 4096, 128 x 256 with 8 warps beyond.
+    """Tiles of ``_sym_kernel``; ``fused``: the b A + c A A call (an epilogue operand W to load).
+
+    Measured per role on an H100 (benchmarks/results/gpu_tune_h100.json, TMA kernels): 128 x 128
+    tiles, 4 warps, 5 stages up to m = 4096, with W read through TMA in the fused call; beyond,
+    128 x 256 (X X^T) and 256 x 128 (fused, W through plain loads) with 8 warps and 3 stages.
+    """
     if _interpret():
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1, W_TMA=False)
     if m <= 4096:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5, W_TMA=fused)
+    if fused:
+        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, W_TMA=False)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, W_TMA=False)
 
 
 def _gemm_config(m: int, n: int, k: int) -> dict:
@@ -300,7 +305,9 @@ GEMM_BACKEND = "triton"
 where every operand is a contiguous CUDA tensor; Triton for strided views and the interpreter."""
 
 USE_TMA = True
-SYM_W_VIA_TMA = False  # epilogue operand W of the sym kernel: TMA (shared memory) or plain loads
+SYM_W_VIA_TMA: bool | None = None
+"""Epilogue operand W of the TMA sym kernel through TMA (shared memory) or plain loads; None: as
+the tile config says (``_sym_config``'s ``W_TMA``)."""
 """Use the TMA (tensor descriptor) kernels where every operand allows it (Hopper+, row-major,
 16-byte aligned strides); the pointer kernels otherwise (transposed views, odd strides, older GPUs)."""
 
@@ -356,6 +363,7 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     bt, m, k = y.shape
     cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k, w is not None and beta != 0.0))
     even = m % cfg["BLOCK_M"] == 0 and m % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
+    w_tma = cfg.pop("W_TMA", False) if SYM_W_VIA_TMA is None else SYM_W_VIA_TMA
     tiles = _lower_tiles(m, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("GROUP_M"), str(y.device))
     grid = (tiles.numel() // 2, bt)
     wt = w if w is not None else out
@@ -366,7 +374,7 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
             _desc(out, [1, bm_, bn_]), _desc(out, [1, bn_, bm_]), out, wt, tiles, m, k,
             *_strides3(out), *_strides3(wt),
             float(alpha), float(beta), float(gamma),
-            HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0, W_TMA=SYM_W_VIA_TMA,
+            HAS_W=w is not None and beta != 0.0, HAS_GAMMA=gamma != 0.0, W_TMA=w_tma,
             BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, CAST_F32=_interpret(), **cfg,
         )
         return out
