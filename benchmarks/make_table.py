@@ -13,7 +13,10 @@ def ns_table(d: dict) -> str:
     env = d["env"]
     lines = [f"NS5 ({d['schedule']}, bf16), {env['device']}, torch {env['torch']}, triton {env['triton']}, "
              f"commit {env['git_commit'][:10]}; measured bf16 matmul ceiling {d['ceiling_tflops']:.0f} TFLOP/s. "
-             "Times in ms (median, CUDA events); x = speed-up over torch eager; err = relative error vs float64 NS "
+             "Times in ms (median, CUDA events" + ("; every method once per round, median of "
+                                                  f"{len(next(iter(d['rows'][0]['rounds_ms'].values())))} interleaved rounds"
+                                                  if d["rows"] and "rounds_ms" in d["rows"][0] else "")
+             + "); x = speed-up over torch eager; err = relative error vs float64 NS "
              "of the same coefficients, over torch eager's.", "",
              "| case | torch eager | torch.compile | Triton (auto) | x eager | Triton standard | Triton Gram | floor | err / eager |"
              + (" Triton fp16 (ms, err / eager) |" if any("triton_fp16" in r["ms"] for r in d["rows"]) else ""),
@@ -39,12 +42,14 @@ def ns_table(d: dict) -> str:
 def ml_table(d: dict) -> str:
     env = d["env"]
     lines = [f"Max-logit tracking, causal, 32 heads / 8 KV heads, d=128, bf16, {env['device']}, torch {env['torch']}, "
-             f"triton {env['triton']}, commit {env['git_commit'][:10]}. ms (median); % = added to SDPA fwd+bwd.", "",
-             "| B, S | SDPA fwd+bwd | fused attention+max (fwd+bwd) | Triton max-logit kernel alone | chunked torch | "
-             "materialized | FlexAttention+max_scores (fwd+bwd) |",
-             "|---|---|---|---|---|---|---|"]
+             f"triton {env['triton']}, commit {env['git_commit'][:10]}. ms (median); % = added to SDPA fwd+bwd. "
+             "SDPA, fused and SDPA + kernel: interleaved rounds, median of rounds (where the JSON has them).", "",
+             "| B, S | SDPA fwd+bwd | fused attention+max (fwd+bwd) | SDPA + Triton max-logit kernel | "
+             "Triton max-logit kernel alone | chunked torch | materialized | FlexAttention+max_scores (fwd+bwd) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        ms, base = r["ms"], r["ms"]["sdpa_fwd_bwd"]
+        ms = dict(r["ms"], **r.get("paired_ms", {}))
+        base = ms["sdpa_fwd_bwd"]
 
         def cell(key):
             return f"{ms[key]:.2f} (+{100 * (ms[key] / base - (1 if key.endswith('with_max') else 0)):.0f}%)" if key in ms else "-"
@@ -52,11 +57,13 @@ def ml_table(d: dict) -> str:
         fused = (f"{ms['fused_fwd_bwd_with_max']:.2f} (**+{100 * (ms['fused_fwd_bwd_with_max'] / base - 1):.1f}%**)"
                  if "fused_fwd_bwd_with_max" in ms else "-")
         alone = f"{ms['triton_max_logit']:.3f} (+{100 * ms['triton_max_logit'] / base:.1f}%)"
+        step = (f"{ms['sdpa_fwd_bwd_plus_triton']:.2f} (+{100 * (ms['sdpa_fwd_bwd_plus_triton'] / base - 1):.1f}%)"
+                if "sdpa_fwd_bwd_plus_triton" in ms else "-")
         chunk = f"{ms['chunked_torch']:.2f} (+{100 * ms['chunked_torch'] / base:.0f}%)"
         mat = f"{ms['materialized']:.2f} (+{100 * ms['materialized'] / base:.0f}%)" if "materialized" in ms else "-"
         flex = (f"{ms['flex_fwd_bwd_with_max']:.2f} (+{100 * (ms['flex_fwd_bwd_with_max'] / base - 1):.0f}%)"
                 if "flex_fwd_bwd_with_max" in ms else "-")
-        lines.append(f"| {r['B']}, {r['S']} | {base:.2f} | {fused} | {alone} | {chunk} | {mat} | {flex} |")
+        lines.append(f"| {r['B']}, {r['S']} | {base:.2f} | {fused} | {step} | {alone} | {chunk} | {mat} | {flex} |")
     errs = [r.get("max_rel_err_vs_float64") for r in d["rows"] if r.get("max_rel_err_vs_float64") is not None]
     if errs:
         lines += ["", f"Max-logit kernel vs float64 reference: max relative error {max(errs):.1e} (fp32 accumulation)."]
