@@ -796,10 +796,11 @@ class MuonClip(Optimizer):
         parts = [torch.zeros(1, device=device),
                  torch.tensor([g is not None for g in grads], dtype=torch.float32, device=device)]
         if self.skip_nonfinite:
-            # One multi-tensor L1-norm pass over every gradient (a launch per dtype/device instead
-            # of isfinite + all per parameter; measured 17.8 ms -> see benchmarks/results/
-            # multi_gpu_h100x1.json for a 1.2B model): an inf or nan element makes the sum
-            # non-finite, and so does an L1 norm beyond fp32 range, equally a step not to take.
+            # One multi-tensor L1-norm pass over every gradient, a launch per dtype and device
+            # (isfinite + all per parameter took the preflight to 17.8 ms on an H100 for a 1.2B
+            # model, this 3.9 ms: benchmarks/results/multi_gpu_h100x1.json). An inf or nan
+            # element makes the sum non-finite, and so does an L1 norm beyond fp32 range: equally
+            # a step not to take.
             present = [g for g in grads if g is not None]
             norms = iter(torch._foreach_norm(present, 1) if present else [])
             zero = torch.zeros((), device=device)
