@@ -31,6 +31,37 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def _online_block(q, kt, v, m_raw, l_i, acc, scale_log2e):
+        """One K/V block of the online softmax, every position visible: kt [D, N], v [N, D]."""
+        qk = tl.dot(q, kt)
+        m_new = tl.maximum(m_raw, tl.max(qk, 1))
+        mc = m_new * scale_log2e
+        p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+        alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _online_block_masked(q, kt, v, ok, m_raw, l_i, acc, scale_log2e):
+        """``_online_block`` with the positions where ``ok`` is False excluded (-inf logits)."""
+        qk = tl.where(ok, tl.dot(q, kt), float("-inf"))
+        m_new = tl.maximum(m_raw, tl.max(qk, 1))
+        # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        mc = m_safe * scale_log2e
+        p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+        alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return m_new, l_i, acc
+
+    # The kernels call the helpers by their global names: Triton's compiler and its interpreter
+    # both resolve callees in the module's globals (the interpreter ignores closures), so the
+    # helpers are published there, at the first call like everything else here.
+    globals().update(_online_block=_online_block, _online_block_masked=_online_block_masked)
+
+    @triton.jit
     def _attn_fwd_max_kernel(
         Q, K, V, O, LSE, Mx,
         H, Sq, Sk, group,
@@ -73,15 +104,7 @@ def _kernels():
             if CAST_F32:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            qk = tl.dot(q, kt)
-            m_new = tl.maximum(m_raw, tl.max(qk, 1))
-            mc = m_new * scale_log2e
-            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
-            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_raw = m_new
+            m_raw, l_i, acc = _online_block(q, kt, v, m_raw, l_i, acc, scale_log2e)
         for n0 in range(full_end, hi, BLOCK_N):
             cols = n0 + offs_n
             kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
@@ -89,21 +112,10 @@ def _kernels():
             if CAST_F32:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            qk = tl.dot(q, kt)
             ok = cols[None, :] < Sk
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_raw, tl.max(qk, 1))
-            # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            mc = m_safe * scale_log2e
-            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
-            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_raw = m_new
+            m_raw, l_i, acc = _online_block_masked(q, kt, v, ok, m_raw, l_i, acc, scale_log2e)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
@@ -149,15 +161,7 @@ def _kernels():
             if CAST_F32:
                 kk = kk.to(tl.float32)
                 v = v.to(tl.float32)
-            qk = tl.dot(q, kk.T)
-            m_new = tl.maximum(m_raw, tl.max(qk, 1))
-            mc = m_new * scale_log2e
-            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
-            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_raw = m_new
+            m_raw, l_i, acc = _online_block(q, kk.T, v, m_raw, l_i, acc, scale_log2e)
         for n0 in range(full_end, hi, BLOCK_N):
             cols = n0 + offs_n
             kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
@@ -165,20 +169,10 @@ def _kernels():
             if CAST_F32:
                 kk = kk.to(tl.float32)
                 v = v.to(tl.float32)
-            qk = tl.dot(q, kk.T)
             ok = cols[None, :] < Sk
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_raw, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            mc = m_safe * scale_log2e
-            p = tl.math.exp2(qk * scale_log2e - mc[:, None])
-            alpha = tl.math.exp2(m_raw * scale_log2e - mc)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_raw = m_new
+            m_raw, l_i, acc = _online_block_masked(q, kk.T, v, ok, m_raw, l_i, acc, scale_log2e)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
