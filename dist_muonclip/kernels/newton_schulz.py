@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from ._env import interpret as _interpret
+from ._env import tma_ok
 
 __all__ = ["gram_newton_schulz_triton", "newton_schulz_triton", "ns_kernel_flops"]
 
@@ -305,29 +306,16 @@ GEMM_BACKEND = "triton"
 where every operand is a contiguous CUDA tensor; Triton for strided views and the interpreter."""
 
 USE_TMA = True
-SYM_W_VIA_TMA: bool | None = None
-"""Epilogue operand W of the TMA sym kernel through TMA (shared memory) or plain loads; None: as
-the tile config says (``_sym_config``'s ``W_TMA``)."""
 """Use the TMA (tensor descriptor) kernels where every operand allows it (Hopper+, row-major,
 16-byte aligned strides); the pointer kernels otherwise (transposed views, odd strides, older GPUs)."""
 
-
-@functools.lru_cache(maxsize=None)
-def _tma_supported(device_index: int) -> bool:
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+SYM_W_VIA_TMA: bool | None = None
+"""Epilogue operand W of the TMA sym kernel through TMA (shared memory) or plain loads; None: as
+the tile config says (``_sym_config``'s ``W_TMA``)."""
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
-    if not USE_TMA or _interpret() or not ts[0].is_cuda or not _tma_supported(ts[0].device.index or 0):
-        return False
-    for t in ts:
-        if t.stride(-1) != 1 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-            return False
-    return True
+    return USE_TMA and tma_ok(*ts)
 
 
 def _desc(t: torch.Tensor, block: list[int]):
