@@ -21,6 +21,7 @@ import math
 import torch
 
 from ._env import interpret as _interpret
+from ._env import tma_ok
 
 __all__ = ["attention_forward_with_max_triton", "attention_with_max_logits"]
 
@@ -31,11 +32,16 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _online_block(q, kt, v, m_raw, l_i, acc, scale_log2e):
-        """One K/V block of the online softmax, every position visible: kt [D, N], v [N, D]."""
-        qk = tl.dot(q, kt)
+    def _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED: tl.constexpr):
+        """Fold one block of unscaled logits ``qk`` [M, N] (-inf where hidden when ``MASKED``)
+        and its values ``v`` [N, D] into the online softmax; ``m_raw`` stays the exact row max."""
         m_new = tl.maximum(m_raw, tl.max(qk, 1))
-        mc = m_new * scale_log2e
+        if MASKED:
+            # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        mc = m_ref * scale_log2e
         p = tl.math.exp2(qk * scale_log2e - mc[:, None])
         alpha = tl.math.exp2(m_raw * scale_log2e - mc)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -43,23 +49,41 @@ def _kernels():
         return m_new, l_i, acc
 
     @triton.jit
-    def _online_block_masked(q, kt, v, ok, m_raw, l_i, acc, scale_log2e):
-        """``_online_block`` with the positions where ``ok`` is False excluded (-inf logits)."""
-        qk = tl.where(ok, tl.dot(q, kt), float("-inf"))
-        m_new = tl.maximum(m_raw, tl.max(qk, 1))
-        # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        mc = m_safe * scale_log2e
-        p = tl.math.exp2(qk * scale_log2e - mc[:, None])
-        alpha = tl.math.exp2(m_raw * scale_log2e - mc)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        return m_new, l_i, acc
+    def _visible(qk, cols, offs_m, Sk, CAUSAL: tl.constexpr):
+        """``qk`` with keys past Sk and (causal) keys after the query row set to -inf."""
+        ok = cols[None, :] < Sk
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None])
+        return tl.where(ok, qk, float("-inf"))
+
+    @triton.jit
+    def _key_bounds(Sk, m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """(end of the key blocks every query row of this block sees whole, end of the keys any
+        row sees): no masking below the first, ``_visible`` up to the second."""
+        if CAUSAL:
+            hi = tl.minimum(Sk, m0 + BLOCK_M)
+            full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
+        else:
+            hi = Sk
+            full_end = (Sk // BLOCK_N) * BLOCK_N
+        return full_end, hi
+
+    @triton.jit
+    def _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m):
+        """Store the rows' natural-log LSE (what the flash / cuDNN backward reads) and the block's
+        max logit; return the normalized output (fp32)."""
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        row_ok = offs_m < Sq
+        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_raw * scale + tl.log(l_safe), mask=row_ok)
+        row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
+        tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
+        return acc / l_safe[:, None]
 
     # The kernels call the helpers by their global names: Triton's compiler and its interpreter
     # both resolve callees in the module's globals (the interpreter ignores closures), so the
     # helpers are published there, at the first call like everything else here.
-    globals().update(_online_block=_online_block, _online_block_masked=_online_block_masked)
+    globals().update(_online_update=_online_update, _visible=_visible, _key_bounds=_key_bounds,
+                     _finish_rows=_finish_rows)
 
     @triton.jit
     def _attn_fwd_max_kernel(
@@ -92,19 +116,14 @@ def _kernels():
         m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # exact row max of q . k (unscaled)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-        if CAUSAL:
-            hi = tl.minimum(Sk, m0 + BLOCK_M)
-            full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
-        else:
-            hi = Sk
-            full_end = (Sk // BLOCK_N) * BLOCK_N
+        full_end, hi = _key_bounds(Sk, m0, BLOCK_M, BLOCK_N, CAUSAL)
         for n0 in range(0, full_end, BLOCK_N):
             kt = tl.load(k_base + (n0 + offs_n)[None, :] * s_ks + offs_d[:, None] * s_kd)
             v = tl.load(v_base + (n0 + offs_n)[:, None] * s_vs + offs_d[None, :] * s_vd)
             if CAST_F32:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            m_raw, l_i, acc = _online_block(q, kt, v, m_raw, l_i, acc, scale_log2e)
+            m_raw, l_i, acc = _online_update(tl.dot(q, kt), v, m_raw, l_i, acc, scale_log2e, False)
         for n0 in range(full_end, hi, BLOCK_N):
             cols = n0 + offs_n
             kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
@@ -112,18 +131,11 @@ def _kernels():
             if CAST_F32:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            ok = cols[None, :] < Sk
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None])
-            m_raw, l_i, acc = _online_block_masked(q, kt, v, ok, m_raw, l_i, acc, scale_log2e)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
+            qk = _visible(tl.dot(q, kt), cols, offs_m, Sk, CAUSAL)
+            m_raw, l_i, acc = _online_update(qk, v, m_raw, l_i, acc, scale_log2e, True)
+        out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
         tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
-        lse = m_raw * scale + tl.log(l_safe)  # natural-log LSE, as the flash backward expects
-        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
-        row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
-        tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
 
     @triton.jit
     def _attn_fwd_max_kernel_tma(
@@ -149,19 +161,14 @@ def _kernels():
         m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-        if CAUSAL:
-            hi = tl.minimum(Sk, m0 + BLOCK_M)
-            full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
-        else:
-            hi = Sk
-            full_end = (Sk // BLOCK_N) * BLOCK_N
+        full_end, hi = _key_bounds(Sk, m0, BLOCK_M, BLOCK_N, CAUSAL)
         for n0 in range(0, full_end, BLOCK_N):
             kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
             v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
             if CAST_F32:
                 kk = kk.to(tl.float32)
                 v = v.to(tl.float32)
-            m_raw, l_i, acc = _online_block(q, kk.T, v, m_raw, l_i, acc, scale_log2e)
+            m_raw, l_i, acc = _online_update(tl.dot(q, kk.T), v, m_raw, l_i, acc, scale_log2e, False)
         for n0 in range(full_end, hi, BLOCK_N):
             cols = n0 + offs_n
             kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
@@ -169,18 +176,10 @@ def _kernels():
             if CAST_F32:
                 kk = kk.to(tl.float32)
                 v = v.to(tl.float32)
-            ok = cols[None, :] < Sk
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None])
-            m_raw, l_i, acc = _online_block_masked(q, kk.T, v, ok, m_raw, l_i, acc, scale_log2e)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
+            qk = _visible(tl.dot(q, kk.T), cols, offs_m, Sk, CAUSAL)
+            m_raw, l_i, acc = _online_update(qk, v, m_raw, l_i, acc, scale_log2e, True)
+        out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
         o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
-        row_ok = offs_m < Sq
-        lse = m_raw * scale + tl.log(l_safe)
-        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
-        row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
-        tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
 
     return triton, _attn_fwd_max_kernel, _attn_fwd_max_kernel_tma
 
@@ -193,14 +192,7 @@ and 16-byte aligned strides (the pointer kernel otherwise, and under the interpr
 
 
 def _fwd_tma_ok(*ts: torch.Tensor) -> bool:
-    if not FWD_USE_TMA or _interpret() or not ts[0].is_cuda:
-        return False
-    from .newton_schulz import _tma_supported
-
-    if not _tma_supported(ts[0].device.index or 0):
-        return False
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and not any((s * t.element_size()) % 16 for s in t.stride()[:-1]) for t in ts)
+    return FWD_USE_TMA and tma_ok(*ts)
 
 
 def _fwd_config(d: int) -> dict:
