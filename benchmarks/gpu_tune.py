@@ -134,18 +134,12 @@ def _tuned_configs(picks: dict):
 
     def gemm_config(m, n, k):
         p = picks[f"{nearest(m, _CUR_BT[0])}:bx"]
-        return dict(p["cfg"] or picks_triton_bx(m))
-
-    def picks_triton_bx(m):
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(p["cfg"] or GEMM_CFGS[0])  # a cuBLAS pick has no tiles: the Triton default then
 
     def aa_wtma(m):
         return bool(picks[f"{nearest(m, _CUR_BT[0])}:aa"]["extra"])
 
-    def bx_cublas(m):
-        return picks[f"{nearest(m, _CUR_BT[0])}:bx"]["extra"] == "cublas"
-
-    return sym_config, gemm_config, aa_wtma, bx_cublas
+    return sym_config, gemm_config, aa_wtma
 
 
 _CUR_BT = [1]
@@ -172,7 +166,7 @@ def ns_end_to_end(res: dict, picks: dict | None, rounds: int) -> None:
         "cublas_bx": dict(kw={"cuda_graph": False}, cfg={"cublas": True}),
     }
     if picks:
-        sym_c, gemm_c, aa_w, bx_cu = _tuned_configs(picks)
+        sym_c, gemm_c, aa_w = _tuned_configs(picks)
         variants["tuned"] = dict(kw={"cuda_graph": False}, cfg={"sym": sym_c, "gemm": gemm_c}, tuned=True)
         variants["tuned_cublas_bx"] = dict(kw={"cuda_graph": False}, cfg={"sym": sym_c, "gemm": gemm_c,
                                                                        "cublas": True}, tuned=True)
@@ -185,7 +179,7 @@ def ns_end_to_end(res: dict, picks: dict | None, rounds: int) -> None:
         row = {"case": name, "ms": {}, "rounds": {}, "rel_err": {}}
         small = all(s[0] * s[1] <= 2048 * 2048 for s, _ in spec)
 
-        def run_variant(vname, spec_v):
+        def run_variant(spec_v):
             cfg = dict(spec_v["cfg"])
             if spec_v.get("tuned"):
                 m = min(spec[0][0])
@@ -202,7 +196,7 @@ def ns_end_to_end(res: dict, picks: dict | None, rounds: int) -> None:
         for vname, spec_v in variants.items():
             if spec_v.get("only_small") and not small:
                 continue
-            fns[vname] = run_variant(vname, spec_v)
+            fns[vname] = run_variant(spec_v)
             try:  # accuracy of this variant vs float64 on the first matrix of each bucket
                 errs = []
                 for b in buckets:
@@ -219,7 +213,7 @@ def ns_end_to_end(res: dict, picks: dict | None, rounds: int) -> None:
         for r in range(rounds):
             for vname, fn in fns.items():
                 if vname != "torch_eager":
-                    run_variant(vname, variants[vname])  # restore the variant's module settings
+                    run_variant(variants[vname])  # restore the variant's module settings
                 t = _time(fn, median_ms)
                 row["rounds"].setdefault(vname, []).append(t)
                 setup()

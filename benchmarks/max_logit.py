@@ -95,14 +95,12 @@ def run(args) -> dict:
                         print(f"[ml-sweep] {cfg} ERROR {err!r}"[:300], flush=True)
                     finally:
                         mlk.CONFIG_OVERRIDE = None
-            row["ms"]["sdpa_fwd_bwd"] = median_ms(sdpa_step, warmup_ms=args.warmup, rep_ms=args.rep)
             row["ms"]["triton_max_logit"] = median_ms(ours, warmup_ms=args.warmup, rep_ms=args.rep)
 
             def sdpa_plus_ours():
                 sdpa_step()
                 ours()
 
-            row["ms"]["sdpa_fwd_bwd_plus_triton"] = median_ms(sdpa_plus_ours, warmup_ms=args.warmup, rep_ms=args.rep)
             row["ms"]["chunked_torch"] = median_ms(lambda: chunked_torch_max(qd, kd, scale), warmup_ms=args.warmup, rep_ms=args.rep)
             if B * H * S * S * 2 <= args.max_materialize_gb * 2**30:
                 row["ms"]["materialized"] = median_ms(lambda: materialized_max(qd, kd, scale), warmup_ms=args.warmup, rep_ms=args.rep)
@@ -140,9 +138,9 @@ def run(args) -> dict:
                                         sweep if (args.sweep and B == args.batch[0] and S == args.seq[0]) else None)
             except Exception as err:  # noqa: BLE001 - keep the rest of the table
                 print(f"[ml] fused attention failed: {err!r}"[:600], flush=True)
-            # The overheads are ratios of times taken minutes apart above; clocks drift by a few
-            # percent over such spans, so time the three contenders again in interleaved rounds
-            # (SDPA, SDPA + our kernel, fused, SDPA, ...) and take each one's median of rounds.
+            # The overheads are ratios of step times; clocks drift by a few percent over the minutes
+            # the timings above take, so the three contenders (SDPA, SDPA + our kernel, fused) are
+            # timed in interleaved rounds, each one's median of rounds kept.
             paired = {"sdpa_fwd_bwd": sdpa_step, "sdpa_fwd_bwd_plus_triton": sdpa_plus_ours}
             if fused_step is not None:
                 paired["fused_fwd_bwd_with_max"] = fused_step
@@ -152,6 +150,7 @@ def run(args) -> dict:
                     rounds.setdefault(name, []).append(median_ms(fn, warmup_ms=args.warmup, rep_ms=args.rep))
             row["paired_rounds_ms"] = rounds
             row["paired_ms"] = {n: statistics.median(v) for n, v in rounds.items()}
+            row["ms"].update(row["paired_ms"])  # SDPA and SDPA + kernel are timed here only
             base = row["paired_ms"]["sdpa_fwd_bwd"]
             row["overhead_frac"] = {
                 "triton_standalone": row["ms"]["triton_max_logit"] / base,
