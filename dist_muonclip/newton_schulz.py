@@ -497,7 +497,25 @@ def validate_ns_options(
     name = backend.strip().lower()
     if name not in _BACKENDS:
         raise ValueError(f"ns_backend={backend!r} is unknown; use 'torch', 'triton' or 'auto'")
+    if name == "triton" and dtype != torch.bfloat16:
+        # The kernels multiply bf16 operands (fp32 accumulation) and return bf16: running them for
+        # an fp32/fp64 request would silently give bf16 accuracy (~1e-2 instead of ~1e-6).
+        raise ValueError(
+            f"ns_backend='triton' computes in bfloat16 and cannot honour ns_dtype={dtype}; use "
+            "ns_backend='torch' (or 'auto', which runs torch for float32/float64) or ns_dtype='bfloat16'"
+        )
     return coeffs, steps, dtype, name
+
+
+def resolve_backend(backend: str, *, is_cuda: bool, dtype: torch.dtype) -> str:
+    """The backend that runs: "auto" is Triton for bf16 on CUDA when the kernels import, else torch.
+
+    float32/float64 NS always runs on torch (the Triton kernels are bf16-only), so an equivalence
+    run with ``ns_dtype=float32`` gets fp32 products on a GPU too.
+    """
+    if backend != "auto":
+        return backend
+    return "triton" if (is_cuda and dtype == torch.bfloat16 and _triton_available()) else "torch"
 
 
 def ns_schedule(coefficients: Coefficients, steps: int, *, cans_lower: float = CANS_LOWER) -> list[Triple]:
@@ -636,8 +654,8 @@ def orthogonalize(
         dtype: operand dtype of the products: torch.bfloat16 (default, as torch.optim.Muon),
             torch.float32 or torch.float64 (or their names).
         eps: the Frobenius norm is clamped at eps before dividing (a zero matrix stays zero).
-        backend: "torch"; "triton" (dist_muonclip.kernels.newton_schulz, CUDA); "auto" = triton
-            when x is on CUDA and the kernel imports, else torch.
+        backend: "torch"; "triton" (dist_muonclip.kernels.newton_schulz, CUDA, bf16 only); "auto" =
+            triton when x is on CUDA, dtype is bf16 and the kernel imports, else torch.
         cans_lower: CANS only: lower end of the assumed singular-value interval relative to
             ||X||_F (singular values below it are still inflated monotonically, just not to 1).
     Returns:
@@ -664,8 +682,7 @@ def orthogonalize(
         raise ValueError(f"orthogonalize: eps must be a positive float, got {eps!r}")
     if coeffs == "cans" and not (_is_real_number(cans_lower) and 0.0 < cans_lower < 1.0):
         raise ValueError(f"orthogonalize: cans_lower must be in (0, 1), got {cans_lower!r}")
-    if backend == "auto":
-        backend = "triton" if (x.is_cuda and _triton_available()) else "torch"
+    backend = resolve_backend(backend, is_cuda=x.is_cuda, dtype=dtype)
 
     if x.numel() == 0:
         return torch.zeros(x.shape, dtype=dtype, device=x.device)

@@ -435,18 +435,39 @@ def test_triton_dispatch_passes_schedule_and_eps(monkeypatch):
     monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.newton_schulz", fake)
     x = torch.randn(2, 40, 24, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     for name in SCHEDULES:
-        got = orthogonalize(x, coefficients=name, backend="triton", dtype=torch.float64, eps=1e-5)
-        want = orthogonalize(x, coefficients=name, backend="torch", dtype=torch.float64, eps=1e-5)
-        # float64; CANS's torch path reuses A, A^2 of its estimate (b A + c A^2 vs addmm): rounding
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        got = orthogonalize(x, coefficients=name, backend="triton", eps=1e-5)
+        want = orthogonalize(x, coefficients=name, backend="torch", eps=1e-5)
+        assert calls[-1][0].dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+        # bf16 on both sides (the kernels are bf16-only): the stand-in normalizes in bf16 where the
+        # torch path takes the norm in fp32, and CANS's torch path reuses A, A^2 of its estimate
+        # (b A + c A^2 vs addmm); a few bf16 roundings (2^-8 each) of entries of size <= 1
+        torch.testing.assert_close(got.float(), want.float(), atol=2**-5, rtol=0)
         assert calls[-1][2] == 1e-5 and len(calls[-1][1]) == 5
     assert calls[0][1] == ns_schedule("jordan", 5)
+
+
+def test_fp32_ns_never_runs_the_bf16_triton_kernels(monkeypatch):
+    """Regression: ns_backend="auto" on CUDA sent ns_dtype=float32 to the bf16-only Triton kernels,
+    which returned bf16 (1.7e-2 off the fp32 result), so fp32 equivalence runs on a GPU were not
+    fp32. "auto" now resolves to torch for float32/float64 and "triton" refuses them up front."""
+    monkeypatch.setattr(ns, "_triton_available", lambda: True)
+    assert ns.resolve_backend("auto", is_cuda=True, dtype=torch.bfloat16) == "triton"
+    assert ns.resolve_backend("auto", is_cuda=True, dtype=torch.float32) == "torch"
+    assert ns.resolve_backend("auto", is_cuda=True, dtype=torch.float64) == "torch"
+    assert ns.resolve_backend("auto", is_cuda=False, dtype=torch.bfloat16) == "torch"
+    assert ns.resolve_backend("torch", is_cuda=True, dtype=torch.bfloat16) == "torch"
+    with pytest.raises(ValueError, match="ns_backend='triton' computes in bfloat16.*ns_dtype=torch.float32"):
+        orthogonalize(torch.randn(8, 8), backend="triton", dtype="float32")
+    from dist_muonclip import MuonClip
+
+    with pytest.raises(ValueError, match="ns_backend='triton'.*ns_backend='torch'"):
+        MuonClip([torch.nn.Parameter(torch.randn(8, 8))], lr=0.1, ns_backend="triton", ns_dtype="float32")
 
 
 def test_validate_normalizes():
     assert validate_ns_options("Polar-Express", 5, "bf16", "AUTO") == ("polar_express", 5, torch.bfloat16, "auto")
     assert validate_ns_options((1, 2, 3), 1, "float32", "torch")[0] == ((1.0, 2.0, 3.0),)
-    got = validate_ns_options([[1, 2, 3], (4, 5, 6)], 100, torch.float64, "triton")
+    got = validate_ns_options([[1, 2, 3], (4, 5, 6)], 100, torch.bfloat16, "triton")
     assert got[0] == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
     assert validate_ns_options("cans", 5, "fp32", "torch")[2] == torch.float32
 
@@ -585,3 +606,15 @@ def test_cuda_host_syncs(coefficients, expected_syncs):
         torch.cuda.set_sync_debug_mode(prev)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) == expected_syncs, [str(w.message) for w in syncs]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_auto_float32_is_float32():
+    """ns_backend="auto" on CUDA with ns_dtype=float32 computes in fp32 (regression: it used to run
+    the bf16 Triton kernels and return bf16), matching the CPU fp32 result."""
+    x = torch.randn(3, 96, 160, generator=torch.Generator().manual_seed(11))
+    got = orthogonalize(x.cuda(), backend="auto", dtype=torch.float32)
+    assert got.dtype == torch.float32
+    # fp32 on both devices: summation order only (TF32 is off by default for matmul in torch)
+    torch.testing.assert_close(got.cpu(), orthogonalize(x, dtype=torch.float32), atol=1e-5, rtol=0)
