@@ -1,0 +1,73 @@
+"""QK-Clip tracking through the HF hook on a CUDA GPU: the fused attention+max path and the
+standalone max-logit kernel path, against a float64 recomputation (skipped without CUDA + Triton).
+
+CPU tests cover the same wiring with a stand-in for the kernel (tests/test_tracker.py); these run
+the real kernels on HF's [B, S, H, D]-transposed views, forward and backward.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                       reason="needs CUDA and triton"),
+]
+transformers = pytest.importorskip("transformers")
+
+from dist_muonclip import tracker as tr  # noqa: E402
+from dist_muonclip.tracker import MaxLogitTracker  # noqa: E402
+from tests.test_tracker import VOCAB, attention_modules, build_model, oracle_max_logits  # noqa: E402
+
+
+@pytest.mark.parametrize("seq", [16, 301])
+def test_hf_llama_bf16_fused_and_masked_paths_exact_with_unchanged_training(seq, monkeypatch):
+    """Causal, mask-free calls take the fused Triton attention (counted), padded calls SDPA + the
+    max-logit kernel; both records equal the float64 oracle; the loss and the gradients equal the
+    untracked SDPA model's up to bf16 rounding (the fused forward is a different attention kernel)."""
+    fused_calls = []
+    real = tr._fused_attention()
+    assert real is not None, "the fused attention kernel must be available on a CUDA machine with triton"
+
+    def counting(*args, **kwargs):
+        fused_calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "_fused_attention", lambda: counting)
+    model = build_model("llama").train().to("cuda", torch.bfloat16)
+    ref_model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seq)
+    ids = torch.randint(0, VOCAB, (2, seq), generator=g).cuda()
+    pad = torch.ones_like(ids)
+    pad[1, : seq // 4] = 0
+
+    ref_loss = ref_model(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert len(fused_calls) == 2  # both layers: fused path
+        fused_vals = tracker.values().clone()
+        tracker.reset()
+        model(input_ids=ids, attention_mask=pad)
+        masked_vals = tracker.values().clone()
+        assert len(fused_calls) == 2  # a padding mask falls back to SDPA + the max-logit kernel
+    # bf16 attention (different kernels, fp32 accumulation): the loss agrees to bf16 rounding of
+    # the logits (~2^-8 relative); gradients to a few bf16 ulps of each tensor's scale
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-2, atol=1e-2)
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        scale = p_ref.grad.float().abs().max().item() + 1e-12
+        err = (p.grad.float() - p_ref.grad.float()).abs().max().item()
+        assert err <= 3e-2 * scale, (name, err, scale)
+    model32 = copy.deepcopy(model).float().cpu()
+    # the oracle recomputes q, k in float64 from bf16 weights and fp32 hidden states: the tracked
+    # values come from bf16 q, k (rounded to 2^-8 relative), so 2e-2 relative covers the rounding
+    want = oracle_max_logits(model32, ids.cpu(), torch.ones_like(ids).cpu())
+    torch.testing.assert_close(fused_vals.double().cpu(), want, rtol=2e-2, atol=2e-2)
+    want_pad = oracle_max_logits(model32, ids.cpu(), pad.cpu())
+    torch.testing.assert_close(masked_vals.double().cpu(), want_pad, rtol=2e-2, atol=2e-2)
