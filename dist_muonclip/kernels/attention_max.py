@@ -289,7 +289,7 @@ class _AttnWithMax(torch.autograd.Function):
         B, H, S, D = q.shape
         Hkv = k.shape[1]
         g = H // Hkv
-        dout = dout.contiguous()
+        dout = _match_layout(dout, out)
         if ctx.backend in ("auto", "cudnn") and _CUDNN_OK != [False]:
             try:
                 dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
@@ -316,6 +316,17 @@ class _AttnWithMax(torch.autograd.Function):
             dk = dk.view(B, Hkv, g, *dk.shape[2:]).sum(2)
             dv = dv.view(B, Hkv, g, *dv.shape[2:]).sum(2)
         return dq, dk, dv, None, None, None
+
+
+def _match_layout(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``dout`` with ``out``'s strides. PyTorch's cuDNN attention backward describes dO with O's
+    strides (SDPA's own autograd formula materializes a matching grad_output first); HF's
+    ``out.transpose(1, 2).contiguous()`` hands back a [B, H, S, D] gradient laid out [B, S, H, D]
+    while O follows q's layout, and a plain ``.contiguous()`` made them disagree: wrong
+    gradients, caught by tests/gpu/test_tracker_gpu.py."""
+    if dout.stride() == out.stride():
+        return dout
+    return torch.empty_like(out).copy_(dout)
 
 
 _BWD_VARIANT: list[int] = []

@@ -115,19 +115,32 @@ def test_max_logits_padding_masks_vs_float64():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backward", ["auto", "flash"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "bshd_contiguous_grad"])
 @pytest.mark.parametrize("B,H,Hkv,S,D", [(2, 32, 8, 1024, 128), (1, 8, 8, 777, 64)])
-def test_attention_with_max_logits_matches_sdpa(B, H, Hkv, S, D):
-    """Fused forward + flash backward: output and q/k/v gradients like SDPA's, max exact."""
+def test_attention_with_max_logits_matches_sdpa(B, H, Hkv, S, D, layout, backward):
+    """Fused forward + cuDNN/flash backward: output and q/k/v gradients like SDPA's, max exact.
+    "bshd": q, k, v and the output gradient as HF hands them (transposed [B, S, H, D] views);
+    "bshd_contiguous_grad": a [B, H, S, D]-contiguous gradient for a [B, S, H, D]-laid-out output
+    (regression: the backward made dO contiguous while O kept q's layout, and cuDNN read dO with
+    O's strides: wrong gradients in HF training)."""
     import torch.nn.functional as F
 
     from dist_muonclip.kernels import attention_with_max_logits
     from dist_muonclip.kernels.reference import max_logits_reference
 
-    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
-    out, mx = attention_with_max_logits(q, k, v, scale=D ** -0.5, causal=True)
+    def make(h, grad=True):
+        if layout == "bhsd":
+            t = torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16)
+        else:
+            t = torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return t.requires_grad_(grad)
+
+    q, k, v = make(H), make(Hkv), make(Hkv)
+    do = make(H, grad=False)
+    if layout == "bshd_contiguous_grad":
+        do = do.contiguous()
+    out, mx = attention_with_max_logits(q, k, v, scale=D ** -0.5, causal=True, backward=backward)
     out.backward(do)
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
