@@ -4,7 +4,7 @@ HF hands attention q, k, v as transposed [B, S, H, D] views and gets back a grad
 [B, S, H, D] for a [B, H, S, D] output. The fused attention+max forward allocates O like q; this
 script feeds the backward ops dO in O's layout ("matched", what the library does) and in a
 [B, H, S, D]-contiguous copy ("contiguous", what it did before), and records the relative error of
-dq, dk, dv against an fp32 math-SDPA reference. JSON into benchmarks/results/ (or --out).
+dq, dk, dv against fp32 SDPA; also torch's own bf16 SDPA backward with either dO layout. JSON into benchmarks/results/ (or --out).
 
     python benchmarks/attn_backward_layouts.py [--out DIR]
 """
@@ -55,6 +55,12 @@ def main(argv=None) -> dict:
             except RuntimeError as e:  # noqa: PERF203
                 rows.append({"backward": op, "dout_layout": layout, "error": str(e)[:300]})
             print("[attn-bwd]", rows[-1], flush=True)
+    for layout, dout in (("matched", am._match_layout(do, out)), ("contiguous", do.contiguous())):
+        qb, kb, vb = (t.detach().requires_grad_() for t in (q, k, v))
+        F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True).backward(dout)
+        errs = [rel(t.grad, b) for t, b in zip((qb, kb, vb), refs)]
+        rows.append({"backward": "torch_sdpa_bf16", "dout_layout": layout, "rel_err_dq_dk_dv": errs})
+        print("[attn-bwd]", rows[-1], flush=True)
     payload = {"env": environment(), "shape": [B, H, Hkv, S, D], "rows": rows}
     write_json(os.path.join(args.out, "attn_backward_layouts.json"), payload)
     return payload
