@@ -1,6 +1,6 @@
-"""Markdown tables (README / NOTES) from benchmarks/results/{ns_kernels,max_logit}.json.
+"""Markdown tables (README / NOTES) from benchmarks/results/{ns_kernels,max_logit}{suffix}.json.
 
-    python benchmarks/make_table.py [--dir benchmarks/results]
+    python benchmarks/make_table.py [--dir benchmarks/results] [--suffix _h200]
 """
 from __future__ import annotations
 
@@ -73,8 +73,9 @@ def ml_table(d: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--suffix", default="", help="file-name suffix of the run, e.g. _h200")
     args = p.parse_args()
-    for name, fn in (("ns_kernels.json", ns_table), ("max_logit.json", ml_table)):
+    for name, fn in ((f"ns_kernels{args.suffix}.json", ns_table), (f"max_logit{args.suffix}.json", ml_table)):
         path = os.path.join(args.dir, name)
         if os.path.exists(path):
             with open(path) as f:
