@@ -66,22 +66,29 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 INFLATED = {0: [0], 1: [3]}  # GQA 4/2: group 0 of layer 0 and group 1 of layer 1 get one hot head
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "deepseek_v3", "deepseek_v3_lora"])
-def test_post_clip_reforward_every_head_at_most_tau(family):
+@pytest.mark.parametrize("family, alpha", [("llama", 0.5), ("mistral", 0.5), ("qwen2", 0.5), ("deepseek_v3", 0.5),
+                                           ("deepseek_v3_lora", 0.5), ("qwen2", 0.3), ("deepseek_v3", 0.3)])
+def test_post_clip_reforward_every_head_at_most_tau(family, alpha):
     """The clip acts per layer on that layer's logits for that layer's inputs: re-running every
     attention layer on the inputs of the recorded forward, every head is <= tau, clipped heads sit
     on tau, the others are unchanged. In a full re-forward layer 0 sees the same inputs (exact);
     deeper layers see inputs shifted by the clip of the layers below (QK-Clip bounds the logits of
     the step it measured, arXiv 2507.20534 Alg. 1), so only layer 0 is compared exactly there
     (the tiny MLA model's layer 1 lands ~4% above tau: a documented property of QK-Clip, not a
-    rounding error)."""
+    rounding error). Qwen2's q/k biases are made non-zero (they start at zero), so a bias row left
+    unscaled would move the clipped heads off tau; alpha = 0.3 pins which side gets eta^alpha."""
     model = build_model(family).train()
+    if family == "qwen2":
+        with torch.no_grad():
+            for m in attention_modules(model):
+                m.q_proj.bias.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(3))
+                m.k_proj.bias.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(4))
     inflate(model, INFLATED)
     ids, pad = make_batch()
     inputs = capture_inputs(model, ids, pad)
     s0 = oracle_from_inputs(model, inputs, pad)
     tau = pick_tau(s0, INFLATED)
-    clipper = QKClipper(model, {"tau": tau})
+    clipper = QKClipper(model, {"tau": tau, "alpha": alpha})
     before = snapshot(model)
     model(input_ids=ids, attention_mask=pad)  # the training forward: the tracker records here
     s = clipper.max_logits()
@@ -117,10 +124,11 @@ def test_post_clip_reforward_every_head_at_most_tau(family):
             qb, qa = before[pre + q + ".weight"], after[pre + q + ".weight"]
             kvb, kva = before[pre + "kv_b_proj.weight"], after[pre + "kv_b_proj.weight"]
             blk, kblk = nope + rope, nope + v
-            # q_C by sqrt(eta), q_R by eta, k_C by sqrt(eta), v untouched (alpha = 0.5)
-            torch.testing.assert_close(qa[h * blk: h * blk + nope], qb[h * blk: h * blk + nope] * eta ** 0.5)
+            # q_C by eta^alpha, q_R by eta, k_C by eta^(1 - alpha), v untouched
+            torch.testing.assert_close(qa[h * blk: h * blk + nope], qb[h * blk: h * blk + nope] * eta ** alpha)
             torch.testing.assert_close(qa[h * blk + nope:(h + 1) * blk], qb[h * blk + nope:(h + 1) * blk] * eta)
-            torch.testing.assert_close(kva[h * kblk: h * kblk + nope], kvb[h * kblk: h * kblk + nope] * eta ** 0.5)
+            torch.testing.assert_close(kva[h * kblk: h * kblk + nope],
+                                       kvb[h * kblk: h * kblk + nope] * eta ** (1 - alpha))
             assert torch.equal(kva[h * kblk + nope:(h + 1) * kblk], kvb[h * kblk + nope:(h + 1) * kblk])
             others = [r for r in range(qb.shape[0]) if not h * blk <= r < (h + 1) * blk]
             assert torch.equal(qa[others], qb[others])  # other heads bit for bit
@@ -128,6 +136,16 @@ def test_post_clip_reforward_every_head_at_most_tau(family):
         allowed = {f"model.layers.{i}.self_attn.{w}.{t}" for i in (0, 1) for w in ("q_proj", "k_proj")
                    for t in ("weight", "bias")}
         assert changed <= allowed
+        if family == "qwen2":  # MHA: the hot head's q rows and bias by eta^alpha, k's by eta^(1-alpha)
+            d = mods[0].head_dim
+            for layer, heads in INFLATED.items():
+                h, pre = heads[0], f"model.layers.{layer}.self_attn."
+                eta = tau / s0[layer, h].item()
+                rows = slice(h * d, (h + 1) * d)
+                for w, power in (("q_proj", alpha), ("k_proj", 1 - alpha)):
+                    for t in ("weight", "bias"):
+                        key = pre + f"{w}.{t}"
+                        torch.testing.assert_close(after[key][rows], before[key][rows] * eta ** power)
         cfg = model.config
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         d = mods[0].head_dim
