@@ -509,3 +509,35 @@ def test_qk_norm_per_head_rows_olmo2_clip_like_gqa():
     torch.testing.assert_close(s1[~hot], s0[~hot], rtol=RTOL, atol=0)
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == {f"model.layers.{i}.self_attn.{w}.weight" for i in (0, 1) for w in ("q_norm", "k_norm")}
+
+
+def test_user_mapping_discovers_custom_names_and_clips_like_explicit_layers():
+    """Seed 000's clipping_layers_mapping: attention modules whose projections are named
+    weight_q / weight_k are found by the mapping (with head counts from a dict model_config) and
+    clipped exactly as when the same layers are given explicitly; the hot head lands on tau."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([SeedMHA() for _ in range(2)])
+    with torch.no_grad():
+        model.blocks[1].weight_q.weight[8:16] *= 40  # head 1 of layer 1 hot
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        s0 = torch.stack([b.max_logits(x) for b in model.blocks])
+    tau = float(s0[1, 1]) / 3
+    assert (s0.flatten().sort().values[-2] < tau).item()  # only that head is above tau
+    explicit = copy.deepcopy(model)
+    mapped = QKClipper(model, {"tau": tau, "track": "manual", "mapping": {"q_proj": "weight_q", "k_proj": "weight_k"}},
+                       model_config={"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8})
+    assert [l.name for l in mapped.layers] == ["blocks.0", "blocks.1"]
+    mapped.step(s0.float())
+    QKClipper(config={"tau": tau, "track": "manual"},
+              layers=[dict(module=b, mode="mha", num_heads=4, w_q="weight_q", w_k="weight_k")
+                      for b in explicit.blocks]).step(s0.float())
+    for p, q in zip(model.parameters(), explicit.parameters()):
+        assert torch.equal(p, q)
+    with torch.no_grad():
+        s1 = torch.stack([b.max_logits(x) for b in model.blocks])
+    torch.testing.assert_close(s1[1, 1], torch.tensor(tau, dtype=torch.float64), rtol=RTOL, atol=0)
+    cold = torch.ones_like(s0, dtype=torch.bool)
+    cold[1, 1] = False
+    torch.testing.assert_close(s1[cold], s0[cold], rtol=RTOL, atol=0)
