@@ -57,12 +57,15 @@ def test_muon_config_maps_every_field():
         muon_config_kwargs({"lr": 1.0})
 
 
-def test_seed000_muonclip_equals_core_optimizer_and_logs_to_tensorboard(tmp_path):
+@pytest.mark.parametrize("config_kind", ["dict", "hf"])
+def test_seed000_muonclip_equals_core_optimizer_and_logs_to_tensorboard(tmp_path, config_kind):
     pytest.importorskip("tensorboard")
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     model_a = build_model("llama").train()
     model_b = copy.deepcopy(model_a)
-    model_config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # seed 000: a dict works
+    # seed 000 takes the model's HF config or a dict with the head counts: both work
+    model_config = ({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16} if config_kind == "dict"
+                    else model_a.config)
     cfg = MuonConfig(lr=2e-3, clipping_threshold=0.08, log_dir=str(tmp_path))
     a = MuonClip(model_a, model_config, cfg)  # no model.train() after it: tracking is already on
     b = CoreMuonClip(model_b, model_config=model_config, **muon_config_kwargs(cfg))
