@@ -190,6 +190,30 @@ def test_nonfinite_gradient_skips_only_that_parameter():
     assert opt.metrics()["num_skipped"] == 1.0
 
 
+def test_nonfinite_gradient_in_adamw_group_skips_only_that_parameter():
+    """Regression twin for the AdamW part: a non-finite bias gradient leaves that bias and its
+    exp_avg / exp_avg_sq / step untouched (warning names it); the other AdamW parameter steps
+    exactly as torch.optim.AdamW with the bad one left out."""
+    ours = _params([(10,), (6,)], seed=12)
+    ref = _clone(ours)
+    opt = MuonClip([{"params": ours, "use_muon": False}], lr=1e-2, weight_decay=0.05)
+    oracle = torch.optim.AdamW([ref[1]], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    _set_grads(0, ours, ref)
+    opt.step()
+    oracle.step()
+    before_p = ours[0].detach().clone()
+    before_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[ours[0]].items()}
+    _set_grads(1, ours, ref)
+    ours[0].grad[2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="group0.param0"):
+        opt.step()
+    oracle.step()
+    assert torch.equal(ours[0].detach(), before_p)
+    for k, v in opt.state[ours[0]].items():
+        assert torch.equal(v, before_state[k]) if torch.is_tensor(v) else v == before_state[k], k
+    assert torch.equal(ours[1], ref[1])  # bit for bit: the same fused AdamW kernel on the same values
+
+
 def test_metrics_report_update_rms_and_grad_norm():
     """match_rms_adamw makes the update RMS 0.2 * sqrt(max(m,n)) * RMS(NS(V)) ~ 0.2 (Moonlight)."""
     ps = _params([(64, 64), (64, 256)], seed=10)
