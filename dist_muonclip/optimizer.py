@@ -108,8 +108,9 @@ class MuonClip(Optimizer):
             As with DDP, the reduction reads ``p.grad`` when backward produces it: changes made to
             ``p.grad`` after backward are not seen.
         bucket_cap_mb: ``grad_reduction="optimizer"``: size cap (MiB) of the communication
-            buckets, DDP's ``bucket_cap_mb``. Gradients are bucketed in the order backward
-            produces them (reverse registration order, DDP's assumption) and a bucket's
+            buckets, DDP's ``bucket_cap_mb``. Like DDP, gradients are bucketed in reverse
+            registration order for the first step, then in the order the first backward really
+            produced them (rank 0's order, one small broadcast after the first step); a bucket's
             reductions start as soon as all its gradients exist; the first bucket is capped at
             1 MiB, like DDP's. Independent of the same-shape Newton-Schulz buckets.
         shard_adamw: keep AdamW state sharded (each rank updates an equal flat slice and the

@@ -333,6 +333,12 @@ def add_group_oracle(world: int, steps: int, add_at: int = 0):
     return model
 
 
+def calls_worker(rank: int, world: int, calls: list[tuple[str, tuple]]):
+    """Several scenarios in one process group, in order: ``calls`` = [(function name, args)].
+    One spawn instead of one per scenario: process start-up dominates these tiny runs on CI."""
+    return [globals()[name](rank, world, *args) for name, args in calls]
+
+
 def spawn_sleeper(rank: int, marker_dir: str) -> None:
     """Rank 0 waits forever (a peer that never joins a collective); rank 1 returns at once."""
     import os

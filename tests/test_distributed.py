@@ -180,8 +180,7 @@ def test_mismatched_plans_raise_on_every_rank(tmp_path):
         assert "model.layers.0.mlp.gate_proj.weight" in r["error"] and "differ across ranks" in r["error"]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "optimizer"])
-def test_nonfinite_gradient_on_one_rank_skips_everywhere(mode, tmp_path):
+def test_nonfinite_gradient_on_one_rank_skips_everywhere(tmp_path):
     """Regression (optimizer-owned mode): the skipped parameter's inf gradient still entered the
     global norm for max_grad_norm (grad_norm = inf, clip coefficient 0), so every other parameter
     took a zero-gradient step. An inf injected during backward on rank 1 (a tensor hook: it
@@ -189,18 +188,22 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere(mode, tmp_path):
     slice): both modes skip c on every rank with its state untouched, and everything else equals
     the one-process run in which c had no gradient that step, norm included."""
     max_norm = 0.1
-    outs = values(run_distributed(W.nonfinite_worker, 2, mode, max_norm, tmp_path=tmp_path))
+    modes = ("ddp", "optimizer")
+    runs = values(run_distributed(W.calls_worker, 2, [("nonfinite_worker", (m, max_norm)) for m in modes],
+                                  tmp_path=tmp_path))
     want_model, want_metrics = W.nonfinite_oracle(2, max_norm)
     assert want_metrics["grad_norm"] > max_norm                  # the clip acts on the other parameters
-    for o in outs:
-        assert o["c_unchanged"] and o["c_state_unchanged"] and o["warned"]
-        assert o["metrics"]["num_skipped"] == 2
-        # the norm of the active parameters only: fp32 sums in another order (~1e-7 relative)
-        assert o["metrics"]["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=1e-5)
-        _assert_same_params(o["params"], want_model.state_dict())
-    assert any(o["c_has_state"][0] for o in outs) and any(o["c_has_state"][1] for o in outs)  # state existed
-    for k in outs[0]["params"]:
-        assert torch.equal(outs[0]["params"][k], outs[1]["params"][k])
+    for i, mode in enumerate(modes):
+        outs = [run[i] for run in runs]
+        for o in outs:
+            assert o["c_unchanged"] and o["c_state_unchanged"] and o["warned"], mode
+            assert o["metrics"]["num_skipped"] == 2, mode
+            # the norm of the active parameters only: fp32 sums in another order (~1e-7 relative)
+            assert o["metrics"]["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=1e-5), mode
+            _assert_same_params(o["params"], want_model.state_dict())
+        assert any(o["c_has_state"][0] for o in outs) and any(o["c_has_state"][1] for o in outs)  # state existed
+        for k in outs[0]["params"]:
+            assert torch.equal(outs[0]["params"][k], outs[1]["params"][k]), (mode, k)
 
 
 def test_failing_rank_does_not_hang_the_others(tmp_path):
@@ -257,14 +260,20 @@ def test_sharded_layout_on_arbitrary_fragments(world, oracle, tmp_path):
     assert gathered <= STEPS * muon * 4
 
 
-@pytest.mark.parametrize("mode,add_at", [("optimizer", 0), ("ddp", 2)])
-def test_add_param_group_replans_on_every_rank(mode, add_at, tmp_path):
-    """A group added after construction is planned, reduced and stepped like the others.
-    ``add_at=2`` (DDP mode, after two steps): adding a and c moves b from rank 0 to rank 1;
-    regression for a re-plan that left b's momentum on its old owner (the new owner restarted
-    from zeros): the momentum arrives intact and the run equals the single process."""
-    steps = 4 if add_at else 3
-    outs = values(run_distributed(W.add_group_worker, 2, steps, mode, add_at, tmp_path=tmp_path))
+def test_add_param_group_replans_on_every_rank(tmp_path):
+    """A group added after construction is planned, reduced and stepped like the others:
+    before the first step (optimizer-owned reduction) and after two steps (DDP mode). The
+    latter adds a and c, which moves b from rank 0 to rank 1; regression for a re-plan that left
+    b's momentum on its old owner (the new owner restarted from zeros): the momentum arrives
+    intact and the run equals the single process."""
+    cases = [("optimizer", 0, 3), ("ddp", 2, 4)]    # mode, add_at, steps
+    runs = values(run_distributed(W.calls_worker, 2, [("add_group_worker", (steps, mode, add_at))
+                                                      for mode, add_at, steps in cases], tmp_path=tmp_path))
+    for i, (mode, add_at, steps) in enumerate(cases):
+        _check_add_group([run[i] for run in runs], steps, add_at)
+
+
+def _check_add_group(outs, steps, add_at):
     assert outs[0]["owners"] == outs[1]["owners"] and "c.weight" in outs[0]["owners"]
     model = W.add_group_oracle(2, steps, add_at)
     for out in outs:
