@@ -6,15 +6,20 @@ Byte model (per rank, per call), the usual ring-algorithm cost used by NCCL's "b
     reduce_scatter   of N input bytes: (W-1)/W * N sent
     all_gather       of N output bytes: (W-1)/W * N sent
     all_to_all       exactly the bytes addressed to other ranks
+    reduce           of N bytes to a root: N sent by every other rank, 0 by the root
+    broadcast        of N bytes from a root: (W-1) N sent by the root, 0 by the others
 
-so an all-reduce costs exactly a reduce-scatter plus an all-gather. ``payload`` counts the
-logical tensor bytes (input for reductions, output for gathers) for reference.
+so an all-reduce costs exactly a reduce-scatter plus an all-gather. Reduce and broadcast are
+counted as a star (what a ring reduce sends per rank, exactly; a ring or tree broadcast moves
+the same total (W-1) N, spread over the ranks differently): every element crosses the wire once
+per rank that needs it, so summed over ranks one reduce per owner costs what a reduce-scatter
+costs, and one broadcast per owner what an all-gather costs. ``payload`` counts the logical
+tensor bytes (input for reductions, output for gathers) for reference.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -23,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommAccountant", "Comm", "ddp_accounting_hook"]
+__all__ = ["CommAccountant", "Comm", "WorkList", "ddp_accounting_hook"]
 
 
 # torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
@@ -116,6 +121,18 @@ ddp_accounting_hook.__annotations__.pop("return_")
 ddp_accounting_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
+class WorkList:
+    """Several async collectives waited on as one (``wait()`` like a ``dist.Work``)."""
+
+    def __init__(self, works: Sequence[Any]) -> None:
+        self.works = [w for w in works if w is not None]
+
+    def wait(self) -> bool:
+        for w in self.works:
+            w.wait()
+        return True
+
+
 class Comm:
     """Thin wrapper over a process group: the collectives the engine issues, counted."""
 
@@ -154,22 +171,42 @@ class Comm:
         self._count("all_to_all", tag, sent, out.numel() * es)
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
+    def _global_rank(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def reduce(self, t: Tensor, dst: int, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
+        """Sum ``t`` into group rank ``dst``'s ``t`` (other ranks' ``t`` is left unspecified)."""
+        n = t.numel() * t.element_size()
+        self._count("reduce", tag, 0 if self.rank == dst else n, n)
+        return dist.reduce(t, dst=self._global_rank(dst), op=op, group=self.group, async_op=async_op)
+
+    def broadcast(self, t: Tensor, src: int, async_op: bool = False, tag: str = ""):
+        """Copy group rank ``src``'s ``t`` into every rank's ``t``."""
+        n = t.numel() * t.element_size()
+        self._count("broadcast", tag, (self.world_size - 1) * n if self.rank == src else 0, n)
+        return dist.broadcast(t, src=self._global_rank(src), group=self.group, async_op=async_op)
+
     def all_gather_uneven(self, local: Tensor, counts: list[int], async_op: bool = False, tag: str = ""):
         """Gather ``local`` (``counts[rank]`` rows) from every rank into ``[sum(counts), ...]``.
 
-        Equal counts use ``all_gather_into_tensor``; uneven ones an ``all_to_all_single`` whose
-        send side repeats ``local`` once per peer (gloo has no uneven all-gather). Either way each
-        rank sends ``(W-1) * local`` bytes: no padding on the wire. Returns ``(out, work)``.
+        Equal counts use ``all_gather_into_tensor``; uneven ones one broadcast per rank with rows,
+        straight from and into ``out`` (gloo has no uneven all-gather; padding would put extra
+        bytes on the wire, and an all-to-all would need a send buffer of ``W`` copies of
+        ``local``). Either way each element leaves its rank once per peer and nothing but ``out``
+        is allocated. Returns ``(out, work)`` (``work`` waits for all pieces).
         """
-        row = math.prod(local.shape[1:])
         out = torch.empty((sum(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
         if len(set(counts)) == 1:
             work = self.all_gather_into_tensor(out, local.contiguous(), async_op=async_op, tag=tag)
             return out, work
-        send = local.reshape(-1).repeat(self.world_size)
-        work = self.all_to_all_single(out.view(-1), send, [c * row for c in counts],
-                                      [local.numel()] * self.world_size, async_op=async_op, tag=tag)
-        return out, work
+        if len(counts) != self.world_size or local.shape[0] != counts[self.rank]:
+            raise ValueError(f"all_gather_uneven: counts {counts} do not match world size {self.world_size} "
+                             f"and this rank's {local.shape[0]} rows")
+        starts = [sum(counts[:r]) for r in range(self.world_size)]
+        out[starts[self.rank]:starts[self.rank] + counts[self.rank]].copy_(local)
+        works = [self.broadcast(out[starts[r]:starts[r] + c], r, async_op=async_op, tag=tag)
+                 for r, c in enumerate(counts) if c]
+        return out, (WorkList(works) if async_op else None)
 
     def all_gather_segments_(self, segments: Sequence[Sequence[Any]], view: Any, chunk: int, *,
                              dtype: torch.dtype, device: torch.device, tag: str = "") -> None:

@@ -3,9 +3,9 @@ Newton-Schulz FLOPs and an estimated step time, for any architecture, world size
 
 The byte and state formulas mirror what the engines do (``dist_muonclip.optimizer`` with its
 plan from :func:`~dist_muonclip.plan.build_plan`, DDP, DeepSpeed ZeRO-1 and its built-in Muon),
-using the ring byte model of :mod:`dist_muonclip.comm` (all-reduce ``2 (W-1)/W N``,
-reduce-scatter / all-gather / reduce / broadcast ``(W-1)/W N``, all-to-all: bytes addressed to
-other ranks). ``benchmarks/scaling.py`` measures the same quantities with the real
+using the byte model of :mod:`dist_muonclip.comm` (all-reduce ``2 (W-1)/W N``, reduce-scatter /
+all-gather ``(W-1)/W N``, all-to-all: bytes addressed to other ranks, reduce: ``N`` from every
+non-root, broadcast: ``(W-1) N`` from the root). ``benchmarks/scaling.py`` measures the same quantities with the real
 :class:`~dist_muonclip.comm.CommAccountant`; ``tests/test_cost_model.py`` checks the two agree.
 
 Parameters come from a real model (:func:`specs_from_model`, exact) or from an HF-style config
@@ -17,7 +17,8 @@ Engines (``engine=``):
 =====================  =====================================================================
 ``muonclip_ddp``        DDP all-reduces fp32 grads; owners orthogonalize; updates all-gathered
                         (ns dtype); AdamW sharded by flat slices, slices all-gathered.
-``muonclip_optimizer``  no DDP: Muon grads all-to-all'd to owners, AdamW grads reduce-scattered.
+``muonclip_optimizer``  no DDP: grads reduced to the rank that needs them (Muon: owner, AdamW:
+                        the holder of the flat slice), one reduce per destination and bucket.
 ``muonclip_zero1``      DeepSpeed ZeRO-1/2 flat fragments (dist_muonclip.deepspeed, two param
                         groups: Muon, AdamW): the engine all-reduces grads and all-gathers
                         partitions; only pieces of matrices cut by a partition boundary travel
@@ -337,10 +338,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                         b["all_gather[adamw_gather]"] = (W - 1) * chunk_a * param_bytes
                 if engine == "muonclip_ddp" and W > 1:
                     b["all_reduce"] = 2 * f * P * grad_bytes
-                elif W > 1:
-                    b["all_to_all[muon_reduce]"] = (P_muon - owned[r]) * grad_bytes
-                    if adamw:
-                        b["reduce_scatter[adamw_reduce]"] = (W - 1) * chunk_a * grad_bytes
+                elif W > 1:   # one reduce per owner / slice holder: every other rank sends its copy
+                    b["reduce[grad_reduce]"] = (P_muon - owned[r] + (P - P_muon) - held_a[r]) * grad_bytes
             elif engine == "muonclip_fsdp2":   # row shards: matrices cut into W row blocks (1/W each)
                 state[r] = (P_muon / W + 2 * (P - P_muon) / W) * state_elem_bytes + P / W * master_bytes
                 if W > 1:

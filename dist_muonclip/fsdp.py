@@ -467,7 +467,7 @@ def set_optimizer_state_dict(model: nn.Module, optim: MuonClip, state_dict: dict
 def torch_optimizer_state_dict(optim: MuonClip) -> dict[str, Any]:
     """``optim.state_dict()`` in torch's own format (state keyed by position in param_groups,
     DTensor values), which ``torch.distributed.checkpoint.state_dict.get_state_dict`` maps to FQNs.
-    Used by MuonClip.state_dict() for Shard0 layouts (see NOTES_fsdp.md)."""
+    Used by MuonClip.state_dict() for Shard0 layouts."""
     params = [p for g in optim.param_groups for p in g["params"]]
     index = {p: i for i, p in enumerate(params)}
     return _build_state(optim, index.__getitem__)

@@ -28,8 +28,8 @@ from .functional import ADJUST_LR_FNS, muon_apply_, muon_momentum_, update_scale
 from .newton_schulz import orthogonalize, validate_ns_options
 from .param_split import ParamInfo, as_matrices, format_split, matrix_shape, split_parameters
 from .layouts import Layout, Replicated, piece_row_scale
-from .plan import (Bucket, MatrixItem, Segment, build_plan, chunk_ranges, flat_partition, split_on_ranges,
-                   split_stacked)
+from .plan import (Bucket, MatrixItem, Segment, bucket_by_size, build_plan, chunk_ranges, flat_partition,
+                   split_on_ranges, split_stacked)
 
 __all__ = ["MuonClip"]
 
@@ -37,6 +37,10 @@ _STATE_FORMAT = "dist_muonclip.v1"
 _MUON_KEYS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_backend", "ns_dtype", "ns_eps",
               "adjust_lr_fn")
 _ADAMW_KEYS = ("betas", "eps")
+# DDP's default bucket caps (torch.nn.parallel.DistributedDataParallel: bucket_cap_mb=25, and
+# dist._DEFAULT_FIRST_BUCKET_BYTES for the first bucket, so the first reduction starts early)
+_DEFAULT_BUCKET_CAP_MB = 25.0
+_FIRST_BUCKET_BYTES = 1024 * 1024
 
 
 def _check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -89,14 +93,26 @@ class MuonClip(Optimizer):
             model does not carry one.
         muon_patterns, adamw_patterns: name globs overriding the automatic split.
         skip_nonfinite: skip (and warn about) parameters whose gradient has inf/nan this step,
-            leaving their state untouched. Costs one device->host read per step.
+            leaving their state untouched. The test is on the *reduced* gradient in every mode
+            (DDP, optimizer-owned reduction, sharded layouts), so all ranks skip the same
+            parameters, and a gradient that is non-finite on any one rank skips that parameter
+            everywhere; the others step normally, and ``max_grad_norm`` measures them alone.
+            Costs one device->host read per step.
         adamw_foreach, adamw_fused: passed to torch's AdamW kernels.
         process_group: the data-parallel group. Default: the world group when
             ``torch.distributed`` is initialized (ZeRO-1 mode), else single process.
         grad_reduction: ``"external"`` (DDP, DeepSpeed ZeRO-0 or anything else all-reduces the
             gradients; owners orthogonalize and the updates are all-gathered) or ``"optimizer"``
-            (no DDP: the optimizer reduce-scatters gradients straight to owners from
+            (no DDP: the optimizer reduces gradients straight to their owners from
             post-accumulate-grad hooks, overlapping backward; use :meth:`no_sync` to accumulate).
+            As with DDP, the reduction reads ``p.grad`` when backward produces it: changes made to
+            ``p.grad`` after backward are not seen.
+        bucket_cap_mb: ``grad_reduction="optimizer"``: size cap (MiB) of the communication
+            buckets, DDP's ``bucket_cap_mb``. Like DDP, gradients are bucketed in reverse
+            registration order for the first step, then in the order the first backward really
+            produced them (rank 0's order, one small broadcast after the first step); a bucket's
+            reductions start as soon as all its gradients exist; the first bucket is capped at
+            1 MiB, like DDP's. Independent of the same-shape Newton-Schulz buckets.
         shard_adamw: keep AdamW state sharded (each rank updates an equal flat slice and the
             slices are all-gathered). ``False`` updates AdamW parameters redundantly everywhere.
         accountant: a :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's
@@ -155,6 +171,7 @@ class MuonClip(Optimizer):
         log_every: int = 1,
         profiler: Any = None,
         max_grad_norm: float | None = None,
+        bucket_cap_mb: float = _DEFAULT_BUCKET_CAP_MB,
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
@@ -181,6 +198,7 @@ class MuonClip(Optimizer):
                                     eps=adamw_eps)
         self._names: dict[Tensor, str] = {}
         self._views: dict[Tensor, str] = {}
+        self._param_order: dict[Tensor, int] = {}   # registration order (model order when given a model)
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
         groups, split = self._build_groups(model_or_params, muon_patterns, adamw_patterns)
         self._split = split
@@ -199,6 +217,7 @@ class MuonClip(Optimizer):
                                                                              low_open=True)
         self._clip_coef: Tensor | None = None
         self._grad_norm: Tensor | None = None
+        self.bucket_cap_mb = _check_float("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
         self._setup_distribution(process_group, grad_reduction, shard_adamw, accountant, layout)
         init_state = getattr(self._layout, "init_optimizer_state", None)
         if init_state is not None:     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys everywhere
@@ -223,6 +242,7 @@ class MuonClip(Optimizer):
             for info in infos:
                 self._names[info.param] = info.name
                 self._views[info.param] = info.view
+                self._param_order.setdefault(info.param, len(self._param_order))
             groups = []
             muon = [i.param for i in infos if i.use_muon]
             adamw = [i.param for i in infos if not i.use_muon]
@@ -265,6 +285,7 @@ class MuonClip(Optimizer):
                                      "each parameter may be in one group only, once")
                 seen[p] = name
                 self._names[p] = name
+                self._param_order.setdefault(p, len(self._param_order))
                 view = "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector")
                 self._views[p] = view
                 plain.append(p)
@@ -273,7 +294,14 @@ class MuonClip(Optimizer):
         return groups, None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its type (``use_muon``) decides which defaults fill missing keys."""
+        """Add a group; its type (``use_muon``) decides which defaults fill missing keys.
+
+        After construction (a collective when distributed: every rank adds the same group): the
+        new parameters are checked against the layout (FSDP2: ``(Shard(0),)`` DTensors on the
+        mesh) before anything changes, every rank re-plans, the state of matrices whose owner
+        moved travels to the new owner (one object all-gather, only then), and layouts that
+        create state eagerly (FSDP2, for DCP) create the new parameters' state.
+        """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         g = dict(param_group)
@@ -314,16 +342,68 @@ class MuonClip(Optimizer):
             names.append(name)
         g["params"] = plain
         self._validate_group(g)
+        after_init = getattr(self, "_plan", None) is not None   # torch's __init__ adds the first groups
+        if after_init:     # construction checks the first groups in _setup_distribution
+            self._check_layout(plain, dict(zip(plain, names)))
         for p, name in zip(plain, names):      # register only once the group is known to be valid
             self._names.setdefault(p, name)
             self._views.setdefault(p, "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector"))
+            self._param_order.setdefault(p, len(self._param_order))
+        old_owners = self._unit_owners() if after_init else None
         super().add_param_group(g)
-        if getattr(self, "_plan", None) is not None:   # added after construction: re-plan on every rank
+        if after_init:   # re-plan on every rank
             self._replan()
+            self._migrate_moved_state(old_owners)
             if self.grad_reduction == "optimizer" and self._comm is not None:
                 for p in plain:
                     if p.requires_grad:
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+            init_state = getattr(self._layout, "init_optimizer_state", None)
+            if init_state is not None:    # e.g. FSDP2: state exists eagerly so DCP sees the same keys everywhere
+                init_state(self)
+
+    def _check_layout(self, params: Sequence[Tensor], names: dict[Tensor, str]) -> None:
+        """Refuse parameters the layout cannot hold, naming them (before any state exists)."""
+        if self._layout.sharded:
+            for p in params:
+                try:
+                    self._layout.validate([p], names, self.world_size, self.rank)
+                except KeyError as e:     # a layout given explicit per-name ranges (FlatRangesLayout)
+                    raise ValueError(f"parameter {names.get(p, '<unnamed>')!r} is not known to the layout "
+                                     f"{type(self._layout).__name__} ({e}); give the layout its ranges") from None
+            return
+        for p in params:
+            if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
+                raise ValueError(
+                    f"parameter {names.get(p, '<unnamed>')!r} is a DTensor with placements {tuple(p.placements)} "
+                    "(FSDP2 / tensor parallel) but the layout is Replicated; for fully_shard models use "
+                    "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
+                    "Shard0Layout(mesh), process_group=mesh.get_group()")
+
+    def _unit_owners(self) -> dict[str, tuple[int, str]] | None:
+        """Replicated layout, distributed: Muon unit name -> (owner, its parameter's name)."""
+        if self._comm is None or self._layout.sharded:
+            return None      # sharded layouts keep state on the local pieces, whoever owns the matrix
+        return {n: (o, self._names[self._unit_param(self._by_name[n])]) for n, o in self._plan.owners.items()}
+
+    def _migrate_moved_state(self, old: dict[str, tuple[int, str]] | None) -> None:
+        """After a re-plan, move the momentum of matrices whose owner changed to the new owner.
+
+        The decision depends on the plans only (identical everywhere), so every rank takes part
+        in the one ``all_gather_object`` of the moved parameters' state, or none does.
+        """
+        if old is None:
+            return
+        moved = {pname for n, (o, pname) in old.items() if self._plan.owners.get(n) != o}
+        if not moved:
+            return
+        local = {n: s for n, s in self._local_state().items() if n in moved}
+        full = self._merge_states(self._comm.all_gather_object(local))
+        params = {self._by_name[n] for n in moved}
+        for p in params:
+            for t in (p, *self._slabs_of.get(p, ())):
+                self.state.pop(t, None)
+        self.state.update(self._states_from_full(full, params))
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         _check_float("lr", g["lr"], low=0.0)
@@ -427,14 +507,7 @@ class MuonClip(Optimizer):
         if not isinstance(self._layout, Layout):
             raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
         if not self._layout.sharded:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
-                        raise ValueError(
-                            f"parameter {self._names[p]!r} is a DTensor with placements {tuple(p.placements)} (FSDP2 / "
-                            "tensor parallel) but the layout is Replicated; for fully_shard models use "
-                            "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
-                            "Shard0Layout(mesh), process_group=mesh.get_group()")
+            self._check_layout([p for g in self.param_groups for p in g["params"]], self._names)
         if self._layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
@@ -498,8 +571,71 @@ class MuonClip(Optimizer):
                                              self.world_size if shard else 1)
                 mine = segs[self.rank] if shard else segs[0]
                 self._partitions.append(_Partition(gi, kind, params, chunk, segs, mine, shard))
+        self._grad_order: list[Tensor] = []        # hook order seen in backward, until buckets are rebuilt
+        self._bucket_order: list[Tensor] | None = None
+        self._comm_buckets = (self._build_comm_buckets()
+                              if self.grad_reduction == "optimizer" and self._comm is not None else [])
         if self._comm is not None:
             self._check_plan_across_ranks()
+
+    def _build_comm_buckets(self) -> list["_CommBucket"]:
+        """Buckets of the optimizer-owned gradient reduction (see ``bucket_cap_mb``).
+
+        Every gradient element goes to the rank that needs it reduced: a Muon matrix (or chunk of
+        experts) to its owner, an AdamW element to the rank holding it in its flat slice, or, for
+        unsharded AdamW, to every rank (all-reduce). Parameters are bucketed in backward order
+        (:func:`~dist_muonclip.plan.bucket_by_size`): reverse registration order at first, the
+        order the first backward really produced afterwards (:meth:`_rebuild_buckets`, as DDP
+        rebuilds its buckets after the first iteration); inside a bucket the flat buffer is sorted by
+        destination, so each destination's elements are one contiguous region: one reduce per
+        destination (what DeepSpeed ZeRO-1/2 issues per partition), in place, so no rank ever
+        holds more than the bucket itself (an all-to-all to owners would receive W copies).
+        """
+        routes: dict[Tensor, list[tuple[int, int, int | None, tuple]]] = defaultdict(list)
+        for g in self.param_groups:
+            if not g["use_muon"]:
+                continue
+            for p in g["params"]:
+                slabs = self._slabs_of.get(p)
+                if not slabs:
+                    routes[p].append((0, p.numel(), self._owner(p), ("muon", p)))
+                    continue
+                for slab in slabs:      # chunks of stacked experts: contiguous flat ranges of p
+                    _, a, b = self._slab_parent[slab]
+                    per = slab[0].numel()
+                    routes[p].append((a * per, b * per, self._owner(slab), ("muon", slab)))
+        for part in self._partitions:
+            for r, segs in enumerate(part.segments):
+                off = 0
+                for seg in segs:
+                    if seg.stop > seg.start:
+                        routes[self._by_name[seg.name]].append(
+                            (seg.start, seg.stop, r if part.sharded else None, ("adamw", part.key, off)))
+                    off += seg.stop - seg.start
+        order = sorted(routes, key=lambda p: -self._param_order[p])     # backward: reverse registration
+        if self._bucket_order is not None:                               # ... or as observed
+            seen = [p for p in self._bucket_order if p in routes]
+            known = set(seen)
+            order = seen + [p for p in order if p not in known]
+        sizes = [((p.dtype, p.device), p.numel() * p.element_size()) for p in order]
+        cap = int(self.bucket_cap_mb * 1024 * 1024)
+        out = []
+        for members in bucket_by_size(sizes, cap, _FIRST_BUCKET_BYTES):
+            params = [order[i] for i in members]
+            flat = [(dest, p, a, b, sink) for p in params for a, b, dest, sink in routes[p]]
+            flat.sort(key=lambda t: self.world_size if t[0] is None else t[0])   # stable: param order kept
+            pieces, regions, mine, off = [], [], [], 0
+            for dest, p, a, b, sink in flat:
+                if regions and regions[-1][0] == dest:
+                    regions[-1][2] += b - a
+                else:
+                    regions.append([dest, off, b - a])
+                if dest is None or dest == self.rank:
+                    mine.append((sink, off, b - a))
+                pieces.append((p, a, b))
+                off += b - a
+            out.append(_CommBucket(tuple(params), tuple(pieces), tuple(tuple(r) for r in regions), tuple(mine), off))
+        return out
 
     def _split_on_layout(self, items: list[MatrixItem]) -> list[MatrixItem]:
         """Chunks of stacked parameters along the sharded layout's cuts (:func:`split_on_ranges`)."""
@@ -612,7 +748,8 @@ class MuonClip(Optimizer):
     def _check_plan_across_ranks(self) -> None:
         descr = [(self._names[p], tuple(p.shape), str(p.dtype), bool(g["use_muon"]))
                  for g in self.param_groups for p in g["params"]]
-        digests = self._comm.all_gather_object((self._plan.digest(), descr))
+        comm = [([self._names[p] for p in b.params], [r[0] for r in b.regions]) for b in self._comm_buckets]
+        digests = self._comm.all_gather_object(((self._plan.digest(), repr(comm)), descr))
         if len({d for d, _ in digests}) == 1:
             return
         base = digests[0][1]
@@ -669,10 +806,10 @@ class MuonClip(Optimizer):
         if self._slab_parent:
             self._refresh_slabs()
         self._launch_reductions()                          # optimizer-owned reduction: buckets not yet launched
+        with self._phase("reduce"):
+            self._finish_reductions()                      # ... and their results (reduced gradients)
         with self._phase("preflight"):
             pre = self._preflight(s_max)                   # one all-reduce(MAX): flags + max logits
-        with self._phase("reduce"):
-            self._finish_reductions()
         self._clip_coef = self._grad_clip_coef(pre)        # max_grad_norm on the reduced gradient
         if self._layout.sharded:
             sq_sums = self._sharded_muon(pre)              # momentum, gather, NS, scatter, apply on pieces
@@ -711,16 +848,14 @@ class MuonClip(Optimizer):
             return self._global_clip_coef(pre)
 
     def _global_clip_coef(self, pre: "_Preflight") -> Tensor:
+        """Skipped (non-finite) parameters are left out in every mode, so one inf gradient does
+        not zero every other parameter's step."""
         sq: list[Tensor] = []
         needs_sum = self._comm is not None
         if self._layout.sharded:
             sq = [g.float().square().sum() for p in pre.active if (g := self._layout.local_grad(p)) is not None]
-        elif self.grad_reduction == "optimizer" and self._comm is not None:
-            sq = [g.float().square().sum() for g in self._reduced.values()]
-            for part in self._partitions:
-                sl = self._adamw_slices.get(part.key)
-                if sl is not None and (part.sharded or self.rank == 0):
-                    sq.append(sl.float().square().sum())
+        elif self._owns_reduction:
+            sq = [g.float().square().sum() for p, g in self._held_reduced(once=True) if p in pre.active]
         else:   # replicated gradients: every rank holds the same full gradient
             needs_sum = False
             sq = [p.grad.float().square().sum() for p in pre.active if p.grad is not None]
@@ -730,6 +865,12 @@ class MuonClip(Optimizer):
             self._comm.all_reduce(total, tag="grad_norm")
         self._grad_norm = total.sqrt()
         return (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
+
+    @property
+    def _owns_reduction(self) -> bool:
+        """Optimizer-owned reduction is running: reduced gradients live in ``_reduced`` and
+        ``_adamw_slices``, ``p.grad`` is this rank's unreduced gradient."""
+        return self.grad_reduction == "optimizer" and self._comm is not None
 
     def _clipped(self, g: Tensor) -> Tensor:
         return g if self._clip_coef is None else g * self._clip_coef.to(g.dtype)
@@ -742,6 +883,9 @@ class MuonClip(Optimizer):
 
         One packed all-reduce(MAX) carries: an error flag, per-parameter has-gradient and
         non-finite-gradient flags, and every layer's per-head max logits (DESIGN.md step 1).
+        Non-finite flags come from the reduced gradient pieces each rank holds, so every mode
+        skips exactly the parameters whose reduced gradient is non-finite. Only errors raised
+        here, before the all-reduce, reach the other ranks through the error flag.
         """
         params = [p for g in self.param_groups for p in g["params"]]
         n, shape = len(params), self._ml_shape
@@ -796,16 +940,23 @@ class MuonClip(Optimizer):
         parts = [torch.zeros(1, device=device),
                  torch.tensor([g is not None for g in grads], dtype=torch.float32, device=device)]
         if self.skip_nonfinite:
-            # One multi-tensor L1-norm pass over every gradient, a launch per dtype and device
-            # (isfinite + all per parameter took the preflight to 17.8 ms on an H100 for a 1.2B
-            # model, this 3.9 ms: benchmarks/results/multi_gpu_h100x1.json). An inf or nan
-            # element makes the sum non-finite, and so does an L1 norm beyond fp32 range: equally
-            # a step not to take.
-            present = [g for g in grads if g is not None]
-            norms = iter(torch._foreach_norm(present, 1) if present else [])
-            zero = torch.zeros((), device=device)
-            sums = torch.stack([next(norms).float().to(device) if g is not None else zero for g in grads])
-            parts.append((~sums.isfinite()).float())
+            # the reduced gradient this rank holds: all of it (DDP mode), its pieces (sharded
+            # layouts, optimizer-owned reduction); the MAX over ranks then covers every element
+            if self._owns_reduction:
+                index = {p: i for i, p in enumerate(params)}
+                held = [(index[p], g) for p, g in self._held_reduced(once=False)]
+            else:
+                held = [(i, g) for i, g in enumerate(grads) if g is not None]
+            # One multi-tensor L1-norm pass, a launch per dtype and device (isfinite + all per
+            # parameter took the preflight to 17.8 ms on an H100 for a 1.2B model, this 3.9 ms:
+            # benchmarks/results/multi_gpu_h100x1.json). An inf or nan element makes the sum
+            # non-finite, and so does an L1 norm beyond fp32 range: equally a step not to take.
+            flags = torch.zeros(len(params), device=device)
+            if held:
+                norms = torch._foreach_norm([g for _, g in held], 1)
+                bad = (~torch.stack([n.float().to(device) for n in norms]).isfinite()).float()
+                flags.index_add_(0, torch.tensor([i for i, _ in held], device=device), bad)
+            parts.append(flags.clamp_(max=1.0))
         shape = self._ml_shape
         if shape is not None:
             max_logits = self._local_max_logits(s_max)
@@ -827,75 +978,111 @@ class MuonClip(Optimizer):
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
     # -- optimizer-owned gradient reduction ------------------------------------------------
-    def _comm_units(self) -> list[tuple[str, Any]]:
-        return [("muon", b) for b in self._plan.buckets] + [("adamw", part) for part in self._partitions]
-
     def _on_grad_ready(self, p: Tensor) -> None:
+        """Post-accumulate-grad hook: launch, in bucket order, every bucket whose gradients all
+        exist. Buckets launch in the same order on every rank whatever order hooks fire in."""
+        if self._bucket_order is None and p not in self._ready:
+            self._grad_order.append(p)
         if not self._sync_enabled:
             return
         self._ready.add(p)
-        units = self._comm_units()
-        while len(self._launched) < len(units):
-            kind, unit = units[len(self._launched)]
-            members = ([self._unit_param(self._by_name[n]) for n in unit.names] if kind == "muon" else unit.params)
-            if not all(m in self._ready for m in members):
+        buckets = self._comm_buckets
+        while len(self._launched) < len(buckets):
+            bucket = buckets[len(self._launched)]
+            # a parameter frozen now has no gradient coming (one unfrozen later has no hook: it
+            # keeps its bucket waiting until step(), which launches whatever is left)
+            if not all(q in self._ready or not q.requires_grad for q in bucket.params):
                 break
-            self._launched.append(self._launch_reduce(kind, unit))
+            self._launched.append(self._launch_bucket(bucket))
 
-    def _launch_reduce(self, kind: str, unit: Any):
-        comm, w = self._comm, self.world_size
-        if kind == "muon":
-            members = [self._by_name[n] for n in unit.names]
-            own = sum(p.numel() for p in members if self._owner(p) == self.rank)
-            send = torch.cat([self._local_grad(p).reshape(-1) for p in members])
-            in_splits = [0] * w
-            for p in members:
-                in_splits[self._owner(p)] += p.numel()
-            out = torch.empty(own * w, dtype=send.dtype, device=send.device)
-            work = comm.all_to_all_single(out, send, [own] * w, in_splits, async_op=True, tag="muon_reduce")
-            return (kind, unit, out, work)
-        total = sum(p.numel() for p in unit.params)
-        flat = torch.zeros(unit.chunk * w if unit.sharded else total, dtype=unit.params[0].dtype,
-                           device=unit.params[0].device)
-        torch.cat([self._local_grad(p).reshape(-1) for p in unit.params], out=flat[:total])
-        if not unit.sharded:       # replicated AdamW: every rank needs every reduced gradient
-            return (kind, unit, flat, comm.all_reduce(flat, async_op=True, tag="adamw_reduce"))
-        out = torch.empty(unit.chunk, dtype=flat.dtype, device=flat.device)
-        work = comm.reduce_scatter_tensor(out, flat, async_op=True, tag="adamw_reduce")
-        return (kind, unit, out, work)
-
-    def _local_grad(self, p: Tensor) -> Tensor:
-        if p in self._slab_parent:       # this rank's unreduced gradient of the slab's matrices
-            return self._grad(p)
-        return p.grad if p.grad is not None else torch.zeros_like(p)
+    def _launch_bucket(self, bucket: "_CommBucket") -> tuple:
+        """Pack the bucket's gradients (sorted by destination) and start one reduce per
+        destination region (all-reduce for unsharded AdamW), in place in the flat buffer."""
+        dtype, device = bucket.params[0].dtype, bucket.params[0].device
+        parts = []
+        for p, a, b in bucket.pieces:
+            g = p.grad
+            # no gradient on this rank (or a sparse one, which the preflight refuses on every rank): zeros
+            parts.append(g.reshape(-1)[a:b] if g is not None and not g.is_sparse
+                         else torch.zeros(b - a, dtype=dtype, device=device))
+        flat = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype, device=device)
+        works = []
+        for dest, off, n in bucket.regions:
+            view = flat[off:off + n]
+            if dest is None:
+                works.append(self._comm.all_reduce(view, async_op=True, tag="grad_reduce"))
+            else:
+                works.append(self._comm.reduce(view, dest, async_op=True, tag="grad_reduce"))
+        return bucket, flat, works
 
     def _launch_reductions(self) -> None:
-        """Launch the reductions whose hooks did not fire (no gradient on this rank, or no hooks).
+        """Launch the buckets whose hooks did not all fire (no gradient on this rank, no hooks).
 
-        Runs before the preflight all-reduce so every rank issues the same collectives in the same
+        Runs at the start of ``step()``, so every rank issues the same collectives in the same
         order, whichever gradients it happened to have.
         """
         if self.grad_reduction != "optimizer" or self._comm is None:
             return
-        units = self._comm_units()
-        while len(self._launched) < len(units):
-            self._launched.append(self._launch_reduce(*units[len(self._launched)]))
+        while len(self._launched) < len(self._comm_buckets):
+            self._launched.append(self._launch_bucket(self._comm_buckets[len(self._launched)]))
 
     def _finish_reductions(self) -> None:
+        """Wait for the reductions; keep (averaged) what this rank needs: its owned matrices in
+        ``_reduced`` and its AdamW slice per partition in ``_adamw_slices``."""
         if self.grad_reduction != "optimizer" or self._comm is None:
             return
         w = self.world_size
-        for kind, unit, out, work in self._launched:
-            work.wait()
-            if kind == "muon":
-                mine = [self._by_name[n] for n in unit.names if self._plan.owners[n] == self.rank]
-                summed = out.view(w, -1).sum(0).div_(w)
-                for p, piece in zip(mine, summed.split([p.numel() for p in mine])):
-                    self._reduced[p] = piece.view_as(p)
-            else:
-                self._adamw_slices[unit.key] = out.div_(w)
+        for part in self._partitions:
+            p0 = part.params[0]
+            size = part.chunk if part.sharded else sum(q.numel() for q in part.params)
+            self._adamw_slices[part.key] = torch.zeros(size, dtype=p0.dtype, device=p0.device)
+        for bucket, flat, works in self._launched:
+            for work in works:
+                work.wait()
+            for sink, off, n in bucket.mine:
+                if sink[0] == "muon":
+                    unit = sink[1]
+                    self._reduced[unit] = flat[off:off + n].div(w).view(unit.shape)
+                else:
+                    _, key, at = sink
+                    self._adamw_slices[key][at:at + n] = flat[off:off + n]
+        for buf in self._adamw_slices.values():
+            buf.div_(w)
         self._launched = []
         self._ready.clear()
+
+    def _rebuild_buckets(self) -> None:
+        """After the first step, bucket in the order the first backward produced gradients (DDP's
+        ``_rebuild_buckets``): rank 0's observed order, broadcast once as an index tensor (the only
+        extra collective, counted), so every rank builds the same buckets. Parameters rank 0 saw
+        no gradient for keep their reverse-registration place after the observed ones."""
+        params = list(self._param_order)
+        index = {p: i for i, p in enumerate(params)}
+        order = torch.full((len(params),), -1, dtype=torch.int64, device=self._comm.device)
+        seen = list(dict.fromkeys(index[p] for p in self._grad_order if p in index))   # first sighting
+        if seen:
+            order[:len(seen)] = torch.tensor(seen, dtype=torch.int64)
+        self._comm.broadcast(order, 0, tag="bucket_order")
+        self._bucket_order = [params[i] for i in order.tolist() if i >= 0]
+        self._grad_order = []
+        self._comm_buckets = self._build_comm_buckets()
+
+    def _held_reduced(self, *, once: bool) -> list[tuple[Tensor, Tensor]]:
+        """Optimizer-owned reduction: ``(parameter, reduced gradient piece)`` for every piece this
+        rank holds (owned matrices, its AdamW slices). ``once``: unsharded AdamW (every rank holds
+        it) only on rank 0, so summing over ranks counts each element once."""
+        out = [(self._unit_param(u), g) for u, g in self._reduced.items()]
+        for part in self._partitions:
+            buf = self._adamw_slices.get(part.key)
+            if buf is None or (once and not part.sharded and self.rank != 0):
+                continue
+            off = 0
+            for seg in part.mine:
+                n = seg.stop - seg.start
+                if n:
+                    out.append((self._by_name[seg.name], buf[off:off + n]))
+                off += n
+        return out
 
     # -- Muon ------------------------------------------------------------------------------
     def _muon_bucket(self, bucket: Bucket, pre: "_Preflight"):
@@ -1133,9 +1320,13 @@ class MuonClip(Optimizer):
         metrics: dict[str, Tensor] = {}
         if self._grad_norm is not None:
             metrics["grad_norm"] = self._grad_norm   # the global norm, computed for max_grad_norm
-        # sharded layouts: norms of this rank's pieces only (no extra collective for a metric)
-        grads = [self._layout.local_grad(p) if self._layout.sharded else self._grad(p) for p in pre.active]
-        grads = [g for g in grads if g is not None]
+        # sharded layouts, optimizer-owned reduction: norms of the reduced pieces this rank holds
+        # (no extra collective for a metric)
+        if self._owns_reduction:
+            grads = [g for p, g in self._held_reduced(once=True) if p in pre.active]
+        else:
+            grads = [self._layout.local_grad(p) if self._layout.sharded else self._grad(p) for p in pre.active]
+            grads = [g for g in grads if g is not None]
         if grads and "grad_norm" not in metrics:
             metrics["grad_norm"] = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
@@ -1150,6 +1341,8 @@ class MuonClip(Optimizer):
     def _end_step(self) -> None:
         self._reduced.clear()
         self._adamw_slices.clear()
+        if self._owns_reduction and self._bucket_order is None:
+            self._rebuild_buckets()
         self._step_count_total += 1
         if self.accountant is not None:
             self.accountant.end_step()
@@ -1289,8 +1482,22 @@ class MuonClip(Optimizer):
                 if isinstance(v, Tensor) and k != "step" and v.shape != p.shape:
                     raise ValueError(f"state {k!r} of {name!r} has shape {tuple(v.shape)}, parameter has "
                                      f"{tuple(p.shape)}")
+        new_state = self._states_from_full(state_dict["state"])
+        for sg, g in zip(saved_groups, self.param_groups):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = v
+        self.state.clear()
+        self.state.update(new_state)
+        self._step_count_total = int(state_dict.get("step", 0))
+
+
+    def _states_from_full(self, full: dict[str, dict[str, Any]], only: set | None = None
+                          ) -> dict[Tensor, dict[str, Any]]:
+        """Of full per-parameter state (name -> {key: full tensor}), what this rank keeps under the
+        current plan and layout: owners' momentum (whole, or per chunk of experts), AdamW slices,
+        sharded pieces. ``only``: just these parameters."""
         new_state: dict[Tensor, dict[str, Any]] = {}
-        full = state_dict["state"]
 
         def take(p: Tensor, s: dict[str, Any], ranges: list[tuple[int, int]], whole: bool) -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -1309,7 +1516,7 @@ class MuonClip(Optimizer):
         for g in self.param_groups:
             for p in g["params"]:
                 name = self._names[p]
-                if name not in full:
+                if name not in full or (only is not None and p not in only):
                     continue
                 if self._layout.sharded:
                     new_state[p] = take(p, full[name], self._layout.ranges(p)[self.rank], whole=False)
@@ -1326,17 +1533,11 @@ class MuonClip(Optimizer):
         if not self._layout.sharded:
             for part in self._partitions:
                 for seg in part.mine:
-                    if seg.name in full:
-                        p = self._by_name[seg.name]
+                    p = self._by_name[seg.name]
+                    if seg.name in full and (only is None or p in only):
                         whole = seg.start == 0 and seg.stop == p.numel()
                         new_state[p] = take(p, full[seg.name], [(seg.start, seg.stop)], whole)
-        for sg, g in zip(saved_groups, self.param_groups):
-            for k, v in sg.items():
-                if k != "params":
-                    g[k] = v
-        self.state.clear()
-        self.state.update(new_state)
-        self._step_count_total = int(state_dict.get("step", 0))
+        return new_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1354,6 +1555,17 @@ class _Partition:
     @property
     def key(self) -> tuple:
         return (self.group, self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CommBucket:
+    """One communication bucket of the optimizer-owned reduction (see ``_build_comm_buckets``)."""
+
+    params: tuple        # parameters whose gradients it carries, backward order (readiness)
+    pieces: tuple        # (param, start, stop): flat element ranges, in buffer order
+    regions: tuple       # (dest rank, or None = every rank, offset, numel): one collective each
+    mine: tuple          # (sink, offset, numel): reduced elements this rank keeps
+    numel: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,17 +17,21 @@ Pure planning, no process group. Every rank builds the same plan from the same s
   exchange starts early and overlaps the following buckets' Newton-Schulz.
 * AdamW parameters (elementwise) need no owner: their flat concatenation per group is split into
   ``world_size`` equal contiguous slices (classic ZeRO-1), see :func:`flat_partition`.
+* Communication buckets (optimizer-owned gradient reduction) are a separate grouping: gradients in
+  the order backward produces them, capped in bytes like DDP's ``bucket_cap_mb``
+  (:func:`bucket_by_size`), so reductions start while backward still runs. The same-shape
+  buckets above only batch Newton-Schulz.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Hashable, Sequence
 
 from .newton_schulz import ns_flops
 
 __all__ = ["MatrixItem", "Bucket", "Plan", "build_plan", "flat_partition", "Segment", "split_stacked",
-           "split_on_ranges", "chunk_ranges"]
+           "split_on_ranges", "chunk_ranges", "bucket_by_size"]
 
 
 @dataclass(frozen=True)
@@ -216,3 +220,36 @@ def flat_partition(sizes: Sequence[tuple[str, int]], world_size: int) -> tuple[i
             start = stop
         offset += numel
     return chunk, segments
+
+
+def bucket_by_size(sizes: Sequence[tuple[Hashable, int]], cap_bytes: int,
+                   first_cap_bytes: int | None = None) -> list[list[int]]:
+    """Group tensors into communication buckets the way DDP does
+    (``torch.distributed._compute_bucket_assignment_by_size``).
+
+    ``sizes`` lists ``(key, nbytes)`` per tensor in the order their gradients are expected
+    (backward order); ``key`` (e.g. dtype and device) separates tensors that cannot share a flat
+    buffer. One bucket per key is open at a time and closes once it holds ``>= cap_bytes``; the
+    first bucket of each key closes at ``first_cap_bytes`` instead (DDP: 1 MiB) so the first
+    reduction starts as early as possible. A tensor larger than the cap gets a bucket of its own.
+    Returns lists of tensor indices, ordered by the position of each bucket's first tensor, so
+    launching buckets in this order follows backward.
+    """
+    if cap_bytes <= 0:
+        raise ValueError(f"cap_bytes must be > 0, got {cap_bytes}")
+    first = cap_bytes if first_cap_bytes is None else min(first_cap_bytes, cap_bytes)
+    open_: dict[Hashable, tuple[list[int], int]] = {}
+    closed: dict[Hashable, int] = {}
+    done: list[list[int]] = []
+    for i, (key, nbytes) in enumerate(sizes):
+        members, total = open_.get(key, ([], 0))
+        members.append(i)
+        total += nbytes
+        if total >= (first if closed.get(key, 0) == 0 else cap_bytes):
+            done.append(members)
+            closed[key] = closed.get(key, 0) + 1
+            open_.pop(key, None)
+        else:
+            open_[key] = (members, total)
+    done.extend(members for members, _ in open_.values())
+    return sorted(done, key=lambda b: b[0])

@@ -9,9 +9,9 @@ and the mesh's process group (:meth:`FSDPEngine.optimizer_kwargs`), clips gradie
 local shards with one all-reduce for the global norm, and checkpoints with
 ``torch.distributed.checkpoint`` (a directory per step, loadable at any world size).
 
-Hook-up in train.py (see NOTES_fsdp.md): register ``ENGINES["fsdp"] = FSDPEngine``, pass
-``**engine.optimizer_kwargs()`` to ``MuonClip(...)``, and let ``engine.save_checkpoint`` /
-``engine.load_checkpoint`` replace the single-file checkpoint when the engine has them.
+train.py registers it as ``ENGINES["fsdp"]``, passes ``**engine.optimizer_kwargs()`` to
+``MuonClip(...)``, and uses ``engine.save_checkpoint`` / ``engine.load_checkpoint`` instead of its
+single-file checkpoint.
 """
 from __future__ import annotations
 

@@ -282,6 +282,30 @@ def placement_error_worker(rank: int, world: int):
         errors["no_layout"] = None
     except ValueError as e:
         errors["no_layout"] = f"{type(e).__name__}: {e}"
+    # add_param_group after construction: the same placement checks, and eager state for DCP
+    m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    fsdp.fully_shard_model(m, mesh, blocks=[])
+    opt = fsdp.make_muonclip(m, lr=0.01)
+    num_groups = len(opt.param_groups)
+
+    def add(label, p, **kw):
+        try:
+            opt.add_param_group({"params": [(f"extra.{label}", p)], **kw})
+            errors[f"add_{label}"] = None
+        except (ValueError, TypeError) as e:
+            errors[f"add_{label}"] = f"{type(e).__name__}: {e}"
+
+    add("shard1", nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(1)])))
+    add("plain", nn.Parameter(torch.randn(8, 8)))
+    added = {"groups_unchanged_by_errors": len(opt.param_groups) == num_groups}
+    w = nn.Parameter(distribute_tensor(torch.randn(5, 8), mesh, [Shard(0)]))
+    v = nn.Parameter(distribute_tensor(torch.randn(5), mesh, [Shard(0)]))
+    opt.add_param_group({"params": [("extra.w", w)]})
+    opt.add_param_group({"params": [("extra.v", v)], "use_muon": False})
+    added["w"] = {k: tuple(t.shape) for k, t in opt.state[w].items()}
+    added["v"] = {k: tuple(t.shape) for k, t in opt.state[v].items()}
+    added["dcp_keys"] = sorted(fsdp.get_optimizer_state_dict(m, opt)["state"])
+    errors["added"] = added
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         m = nn.Sequential(nn.Linear(8, 8, bias=False))

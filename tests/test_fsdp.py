@@ -77,12 +77,28 @@ def test_layout_matches_dtensor_shards(fsdp_runs):
 
 
 def test_unsupported_placements_raise_with_the_name(fsdp_runs):
+    """At construction and through ``add_param_group`` afterwards. Regression for the latter:
+    a Shard(1) DTensor or a plain tensor added to a Shard0 optimizer was accepted silently (no
+    placement check, no eager state, so DCP saw different keys on different ranks)."""
     errors = fsdp_runs[4]["placement_errors"][0]
     assert "'1.weight'" in errors["shard1"] and "Shard(dim=1)" in errors["shard1"]
     assert "'1.weight'" in errors["replicate"] and "Replicate()" in errors["replicate"]
     assert "'1.weight'" in errors["plain"] and "not an FSDP2 DTensor" in errors["plain"]
     assert "'0.weight'" in errors["mesh2d"] and "2-D mesh" in errors["mesh2d"]
     assert "'0.weight'" in errors["no_layout"] and "make_muonclip" in errors["no_layout"]
+    assert errors["add_shard1"].startswith("ValueError") and "'extra.shard1'" in errors["add_shard1"] \
+        and "Shard(dim=1)" in errors["add_shard1"]
+    assert errors["add_plain"].startswith("TypeError") and "'extra.plain'" in errors["add_plain"] \
+        and "not an FSDP2 DTensor" in errors["add_plain"]
+    # valid additions: a 5-row matrix (rows 2, 2, 1, 0 on 4 ranks) and a 5-element vector get
+    # their state at once on every rank, empty shards included, and DCP sees the same keys everywhere
+    for rank, out in enumerate(fsdp_runs[4]["placement_errors"]):
+        added = out["added"]
+        assert added["groups_unchanged_by_errors"], rank
+        rows = [2, 2, 1, 0][rank]
+        assert added["w"] == {"momentum_buffer": (rows * 8,)}, (rank, added)
+        assert added["v"] == {"exp_avg": (rows,), "exp_avg_sq": (rows,), "step": ()}, (rank, added)
+        assert added["dcp_keys"] == ["0.weight", "1.weight", "extra.v", "extra.w"], (rank, added)
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +221,7 @@ def test_mixed_precision_bf16_params_fp32_reduce(fsdp_runs):
     want = {k: v.detach() for k, v in F.train_single_mixed_precision("llama", STEPS, 2).named_parameters()}
     outs = fsdp_runs[2]["mixed_precision"]
     for out in outs:
+        assert all(c > 0 for c in out["clipped"]), out["clipped"]   # QK-Clip clips heads on every step
         assert set(out["param_dtypes"].values()) == {torch.float32}
         assert set(out["state_dtypes"].values()) == {torch.float32}
         for k in want:
@@ -267,17 +284,7 @@ def test_train_engine_clips_global_norm_and_checkpoints(fsdp_runs):
             assert torch.equal(out["reloaded_params"][k], out["params"][k]), k
 
 
-def _train_module():
-    try:
-        from launch import train
-    except ImportError:
-        return None
-    return train
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_train_module() is None or "fsdp" not in getattr(_train_module(), "ENGINES", {}),
-                    reason="launch/train.py has no 'fsdp' engine yet (hook-up: NOTES_fsdp.md section 3)")
 def test_train_py_fsdp_under_torchrun_matches_single_process(tmp_path):
     """``torchrun --nproc_per_node=2 launch/train.py --fsdp`` (MuonClip, fp32 NS) against the
     single-process run of the same global batches: per-step losses agree to a few fp32 ulps
@@ -291,7 +298,9 @@ def test_train_py_fsdp_under_torchrun_matches_single_process(tmp_path):
     import sys
     from pathlib import Path
 
-    train = _train_module()
+    from launch import train
+
+    assert "fsdp" in train.ENGINES
     repo = Path(__file__).resolve().parent.parent
     argv = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2", "--log-every", "4",
             "--eval-every", "0", "--eval-batches", "1", "--no-progress", "--device", "cpu", "--lr", "1e-2",

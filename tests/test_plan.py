@@ -122,3 +122,34 @@ def test_split_stacked_spreads_moe_layers_over_ranks():
         assert max(split.loads) <= 1.01 * mean
         if world == 1024:
             assert max(whole.loads) > 10 * mean
+
+
+def test_bucket_by_size_follows_order_and_caps_like_ddp():
+    """DDP's assignment (torch.distributed._compute_bucket_assignment_by_size): in order, one open
+    bucket per key, closed once it reaches its cap (the first one at the smaller first cap); a
+    tensor over the cap stands alone; buckets sorted by their first tensor."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_muonclip.plan import bucket_by_size
+
+    f32, bf16 = "f32", "bf16"
+    sizes = [(f32, 40), (f32, 30), (bf16, 10), (f32, 50), (f32, 20), (f32, 500), (bf16, 90), (f32, 10)]
+    buckets = bucket_by_size(sizes, cap_bytes=100, first_cap_bytes=60)
+    assert buckets == [[0, 1], [2, 6], [3, 4, 5], [7]]
+    assert sorted(i for b in buckets for i in b) == list(range(len(sizes)))
+    for b in buckets:
+        assert len({sizes[i][0] for i in b}) == 1                    # keys never mix
+        assert b == sorted(b)                                        # order kept inside a bucket
+        assert sum(sizes[i][1] for i in b[:-1]) < 100                # only the last tensor crosses the cap
+    # the same answer as DDP's own assignment, where torch exposes it (dtype keys, byte sizes)
+    compute = getattr(dist, "_compute_bucket_assignment_by_size", None)
+    if compute is not None:
+        tensors = [torch.empty(n // 4, dtype=torch.float32) if k == f32 else torch.empty(n // 2, dtype=torch.bfloat16)
+                   for k, n in [(f32, 400), (f32, 300), (bf16, 100), (f32, 500), (f32, 200), (f32, 5000),
+                                (bf16, 900), (f32, 100)]]
+        ours = bucket_by_size([(t.dtype, t.numel() * t.element_size()) for t in tensors], 1000, 600)
+        theirs, _ = compute(tensors, [600, 1000])
+        assert ours == [list(b) for b in theirs]
+    with pytest.raises(ValueError, match="cap_bytes"):
+        bucket_by_size(sizes, 0)
