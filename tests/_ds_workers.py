@@ -200,13 +200,15 @@ def _count_ns(inner, calls: list):
 
 
 def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
-    """Rank 1 gets an inf in one Muon matrix's gradient at step 2: the step must leave MuonClip's
-    state (momentum, AdamW moments) and the fp32 masters untouched, and training must go on."""
+    """Rank 1 gets an inf in one Muon matrix's gradient at step 2 (config with gradient_clipping
+    and a WarmupLR scheduler): the step must leave MuonClip's state (momentum, AdamW moments) and
+    the fp32 masters untouched, DeepSpeed must book it as a skipped step (``skipped_steps``,
+    ``was_step_applied``, scheduler not advanced, global norm inf), and training must go on."""
     _setup()
     from dist_muonclip.deepspeed import full_state_dict, initialize, muonclip_optimizer
 
     model = tiny_model("llama", seed=0)
-    engine, *_ = initialize(model=model, config=ds_config(stage, world, bf16=bf16))
+    engine, *_ = initialize(model=model, config=ds_config(stage, world, bf16=bf16, scheduler=True))
     inner = muonclip_optimizer(engine)
     target = model.model.layers[0].mlp.up_proj.weight
     poison = {"on": False}
@@ -219,7 +221,7 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
 
     import warnings
 
-    out = {}
+    out = {"applied": [], "norms": []}
     for t in range(5):
         ids = local_batch(t, rank, world)
         if t == 2:
@@ -231,6 +233,9 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
             engine.backward(loss)
             engine.step()
         poison["on"] = False
+        out["applied"].append(engine.was_step_applied())
+        norm = engine.get_global_grad_norm()
+        out["norms"].append(None if norm is None else float(norm))
         if t == 2:
             after = snapshot()
             out["state_unchanged"] = before[0].keys() == after[0].keys() and all(
@@ -242,6 +247,10 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
     out["state_finite"] = all(bool(v.isfinite().all()) for s in inner.state.values() for v in s.values()
                               if isinstance(v, torch.Tensor))
     out["moved"] = any(not torch.equal(final[k], after[1][k]) for k in final)
+    out["skipped_steps"] = engine.skipped_steps
+    out["scheduler_steps"] = engine.lr_scheduler.last_batch_iteration + 1
+    out["muonclip_steps"] = inner._step_count_total
+    out["layout"] = engine._dist_muonclip.layout_name
     return out
 
 

@@ -243,15 +243,34 @@ def test_checkpoint_save_at_2_resume_at_2_and_4(stage, oracle, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, bf16", [(2, False), (1, True)])
-def test_nonfinite_gradient_never_poisons_state(stage, bf16, tmp_path):
-    """An inf gradient on one rank: DeepSpeed skips the step (overflow) or MuonClip's preflight
-    skips the parameter; either way momentum, AdamW moments and fp32 masters stay bit-identical."""
+@pytest.mark.parametrize("stage, bf16, layout", [
+    (0, False, "replicated"),                         # engine clip_fp32_gradients path (the regression)
+    (0, True, "master_slices"),                       # FP16_UnfusedOptimizer's overflow check
+    (1, True, "flat_fragments(zero)"),                # DeepSpeedZeroOptimizer, bf16
+    (1, "fp32_accum", "flat_fragments(bf16)"),        # BF16_Optimizer's invalid-norm check
+    (2, False, "flat_fragments(zero)"),               # DeepSpeedZeroOptimizer, fp32
+])
+def test_nonfinite_gradient_never_poisons_state(stage, bf16, layout, tmp_path):
+    """An inf gradient on one rank, gradient_clipping on: the whole step is skipped, as DeepSpeed
+    skips an overflow step. Momentum, AdamW moments and fp32 masters stay bit-identical, the
+    engine counts it in ``skipped_steps`` (``was_step_applied`` False, global norm inf) and does not
+    advance the scheduler; the other four steps train.
+
+    Pins the ZeRO-0 fp32 failure: DeepSpeed's clip_grad_norm_ saw an infinite norm and multiplied
+    every gradient by 0, so MuonClip skipped only the poisoned matrix while every other parameter
+    took a zero-gradient step (momentum decayed by mu, AdamW moments decayed, weight decay moved
+    the weights) and ``skipped_steps`` stayed 0."""
     outs = values(run_distributed(D.ds_nonfinite_worker, 2, stage, bf16, tmp_path=tmp_path))
     for o in outs:
+        assert o["layout"] == layout
         assert o["num_state"] > 0
         assert o["state_unchanged"] and o["masters_unchanged"], o
         assert o["finite"] and o["state_finite"] and o["moved"], o
+        assert o["applied"] == [True, True, False, True, True], o["applied"]
+        assert o["skipped_steps"] == 1 and o["scheduler_steps"] == 4 and o["muonclip_steps"] == 4, o
+        # the norm DeepSpeed reports: inf on the skipped step, finite on the others
+        assert o["norms"][2] == float("inf"), o["norms"]
+        assert all(n is not None and 0 < n < float("inf") for i, n in enumerate(o["norms"]) if i != 2), o["norms"]
 
 
 def test_flat_fragments_layout_maps_deepspeed_partitions():
