@@ -62,8 +62,9 @@ def warmup_factor(step: int) -> float:
 
 def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
                  scheduler: bool = False, kind: str = "llama", device: str | torch.device | None = None,
-                 model_kw: dict | None = None):
-    """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer."""
+                 model_kw: dict | None = None, norms: list | None = None):
+    """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer.
+    ``norms``: a list that receives every step's pre-clip global gradient norm."""
     from dist_muonclip import MuonClip
 
     if model is None:
@@ -80,7 +81,9 @@ def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, 
         ids = global_batch(t).to(dev)
         model(input_ids=ids, labels=ids).loss.backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if norms is not None:
+                norms.append(float(norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model, opt
@@ -122,14 +125,17 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
     else:
         engine, *_ = initialize(model=model, config=cfg, accountant=acc)
     inner = muonclip_optimizer(engine)
+    lp_loaded = loaded = saved = None
     if resume_dir is not None:
         if native_resume:
             engine.load_checkpoint(resume_dir)
         else:
             load_checkpoint(engine, resume_dir)
+        loaded = _fp32_params(engine)
+        lp_loaded = _lp_mismatch(engine, loaded)
     ns_calls = []
     restore_ns = _count_ns(inner, ns_calls)
-    lrs = []
+    lrs, norms = [], []
     try:
         for t in range(start, start + steps):
             ids = local_batch(t, rank, world).to(engine.device)
@@ -137,8 +143,11 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
             engine.backward(loss)
             engine.step()
             lrs.append([g["lr"] for g in inner.param_groups])
+            norm = engine.get_global_grad_norm()     # DeepSpeed's pre-clip global norm
+            norms.append(None if norm is None else float(norm))
             if save_dir is not None and save_at is not None and t + 1 == save_at:
                 save_checkpoint(engine, save_dir, tag="ckpt")
+                saved = _fp32_params(engine)
     finally:
         restore_ns()
     layout = inner._layout
@@ -153,7 +162,11 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
         for g in inner.param_groups:
             for p in g["params"]:
                 local["muon" if g["use_muon"] else "adamw"] += sum(b - a for a, b in layout.ranges(p)[rank])
-    out = {"moved_elems": moved, "local_elems": local, "params": _fp32_params(engine), "lrs": lrs,
+    masters = _fp32_params(engine)
+    out = {"moved_elems": moved, "local_elems": local, "params": masters, "lrs": lrs, "norms": norms,
+           "lp_params": {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()},
+           "lp_mismatch_after_load": lp_loaded, "lp_mismatch": _lp_mismatch(engine, masters),
+           "saved_params": saved, "loaded_params": loaded,
            "layout": engine._dist_muonclip.layout_name,
            "ns_matrices": ns_calls,
            "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
@@ -161,6 +174,13 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
            "acc": acc.totals() if acc is not None else None, "acc_steps": len(acc.steps) if acc else 0,
            "metrics": inner.metrics()}
     return out
+
+
+def _lp_mismatch(engine, masters: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the model's (low-precision) parameters that are not their fp32 master rounded to
+    the parameter's dtype: DeepSpeed must refresh them from the masters after every step and load."""
+    return [k for k, p in engine.module.named_parameters()
+            if not torch.equal(p.detach().cpu(), masters[k].to(p.dtype).view_as(p))]
 
 
 def _moved_elems(inner, layout, p) -> int:
