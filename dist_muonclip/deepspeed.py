@@ -842,6 +842,12 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         raise TypeError(f"optimizer must be a dist_muonclip.MuonClip instance (or None with a MuonClip config "
                         f"section), got {type(optimizer).__name__}; use deepspeed.initialize for other optimizers")
     cfg, mc_kwargs = prepare_config(config, has_optimizer=optimizer is not None)
+    client = None
+    if optimizer is not None:   # an instance: checked before any process group is created
+        if accountant is not None:
+            raise ValueError("accountant= applies to the optimizer built from the config section; with an "
+                             "optimizer instance pass it there: MuonClip(model, ..., accountant=acc)")
+        client = DeepSpeedMuonClip(model, optimizer)
     if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
         disable_shm_comm()
     if not (dist.is_available() and dist.is_initialized()):
@@ -851,9 +857,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
             optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
-    elif accountant is not None:
-        raise ValueError("accountant=: pass it to the MuonClip instance instead")
-    client = DeepSpeedMuonClip(model, optimizer)
+        client = DeepSpeedMuonClip(model, optimizer)
     out = deepspeed.initialize(args=args, model=model, optimizer=client, config=cfg, **kwargs)
     client.bind(out[0])
     out[0]._dist_muonclip = client

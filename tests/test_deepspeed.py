@@ -274,11 +274,47 @@ def test_bf16_tracks_fp32_oracle(stage, bf16, layout, world, oracle, w2_run, tmp
 
 
 @pytest.mark.slow
-def test_instance_path_and_value_errors(oracle, tmp_path):
-    """optimizer=MuonClip(...) built before DeepSpeed's init works at ZeRO-2 like the config path."""
+def test_instance_path_matches_single_process(oracle, tmp_path):
+    """optimizer=MuonClip(...) built before deepspeed.initialize works at ZeRO-2 like the config path."""
     outs = values(run_distributed(D.ds_train_worker, 2, 2, STEPS, False, None, True, True, tmp_path=tmp_path))
     for out in outs:
         _assert_close(out["params"], oracle, ATOL, RTOL)
+
+
+def test_instance_path_value_errors():
+    """Wrong uses of the instance path are refused with what to do, before any process group or
+    DeepSpeed engine exists (no half-initialized state left behind)."""
+    import torch.distributed as dist
+
+    from dist_muonclip import MuonClip
+    from dist_muonclip.comm import CommAccountant
+    from dist_muonclip.deepspeed import initialize
+    from tests._tiny_hf import tiny_model
+
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    opt = MuonClip(model, lr=0.01, qk_clip=False)
+    cfg = {"train_batch_size": 2, "zero_optimization": {"stage": 2}}
+    cases = [
+        (dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=cfg), TypeError,
+         ["dist_muonclip.MuonClip instance", "SGD", "deepspeed.initialize for other optimizers"]),
+        (dict(model=other, optimizer=opt, config=cfg), ValueError,
+         ["parameters that are not the model's", "same model"]),
+        (dict(model=model, optimizer=opt, config=cfg, accountant=CommAccountant()), ValueError,
+         ["accountant=", "MuonClip(model, ..., accountant=acc)"]),
+        (dict(model=model, optimizer=opt, config={**cfg, "optimizer": _section()}), ValueError,
+         ["MuonClip", "remove one of them"]),
+        (dict(model=model, optimizer=opt, config={**cfg, "optimizer": {"type": "AdamW", "params": {}}}), ValueError,
+         ["'AdamW'", "remove the section"]),
+        (dict(model=model, optimizer=opt, config={**cfg, "zero_optimization": {"stage": 3}}), ValueError,
+         ["ZeRO stage 3", "FSDP2"]),
+    ]
+    for kwargs, exc, words in cases:
+        with pytest.raises(exc) as err:
+            initialize(**kwargs)
+        for w in words:
+            assert w in str(err.value), (w, str(err.value))
+        assert not (dist.is_available() and dist.is_initialized())
+    assert not opt.state
 
 
 # ------------------------------------------------------------------ checkpoints
