@@ -302,3 +302,45 @@ def ds_args_worker(rank: int, world: int, config_path: str):
             "opt_is_engine_optimizer": opt is engine.optimizer, "momentum": inner.param_groups[0]["momentum"],
             "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state),
             "value_error": value_error}
+
+
+def wire_counter_worker(rank: int, world: int):
+    """benchmarks/ds_muon_compare.py's byte counter on W=2: each collective and point-to-point op
+    once, with known sizes; returns {name: [calls, bytes]} this rank recorded per op."""
+    import torch.distributed as dist
+
+    from benchmarks import ds_muon_compare as B
+
+    seen: list[tuple[str, float]] = []
+    B._count_collectives(lambda name, b: seen.append((name, b)))
+    import dist_muonclip.comm as comm_mod
+
+    t = torch.ones(10)                     # 40 bytes
+    peer = 1 - rank
+    out: dict[str, list] = {}
+
+    def run(label, fn):
+        seen.clear()
+        fn()
+        out[label] = [(n, float(b)) for n, b in seen]
+
+    run("all_reduce", lambda: dist.all_reduce(t.clone()))
+    run("all_gather_into_tensor", lambda: dist.all_gather_into_tensor(torch.empty(20), t))
+    run("captured_all_gather_single", lambda: comm_mod._all_gather_single(torch.empty(20), t))
+    run("reduce_scatter_tensor", lambda: dist.reduce_scatter_tensor(torch.empty(5), t.clone()))
+    run("reduce", lambda: dist.reduce(t.clone(), dst=0))
+    run("broadcast", lambda: dist.broadcast(t.clone(), src=0))
+    run("all_reduce_coalesced", lambda: dist.all_reduce_coalesced([t.clone(), t.clone()]))
+    run("all_to_all_single", lambda: dist.all_to_all_single(torch.empty(20), torch.ones(20)))
+    # both ranks split 15 elements [3 to rank 0, 12 to rank 1]: rank 0 sends 12, rank 1 sends 3
+    run("all_to_all_single_splits", lambda: dist.all_to_all_single(
+        torch.empty(6 if rank == 0 else 24), torch.ones(15), [3, 3] if rank == 0 else [12, 12], [3, 12]))
+    run("all_to_all", lambda: dist.all_to_all([torch.empty(10), torch.empty(10)], [t.clone(), t.clone()]))
+    run("gather", lambda: dist.gather(t, [torch.empty(10), torch.empty(10)] if rank == 0 else None, dst=0))
+    run("scatter", lambda: dist.scatter(torch.empty(10), [t, t] if rank == 0 else None, src=0))
+    run("send_recv", lambda: dist.send(t, peer) if rank == 0 else dist.recv(torch.empty(10), peer))
+    run("batch_isend_irecv", lambda: [w.wait() for w in dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, t, peer), dist.P2POp(dist.irecv, torch.empty(10), peer)])])
+    run("all_gather_object", lambda: dist.all_gather_object([None, None], "x" * 100))
+    run("barrier", lambda: dist.barrier())
+    return out
