@@ -1,6 +1,7 @@
 """The launchers in launch/ really start the training entry points on 2 CPU processes (gloo):
-deepspeed (hostfile), mpirun (mpi4py rank discovery), SLURM (srun stand-in), and torchrun
---nnodes=2 with c10d rendezvous across two network namespaces acting as two nodes."""
+deepspeed (hostfile), mpirun (mpi4py rank discovery), SLURM (srun stand-in), and, across two
+network namespaces acting as two nodes, torchrun --nnodes=2 with c10d rendezvous and the deepspeed
+launcher with --no_ssh --node_rank."""
 from __future__ import annotations
 
 import json
@@ -207,6 +208,44 @@ def two_nodes():
             _ip("netns", "delete", n)
 
 
+def _run_on_both_nodes(two_nodes, cmd_for_node, env_for_node, timeout=400):
+    """Start ``cmd_for_node(node)`` inside each namespace at once; wait; fail with the logs."""
+    procs = []
+    for node, ns in enumerate(two_nodes["ns"]):
+        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *cmd_for_node(node)], env=env_for_node(node),
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-5000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_nodes_no_ssh(two_nodes, ds_reference, tmp_path):
+    """launch/deepspeed.sh on two namespaces acting as two nodes, as on a cluster without ssh: the
+    same two-host hostfile on both, --no_ssh --node_rank 0/1, rendezvous at node A; configs/zero1.json
+    trains across them like the one-process reference."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    out = tmp_path / "out.json"     # written by global rank 0 only
+    port = str(free_port())
+    _run_on_both_nodes(
+        two_nodes,
+        lambda node: ["bash", "launch/deepspeed.sh", "--no_ssh", "--node_rank", str(node), "--master_addr", NODE_A,
+                      "--master_port", port, "--", *DS_ARGS, "--out", str(out)],
+        lambda node: _env(HOSTFILE=str(hostfile), CONFIG="configs/zero1.json",
+                          GLOO_SOCKET_IFNAME=two_nodes["dev"][node]))
+    result = json.loads(out.read_text())
+    assert (result["layout"], result["zero_stage"]) == ("flat_fragments(zero)", 1)
+    _check_against(result, ds_reference, 2)
+
+
 @pytest.mark.slow
 def test_torchrun_two_nodes_c10d_matches_single_process(two_nodes, tmp_path):
     """torchrun --nnodes=2 (launch/torchrun_multinode.sh, c10d rendezvous on node A) runs
@@ -219,26 +258,13 @@ def test_torchrun_two_nodes_c10d_matches_single_process(two_nodes, tmp_path):
     _run([sys.executable, "launch/train.py", *TRAIN_ARGS, "--out", str(ref), "--save", str(tmp_path / "ref_ckpt")],
          _env())
     port = free_port()
-    procs = []
-    for node, (ns, dev, addr) in enumerate(zip(two_nodes["ns"], two_nodes["dev"], (NODE_A, NODE_B))):
-        env = _env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"{NODE_A}:{port}", RDZV_ID="dmc_test",
-                   LOCAL_ADDR=addr, GLOO_SOCKET_IFNAME=dev, RDZV_CONF=f"is_host={int(node == 0)}",
-                   TORCHRUN=os.path.join(BIN, "torchrun"))
-        out = tmp_path / f"node{node}.json"
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "bash", "launch/torchrun_multinode.sh", "--",
-                                       "launch/train.py", *TRAIN_ARGS, "--out", str(out),
-                                       "--save", str(tmp_path / "ckpt")],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-5000:]
+    _run_on_both_nodes(
+        two_nodes,
+        lambda node: ["bash", "launch/torchrun_multinode.sh", "--", "launch/train.py", *TRAIN_ARGS,
+                      "--out", str(tmp_path / f"node{node}.json"), "--save", str(tmp_path / "ckpt")],
+        lambda node: _env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"{NODE_A}:{port}", RDZV_ID="dmc_test",
+                          LOCAL_ADDR=(NODE_A, NODE_B)[node], GLOO_SOCKET_IFNAME=two_nodes["dev"][node],
+                          RDZV_CONF=f"is_host={int(node == 0)}", TORCHRUN=os.path.join(BIN, "torchrun")))
     log0 = tmp_path / "node0.json"      # only global rank 0 writes --out; either node may get rank 0
     log1 = tmp_path / "node1.json"
     got = json.loads((log0 if log0.exists() else log1).read_text())
