@@ -290,7 +290,8 @@ def run(kind: str, stage: int, world: int, steps: int, hidden: int, layers: int)
         # cross-check: MuonClip is the only all-to-all user here, so the counter's all-to-all bytes
         # must be exactly what MuonClip's accountant recorded for its all-to-alls
         row["muonclip_accountant_bytes_per_step"] = dict(acc)
-        row["all_to_all_counter_equals_accountant"] = by_kind.get("all_to_all_single", 0.0) == acc.get("all_to_all", 0.0)
+        a2a = by_kind.get("all_to_all_single", 0.0)
+        row["all_to_all_counter_equals_accountant"] = a2a == acc.get("all_to_all", 0.0)
     return {**row,
             "step_time_s_median": sorted(t for r in ranks for t in r["times"][1:] or r["times"])[
                 len(ranks) * max(1, steps - 1) // 2]}
