@@ -31,10 +31,22 @@ DeepSpeed's partition bookkeeping (parameter offsets in the flat buffer, partiti
 tells the engine which ``(rank, offset, length)`` fragments make up every matrix; the engine keeps
 momentum on the fragments, all-to-alls them to the matrix's owner, orthogonalizes each matrix
 exactly once, sends update fragments back and applies them on the fp32 partition. DeepSpeed then
-all-gathers the parameters as usual. Gradient clipping (``gradient_clipping``) is done by
-DeepSpeed on the raw reduced gradient before :meth:`MuonClip.step` runs, never on the
-orthogonalized update; steps DeepSpeed skips for overflow never reach the optimizer, and
-non-finite gradients that do reach it are skipped by MuonClip's preflight (state untouched).
+all-gathers the parameters as usual. Gradient clipping (``gradient_clipping``) is applied to the
+raw reduced gradient before :meth:`MuonClip.step` runs, never to the orthogonalized update.
+
+A non-finite gradient anywhere skips the whole step at every stage, as DeepSpeed skips an
+overflow step: MuonClip is not called (momentum, AdamW moments and fp32 masters stay
+bit-identical), the engine counts it in ``skipped_steps``, ``was_step_applied()`` is false, the
+scheduler does not advance and ``get_global_grad_norm()`` is inf. DeepSpeed's wrappers (ZeRO-1/2,
+BF16_Optimizer, FP16_UnfusedOptimizer) clip inside their ``step`` and detect the invalid norm
+themselves. At stage 0 fp32 DeepSpeed has no wrapper: the engine would clip with
+``clip_grad_norm_``, which on an infinite norm multiplies every gradient by 0 and reports no
+overflow (every other parameter would then take a zero-gradient step: momentum decayed, weight
+decay applied). There :class:`DeepSpeedMuonClip` does the wrapper's job (see
+:meth:`DeepSpeedMuonClip.bind`): it takes over the engine's fp32 clip, computes the global norm
+itself, skips on an invalid norm (``overflow``) and otherwise clips exactly as DeepSpeed would. The
+max logits recorded by a skipped step's forward carry into the next step's QK-Clip (same weights:
+a max over two batches, never a missed clip).
 
 The optimizer DeepSpeed sees is a thin :class:`DeepSpeedMuonClip` with two param groups, the Muon
 matrices and the AdamW parameters. DeepSpeed flattens and partitions every group on its own, so
@@ -51,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -520,6 +533,12 @@ class DeepSpeedMuonClip(Optimizer):
         self._base_lrs = [g["lr"] for g in muonclip.param_groups]
         self._after_step: Callable[[], None] | None = None
         self._fragments: FlatFragmentsLayout | None = None
+        # ZeRO-0 fp32 only (no DeepSpeed wrapper): this client plays the wrapper's part in the
+        # engine's contract, which reads ``overflow`` and ``_global_grad_norm`` after step()
+        self._clips_fp32 = False
+        self._gradient_clipping = 0.0
+        self.overflow = False
+        self._global_grad_norm: float | None = None
         self.layout_name = "unbound"
         self._bound = False
         muon = {p for g in muonclip.param_groups if g.get("use_muon", True) for p in g["params"]}
@@ -535,6 +554,7 @@ class DeepSpeedMuonClip(Optimizer):
         layout: Any = None
         if wrapper is self:
             self.layout_name = "replicated"
+            self._take_over_fp32_clip(engine)
         elif hasattr(wrapper, "single_partition_of_fp32_groups"):       # ZeRO-1/2 (DeepSpeedZeroOptimizer)
             self._check_groups(wrapper.bit16_groups)
             n = len(self._groups)
@@ -585,6 +605,53 @@ class DeepSpeedMuonClip(Optimizer):
             _set_layout(self.inner, None)
         self._bound = True
 
+    def _take_over_fp32_clip(self, engine: Any) -> None:
+        """ZeRO-0 fp32: clip and check the gradients in :meth:`step`, as DeepSpeed's wrappers do.
+
+        The engine calls ``clip_fp32_gradients()`` (``deepspeed.runtime.utils.clip_grad_norm_``)
+        right before ``optimizer.step()`` only in this configuration; on an infinite norm that
+        multiplies every gradient by 0 (inf * 0 = nan for the poisoned ones) and tells nobody.
+        The engine's clip becomes a no-op for this engine and :meth:`_fp32_preflight` does the
+        same clip (same coefficient ``min(1, clip / (norm + 1e-6))``, in place on the reduced
+        gradients, as DeepSpeed does) after checking the norm.
+        """
+        self._clips_fp32 = True
+        self._gradient_clipping = float(engine.gradient_clipping() or 0.0)
+        engine.clip_fp32_gradients = self._engine_clip_is_done_in_step
+
+    @staticmethod
+    def _engine_clip_is_done_in_step() -> None:
+        """Stands in for ``engine.clip_fp32_gradients`` at ZeRO-0 fp32 (see _take_over_fp32_clip)."""
+
+    @torch.no_grad()
+    def _fp32_preflight(self) -> bool:
+        """ZeRO-0 fp32, before MuonClip's step: global gradient norm (``_global_grad_norm`` for
+        ``engine.get_global_grad_norm()``), skip on inf/nan (``overflow``), else clip. True: step.
+
+        The gradients are DeepSpeed's all-reduced ones, identical on every rank; one 1-float
+        all-reduce(MAX) of the norm still makes the skip decision collective by construction (it
+        replaces the all-reduce DeepSpeed's clip_grad_norm_ does, and like DeepSpeed's own
+        collectives it is not counted by MuonClip's accountant).
+        """
+        grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, 2)
+            norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        else:
+            norm = torch.zeros((), device=next(self._model.parameters()).device)
+        norm = torch.nan_to_num(norm, nan=math.inf, posinf=math.inf).reshape(1)   # nan -> inf: MAX keeps it
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(norm, op=dist.ReduceOp.MAX)
+        value = float(norm)                     # the host read the skip decision needs
+        self.overflow = not math.isfinite(value)
+        self._global_grad_norm = math.inf if self.overflow else value
+        if self.overflow:
+            return False
+        if self._gradient_clipping > 0 and grads:
+            coef = (self._gradient_clipping / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.reshape(()).to(grads[0].device))
+        return True
+
     def _check_groups(self, groups: Sequence[Any]) -> None:
         if len(groups) != len(self._groups):
             raise RuntimeError(f"DeepSpeed made {len(groups)} param groups out of DeepSpeedMuonClip's "
@@ -628,6 +695,8 @@ class DeepSpeedMuonClip(Optimizer):
             if k != len(self._groups) - 1:
                 self._fragments.stash_grad(k)
                 return None
+        if self._clips_fp32 and not self._fp32_preflight():
+            return None       # invalid gradient norm: the engine books a skipped step (overflow)
         self._sync_lr()
         try:
             loss = self.inner.step(closure, s_max=s_max)
@@ -773,6 +842,12 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         raise TypeError(f"optimizer must be a dist_muonclip.MuonClip instance (or None with a MuonClip config "
                         f"section), got {type(optimizer).__name__}; use deepspeed.initialize for other optimizers")
     cfg, mc_kwargs = prepare_config(config, has_optimizer=optimizer is not None)
+    client = None
+    if optimizer is not None:   # an instance: checked before any process group is created
+        if accountant is not None:
+            raise ValueError("accountant= applies to the optimizer built from the config section; with an "
+                             "optimizer instance pass it there: MuonClip(model, ..., accountant=acc)")
+        client = DeepSpeedMuonClip(model, optimizer)
     if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
         disable_shm_comm()
     if not (dist.is_available() and dist.is_initialized()):
@@ -782,9 +857,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
             optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
-    elif accountant is not None:
-        raise ValueError("accountant=: pass it to the MuonClip instance instead")
-    client = DeepSpeedMuonClip(model, optimizer)
+        client = DeepSpeedMuonClip(model, optimizer)
     out = deepspeed.initialize(args=args, model=model, optimizer=client, config=cfg, **kwargs)
     client.bind(out[0])
     out[0]._dist_muonclip = client

@@ -62,8 +62,9 @@ def warmup_factor(step: int) -> float:
 
 def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, opt=None, params: dict | None = None,
                  scheduler: bool = False, kind: str = "llama", device: str | torch.device | None = None,
-                 model_kw: dict | None = None):
-    """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer."""
+                 model_kw: dict | None = None, norms: list | None = None):
+    """Single-process oracle: whole global batch, raw-gradient clipping before the optimizer.
+    ``norms``: a list that receives every step's pre-clip global gradient norm."""
     from dist_muonclip import MuonClip
 
     if model is None:
@@ -80,7 +81,9 @@ def train_single(steps: int, *, clip: float = CLIP, start: int = 0, model=None, 
         ids = global_batch(t).to(dev)
         model(input_ids=ids, labels=ids).loss.backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if norms is not None:
+                norms.append(float(norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model, opt
@@ -122,14 +125,17 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
     else:
         engine, *_ = initialize(model=model, config=cfg, accountant=acc)
     inner = muonclip_optimizer(engine)
+    lp_loaded = loaded = saved = None
     if resume_dir is not None:
         if native_resume:
             engine.load_checkpoint(resume_dir)
         else:
             load_checkpoint(engine, resume_dir)
+        loaded = _fp32_params(engine)
+        lp_loaded = _lp_mismatch(engine, loaded)
     ns_calls = []
     restore_ns = _count_ns(inner, ns_calls)
-    lrs = []
+    lrs, norms = [], []
     try:
         for t in range(start, start + steps):
             ids = local_batch(t, rank, world).to(engine.device)
@@ -137,8 +143,11 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
             engine.backward(loss)
             engine.step()
             lrs.append([g["lr"] for g in inner.param_groups])
+            norm = engine.get_global_grad_norm()     # DeepSpeed's pre-clip global norm
+            norms.append(None if norm is None else float(norm))
             if save_dir is not None and save_at is not None and t + 1 == save_at:
                 save_checkpoint(engine, save_dir, tag="ckpt")
+                saved = _fp32_params(engine)
     finally:
         restore_ns()
     layout = inner._layout
@@ -153,7 +162,11 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
         for g in inner.param_groups:
             for p in g["params"]:
                 local["muon" if g["use_muon"] else "adamw"] += sum(b - a for a, b in layout.ranges(p)[rank])
-    out = {"moved_elems": moved, "local_elems": local, "params": _fp32_params(engine), "lrs": lrs,
+    masters = _fp32_params(engine)
+    out = {"moved_elems": moved, "local_elems": local, "params": masters, "lrs": lrs, "norms": norms,
+           "lp_params": {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()},
+           "lp_mismatch_after_load": lp_loaded, "lp_mismatch": _lp_mismatch(engine, masters),
+           "saved_params": saved, "loaded_params": loaded,
            "layout": engine._dist_muonclip.layout_name,
            "ns_matrices": ns_calls,
            "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
@@ -161,6 +174,13 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
            "acc": acc.totals() if acc is not None else None, "acc_steps": len(acc.steps) if acc else 0,
            "metrics": inner.metrics()}
     return out
+
+
+def _lp_mismatch(engine, masters: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the model's (low-precision) parameters that are not their fp32 master rounded to
+    the parameter's dtype: DeepSpeed must refresh them from the masters after every step and load."""
+    return [k for k, p in engine.module.named_parameters()
+            if not torch.equal(p.detach().cpu(), masters[k].to(p.dtype).view_as(p))]
 
 
 def _moved_elems(inner, layout, p) -> int:
@@ -200,13 +220,15 @@ def _count_ns(inner, calls: list):
 
 
 def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
-    """Rank 1 gets an inf in one Muon matrix's gradient at step 2: the step must leave MuonClip's
-    state (momentum, AdamW moments) and the fp32 masters untouched, and training must go on."""
+    """Rank 1 gets an inf in one Muon matrix's gradient at step 2 (config with gradient_clipping
+    and a WarmupLR scheduler): the step must leave MuonClip's state (momentum, AdamW moments) and
+    the fp32 masters untouched, DeepSpeed must book it as a skipped step (``skipped_steps``,
+    ``was_step_applied``, scheduler not advanced, global norm inf), and training must go on."""
     _setup()
     from dist_muonclip.deepspeed import full_state_dict, initialize, muonclip_optimizer
 
     model = tiny_model("llama", seed=0)
-    engine, *_ = initialize(model=model, config=ds_config(stage, world, bf16=bf16))
+    engine, *_ = initialize(model=model, config=ds_config(stage, world, bf16=bf16, scheduler=True))
     inner = muonclip_optimizer(engine)
     target = model.model.layers[0].mlp.up_proj.weight
     poison = {"on": False}
@@ -219,7 +241,7 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
 
     import warnings
 
-    out = {}
+    out = {"applied": [], "norms": []}
     for t in range(5):
         ids = local_batch(t, rank, world)
         if t == 2:
@@ -231,6 +253,9 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
             engine.backward(loss)
             engine.step()
         poison["on"] = False
+        out["applied"].append(engine.was_step_applied())
+        norm = engine.get_global_grad_norm()
+        out["norms"].append(None if norm is None else float(norm))
         if t == 2:
             after = snapshot()
             out["state_unchanged"] = before[0].keys() == after[0].keys() and all(
@@ -242,6 +267,10 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
     out["state_finite"] = all(bool(v.isfinite().all()) for s in inner.state.values() for v in s.values()
                               if isinstance(v, torch.Tensor))
     out["moved"] = any(not torch.equal(final[k], after[1][k]) for k in final)
+    out["skipped_steps"] = engine.skipped_steps
+    out["scheduler_steps"] = engine.lr_scheduler.last_batch_iteration + 1
+    out["muonclip_steps"] = inner._step_count_total
+    out["layout"] = engine._dist_muonclip.layout_name
     return out
 
 
@@ -273,3 +302,45 @@ def ds_args_worker(rank: int, world: int, config_path: str):
             "opt_is_engine_optimizer": opt is engine.optimizer, "momentum": inner.param_groups[0]["momentum"],
             "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state),
             "value_error": value_error}
+
+
+def wire_counter_worker(rank: int, world: int):
+    """benchmarks/ds_muon_compare.py's byte counter on W=2: each collective and point-to-point op
+    once, with known sizes; returns {name: [calls, bytes]} this rank recorded per op."""
+    import torch.distributed as dist
+
+    from benchmarks import ds_muon_compare as B
+
+    seen: list[tuple[str, float]] = []
+    B._count_collectives(lambda name, b: seen.append((name, b)))
+    import dist_muonclip.comm as comm_mod
+
+    t = torch.ones(10)                     # 40 bytes
+    peer = 1 - rank
+    out: dict[str, list] = {}
+
+    def run(label, fn):
+        seen.clear()
+        fn()
+        out[label] = [(n, float(b)) for n, b in seen]
+
+    run("all_reduce", lambda: dist.all_reduce(t.clone()))
+    run("all_gather_into_tensor", lambda: dist.all_gather_into_tensor(torch.empty(20), t))
+    run("captured_all_gather_single", lambda: comm_mod._all_gather_single(torch.empty(20), t))
+    run("reduce_scatter_tensor", lambda: dist.reduce_scatter_tensor(torch.empty(5), t.clone()))
+    run("reduce", lambda: dist.reduce(t.clone(), dst=0))
+    run("broadcast", lambda: dist.broadcast(t.clone(), src=0))
+    run("all_reduce_coalesced", lambda: dist.all_reduce_coalesced([t.clone(), t.clone()]))
+    run("all_to_all_single", lambda: dist.all_to_all_single(torch.empty(20), torch.ones(20)))
+    # both ranks split 15 elements [3 to rank 0, 12 to rank 1]: rank 0 sends 12, rank 1 sends 3
+    run("all_to_all_single_splits", lambda: dist.all_to_all_single(
+        torch.empty(6 if rank == 0 else 24), torch.ones(15), [3, 3] if rank == 0 else [12, 12], [3, 12]))
+    run("all_to_all", lambda: dist.all_to_all([torch.empty(10), torch.empty(10)], [t.clone(), t.clone()]))
+    run("gather", lambda: dist.gather(t, [torch.empty(10), torch.empty(10)] if rank == 0 else None, dst=0))
+    run("scatter", lambda: dist.scatter(torch.empty(10), [t, t] if rank == 0 else None, src=0))
+    run("send_recv", lambda: dist.send(t, peer) if rank == 0 else dist.recv(torch.empty(10), peer))
+    run("batch_isend_irecv", lambda: [w.wait() for w in dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, t, peer), dist.P2POp(dist.irecv, torch.empty(10), peer)])])
+    run("all_gather_object", lambda: dist.all_gather_object([None, None], "x" * 100))
+    run("barrier", lambda: dist.barrier())
+    return out
