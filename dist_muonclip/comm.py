@@ -9,12 +9,18 @@ Byte model (per rank, per call), the usual ring-algorithm cost used by NCCL's "b
 
 so an all-reduce costs exactly a reduce-scatter plus an all-gather. ``payload`` counts the
 logical tensor bytes (input for reductions, output for gathers) for reference.
+
+:class:`Comm` labels the collectives it issues with their tag (:func:`comm_tag`), so a wire-level
+counter (:class:`dist_muonclip.profiler.WireCounter`, which sees every collective of the process:
+DDP's, FSDP2's, DeepSpeed's and ours) reports them under the same ``kind[tag]`` names as the
+accountant; collectives issued outside any tag are the engine's.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -23,13 +29,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommAccountant", "Comm", "ddp_accounting_hook"]
+__all__ = ["CommAccountant", "Comm", "ddp_accounting_hook", "comm_tag", "current_comm_tag"]
 
 
 # torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
 # the old names; older releases only have the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+_TAG = threading.local()
+
+
+@contextlib.contextmanager
+def comm_tag(tag: str | None) -> Iterator[None]:
+    """Label the collectives issued inside the block (on this thread): a wire-level counter
+    records them as ``kind[tag]`` (e.g. ``all_reduce[loss]``). The innermost tag wins."""
+    prev = getattr(_TAG, "tag", None)
+    _TAG.tag = tag or prev
+    try:
+        yield
+    finally:
+        _TAG.tag = prev
+
+
+def current_comm_tag() -> str | None:
+    """The tag set by the innermost :func:`comm_tag` block on this thread, or ``None``."""
+    return getattr(_TAG, "tag", None)
 
 
 @dataclass
@@ -135,24 +161,28 @@ class Comm:
     def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
         n = t.numel() * t.element_size()
         self._count("all_reduce", tag, 2 * (self.world_size - 1) / self.world_size * n, n)
-        return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
 
     def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = out.numel() * out.element_size()
         self._count("all_gather", tag, (self.world_size - 1) / self.world_size * n, n)
-        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return _all_gather_single(out, inp, group=self.group, async_op=async_op)
 
     def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = inp.numel() * inp.element_size()
         self._count("reduce_scatter", tag, (self.world_size - 1) / self.world_size * n, n)
-        return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
 
     def all_to_all_single(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
                           async_op: bool = False, tag: str = ""):
         es = inp.element_size()
         sent = sum(s for r, s in enumerate(in_splits) if r != self.rank) * es
         self._count("all_to_all", tag, sent, out.numel() * es)
-        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
     def all_gather_uneven(self, local: Tensor, counts: list[int], async_op: bool = False, tag: str = ""):
         """Gather ``local`` (``counts[rank]`` rows) from every rank into ``[sum(counts), ...]``.
