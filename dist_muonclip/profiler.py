@@ -270,20 +270,23 @@ def _kernel(name: str, op: Any):
     def counted(*args: Any, **kwargs: Any) -> Any:
         if _ACTIVE:
             _record_all(_ACTIVE, name, op, args, kwargs)
-        with torch._C._AutoDispatchBelowAutograd():
+        with torch._C._AutoDispatchBelowADInplaceOrView():
             return op(*args, **kwargs)
 
     return counted
 
 
+#: The dispatch key our counting kernels take: after autograd (functional collectives have
+#: autograd kernels of their own), before the backend; every collective leaves it to a
+#: fallthrough, and a call nested in a counted one (a functional collective's c10d op) runs
+#: below it, so nothing is counted twice.
+_KERNEL_KEY = "ADInplaceOrView"
+
+
 def _kernel_mechanism_free() -> bool:
-    """Whether no counted op has an autograd kernel of its own (then ours can take that slot)."""
-    for ns, name, _ in _wire_ops():
-        qual = f"{ns}::{name}"
-        if any(torch._C._dispatch_has_kernel_for_dispatch_key(qual, k) for k in ("Autograd", "AutogradCPU",
-                                                                                  "AutogradCUDA")):
-            return False
-    return True
+    """Whether no counted op has a kernel of its own on :data:`_KERNEL_KEY` (ours can take it)."""
+    return not any(torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", _KERNEL_KEY)
+                   for ns, name, _ in _wire_ops())
 
 
 def _install_kernels() -> None:
@@ -291,7 +294,7 @@ def _install_kernels() -> None:
     for ns, name, op in _wire_ops():
         if ns not in libs:
             libs[ns] = torch.library.Library(ns, "IMPL")
-        libs[ns].impl(name, _kernel(name, op), "Autograd")
+        libs[ns].impl(name, _kernel(name, op), _KERNEL_KEY)
     _LIBS.extend(libs.values())
 
 
@@ -330,15 +333,14 @@ class WireCounter:
 
     Mechanisms (``mechanism=``):
 
-    * ``"kernel"``: a Python kernel on the ops' ``Autograd`` dispatch key (which they otherwise
-      leave to the autograd fallback), counting and redispatching below autograd. Only the
-      collectives themselves pay (a few microseconds each); calls made under
-      ``torch.inference_mode`` bypass that key and are not counted. Process-wide, registered
-      while any counter runs.
+    * ``"kernel"``: a Python kernel on the ops' ``ADInplaceOrView`` dispatch key (which they
+      otherwise fall through), counting and redispatching below it. Only the collectives
+      themselves pay (a few microseconds each); calls made under ``torch.inference_mode`` skip
+      that key and are not counted. Process-wide, registered while any counter runs.
     * ``"dispatch_mode"``: a ``TorchDispatchMode`` as torch's ``CommDebugMode``; sees every call,
       but every tensor op of the thread pays ~20 us of Python while it is active (a 3x slower
       step on a tiny CPU model, +10% on a 25M one).
-    * ``"auto"``: ``"kernel"`` unless some collective already has an autograd kernel.
+    * ``"auto"``: ``"kernel"`` unless some collective already has a kernel on that key.
 
     ``with WireCounter() as wc: ...; wc.counts`` or ``start()`` / :meth:`take` / ``stop()``.
     """
@@ -459,6 +461,9 @@ class StepProfiler:
     def attach(self, optimizer: Any) -> "StepProfiler":
         """Hook into ``optimizer``: phases (``optimizer.profiler``), step pre/post hooks, and a
         :class:`CommAccountant` (installed if the optimizer has none). Idempotent."""
+        inner = getattr(optimizer, "optimizer", None)
+        if not hasattr(optimizer, "register_step_post_hook") and hasattr(inner, "register_step_post_hook"):
+            optimizer = inner       # an engine's wrapper (DeepSpeed's ZeRO optimizer): the torch optimizer it steps
         if self.optimizer is optimizer:
             return self
         if self.optimizer is not None:
@@ -562,6 +567,8 @@ class StepProfiler:
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self.manual_step:
             self._end_step()
+        else:                          # sizes at the end of the optimizer's step (before zero_grad)
+            self._mem["sizes"] = self._sizes()
 
     def step(self) -> None:
         """End a training step (with ``manual_step=True``): call it once per training step, after
@@ -629,13 +636,16 @@ class StepProfiler:
             flat["profile/ns_gflops"] = rec["ns_flops"] / 1e9
             self._logger.log(rec["step"], flat)
 
-    def _memory(self) -> dict[str, Any]:
-        """The memory split of this step (see the module doc); called at the end of ``step()``."""
+    def _sizes(self) -> dict[str, Any]:
         opt = self.optimizer
         params = list(self.model.parameters()) if self.model is not None else [
             p for g in opt.param_groups for p in g["params"]]
-        out: dict[str, Any] = {"params": storage_bytes(params), "grads": storage_bytes(p.grad for p in params),
-                               "optimizer_state": self._state_bytes()}
+        return {"params": storage_bytes(params), "grads": storage_bytes(p.grad for p in params),
+                "optimizer_state": self._state_bytes()}
+
+    def _memory(self) -> dict[str, Any]:
+        """The memory split of this step (see the module doc); called at the end of ``step()``."""
+        out: dict[str, Any] = self._mem.pop("sizes", None) or self._sizes()
         step_peak = self._window_peak()
         out["step_start"] = self._mem["step_start"]
         out["step_peak"] = step_peak
