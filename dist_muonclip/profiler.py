@@ -67,7 +67,7 @@ import torch
 import torch.utils._python_dispatch
 from torch import Tensor
 
-from .comm import CommAccountant
+from .comm import CommAccountant, current_comm_tag
 
 __all__ = ["StepProfiler", "WireCounter", "profile_optimizer", "PHASES", "storage_bytes", "owned_ns_flops", "load_trace",
            "rss_status", "reset_rss_peak"]
@@ -250,14 +250,18 @@ def _wire_ops() -> list[tuple[str, str, Any]]:
 
 _ACTIVE: list["WireCounter"] = []         # counters of the "kernel" mechanism that are running
 _LIBS: list[Any] = []                      # their torch.library registrations (while any runs)
-_OP_NAMES: dict[Any, str] = {}
+
+
+_ARG_NAMES: dict[Any, tuple[str, ...]] = {}
 
 
 def _record_all(counters: Iterable["WireCounter"], name: str, op: Any, args: tuple, kwargs: dict) -> None:
-    from .comm import current_comm_tag
-
-    a = {arg.name: v for arg, v in zip(op._schema.arguments, args)}
-    a.update(kwargs)
+    names = _ARG_NAMES.get(op)
+    if names is None:
+        names = _ARG_NAMES[op] = tuple(arg.name for arg in op._schema.arguments)
+    a = dict(zip(names, args))
+    if kwargs:
+        a.update(kwargs)
     kind, sent, payload = _wire_cost(name, a)
     tag = current_comm_tag()
     if tag:
@@ -335,7 +339,7 @@ class WireCounter:
 
     * ``"kernel"``: a Python kernel on the ops' ``ADInplaceOrView`` dispatch key (which they
       otherwise fall through), counting and redispatching below it. Only the collectives
-      themselves pay (a few microseconds each); calls made under ``torch.inference_mode`` skip
+      themselves pay (one Python call each, tens of microseconds); calls made under ``torch.inference_mode`` skip
       that key and are not counted. Process-wide, registered while any counter runs.
     * ``"dispatch_mode"``: a ``TorchDispatchMode`` as torch's ``CommDebugMode``; sees every call,
       but every tensor op of the thread pays ~20 us of Python while it is active (a 3x slower
