@@ -37,7 +37,9 @@ How each number is taken:
   :func:`~dist_muonclip.newton_schulz.ns_flops` (the plan is what ``step()`` executes; matrices
   skipped for non-finite gradients are still counted).
 * memory (bytes): ``params``, ``grads`` and ``optimizer_state`` are the summed sizes of their
-  distinct storages at the end of ``step()`` (before ``zero_grad``). Peaks are taken per window,
+  distinct storages at the end of ``step()`` (before ``zero_grad``); tensors the optimizer steps
+  that are not the model's (DeepSpeed's flat fp32 partitions) are ``master_params``, and their
+  gradients (the engine's reduced partitions) count in ``grads``. Peaks are taken per window,
   with the peak counter reset at each window's start: ``step_peak`` over ``step()`` itself,
   ``between_steps_peak`` from the end of the previous step to the start of this one (forward and
   backward: activations), ``peak`` the larger. ``step_start`` is the memory in use when
@@ -76,23 +78,31 @@ __all__ = ["StepProfiler", "WireCounter", "profile_optimizer", "PHASES", "storag
 PHASES = ("preflight", "reduce", "ns", "gather", "scatter", "apply", "adamw", "qk_clip")
 
 
-def storage_bytes(tensors: Iterable[Tensor | None]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
-    seen: set[tuple[str, int]] = set()
+def _storage(t: Any) -> tuple[tuple[str, int], int] | None:
+    """``((device, data_ptr), nbytes)`` of the storage behind ``t`` (a DTensor: its local shard)."""
+    if t is None or not isinstance(t, Tensor):
+        return None
+    local = getattr(t, "_local_tensor", t)
+    try:
+        st = local.untyped_storage()
+    except (RuntimeError, NotImplementedError):   # e.g. meta / fake tensors
+        return None
+    if st.data_ptr() == 0:
+        return None
+    return (str(local.device), st.data_ptr()), st.nbytes()
+
+
+def storage_bytes(tensors: Iterable[Tensor | None], exclude: set | None = None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once),
+    leaving out storages whose key is in ``exclude``."""
+    seen: set[tuple[str, int]] = set(exclude or ())
     total = 0
     for t in tensors:
-        if t is None or not isinstance(t, Tensor):
+        s = _storage(t)
+        if s is None or s[0] in seen:
             continue
-        local = getattr(t, "_local_tensor", t)      # DTensor: this rank's shard
-        try:
-            st = local.untyped_storage()
-        except (RuntimeError, NotImplementedError):   # e.g. meta / fake tensors
-            continue
-        key = (str(local.device), st.data_ptr())
-        if key in seen or st.data_ptr() == 0:
-            continue
-        seen.add(key)
-        total += st.nbytes()
+        seen.add(s[0])
+        total += s[1]
     return total
 
 
@@ -501,11 +511,22 @@ class StepProfiler:
 
     @property
     def rank(self) -> int:
-        return int(getattr(self.optimizer, "rank", 0)) if self.optimizer is not None else 0
+        """The optimizer's rank (MuonClip's process group), else the default group's, else 0."""
+        return self._dist_attr("rank", "get_rank", 0)
 
     @property
     def world_size(self) -> int:
-        return int(getattr(self.optimizer, "world_size", 1)) if self.optimizer is not None else 1
+        return self._dist_attr("world_size", "get_world_size", 1)
+
+    def _dist_attr(self, attr: str, fn: str, default: int) -> int:
+        value = getattr(self.optimizer, attr, None)
+        if value is not None:
+            return int(value)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():    # a torch optimizer (AdamW under DeepSpeed/FSDP2)
+            return int(getattr(dist, fn)())
+        return default
 
     @property
     def _cuda(self) -> bool:
@@ -642,10 +663,17 @@ class StepProfiler:
 
     def _sizes(self) -> dict[str, Any]:
         opt = self.optimizer
-        params = list(self.model.parameters()) if self.model is not None else [
-            p for g in opt.param_groups for p in g["params"]]
-        return {"params": storage_bytes(params), "grads": storage_bytes(p.grad for p in params),
-                "optimizer_state": self._state_bytes()}
+        opt_params = [p for g in opt.param_groups for p in g["params"]]
+        params = list(self.model.parameters()) if self.model is not None else opt_params
+        # tensors the optimizer steps that are not the model's (DeepSpeed's flat fp32 partitions):
+        # master copies, whose gradients are the engine's reduced gradient partitions
+        keys = {s[0] for s in map(_storage, params) if s is not None}
+        masters = [p for p in opt_params if (s := _storage(p)) is not None and s[0] not in keys]
+        out = {"params": storage_bytes(params), "grads": storage_bytes(p.grad for p in params + masters),
+               "optimizer_state": self._state_bytes()}
+        if masters:
+            out["master_params"] = storage_bytes(masters)
+        return out
 
     def _memory(self) -> dict[str, Any]:
         """The memory split of this step (see the module doc); called at the end of ``step()``."""
@@ -752,7 +780,8 @@ class StepProfiler:
         mem = recs[-1]["memory"]
         lines.append("  memory (MB): " + ", ".join(
             f"{k} {'n/a' if mem[k] is None else f'{mem[k] / 1e6:.2f}'}" for k in
-            ("params", "grads", "optimizer_state", "temporaries", "step_peak", "between_steps_peak"))
+            ("params", "master_params", "grads", "optimizer_state", "temporaries", "step_peak", "between_steps_peak")
+            if k in mem)
             + f" ({_PEAK_KINDS[mem['peak_kind']]})")
         return "\n".join(lines)
 

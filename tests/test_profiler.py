@@ -169,6 +169,30 @@ def test_manual_step_one_record_per_training_step():
     assert all(r["memory"]["grads"] == expected for r in prof.records)
 
 
+def test_engine_wrapper_and_master_copies():
+    """Pins the profile of DeepSpeed-style engines (AdamW under ZeRO reported grads 0 and, on
+    every rank, rank 0/1): attaching to a wrapper that is not a torch optimizer profiles the torch
+    optimizer it holds (``.optimizer``); tensors that optimizer steps that are not the model's
+    (flat fp32 master partitions) are reported as ``master_params`` and their gradients count in
+    ``grads``. Oracle: sizes by hand."""
+    model = torch.nn.Linear(8, 4, bias=False)                  # 32 parameters
+    master = torch.nn.Parameter(torch.zeros(16))               # a flat partition of half of them
+
+    class Wrapper:                                             # what deepspeed's ZeRO optimizer looks like here
+        optimizer = torch.optim.AdamW([master], lr=0.1)
+
+    wrapper = Wrapper()
+    with profile_optimizer(wrapper, model=model, print_summary=False) as prof:
+        model(torch.ones(2, 8)).sum().backward()
+        master.grad = torch.ones(16)
+        wrapper.optimizer.step()
+    assert prof.optimizer is wrapper.optimizer and prof.rank == 0 and prof.world_size == 1
+    mem = prof.records[-1]["memory"]
+    assert mem["params"] == 32 * 4 and mem["master_params"] == 16 * 4
+    assert mem["grads"] == 32 * 4 + 16 * 4
+    assert mem["optimizer_state"] == 2 * 16 * 4 + 4             # exp_avg, exp_avg_sq, step
+
+
 def test_storage_bytes_counts_shared_storage_once():
     a = torch.zeros(10, 10)
     assert storage_bytes([a, a[2:], a.view(-1), None, torch.zeros(3, dtype=torch.float64)]) == 400 + 24
