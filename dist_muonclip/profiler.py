@@ -61,6 +61,7 @@ import csv
 import json
 import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Iterator
@@ -194,7 +195,7 @@ def _wire_cost(name: str, a: dict[str, Any]) -> tuple[str, float, int]:
     if base in ("broadcast", "reduce"):
         n = _nbytes(a.get("tensors", a.get("input")))
         return base, f * n, n
-    if base in ("allgather", "allgather_base", "_allgather_base", "allgather_coalesced",
+    if base in ("allgather", "_allgather_base", "allgather_coalesced",
                 "allgather_into_tensor_coalesced"):
         n = _nbytes(a.get("output_tensors", a.get("output_tensor", a.get("output_lists", a.get("outputs")))))
         return "all_gather", f * n, n
@@ -260,8 +261,6 @@ def _wire_ops() -> list[tuple[str, str, Any]]:
 
 _ACTIVE: list["WireCounter"] = []         # counters of the "kernel" mechanism that are running
 _LIBS: list[Any] = []                      # their torch.library registrations (while any runs)
-
-
 _ARG_NAMES: dict[Any, tuple[str, ...]] = {}
 
 
@@ -367,13 +366,15 @@ class WireCounter:
         self.mechanism = mechanism
         self.counts: dict[str, dict[str, float]] = {}
         self._mode: _WireMode | None = None
+        self._lock = threading.Lock()        # autograd threads issue collectives too (DDP, FSDP2 on GPU)
         self.running = False
 
     def _record(self, kind: str, sent: float, payload: int) -> None:
-        c = self.counts.setdefault(kind, {"calls": 0, "bytes": 0.0, "payload": 0})
-        c["calls"] += 1
-        c["bytes"] += sent
-        c["payload"] += payload
+        with self._lock:
+            c = self.counts.setdefault(kind, {"calls": 0, "bytes": 0.0, "payload": 0})
+            c["calls"] += 1
+            c["bytes"] += sent
+            c["payload"] += payload
 
     def start(self) -> "WireCounter":
         if self.running:
@@ -404,7 +405,8 @@ class WireCounter:
 
     def take(self) -> dict[str, dict[str, float]]:
         """The counts since the last ``take()`` (or start), and a fresh start."""
-        out, self.counts = self.counts, {}
+        with self._lock:
+            out, self.counts = self.counts, {}
         return out
 
     def __enter__(self) -> "WireCounter":
