@@ -215,8 +215,8 @@ class _Run:
 
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            # read the peak at every timestamp: the profiler resets CUDA's peak counter when a
-            # MuonClip step starts, which would otherwise hide forward/backward's activations
+            # the profiler resets CUDA's peak counter at each window; its records hold each
+            # window's peak (see _measure), this reading covers what runs after the last one
             self.peak_bytes = max(self.peak_bytes, int(torch.cuda.max_memory_allocated(self.device)))
         return time.perf_counter()
 
@@ -283,9 +283,9 @@ def _measure(run: _Run, model: Any, opt: Any, steps: int, fwd_bwd: Callable[[Any
         ns.remove()
         prof.close()
     last = prof.records[-1]
-    run.peak_bytes = max(run.peak_bytes, init_peak)
-    if not run.cuda:      # the profiler's windows (forward+backward, step) cover the rest of the run
-        run.peak_bytes = max([run.peak_bytes] + [r["memory"]["peak"] for r in prof.records])
+    # the profiler's windows (forward+backward, step; each peak read before its counter is reset)
+    # cover the run after set-up
+    run.peak_bytes = max([run.peak_bytes, init_peak] + [r["memory"]["peak"] for r in prof.records])
     out = {"comm": last["comm"], "bytes": last["comm_bytes"], "comm_counted": last["comm_counted"],
            "ns_flops": flops[-1], "ns_matrices": ns.matrices // steps,
            "state_bytes": _state_bytes(opt.state), "memory": last["memory"], **run.times()}

@@ -46,7 +46,8 @@ How each number is taken:
   ``step()`` began, and ``temporaries = step_peak - step_start - (optimizer state created in this
   step)``: the extra memory the optimizer step needed (gathered matrices, Newton-Schulz buffers,
   communication buffers). On GPU these are ``torch.cuda`` allocator numbers (``memory_allocated``
-  / ``max_memory_allocated``, ``peak_kind = "cuda_allocated"``). On CPU they are the process's
+  / ``max_memory_allocated``, ``peak_kind = "cuda_allocated"``; the profiler resets the device's
+  peak counters at each window start, so read your own whole-run peak from its records). On CPU they are the process's
   resident set: ``VmRSS`` and a ``VmHWM`` high-water mark reset per window through
   ``/proc/self/clear_refs`` (``peak_kind = "rss_per_window"``); RSS includes the interpreter and
   libraries, but per-window differences do not, and ``temporaries`` is then the RSS rise during
