@@ -281,11 +281,15 @@ def _record_all(counters: Iterable["WireCounter"], name: str, op: Any, args: tup
 
 
 def _kernel(name: str, op: Any):
+    # the C++ entry point: OpOverload.__call__ of ops taking a ProcessGroup (TorchBind objects)
+    # first scans the arguments in Python for fake script objects, doubling our cost per call
+    call = getattr(op, "_op", op)
+
     def counted(*args: Any, **kwargs: Any) -> Any:
         if _ACTIVE:
             _record_all(_ACTIVE, name, op, args, kwargs)
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            return op(*args, **kwargs)
+            return call(*args, **kwargs)
 
     return counted
 
