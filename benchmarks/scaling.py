@@ -647,12 +647,15 @@ def plot(payload: dict[str, Any], prefix: str, size: str | None = None) -> list[
     for key, label, fname in (("bytes", "bytes sent per rank per step", "bytes"),
                               ("state_bytes", "optimizer-state bytes per rank", "state"),
                               ("ns_flops", "NS FLOPs per rank per step", "ns_flops")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for engine in dict.fromkeys(r["engine"] for r in rows):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, engine in enumerate(dict.fromkeys(r["engine"] for r in rows)):
             pts = sorted({(r["world_size"], r[key]) for r in rows if r["engine"] == engine and r["size"] == size
                           and r["rank"] == r["busiest_rank"]})
             if pts and (key != "ns_flops" or any(v for _, v in pts)):
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=engine)
+                # engines often coincide (ZeRO-1 = ZeRO-2): shrinking markers of distinct shapes keep all visible
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>PX*"[i % 10],
+                                markersize=11 - 0.7 * (i % 10), markerfacecolor="none",
+                                linestyle="-" if engine.startswith("muonclip") else ":", label=engine)
                 if key == "ns_flops":   # the sum over ranks: flat = no redundant orthogonalization
                     tot: dict[int, float] = {}
                     for r in rows:
