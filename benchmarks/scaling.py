@@ -714,7 +714,9 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     stages.append({k: new.get(k) for k in ("args", "environment", "steps", "wall_s")})
     out = {**new, "rows": rows, "stages": stages, "models": {**old.get("models", {}), **new["models"]},
            "skipped": {**old.get("skipped", {}), **new["skipped"]},
-           "excluded": list(dict.fromkeys(old.get("excluded", []) + new["excluded"])),
+           "excluded": [x for x in dict.fromkeys(old.get("excluded", []) + new["excluded"])   # unless measured since
+                        if not any(r.get("ok") and _excluded([x], r["engine"], r["size"], r["world_size"])
+                                   for r in rows)],
            "wall_s": sum(st.get("wall_s") or 0 for st in stages)}
     out["summary"] = summarize(rows)
     return out

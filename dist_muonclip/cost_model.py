@@ -28,9 +28,10 @@ Engines (``engine=``):
 ``muonclip_fsdp2``      FSDP2 row shards: block params all-gathered in forward and backward (the
                         root's once), grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
-``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (measured behaviour of
-                        DeepSpeed 0.19.8: gradients all-reduced, flat partitions updated,
-                        partitions all-gathered; each matrix orthogonalized once in total).
+``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (DeepSpeed 0.19.8, read
+                        from its code and measured: gradients all-reduced, partitions all-gathered;
+                        the Muon group sorted by size, and every matrix a rank's partition overlaps
+                        orthogonalized whole on that rank, its whole momentum kept there).
 ``adamw_ddp``           torch AdamW under DDP (replicated state).
 ``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (all-reduce grads, all-gather params: measured).
 ``adamw_fsdp2``         torch AdamW on FSDP2 row shards (the FSDP2 traffic of ``muonclip_fsdp2``).
@@ -438,7 +439,10 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
         # (stage_1_and_2.get_flat_partition runs muon_update on each tensor of the partition's
         # list): a matrix cut by a partition boundary is orthogonalized on every rank holding a
         # piece (measured: 16 runs for 14 matrices, ds_muon_compare_cpu.json, W=4).
-        groups = [specs] if engine == "adamw_zero1" else [muon, adamw]
+        # DeepSpeed's Muon (MuonWithAuxAdam) sorts its Muon group by size, largest first (stable),
+        # before ZeRO flattens and partitions it
+        groups = [specs] if engine == "adamw_zero1" else [sorted(muon, key=lambda s_: tuple(s_.shape), reverse=True),
+                                                           adamw]
         for r in range(W):
             if W > 1:
                 per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
@@ -453,11 +457,13 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     b = per_rank[r]
                     b["all_gather"] = b.get("all_gather", 0.0) + (W - 1) * chunk * param_bytes
                 if is_muon:
-                    # momentum of the partition (flat), kept in the gradient partition's dtype
-                    # (bf16 under bf16 training: measured, multi_gpu_cpu_dryrun.json)
-                    state[r] += held * (grad_bytes + master_bytes)
+                    # one flat momentum buffer holding every matrix the partition overlaps in full
+                    # (stage_1_and_2._muon_momentum_buffer: each is orthogonalized whole), in the
+                    # gradient's dtype (bf16 under bf16 training: measured, multi_gpu_cpu_dryrun.json)
                     by_name = {s.name: s for s in group}
-                    for name in dict.fromkeys(seg.name for seg in segs[r]):
+                    overlapped = list(dict.fromkeys(seg.name for seg in segs[r]))
+                    state[r] += sum(by_name[n].numel for n in overlapped) * grad_bytes + held * master_bytes
+                    for name in overlapped:
                         flops[r] += by_name[name].num_matrices * ns_flops(*by_name[name].mn, ns_steps)
                         runs[r] += by_name[name].num_matrices
                 else:

@@ -56,7 +56,10 @@ def test_predictions_match_every_measured_configuration():
     """Bytes per rank and optimizer-state bytes per rank within 5% of every committed scaling
     measurement (W = 1, 2, 4; every model size; every engine the benchmark ran, DeepSpeed's
     included; in practice within 8 bytes, DDP's buffer broadcasts and FSDP2's traffic included);
-    exact bytes for the engines without DeepSpeed; NS FLOPs per rank of every MuonClip engine exact."""
+    exact bytes for the engines without DeepSpeed; NS FLOPs per rank exact for every engine,
+    DeepSpeed's Muon included (it sorts its Muon group by size and orthogonalizes every matrix its
+    partition overlaps, holding that matrix's whole momentum: up to 4.2% more state on the xl model
+    at W=4 than its partition)."""
     checked = set()
     files = sorted(p.name for p in RESULTS.glob("scaling_*.json"))
     assert {"scaling_quick.json", "scaling_ladder.json", "scaling_ds_bf16.json"} <= set(files)
@@ -65,8 +68,8 @@ def test_predictions_match_every_measured_configuration():
             where = f"{name}: {r['engine']} {r['size']} W={r['world_size']} rank {r['rank']}"
             assert r["bytes_predicted"] == pytest.approx(r["bytes_measured"], rel=REL_TOL, abs=16), where
             assert r["state_predicted"] == pytest.approx(r["state_measured"], rel=REL_TOL), where
-            if r["engine"].startswith("muonclip"):
-                assert r["ns_flops_predicted"] == r["ns_flops_measured"], where   # same owners, same convention
+            # same owners (DeepSpeed's Muon: every rank whose partition a matrix overlaps), same convention
+            assert r["ns_flops_predicted"] == r["ns_flops_measured"], where
             if r["engine"] in _EXACT:
                 assert r["bytes_predicted"] == pytest.approx(r["bytes_measured"], abs=1e-6), where
             checked.add((r["engine"], r["world_size"], r["precision"]))
@@ -90,6 +93,9 @@ def test_predictions_match_the_multi_gpu_dry_run_and_the_deepspeed_muon_comparis
         assert r["bytes_rel_err"] <= REL_TOL, where
         if r["engine"] != "muonclip_ds_zero0":
             assert r["state_rel_err"] <= REL_TOL, where
+        if r["engine"] == "ds_muon_zero1":
+            assert r["state_predicted"] == r["state_measured"], where        # bf16 momentum, whole matrices
+            assert r["ns_flops_predicted"] == r["ns_flops_measured"], where
     cmp = _validated("ds_muon_compare_cpu.json")
     assert {(r["optimizer"], r["world_size"]) for r in cmp} >= {("muonclip", 2), ("deepspeed_muon", 4)}
     for r in cmp:
