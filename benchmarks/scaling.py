@@ -7,18 +7,25 @@ Muon and AdamW, for a model-size ladder and world sizes W on CPU over gloo (or G
 
 Per run and rank it records (the first step is warm-up; numbers are from the last step):
 
-* bytes on the wire per collective kind (ring model of ``dist_muonclip.comm``). MuonClip engines:
-  the optimizer's ``CommAccountant`` (+ ``ddp_accounting_hook`` for DDP's all-reduces). DeepSpeed
-  engines: a tap on ``torch.distributed``'s Python collectives with the same byte model.
+* bytes on the wire per collective kind, for every engine alike: the library profiler's
+  :class:`~dist_muonclip.profiler.WireCounter` (every collective of the process, counted at the
+  dispatcher: DDP's reducer, FSDP2, DeepSpeed and MuonClip; ring model of ``dist_muonclip.comm``;
+  MuonClip's own collectives carry their tags). A step's bytes are those issued between the end
+  of the previous optimizer step and the end of this one.
 * NS FLOPs actually done on this rank: a counter wrapped around the orthogonalization function
   (``dist_muonclip.optimizer.orthogonalize``; DeepSpeed's ``original_muon.muon_update``), summed
   with :func:`dist_muonclip.newton_schulz.ns_flops` per matrix: redundant orthogonalization shows.
-* optimizer-state bytes (distinct storages of the optimizer's state tensors), peak memory
-  (``torch.cuda.max_memory_allocated`` on GPU; process RSS high-water mark on CPU: noisy and
-  includes the interpreter), step time split into forward+backward and optimizer step (median;
-  on GPU after ``torch.cuda.synchronize``; noisy on a shared CPU: bytes, state and FLOPs are the
-  deterministic primary measures), and for MuonClip engines the profiler's per-phase times (CUDA
-  events on GPU) and memory split.
+* optimizer-state bytes (distinct storages of the optimizer's state tensors); memory from the
+  profiler (``dist_muonclip.profiler``: per-window peaks, the optimizer step's temporaries): on GPU
+  ``torch.cuda`` allocator numbers; on CPU the resident set with its high-water mark reset at
+  the start of each engine run and of each window (``/proc/self/clear_refs``), so each engine's
+  ``peak_bytes`` is its own; ``peak_rss_rise_bytes`` is that peak minus the RSS when the engine's
+  run began (before its model was built). By default every (engine, size) runs in fresh
+  processes (``--isolate``; ``--quick`` shares one process group per W to stay within CI time,
+  where RSS rises are lower bounds: memory freed by an earlier engine is reused); step time
+  split into forward+backward and optimizer step (median; on GPU after
+  ``torch.cuda.synchronize``; noisy on a shared CPU: bytes, state and FLOPs are the deterministic
+  primary measures), and for MuonClip engines the profiler's per-phase times (CUDA events on GPU).
 
 Device and precision (``--backend nccl``: rank r on ``cuda:r``; ``--precision bf16``; weak scaling
 with ``--micro-batch``/``--seq``): see :data:`DEFAULT_OPTIONS`. ``benchmarks/multi_gpu.py`` drives
@@ -75,99 +82,7 @@ def model_config(size: str) -> dict[str, Any]:
             "tie_word_embeddings": False, "attention_bias": False, **SIZES[size]}
 
 
-# ----------------------------------------------------------------------------------------- taps
-class WireTap:
-    """Counts bytes of ``torch.distributed`` Python collectives (ring model) while installed.
-
-    DeepSpeed caches some functions at backend construction, so one tap is installed per process
-    before anything else (:data:`TAP`) and only counts while ``active``.
-    """
-
-    _NAMES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-              "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
-              "reduce_scatter_single", "all_to_all_single", "all_reduce_coalesced")
-
-    def __init__(self) -> None:
-        self.counts: dict[str, dict[str, float]] = {}
-        self.active = False
-        self._depth = 0
-        self._saved: list[tuple[Any, str, Any]] = []
-
-    def _record(self, kind: str, nbytes: float) -> None:
-        if not self.active:
-            return
-        c = self.counts.setdefault(kind, {"calls": 0, "bytes": 0.0})
-        c["calls"] += 1
-        c["bytes"] += nbytes
-
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        import torch
-        import torch.distributed as dist
-
-        def nb(t: Any) -> int:
-            if isinstance(t, (list, tuple)):
-                return sum(nb(x) for x in t)
-            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-        def tapped(*args: Any, **kw: Any) -> Any:
-            if self._depth:      # a collective implemented by another tapped one (torch's
-                return fn(*args, **kw)   # _all_gather_base calls all_gather_into_tensor): count once
-            self._depth += 1
-            try:
-                count(*args, **kw)
-                return fn(*args, **kw)
-            finally:
-                self._depth -= 1
-
-        def count(*args: Any, **kw: Any) -> None:
-            group = kw.get("group")
-            w = dist.get_world_size(group)
-            f = (w - 1) / w
-            if name in ("all_reduce", "all_reduce_coalesced"):
-                self._record("all_reduce", 2 * f * nb(kw.get("tensor", kw.get("tensors", args[0] if args else None))))
-            elif name in ("reduce", "broadcast"):
-                self._record(name, f * nb(kw.get("tensor", args[0] if args else None)))
-            elif name in ("all_gather_into_tensor", "_all_gather_base", "all_gather_single"):
-                self._record("all_gather", f * nb(kw.get("output_tensor", args[0] if args else None)))
-            elif name == "all_gather":
-                self._record("all_gather", f * nb(kw.get("tensor_list", args[0] if args else None)))
-            elif name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single"):
-                self._record("reduce_scatter", f * nb(kw.get("input", args[1] if len(args) > 1 else None)))
-            elif name == "reduce_scatter":
-                self._record("reduce_scatter", f * nb(kw.get("input_list", args[1] if len(args) > 1 else None)))
-            elif name == "all_to_all_single":
-                inp = kw.get("input", args[1] if len(args) > 1 else None)
-                splits = kw.get("input_split_sizes", args[3] if len(args) > 3 else None)
-                rank = dist.get_rank(group)
-                es = inp.element_size()
-                if splits:
-                    self._record("all_to_all", sum(s for r, s in enumerate(splits) if r != rank) * es)
-                else:
-                    self._record("all_to_all", f * nb(inp))
-
-        return tapped
-
-    def install(self) -> "WireTap":
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-
-        for mod in (dist, c10d):
-            for name in self._NAMES:
-                fn = getattr(mod, name, None)
-                if fn is not None:
-                    self._saved.append((mod, name, fn))
-                    setattr(mod, name, self._wrap(name, fn))
-        return self
-
-    def remove(self) -> None:
-        for mod, name, fn in reversed(self._saved):
-            setattr(mod, name, fn)
-        self._saved.clear()
-
-
-TAP = WireTap()
-
-
+# ----------------------------------------------------------------------------------------- counters
 class NSCounter:
     """Wraps an orthogonalization entry point and sums NS FLOPs of the matrices it is given."""
 
@@ -244,6 +159,8 @@ class _Run:
         self.opt_s: list[float] = []
         self.step_s: list[float] = []
         self.peak_bytes = 0
+        self.start_bytes = 0
+        self.peak_kind = "cuda_allocated" if self.cuda else "rss_per_window"
 
     @property
     def micro_batch(self) -> int:
@@ -267,13 +184,39 @@ class _Run:
     def ddp_kwargs(self) -> dict[str, Any]:
         return {"device_ids": [self.device.index]} if self.cuda else {}
 
+    def start_memory(self) -> None:
+        """Start this engine's memory measurement: reset the peak, note what is in use now."""
+        import torch
+
+        from dist_muonclip.profiler import reset_rss_peak, rss_status
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes, self.peak_kind = int(torch.cuda.memory_allocated(self.device)), "cuda_allocated"
+        else:
+            per_window = reset_rss_peak()
+            st = rss_status()
+            self.start_bytes = st[0] if st else 0
+            self.peak_kind = "rss_per_window" if per_window else "rss_lifetime"
+
+    def window_peak(self) -> int:
+        """The peak since :meth:`start_memory` (on GPU the profiler's windows are read in :meth:`now`)."""
+        import torch
+
+        from dist_muonclip.profiler import _rss_hwm_bytes, rss_status
+
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        st = rss_status()
+        return st[1] if st and self.peak_kind == "rss_per_window" else _rss_hwm_bytes()
+
     def now(self) -> float:
         import torch
 
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            # read the peak at every timestamp: the profiler resets CUDA's peak counter when a
-            # MuonClip step starts, which would otherwise hide forward/backward's activations
+            # the profiler resets CUDA's peak counter at each window; its records hold each
+            # window's peak (see _measure), this reading covers what runs after the last one
             self.peak_bytes = max(self.peak_bytes, int(torch.cuda.max_memory_allocated(self.device)))
         return time.perf_counter()
 
@@ -307,51 +250,76 @@ def _phase_medians(records: list[dict[str, Any]]) -> dict[str, float]:
     return {k: statistics.median(r.get("phases_s", {}).get(k, 0.0) for r in recs) for k in names}
 
 
-def _profiled(prof: Any) -> dict[str, Any]:
-    last = prof.records[-1]
-    return {"phases_s": last["phases_s"], "phases_s_median": _phase_medians(prof.records), "memory": last["memory"]}
-
-
-def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
-    from torch import nn
-
-    import dist_muonclip.optimizer as opt_mod
-    from dist_muonclip import MuonClip
-    from dist_muonclip.comm import ddp_accounting_hook
+def _measure(run: _Run, model: Any, opt: Any, steps: int, fwd_bwd: Callable[[Any], None],
+             opt_step: Callable[[], None], ns: NSCounter, ns_patch: tuple[Any, str] | None,
+             engine_step: bool = False) -> dict[str, Any]:
+    """Run ``steps`` training steps under the library profiler (wire-level bytes of every
+    collective, memory windows, MuonClip's phases) with ``ns`` counting NS FLOPs; returns the
+    last step's numbers. ``opt``: the torch optimizer whose ``step()`` the engine calls (for
+    DeepSpeed, the inner one); ``engine_step``: ``opt_step`` is an engine step that may call
+    ``opt.step()`` several times and communicate after it (the profiler steps manually)."""
     from dist_muonclip.profiler import StepProfiler
 
-    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0},
-                   grad_reduction="external" if mode == "ddp" else "optimizer")
-    prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
-    fwd = model
-    if mode == "ddp" and run.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
-        fwd.register_comm_hook(prof.accountant, ddp_accounting_hook)
-    ns.patch(opt_mod, "orthogonalize")
+    init_peak = run.window_peak()                 # model build and engine set-up, before the first window
+    prof = StepProfiler(None, model=model, print_summary=False, device=run.device,
+                        manual_step=engine_step).attach(opt)
+    if engine_step:
+        inner_step = opt_step
+
+        def opt_step() -> None:
+            inner_step()
+            prof.step()
+
+    if ns_patch is not None:
+        ns.patch(*ns_patch)
     flops = []
     try:
         for t in range(steps):
             ids = run.batch(t)
             before = ns.flops
-
-            def fwd_bwd() -> None:
-                with run.autocast():
-                    loss = fwd(input_ids=ids, labels=ids).loss
-                loss.backward()
-
-            def opt_step() -> None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            run.timed(fwd_bwd, opt_step)
+            run.timed(lambda: fwd_bwd(ids), opt_step)
             flops.append(ns.flops - before)
     finally:
         ns.remove()
         prof.close()
     last = prof.records[-1]
-    return {"comm": last["comm"], "bytes": last["comm_bytes"], "ns_flops": flops[-1], "ns_flops_plan": last["ns_flops"],
-            "ns_matrices": ns.matrices // steps, "state_bytes": _state_bytes(opt.state), **run.times(),
-            **_profiled(prof)}
+    # the profiler's windows (forward+backward, step; each peak read before its counter is reset)
+    # cover the run after set-up
+    run.peak_bytes = max([run.peak_bytes, init_peak] + [r["memory"]["peak"] for r in prof.records])
+    out = {"comm": last["comm"], "bytes": last["comm_bytes"], "comm_counted": last["comm_counted"],
+           "ns_flops": flops[-1], "ns_matrices": ns.matrices // steps,
+           "state_bytes": _state_bytes(opt.state), "memory": last["memory"], **run.times()}
+    if prof.records[-1].get("phases_s"):
+        out.update(phases_s=last["phases_s"], phases_s_median=_phase_medians(prof.records))
+    if hasattr(opt, "_plan"):
+        out["ns_flops_plan"] = last["ns_flops"]
+    return out
+
+
+def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip on replicated parameters: under DDP (DDP all-reduces; its C++ reducer's
+    collectives are counted at the dispatcher like any other) or with optimizer-owned reduction."""
+    from torch import nn
+
+    import dist_muonclip.optimizer as opt_mod
+    from dist_muonclip import MuonClip
+
+    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0},
+                   grad_reduction="external" if mode == "ddp" else "optimizer")
+    fwd = model
+    if mode == "ddp" and run.world > 1:
+        fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
+
+    def fwd_bwd(ids: Any) -> None:
+        with run.autocast():
+            loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    def opt_step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _measure(run, model, opt, steps, fwd_bwd, opt_step, ns, (opt_mod, "orthogonalize"))
 
 
 def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -367,32 +335,9 @@ def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | No
     return cfg
 
 
-def _train_tapped(fwd_bwd: Callable[[Any], None], opt_step: Callable[[], None], run: _Run, steps: int,
-                  ns: NSCounter, ns_patch: tuple[Any, str] | None) -> dict[str, Any]:
-    """Run ``steps`` steps counting every torch.distributed collective (tap) and NS FLOPs."""
-    TAP.counts.clear()
-    TAP.active = True
-    if ns_patch is not None:
-        ns.patch(*ns_patch)
-    flops, snaps = [], []
-    try:
-        for t in range(steps):
-            ids = run.batch(t)
-            before = ns.flops
-            TAP.counts.clear()
-            run.timed(lambda: fwd_bwd(ids), opt_step)
-            flops.append(ns.flops - before)
-            snaps.append({k: dict(v) for k, v in TAP.counts.items()})
-    finally:
-        TAP.active = False
-        ns.remove()
-    comm = snaps[-1]
-    return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": flops[-1],
-            "ns_matrices": ns.matrices // steps, **run.times()}
-
-
 def _run_deepspeed(model: Any, run: _Run, steps: int, opt_type: str, stage: int, ns: NSCounter) -> dict[str, Any]:
-    """DeepSpeed's own optimizers (torch AdamW, built-in Muon) at ZeRO ``stage``."""
+    """DeepSpeed's own optimizers (torch AdamW, built-in Muon) at ZeRO ``stage``; the profiler
+    sits on the torch optimizer DeepSpeed steps inside its ZeRO wrapper."""
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None   # no 30 s shm op compile
@@ -403,54 +348,38 @@ def _run_deepspeed(model: Any, run: _Run, steps: int, opt_type: str, stage: int,
     muon = {i.name for i in split_parameters(model) if i.use_muon}
     for n, p in model.named_parameters():
         p.use_muon = n in muon       # DeepSpeed's Muon needs every parameter tagged; same split as ours
-    TAP.counts.clear()
-    TAP.active = True
-    try:
-        eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                            config=_ds_config(run, opt_type, stage))
-    finally:
-        TAP.active = False
+    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                        config=_ds_config(run, opt_type, stage))
 
     def fwd_bwd(ids: Any) -> None:
         eng.backward(eng(input_ids=ids, labels=ids).loss)
 
-    out = _train_tapped(fwd_bwd, eng.step, run, steps, ns, (om, "muon_update") if opt_type == "Muon" else None)
     inner = eng.optimizer.optimizer if hasattr(eng.optimizer, "optimizer") else eng.optimizer
-    out["state_bytes"] = _state_bytes(inner.state)
+    out = _measure(run, model, inner, steps, fwd_bwd, eng.step, ns,
+                   (om, "muon_update") if opt_type == "Muon" else None, engine_step=True)
     out["zero_optimizer"] = type(eng.optimizer).__name__
     return out
 
 
-def _run_adamw_ddp(model: Any, run: _Run, steps: int) -> dict[str, Any]:
+def _run_adamw_ddp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from dist_muonclip.comm import CommAccountant, ddp_accounting_hook
-
-    acc = CommAccountant()
     opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1)
     fwd = model
     if run.world > 1:
         fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
-        fwd.register_comm_hook(acc, ddp_accounting_hook)
-    for t in range(steps):
-        ids = run.batch(t)
 
-        def fwd_bwd() -> None:
-            with acc.step():
-                with run.autocast():
-                    loss = fwd(input_ids=ids, labels=ids).loss
-                loss.backward()
+    def fwd_bwd(ids: Any) -> None:
+        with run.autocast():
+            loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
 
-        def opt_step() -> None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def opt_step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-        run.timed(fwd_bwd, opt_step)
-    comm = acc.steps[-1] if acc.steps else {}
-    comm = {k: {"calls": v["calls"], "bytes": v["bytes"]} for k, v in comm.items()}
-    return {"comm": comm, "bytes": sum(c["bytes"] for c in comm.values()), "ns_flops": 0, "ns_matrices": 0,
-            "state_bytes": _state_bytes(opt.state), **run.times()}
+    return _measure(run, model, opt, steps, fwd_bwd, opt_step, ns, None)
 
 
 def _missing(module: str) -> str | None:
@@ -463,33 +392,20 @@ def _missing(module: str) -> str | None:
 
 def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
     """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2; bf16 with fp32 masters when the run
-    is bf16); bytes from the wire tap (DeepSpeed's collectives and MuonClip's alike); phases from
-    the profiler on the inner MuonClip."""
+    is bf16); phases from the profiler on the inner MuonClip."""
     import dist_muonclip.optimizer as opt_mod
     from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
-    from dist_muonclip.profiler import StepProfiler
 
     disable_shm_comm()
-    TAP.active = True        # DeepSpeed's first collectives happen in initialize; counted, then cleared
-    try:
-        cfg = _ds_config(run, "MuonClip", stage, {"lr": 0.01, "adamw_lr": 0.003, "ns_backend": run.ns_backend,
-                                                  "qk_clip": {"tau": 100.0}})
-        eng, *_ = initialize(model=model, config=cfg)
-    finally:
-        TAP.active = False
-    opt = muonclip_optimizer(eng)
-    prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
+    cfg = _ds_config(run, "MuonClip", stage, {"lr": 0.01, "adamw_lr": 0.003, "ns_backend": run.ns_backend,
+                                              "qk_clip": {"tau": 100.0}})
+    eng, *_ = initialize(model=model, config=cfg)
 
     def fwd_bwd(ids: Any) -> None:
         eng.backward(eng(input_ids=ids, labels=ids).loss)
 
-    try:
-        out = _train_tapped(fwd_bwd, eng.step, run, steps, ns, (opt_mod, "orthogonalize"))
-    finally:
-        prof.close()
-    out["state_bytes"] = _state_bytes(opt.state)
-    out.update(_profiled(prof))
-    return out
+    return _measure(run, model, muonclip_optimizer(eng), steps, fwd_bwd, eng.step, ns, (opt_mod, "orthogonalize"),
+                    engine_step=True)
 
 
 def _fsdp_policy(run: _Run) -> Any:
@@ -499,42 +415,18 @@ def _fsdp_policy(run: _Run) -> Any:
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if run.bf16 else None
 
 
-def _run_muonclip_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip on FSDP2 (dist_muonclip.fsdp); bytes from the wire tap. FSDP2 issues its
-    all-gathers / reduce-scatters through torch.distributed's Python functions."""
-    import dist_muonclip.optimizer as opt_mod
-    from dist_muonclip import fsdp
-    from dist_muonclip.profiler import StepProfiler
-
-    model = fsdp.fully_shard_model(model, None, _fsdp_policy(run))
-    opt = fsdp.make_muonclip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
-    prof = StepProfiler(None, model=model, print_summary=False).attach(opt)
-
-    def fwd_bwd(ids: Any) -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-
-    def opt_step() -> None:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    try:
-        out = _train_tapped(fwd_bwd, opt_step, run, steps, ns, (opt_mod, "orthogonalize"))
-    finally:
-        prof.close()
-    out["state_bytes"] = _state_bytes(opt.state)
-    out.update(_profiled(prof))
-    return out
-
-
-def _run_adamw_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
-    """torch AdamW on the same FSDP2 sharding (the baseline MuonClip-on-FSDP2 is compared with)."""
+def _run_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter, muonclip: bool) -> dict[str, Any]:
+    """MuonClip (dist_muonclip.fsdp) or torch AdamW on the same FSDP2 sharding."""
     import torch
 
     import dist_muonclip.optimizer as opt_mod
     from dist_muonclip import fsdp
 
     model = fsdp.fully_shard_model(model, None, _fsdp_policy(run))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1)
+    if muonclip:
+        opt = fsdp.make_muonclip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1)
 
     def fwd_bwd(ids: Any) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -543,9 +435,7 @@ def _run_adamw_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[s
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = _train_tapped(fwd_bwd, opt_step, run, steps, ns, (opt_mod, "orthogonalize"))
-    out["state_bytes"] = _state_bytes(opt.state)
-    return out
+    return _measure(run, model, opt, steps, fwd_bwd, opt_step, ns, (opt_mod, "orthogonalize") if muonclip else None)
 
 
 #: engine name -> (runner(model, run, steps, ns), reason-to-skip-or-None (evaluated lazily))
@@ -558,12 +448,34 @@ ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]
                           lambda: _missing("dist_muonclip.deepspeed")),
     "muonclip_ds_zero2": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 2, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
-    "muonclip_fsdp2": (_run_muonclip_fsdp2, lambda: _missing("dist_muonclip.fsdp")),
+    "muonclip_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, True), lambda: _missing("dist_muonclip.fsdp")),
     "ds_muon_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "Muon", 1, ns), lambda: _missing("deepspeed")),
-    "adamw_ddp": (lambda m, r, s, ns: _run_adamw_ddp(m, r, s), lambda: None),
+    "adamw_ddp": (_run_adamw_ddp, lambda: None),
     "adamw_ds_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
-    "adamw_fsdp2": (_run_adamw_fsdp2, lambda: _missing("dist_muonclip.fsdp")),
+    "adamw_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, False), lambda: _missing("dist_muonclip.fsdp")),
 }
+
+
+def _release_memory() -> None:
+    """Free what an earlier engine left (Python garbage, glibc's free heap) before the next one."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _warm_imports(engine: str) -> None:
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import dist_muonclip.optimizer  # noqa: F401
+    if "ds" in engine:
+        import deepspeed  # noqa: F401
+
+        import dist_muonclip.deepspeed  # noqa: F401
+    if "fsdp" in engine:
+        import dist_muonclip.fsdp  # noqa: F401
 
 
 def run_engine(rank: int, world: int, engine: str, size: str, steps: int,
@@ -572,17 +484,15 @@ def run_engine(rank: int, world: int, engine: str, size: str, steps: int,
 
     ``opts``: see :data:`DEFAULT_OPTIONS` (default: CPU, fp32, the global batch split over ranks).
     """
-    import gc
-
     import torch
 
     from dist_muonclip.models import build_model
-    from dist_muonclip.profiler import _rss_hwm_bytes, storage_bytes
+    from dist_muonclip.profiler import storage_bytes
 
     run = _Run(rank, world, opts)
-    if run.cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(run.device)
+    _warm_imports(engine)         # libraries loaded now do not count in this run's memory rise
+    _release_memory()
+    run.start_memory()
     with torch.device(run.device):       # initialize on the device (a 1B model initializes in ~1 s on a GPU)
         model = build_model(model_config(size), seed=0, attn_implementation=run.opts["attn"])
     ns = NSCounter()
@@ -593,16 +503,16 @@ def run_engine(rank: int, world: int, engine: str, size: str, steps: int,
     out["step_time_s"] = statistics.median(out["step_times_s"][1:] or out["step_times_s"])
     out["opt_time_s"] = statistics.median(out["opt_times_s"][1:] or out["opt_times_s"])
     out["fwd_bwd_time_s"] = statistics.median(out["fwd_bwd_times_s"][1:] or out["fwd_bwd_times_s"])
-    out["peak_rss_bytes"] = _rss_hwm_bytes()
     if run.cuda:
         run.now()
-        out["peak_bytes"], out["peak_kind"] = run.peak_bytes, "cuda_max_allocated"
-    else:
-        out["peak_bytes"], out["peak_kind"] = out["peak_rss_bytes"], "rss_high_water"
+    out["peak_bytes"], out["peak_kind"] = run.peak_bytes, run.peak_kind
+    out["peak_rss_rise_bytes" if not run.cuda else "peak_rise_bytes"] = max(0, run.peak_bytes - run.start_bytes)
+    if not run.cuda:
+        out["peak_rss_bytes"] = run.peak_bytes
     out["precision"], out["device"] = run.opts["precision"], str(run.device)
-    out["micro_batch"], out["seq"] = run.micro_batch, run.opts["seq"] or SEQ
+    out["micro_batch"], out["seq"], out["steps"] = run.micro_batch, run.opts["seq"] or SEQ, steps
     del model, runner
-    gc.collect()
+    _release_memory()
     if run.cuda:
         torch.cuda.empty_cache()
     torch.distributed.barrier()
@@ -636,7 +546,6 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], steps
         torch.cuda.set_device(rank)
         opts["device"] = "cuda"
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    TAP.install()          # before any DeepSpeed backend caches a collective
     kw = {}
     if opts.get("pg_timeout_s"):     # a hung collective aborts the rank (NCCL watchdog) instead of blocking
         import datetime
@@ -706,11 +615,13 @@ def _environment() -> dict[str, Any]:
 
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        commit = "unknown"
+    commit = os.environ.get("DMC_GIT_COMMIT")     # a run from a copy of the tree names its commit
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+        except Exception:  # noqa: BLE001
+            commit = "unknown"
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
            "git_commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
@@ -721,24 +632,30 @@ def _environment() -> dict[str, Any]:
     return env
 
 
-def plot(payload: dict[str, Any], prefix: str) -> list[str]:
+def plot(payload: dict[str, Any], prefix: str, size: str | None = None) -> list[str]:
+    """Three PNGs (bytes, state, NS FLOPs per rank vs W) for one model ``size`` (default: the
+    largest one measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in payload["rows"] if r.get("ok")]
-    size = max({r["size"] for r in rows}, key=lambda s: list(SIZES).index(s)) if rows else None
+    if size is None:
+        size = max({r["size"] for r in rows}, key=lambda s: list(SIZES).index(s)) if rows else None
     paths = []
     for key, label, fname in (("bytes", "bytes sent per rank per step", "bytes"),
                               ("state_bytes", "optimizer-state bytes per rank", "state"),
                               ("ns_flops", "NS FLOPs per rank per step", "ns_flops")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for engine in dict.fromkeys(r["engine"] for r in rows):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, engine in enumerate(dict.fromkeys(r["engine"] for r in rows)):
             pts = sorted({(r["world_size"], r[key]) for r in rows if r["engine"] == engine and r["size"] == size
                           and r["rank"] == r["busiest_rank"]})
             if pts and (key != "ns_flops" or any(v for _, v in pts)):
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=engine)
+                # engines often coincide (ZeRO-1 = ZeRO-2): shrinking markers of distinct shapes keep all visible
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>PX*"[i % 10],
+                                markersize=11 - 0.7 * (i % 10), markerfacecolor="none",
+                                linestyle="-" if engine.startswith("muonclip") else ":", label=engine)
                 if key == "ns_flops":   # the sum over ranks: flat = no redundant orthogonalization
                     tot: dict[int, float] = {}
                     for r in rows:
@@ -788,6 +705,33 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` runs added to an earlier results JSON (``--append``): rows of the same (engine,
+    size, W) replaced, every stage's arguments and environment kept."""
+    done = {(r["engine"], r["size"], r["world_size"]) for r in new["rows"]}
+    rows = [r for r in old["rows"] if (r["engine"], r["size"], r["world_size"]) not in done] + new["rows"]
+    stages = old.get("stages") or [{k: old.get(k) for k in ("args", "environment", "steps", "wall_s")}]
+    stages.append({k: new.get(k) for k in ("args", "environment", "steps", "wall_s")})
+    out = {**new, "rows": rows, "stages": stages, "models": {**old.get("models", {}), **new["models"]},
+           "skipped": {**old.get("skipped", {}), **new["skipped"]},
+           "excluded": [x for x in dict.fromkeys(old.get("excluded", []) + new["excluded"])   # unless measured since
+                        if not any(r.get("ok") and _excluded([x], r["engine"], r["size"], r["world_size"])
+                                   for r in rows)],
+           "wall_s": sum(st.get("wall_s") or 0 for st in stages)}
+    out["summary"] = summarize(rows)
+    return out
+
+
+def _excluded(patterns: list[str], engine: str, size: str, world: int) -> bool:
+    for pat in patterns:
+        parts = pat.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"--exclude {pat!r}: use ENGINE:SIZE:W ('*' for any)")
+        if all(p in ("*", v) for p, v in zip(parts, (engine, size, str(world)))):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI form: sizes tiny+small, W 1 2 4, 3 steps")
@@ -804,10 +748,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="file tag (default: quick or full)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNGs of a results JSON")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every (engine, size) in fresh processes, so each run's memory is its own "
+                   "(default: on, off with --quick to stay within CI time)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="ENGINE:SIZE:W",
+                   help="runs to leave out (too slow or too big for this machine), recorded in the JSON; "
+                   "'*' matches anything, e.g. muonclip_ds_zero0:xl:4 or '*:xl:4'")
+    p.add_argument("--append", action="store_true",
+                   help="add these runs to an existing scaling_<tag>.json (same engine/size/W replaced)")
+    p.add_argument("--plot-size", default=None, choices=list(SIZES), help="model size the plots show (default: largest)")
+    p.add_argument("--job-timeout", type=float, default=3600, help="seconds per isolated run before it is killed")
     args = p.parse_args(argv)
     if args.replot:
         payload = json.loads(Path(args.replot).read_text())
-        print(plot(payload, args.replot[: -len(".json")]))
+        print(plot(payload, args.replot[: -len(".json")], args.plot_size))
         return 0
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")     # NVLink multicast off (device machines' rule)
     sizes = args.sizes or (["tiny", "small"] if args.quick else ["tiny", "small", "medium", "large"])
@@ -828,11 +782,23 @@ def main(argv: list[str] | None = None) -> int:
             skipped[e] = reason
     # integration engines import but may still lack the benchmark hook: tried, errors recorded
     rows: list[dict[str, Any]] = []
+    isolate = (not args.quick) if args.isolate is None else args.isolate
     for w in worlds:
-        jobs = [(e, s) for s in sizes for e in engines]
+        jobs = [(e, s) for s in sizes for e in engines if not _excluded(args.exclude, e, s, w)]
         t0 = time.time()
         opts = {"precision": args.precision, "micro_batch": args.micro_batch, "seq": args.seq, "attn": args.attn}
-        recs = run_world(w, jobs, steps, backend=args.backend, opts=opts)
+        if isolate:        # fresh processes per (engine, size): each run's memory is its own
+            recs = []
+            for job in jobs:
+                tj = time.time()
+                got = run_world(w, [job], steps, backend=args.backend, opts=opts, timeout=args.job_timeout,
+                                tolerate_failure=True)
+                recs += got
+                print(f"  W={w} {job[1]} {job[0]}: {time.time() - tj:.0f} s"
+                      + ("" if all(r.get("ok") for r in got) else f" FAILED: {got[0].get('error', '')[:200]}"),
+                      flush=True)
+        else:
+            recs = run_world(w, jobs, steps, backend=args.backend, opts=opts)
         print(f"W={w}: {len(jobs)} runs in {time.time() - t0:.0f} s", flush=True)
         for r in recs:
             r["world_size"] = w
@@ -851,14 +817,22 @@ def main(argv: list[str] | None = None) -> int:
                "environment": _environment(), "args": vars(args), "steps": steps,
                "global_batch": GLOBAL_BATCH, "seq_len": SEQ,
                "models": {s: {"config": model_config(s)} for s in sizes},
-               "skipped": skipped,
+               "skipped": skipped, "excluded": args.exclude, "isolated_processes": isolate,
+               "bytes_counted": "wire",
                "noise": "step_time_s and peak_rss_bytes are measured on a shared CPU and are noisy; bytes, "
                         "ns_flops and state_bytes are deterministic",
+               "memory": "CPU: resident set (peak_rss_bytes: high-water mark of the engine's run, reset at its "
+                         "start through /proc/self/clear_refs; peak_rss_rise_bytes: that minus the RSS when the run "
+                         "began, before its model was built)" + ("; each run in fresh processes" if isolate else
+                         "; runs share one process group per W, so a rise is a lower bound (memory freed by an "
+                         "earlier run is reused)"),
                "rows": rows, "summary": summarize(rows), "wall_s": time.time() - t_start}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"scaling_{tag}.json")
+    if args.append and os.path.exists(path):      # a ladder measured in stages: one JSON
+        payload = _merge(json.loads(Path(path).read_text()), payload)
     prefix = os.path.join(args.out_dir, f"scaling_{tag}")
-    payload["plots"] = [os.path.basename(x) for x in plot(payload, prefix)]
+    payload["plots"] = [os.path.basename(x) for x in plot(payload, prefix, args.plot_size)]
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(json.dumps(payload["summary"], indent=1))

@@ -15,11 +15,17 @@ the same total (W-1) N, spread over the ranks differently): every element crosse
 per rank that needs it, so summed over ranks one reduce per owner costs what a reduce-scatter
 costs, and one broadcast per owner what an all-gather costs. ``payload`` counts the logical
 tensor bytes (input for reductions, output for gathers) for reference.
+
+:class:`Comm` labels the collectives it issues with their tag (:func:`comm_tag`), so a wire-level
+counter (:class:`dist_muonclip.profiler.WireCounter`, which sees every collective of the process:
+DDP's, FSDP2's, DeepSpeed's and ours) reports them under the same ``kind[tag]`` names as the
+accountant; collectives issued outside any tag are the engine's.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -28,13 +34,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommAccountant", "Comm", "WorkList", "ddp_accounting_hook"]
+__all__ = ["CommAccountant", "Comm", "WorkList", "ddp_accounting_hook", "comm_tag", "current_comm_tag"]
 
 
 # torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
 # the old names; older releases only have the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+_TAG = threading.local()
+
+
+@contextlib.contextmanager
+def comm_tag(tag: str | None) -> Iterator[None]:
+    """Label the collectives issued inside the block (on this thread): a wire-level counter
+    records them as ``kind[tag]`` (e.g. ``all_reduce[loss]``). The innermost tag wins."""
+    prev = getattr(_TAG, "tag", None)
+    _TAG.tag = tag or prev
+    try:
+        yield
+    finally:
+        _TAG.tag = prev
+
+
+def current_comm_tag() -> str | None:
+    """The tag set by the innermost :func:`comm_tag` block on this thread, or ``None``."""
+    return getattr(_TAG, "tag", None)
 
 
 @dataclass
@@ -152,24 +178,28 @@ class Comm:
     def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
         n = t.numel() * t.element_size()
         self._count("all_reduce", tag, 2 * (self.world_size - 1) / self.world_size * n, n)
-        return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
 
     def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = out.numel() * out.element_size()
         self._count("all_gather", tag, (self.world_size - 1) / self.world_size * n, n)
-        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return _all_gather_single(out, inp, group=self.group, async_op=async_op)
 
     def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = inp.numel() * inp.element_size()
         self._count("reduce_scatter", tag, (self.world_size - 1) / self.world_size * n, n)
-        return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
 
     def all_to_all_single(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
                           async_op: bool = False, tag: str = ""):
         es = inp.element_size()
         sent = sum(s for r, s in enumerate(in_splits) if r != self.rank) * es
         self._count("all_to_all", tag, sent, out.numel() * es)
-        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
     def _global_rank(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
@@ -178,13 +208,15 @@ class Comm:
         """Sum ``t`` into group rank ``dst``'s ``t`` (other ranks' ``t`` is left unspecified)."""
         n = t.numel() * t.element_size()
         self._count("reduce", tag, 0 if self.rank == dst else n, n)
-        return dist.reduce(t, dst=self._global_rank(dst), op=op, group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return dist.reduce(t, dst=self._global_rank(dst), op=op, group=self.group, async_op=async_op)
 
     def broadcast(self, t: Tensor, src: int, async_op: bool = False, tag: str = ""):
         """Copy group rank ``src``'s ``t`` into every rank's ``t``."""
         n = t.numel() * t.element_size()
         self._count("broadcast", tag, (self.world_size - 1) * n if self.rank == src else 0, n)
-        return dist.broadcast(t, src=self._global_rank(src), group=self.group, async_op=async_op)
+        with comm_tag(tag):
+            return dist.broadcast(t, src=self._global_rank(src), group=self.group, async_op=async_op)
 
     def all_gather_uneven(self, local: Tensor, counts: list[int], async_op: bool = False, tag: str = ""):
         """Gather ``local`` (``counts[rank]`` rows) from every rank into ``[sum(counts), ...]``.

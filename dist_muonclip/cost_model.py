@@ -29,15 +29,28 @@ Engines (``engine=``):
 ``muonclip_fsdp2``      FSDP2 row shards: block params all-gathered in forward and backward (the
                         root's once), grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
-``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (measured behaviour of
-                        DeepSpeed 0.19.8: gradients all-reduced, flat partitions updated,
-                        partitions all-gathered; each matrix orthogonalized once in total).
+``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (DeepSpeed 0.19.8, read
+                        from its code and measured: gradients all-reduced, partitions all-gathered;
+                        the Muon group sorted by size, and every matrix a rank's partition overlaps
+                        orthogonalized whole on that rank, its whole momentum kept there).
 ``adamw_ddp``           torch AdamW under DDP (replicated state).
 ``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (all-reduce grads, all-gather params: measured).
+``adamw_fsdp2``         torch AdamW on FSDP2 row shards (the FSDP2 traffic of ``muonclip_fsdp2``).
 =====================  =====================================================================
 
+Collective names are those a wire-level count reports (:class:`dist_muonclip.profiler.WireCounter`):
+MuonClip's own collectives carry their tag (``all_to_all[muon_gather]``), the engine's (DDP,
+FSDP2, DeepSpeed) are bare kinds (``all_reduce``, ``all_gather``, ``reduce_scatter``,
+``broadcast``: DDP broadcasts the module's buffers from rank 0 at every forward, ``buffer_bytes``).
+
 Step time: ``NS FLOPs of the busiest rank / NS rate + bytes / link bandwidth`` (no overlap
-assumed: an upper bound), plus the elementwise optimizer update at HBM bandwidth.
+assumed), plus the elementwise optimizer update at HBM bandwidth. An estimate, not a bound: it
+leaves out kernel launches, Python and the engines' own step costs. Measured on one H100
+(benchmarks/results/multi_gpu_h100x1.json, 1.2B model, W=1, bf16): NS took 1.24x the predicted
+time (the NS rate comes from one Llama-3-8B block's large matrices), the whole optimizer step
+1.75x (DDP), 1.91x (optimizer-owned reduction), 2.24x (FSDP2), 2.84x / 3.24x (DeepSpeed ZeRO-1 /
+2); AdamW's step 3.97x (DDP) and 9.2x (DeepSpeed ZeRO-1). Communication time is not validated
+(no multi-GPU run yet).
 """
 from __future__ import annotations
 
@@ -52,7 +65,7 @@ __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_
            "predict", "scaling_table", "format_table"]
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_zero0_bf16", "muonclip_fsdp2",
-           "ds_muon_zero1", "adamw_ddp", "adamw_zero1")
+           "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2")
 
 
 _BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
@@ -283,7 +296,7 @@ def _preflight_bytes(specs: Sequence[ParamSpec], world: int, num_logits: int) ->
 
 def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: int | None = None,
             param_bytes: int = 4, grad_bytes: int = 4, ns_bytes: int = 2, ns_steps: int = 5,
-            state_elem_bytes: int = 4, master_bytes: int = 0,
+            state_elem_bytes: int = 4, master_bytes: int = 0, buffer_bytes: int = 0,
             num_logits: int = 0, hardware: Hardware | str | None = None) -> dict[str, Any]:
     """Per-rank cost of one step of ``engine`` at ``world_size`` (see module doc).
 
@@ -297,7 +310,9 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     ``state_elem_bytes`` of momentum / Adam moments, ``master_bytes`` of an fp32 master copy that
     sharded mixed-precision engines keep of their local elements (0: fp32 training, as measured
     on CPU). Defaults describe fp32 training; :data:`MIXED_BF16` is bf16 training with fp32
-    masters and state.
+    masters and state. ``buffer_bytes``: bytes of the module's buffers (e.g. RoPE ``inv_freq``),
+    which DDP broadcasts at every forward (``broadcast_buffers=True``, its default): the DDP
+    engines only.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is unknown; use one of {ENGINES}")
@@ -313,6 +328,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     per_rank: list[dict[str, float]] = [dict() for _ in range(W)]
     state = [0.0] * W
     flops = [0] * W
+    runs = [0] * W          # matrices orthogonalized per rank per step
 
     if engine.startswith("muonclip"):
         if engine == "muonclip_fsdp2":
@@ -325,6 +341,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             o = plan.owners[item.name]
             owned[o] += item.numel
             flops[o] += item.flops
+            runs[o] += item.num_matrices
         chunk_a, held_a = _chunk_of([(s.name, s.numel) for s in adamw], W)
         for r in range(W):
             b = per_rank[r]
@@ -338,6 +355,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                         b["all_gather[adamw_gather]"] = (W - 1) * chunk_a * param_bytes
                 if engine == "muonclip_ddp" and W > 1:
                     b["all_reduce"] = 2 * f * P * grad_bytes
+                    if buffer_bytes:   # DDP's buffer broadcast from rank 0 (star model)
+                        b["broadcast"] = (W - 1) * buffer_bytes if r == 0 else 0
                 elif W > 1:   # one reduce per owner / slice holder: every other rank sends its copy
                     b["reduce[grad_reduce]"] = (P_muon - owned[r] + (P - P_muon) - held_a[r]) * grad_bytes
             elif engine == "muonclip_fsdp2":   # row shards: matrices cut into W row blocks (1/W each)
@@ -347,11 +366,11 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     # stacked experts are chunked along the shards and owned where they lie: nothing moves
                     b["all_to_all[muon_gather]"] = f_gather[r]
                     b["all_to_all[muon_scatter]"] = f_scatter[r]
-                    b["reduce_scatter[engine]"] = f * P * grad_bytes
+                    b["reduce_scatter"] = f * P * grad_bytes
                     # blocks are gathered in forward and again in backward; the root module
                     # (embeddings, final norm, head) stays unsharded between the two (FSDP2 does
                     # not reshard the root after forward), so it is gathered once (measured)
-                    b["all_gather[engine]"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
+                    b["all_gather"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
         if engine in ("muonclip_zero1", "muonclip_zero0_bf16"):
             # DeepSpeed ZeRO-1/2 flat partitions, one per param group (dist_muonclip.deepspeed hands
             # DeepSpeed two: the Muon matrices and the AdamW parameters): the engine all-reduces
@@ -375,15 +394,16 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     if W > 1:
                         b = per_rank[r]
                         if engine == "muonclip_zero1":   # DeepSpeed gathers the updated bit16 partitions
-                            b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
+                            b["all_gather"] = b.get("all_gather", 0.0) + (W - 1) * chunk * param_bytes
                         else:                            # MasterSliceLayout: one all-gather of fp32 slices
                             b["all_gather[master_gather]"] = (b.get("all_gather[master_gather]", 0.0)
                                                               + (W - 1) * chunk * 4)
             # owners: the holder of most of each matrix or expert chunk (see above)
             zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: muon_ranges[s_.name], pin_all=True)
-            flops = [0] * W
+            flops, runs = [0] * W, [0] * W
             for item in zplan.items:
                 flops[zplan.owners[item.name]] += item.flops
+                runs[zplan.owners[item.name]] += item.num_matrices
             z_gather, z_scatter = _piece_bytes(zplan, where, W, state_elem_bytes, ns_bytes)
             for r in range(W):
                 state[r] = (held["muon"][r] + 2 * held["adamw"][r]) * state_elem_bytes
@@ -392,7 +412,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 if W == 1:
                     continue
                 b = per_rank[r]
-                b["all_reduce[engine]"] = 2 * f * P * grad_bytes
+                b["all_reduce"] = 2 * f * P * grad_bytes
                 b["all_to_all[muon_gather]"] = z_gather[r]
                 b["all_to_all[muon_scatter]"] = z_scatter[r]
     elif engine == "adamw_ddp":
@@ -400,16 +420,31 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             state[r] = 2 * P * state_elem_bytes
             if W > 1:
                 per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
+                if buffer_bytes:   # DDP's buffer broadcast from rank 0 (star model)
+                    per_rank[r]["broadcast"] = (W - 1) * buffer_bytes if r == 0 else 0
+    elif engine == "adamw_fsdp2":
+        # the FSDP2 traffic of muonclip_fsdp2; Adam moments of this rank's rows (exact uneven shards)
+        for r in range(W):
+            held = sum(b_ - a_ for s_ in specs for a_, b_ in _shard0_ranges(s_, W)[r])
+            state[r] = 2 * held * state_elem_bytes + held * master_bytes
+            if W > 1:
+                per_rank[r]["reduce_scatter"] = f * P * grad_bytes
+                per_rank[r]["all_gather"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
     elif engine in ("adamw_zero1", "ds_muon_zero1"):
         # Measured on DeepSpeed 0.19.8 (benchmarks/results/scaling_*.json): at ZeRO stage 1 the
         # engine all-reduces the full gradient buffer, each rank updates its flat partition of
         # every param group (Muon: two groups, the Muon half and the Adam half) and the updated
-        # partitions are all-gathered. Its Muon orthogonalizes every matrix once in total: counted
-        # here on the partition holding the matrix's first element (per-rank split approximate).
-        groups = [specs] if engine == "adamw_zero1" else [muon, adamw]
+        # partitions are all-gathered. Its Muon orthogonalizes every matrix its partition overlaps
+        # (stage_1_and_2.get_flat_partition runs muon_update on each tensor of the partition's
+        # list): a matrix cut by a partition boundary is orthogonalized on every rank holding a
+        # piece (measured: 16 runs for 14 matrices, ds_muon_compare_cpu.json, W=4).
+        # DeepSpeed's Muon (MuonWithAuxAdam) sorts its Muon group by size, largest first (stable),
+        # before ZeRO flattens and partitions it
+        groups = [specs] if engine == "adamw_zero1" else [sorted(muon, key=lambda s_: tuple(s_.shape), reverse=True),
+                                                           adamw]
         for r in range(W):
             if W > 1:
-                per_rank[r]["all_reduce[engine]"] = 2 * f * P * grad_bytes
+                per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
         for gi, group in enumerate(groups):
             if not group:
                 continue
@@ -419,12 +454,17 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 held = sum(seg.stop - seg.start for seg in segs[r])
                 if W > 1:
                     b = per_rank[r]
-                    b["all_gather[engine]"] = b.get("all_gather[engine]", 0.0) + (W - 1) * chunk * param_bytes
+                    b["all_gather"] = b.get("all_gather", 0.0) + (W - 1) * chunk * param_bytes
                 if is_muon:
-                    state[r] += held * (state_elem_bytes + master_bytes)   # momentum of the partition (flat)
+                    # one flat momentum buffer holding every matrix the partition overlaps in full
+                    # (stage_1_and_2._muon_momentum_buffer: each is orthogonalized whole), in the
+                    # gradient's dtype (bf16 under bf16 training: measured, multi_gpu_cpu_dryrun.json)
                     by_name = {s.name: s for s in group}
-                    flops[r] += sum(by_name[seg.name].num_matrices * ns_flops(*by_name[seg.name].mn, ns_steps)
-                                    for seg in segs[r] if seg.start == 0)
+                    overlapped = list(dict.fromkeys(seg.name for seg in segs[r]))
+                    state[r] += sum(by_name[n].numel for n in overlapped) * grad_bytes + held * master_bytes
+                    for name in overlapped:
+                        flops[r] += by_name[name].num_matrices * ns_flops(*by_name[name].mn, ns_steps)
+                        runs[r] += by_name[name].num_matrices
                 else:
                     state[r] += held * (2 * state_elem_bytes + master_bytes)   # exp_avg, exp_avg_sq
     out_rank = max(range(W), key=lambda r: (flops[r], -r)) if rank is None else rank
@@ -435,7 +475,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
         "bytes": per_rank[out_rank], "bytes_per_rank": [b["total"] for b in per_rank],
         "state_bytes": state[out_rank], "state_bytes_per_rank": state,
         "ns_flops": flops[out_rank], "ns_flops_per_rank": flops, "ns_flops_total": sum(flops),
-        "ns_flops_max": max(flops),
+        "ns_flops_max": max(flops), "ns_matrices_per_rank": runs,
         "ns_matrices_total": (sum(s.num_matrices for s in muon) if engine.startswith("muonclip") else None),
     }
     if hardware is not None:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dist_muonclip.comm import comm_tag
 from dist_muonclip.data import VOCAB_SIZE, batch_for_step, eval_batches, load_corpus, split_corpus
 from dist_muonclip.models import DEFAULT_PRESET, build_model, load_model_config, parse_override
 
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile", default=None, metavar="TRACE.json",
                    help="per-step, per-rank profile (phase times, bytes per collective, NS FLOPs, memory) "
                    "to this JSON (+ .csv; rank r>0 writes TRACE.rank<r>.json); summary printed on rank 0")
+    g.add_argument("--profile-wire", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --profile: count every collective on the wire (the engine's: DDP, FSDP2, DeepSpeed, "
+                   "and the optimizer's); --no-profile-wire: only the optimizer's accountant (+ DDP's all-reduce)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     g.add_argument("--resume", default=None, help="checkpoint file or directory (latest step_*.pt) to resume")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -529,10 +533,12 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     if args.profile:
         from dist_muonclip.profiler import StepProfiler
 
-        profiler = StepProfiler(args.profile, model=model).attach(   # AdamW too (no phases)
-            getattr(engine, "inner_optimizer", optimizer))
-        if ctx.world_size > 1 and hasattr(engine.model, "register_comm_hook"):  # DDP: count its all-reduces
-            from dist_muonclip.comm import ddp_accounting_hook
+        # one record per training step (profiler.step() below): DeepSpeed steps its inner
+        # optimizer once per parameter group and all-gathers partitions after it
+        profiler = StepProfiler(args.profile, model=model, wire=args.profile_wire, manual_step=True).attach(
+            getattr(engine, "inner_optimizer", optimizer))                # AdamW too (no phases)
+        if not args.profile_wire and ctx.world_size > 1 and hasattr(engine.model, "register_comm_hook"):
+            from dist_muonclip.comm import ddp_accounting_hook           # DDP: count its all-reduces
 
             engine.model.register_comm_hook(profiler.accountant, ddp_accounting_hook)
     base_lrs = _base_lrs(optimizer)
@@ -586,10 +592,14 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
             grad_norm = engine.backward_step(loss)
         else:
             loss.backward()
-            grad_norm = engine.clip_grad_norm_(0.0 if args.grad_reduction == "optimizer" else args.grad_clip)
+            with comm_tag("grad_norm"):       # profiled as all_reduce[grad_norm] (FSDP: one all-reduce)
+                grad_norm = engine.clip_grad_norm_(0.0 if args.grad_reduction == "optimizer" else args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_value = _global_mean(loss, ctx)  # also the per-step sync point for timing
+        with comm_tag("loss"):
+            loss_value = _global_mean(loss, ctx)  # also the per-step sync point for timing
+        if profiler is not None:
+            profiler.step()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
@@ -619,7 +629,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
-            eval_loss = evaluate(model, held_out, ctx, args.autocast)
+            with comm_tag("eval"):
+                eval_loss = evaluate(model, held_out, ctx, args.autocast)
             log["evals"].append({"step": done, "eval_loss": eval_loss})
             say(f"step {done:>6}/{args.steps} | eval loss {eval_loss:.4f}")
         if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
