@@ -270,6 +270,7 @@ def _collectives_of_known_size(rank, world):
     with WireCounter() as wc:
         dist.all_reduce(torch.ones(10))                                          # 40 B
         dist.broadcast(torch.ones(6, dtype=torch.float64), src=0)                # 48 B, root sends W-1 copies
+        dist.reduce(torch.ones(7), dst=world - 1)                                # 28 B from every non-root
         dist.all_gather([torch.empty(3) for _ in range(world)], torch.ones(3))   # out 12 W B
         dist.all_gather_into_tensor(torch.empty(5 * world), torch.ones(5))       # out 20 W B
         dist.reduce_scatter_tensor(torch.empty(4), torch.ones(4 * world))        # in 16 W B
@@ -281,11 +282,12 @@ def _collectives_of_known_size(rank, world):
         with comm_tag("mine"):
             funcol.all_reduce(torch.ones(8), "sum", dist.group.WORLD).wait()    # functional: 32 B, tagged
         dist.barrier()
-    expected = {"all_reduce": 2 * f * 40, "broadcast": (world - 1) * 48 if rank == 0 else 0.0, "all_gather": f * (12 * world + 20 * world),
+    expected = {"all_reduce": 2 * f * 40, "broadcast": (world - 1) * 48 if rank == 0 else 0.0,
+                "reduce": 0.0 if rank == world - 1 else 28.0, "all_gather": f * (12 * world + 20 * world),
                 "reduce_scatter": f * 16 * world,
                 "all_to_all": sum(s for p, s in enumerate(splits) if p != rank) * 2 * 2,
                 "all_reduce[mine]": 2 * f * 32, "barrier": 0.0}
-    calls = {"all_reduce": 1, "broadcast": 1, "all_gather": 2, "reduce_scatter": 1, "all_to_all": 1,
+    calls = {"all_reduce": 1, "broadcast": 1, "reduce": 1, "all_gather": 2, "reduce_scatter": 1, "all_to_all": 1,
              "all_reduce[mine]": 1, "barrier": 1}
     return wc.counts, expected, calls
 
