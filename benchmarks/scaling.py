@@ -296,19 +296,13 @@ def _measure(run: _Run, model: Any, opt: Any, steps: int, fwd_bwd: Callable[[Any
     return out
 
 
-def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip on replicated parameters: under DDP (DDP all-reduces; its C++ reducer's
-    collectives are counted at the dispatcher like any other) or with optimizer-owned reduction."""
+def _measure_replicated(run: _Run, model: Any, opt: Any, steps: int, ns: NSCounter,
+                        ns_patch: tuple[Any, str] | None, *, ddp: bool) -> dict[str, Any]:
+    """:func:`_measure` of a replicated model stepped by a plain torch optimizer, wrapped in DDP
+    when ``ddp`` and W > 1."""
     from torch import nn
 
-    import dist_muonclip.optimizer as opt_mod
-    from dist_muonclip import MuonClip
-
-    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0},
-                   grad_reduction="external" if mode == "ddp" else "optimizer")
-    fwd = model
-    if mode == "ddp" and run.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
+    fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs()) if ddp and run.world > 1 else model
 
     def fwd_bwd(ids: Any) -> None:
         with run.autocast():
@@ -319,7 +313,18 @@ def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _measure(run, model, opt, steps, fwd_bwd, opt_step, ns, (opt_mod, "orthogonalize"))
+    return _measure(run, model, opt, steps, fwd_bwd, opt_step, ns, ns_patch)
+
+
+def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip on replicated parameters: under DDP (DDP all-reduces; its C++ reducer's
+    collectives are counted at the dispatcher like any other) or with optimizer-owned reduction."""
+    import dist_muonclip.optimizer as opt_mod
+    from dist_muonclip import MuonClip
+
+    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0},
+                   grad_reduction="external" if mode == "ddp" else "optimizer")
+    return _measure_replicated(run, model, opt, steps, ns, (opt_mod, "orthogonalize"), ddp=mode == "ddp")
 
 
 def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -363,23 +368,9 @@ def _run_deepspeed(model: Any, run: _Run, steps: int, opt_type: str, stage: int,
 
 def _run_adamw_ddp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
     import torch
-    from torch import nn
 
     opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1)
-    fwd = model
-    if run.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(model, **run.ddp_kwargs())
-
-    def fwd_bwd(ids: Any) -> None:
-        with run.autocast():
-            loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
-
-    def opt_step() -> None:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return _measure(run, model, opt, steps, fwd_bwd, opt_step, ns, None)
+    return _measure_replicated(run, model, opt, steps, ns, None, ddp=True)
 
 
 def _missing(module: str) -> str | None:
