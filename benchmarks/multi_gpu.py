@@ -605,6 +605,18 @@ def _predict_kwargs(engine: str, precision: str) -> dict[str, int]:
     return {}                                    # autocast: fp32 params, grads and state
 
 
+def _buffer_bytes(cfg: dict[str, Any]) -> int:
+    """Bytes of the model's buffers (RoPE's inv_freq), which DDP broadcasts at every forward;
+    built on the meta device, so no memory is spent on the parameters."""
+    import torch
+
+    from dist_muonclip.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg, attn_implementation="eager")
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict[str, Any]]:
     """Cost-model predictions (bytes, NS FLOPs, time) next to the measured numbers."""
     from benchmarks.scaling import model_config
@@ -617,20 +629,22 @@ def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict
         hw = "h100_torch"
     out = []
     specs: dict[str, Any] = {}
+    buffers: dict[str, int] = {}
     for t in table:
         if not t["ok"] or t["engine"] not in COST_ENGINE:
             continue
         cfg = model_config(t["size"])
         specs.setdefault(t["size"], specs_from_config(cfg))
+        if t["size"] not in buffers:
+            buffers[t["size"]] = _buffer_bytes(cfg)
         engine = COST_ENGINE[t["engine"]]
         if t["engine"] == "muonclip_ds_zero0" and (t.get("precision") or "fp32") == "bf16":
             engine = "muonclip_zero0_bf16"      # fp32 master slices (MasterSliceLayout)
-        p = predict(specs[t["size"]], t["world_size"], engine, hardware=HARDWARE[hw],
-                    num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
-                    **_predict_kwargs(t["engine"], t.get("precision") or "fp32"))
-        per_rank = [predict(specs[t["size"]], t["world_size"], engine, rank=r,
-                            num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
-                            **_predict_kwargs(t["engine"], t.get("precision") or "fp32"))["bytes"]["total"]
+        kw = dict(num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
+                  buffer_bytes=buffers[t["size"]] if t["engine"].endswith("ddp") else 0,
+                  **_predict_kwargs(t["engine"], t.get("precision") or "fp32"))
+        p = predict(specs[t["size"]], t["world_size"], engine, hardware=HARDWARE[hw], **kw)
+        per_rank = [predict(specs[t["size"]], t["world_size"], engine, rank=r, **kw)["bytes"]["total"]
                     for r in range(t["world_size"])]
         rel = [abs(m - q) / q if q else (0.0 if m == 0 else math.inf) for m, q in zip(t["bytes_per_rank"], per_rank)]
         ent = {"size": t["size"], "engine": t["engine"], "world_size": t["world_size"], "hardware": hw,
