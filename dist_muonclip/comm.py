@@ -34,13 +34,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommAccountant", "Comm", "WorkList", "ddp_accounting_hook", "comm_tag", "current_comm_tag"]
+__all__ = ["CommAccountant", "Comm", "WorkList", "ddp_accounting_hook", "comm_tag", "current_comm_tag", "bytes_sent"]
 
 
 # torch >= 2.12 renamed the tensor collectives (*_into_tensor / *_tensor -> *_single) and warns on
 # the old names; older releases only have the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def bytes_sent(kind: str, nbytes: float, world_size: int, rank: int = 0, root: int = 0) -> float:
+    """Bytes one rank puts on the wire for one collective of ``nbytes`` payload, by the byte model
+    above (``kind``: all_reduce, reduce_scatter, all_gather, reduce, broadcast; ``root`` for the
+    last two). The accountant, the wire counter and the cost model all price calls with it."""
+    w = world_size
+    if kind == "all_reduce":
+        return 2 * (w - 1) / w * nbytes
+    if kind in ("reduce_scatter", "all_gather"):
+        return (w - 1) / w * nbytes
+    if kind == "reduce":
+        return 0.0 if rank == root else float(nbytes)
+    if kind == "broadcast":
+        return float((w - 1) * nbytes) if rank == root else 0.0
+    raise ValueError(f"bytes_sent: unknown collective kind {kind!r}")
 
 
 _TAG = threading.local()
@@ -177,19 +193,19 @@ class Comm:
 
     def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
         n = t.numel() * t.element_size()
-        self._count("all_reduce", tag, 2 * (self.world_size - 1) / self.world_size * n, n)
+        self._count("all_reduce", tag, bytes_sent("all_reduce", n, self.world_size), n)
         with comm_tag(tag):
             return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
 
     def all_gather_into_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = out.numel() * out.element_size()
-        self._count("all_gather", tag, (self.world_size - 1) / self.world_size * n, n)
+        self._count("all_gather", tag, bytes_sent("all_gather", n, self.world_size), n)
         with comm_tag(tag):
             return _all_gather_single(out, inp, group=self.group, async_op=async_op)
 
     def reduce_scatter_tensor(self, out: Tensor, inp: Tensor, async_op: bool = False, tag: str = ""):
         n = inp.numel() * inp.element_size()
-        self._count("reduce_scatter", tag, (self.world_size - 1) / self.world_size * n, n)
+        self._count("reduce_scatter", tag, bytes_sent("reduce_scatter", n, self.world_size), n)
         with comm_tag(tag):
             return _reduce_scatter_single(out, inp, group=self.group, async_op=async_op)
 
@@ -207,14 +223,14 @@ class Comm:
     def reduce(self, t: Tensor, dst: int, op=dist.ReduceOp.SUM, async_op: bool = False, tag: str = ""):
         """Sum ``t`` into group rank ``dst``'s ``t`` (other ranks' ``t`` is left unspecified)."""
         n = t.numel() * t.element_size()
-        self._count("reduce", tag, 0 if self.rank == dst else n, n)
+        self._count("reduce", tag, bytes_sent("reduce", n, self.world_size, self.rank, dst), n)
         with comm_tag(tag):
             return dist.reduce(t, dst=self._global_rank(dst), op=op, group=self.group, async_op=async_op)
 
     def broadcast(self, t: Tensor, src: int, async_op: bool = False, tag: str = ""):
         """Copy group rank ``src``'s ``t`` into every rank's ``t``."""
         n = t.numel() * t.element_size()
-        self._count("broadcast", tag, (self.world_size - 1) * n if self.rank == src else 0, n)
+        self._count("broadcast", tag, bytes_sent("broadcast", n, self.world_size, self.rank, src), n)
         with comm_tag(tag):
             return dist.broadcast(t, src=self._global_rank(src), group=self.group, async_op=async_op)
 

@@ -58,6 +58,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from .comm import bytes_sent
 from .newton_schulz import ns_flops
 from .plan import MatrixItem, build_plan, chunk_ranges, flat_partition, split_on_ranges, split_stacked
 
@@ -291,7 +292,7 @@ def _chunk_of(numels: Sequence[tuple[str, int]], world: int) -> tuple[int, list[
 def _preflight_bytes(specs: Sequence[ParamSpec], world: int, num_logits: int) -> float:
     """The packed all-reduce(MAX): error flag, has-grad + non-finite flags, max logits (fp32)."""
     n = 1 + 2 * len(specs) + num_logits
-    return 2 * (world - 1) / world * n * 4
+    return bytes_sent("all_reduce", n * 4, world)
 
 
 def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: int | None = None,
@@ -324,7 +325,6 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     P = sum(s.numel for s in specs)
     P_muon = sum(s.numel for s in muon)
     P_blocks = sum(s.numel for s in specs if _in_block(s.name))
-    f = (W - 1) / W
     per_rank: list[dict[str, float]] = [dict() for _ in range(W)]
     state = [0.0] * W
     flops = [0] * W
@@ -354,9 +354,9 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     if adamw:
                         b["all_gather[adamw_gather]"] = (W - 1) * chunk_a * param_bytes
                 if engine == "muonclip_ddp" and W > 1:
-                    b["all_reduce"] = 2 * f * P * grad_bytes
-                    if buffer_bytes:   # DDP's buffer broadcast from rank 0 (star model)
-                        b["broadcast"] = (W - 1) * buffer_bytes if r == 0 else 0
+                    b["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
+                    if buffer_bytes:   # DDP's buffer broadcast from rank 0
+                        b["broadcast"] = bytes_sent("broadcast", buffer_bytes, W, r, 0)
                 elif W > 1:   # one reduce per owner / slice holder: every other rank sends its copy
                     b["reduce[grad_reduce]"] = (P_muon - owned[r] + (P - P_muon) - held_a[r]) * grad_bytes
             elif engine == "muonclip_fsdp2":   # row shards: matrices cut into W row blocks (1/W each)
@@ -366,11 +366,11 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     # stacked experts are chunked along the shards and owned where they lie: nothing moves
                     b["all_to_all[muon_gather]"] = f_gather[r]
                     b["all_to_all[muon_scatter]"] = f_scatter[r]
-                    b["reduce_scatter"] = f * P * grad_bytes
+                    b["reduce_scatter"] = bytes_sent("reduce_scatter", P * grad_bytes, W)
                     # blocks are gathered in forward and again in backward; the root module
                     # (embeddings, final norm, head) stays unsharded between the two (FSDP2 does
                     # not reshard the root after forward), so it is gathered once (measured)
-                    b["all_gather"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
+                    b["all_gather"] = bytes_sent("all_gather", (2 * P_blocks + (P - P_blocks)) * param_bytes, W)
         if engine in ("muonclip_zero1", "muonclip_zero0_bf16"):
             # DeepSpeed ZeRO-1/2 flat partitions, one per param group (dist_muonclip.deepspeed hands
             # DeepSpeed two: the Muon matrices and the AdamW parameters): the engine all-reduces
@@ -412,24 +412,24 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 if W == 1:
                     continue
                 b = per_rank[r]
-                b["all_reduce"] = 2 * f * P * grad_bytes
+                b["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
                 b["all_to_all[muon_gather]"] = z_gather[r]
                 b["all_to_all[muon_scatter]"] = z_scatter[r]
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes
             if W > 1:
-                per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
-                if buffer_bytes:   # DDP's buffer broadcast from rank 0 (star model)
-                    per_rank[r]["broadcast"] = (W - 1) * buffer_bytes if r == 0 else 0
+                per_rank[r]["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
+                if buffer_bytes:   # DDP's buffer broadcast from rank 0
+                    per_rank[r]["broadcast"] = bytes_sent("broadcast", buffer_bytes, W, r, 0)
     elif engine == "adamw_fsdp2":
         # the FSDP2 traffic of muonclip_fsdp2; Adam moments of this rank's rows (exact uneven shards)
         for r in range(W):
             held = sum(b_ - a_ for s_ in specs for a_, b_ in _shard0_ranges(s_, W)[r])
             state[r] = 2 * held * state_elem_bytes + held * master_bytes
             if W > 1:
-                per_rank[r]["reduce_scatter"] = f * P * grad_bytes
-                per_rank[r]["all_gather"] = f * (2 * P_blocks + (P - P_blocks)) * param_bytes
+                per_rank[r]["reduce_scatter"] = bytes_sent("reduce_scatter", P * grad_bytes, W)
+                per_rank[r]["all_gather"] = bytes_sent("all_gather", (2 * P_blocks + (P - P_blocks)) * param_bytes, W)
     elif engine in ("adamw_zero1", "ds_muon_zero1"):
         # Measured on DeepSpeed 0.19.8 (benchmarks/results/scaling_*.json): at ZeRO stage 1 the
         # engine all-reduces the full gradient buffer, each rank updates its flat partition of
@@ -444,7 +444,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                                                            adamw]
         for r in range(W):
             if W > 1:
-                per_rank[r]["all_reduce"] = 2 * f * P * grad_bytes
+                per_rank[r]["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
         for gi, group in enumerate(groups):
             if not group:
                 continue

@@ -354,7 +354,7 @@ class MuonClip(Optimizer):
         if after_init:   # re-plan on every rank
             self._replan()
             self._migrate_moved_state(old_owners)
-            if self.grad_reduction == "optimizer" and self._comm is not None:
+            if self._owns_reduction:
                 for p in plain:
                     if p.requires_grad:
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
@@ -515,7 +515,7 @@ class MuonClip(Optimizer):
             self._layout.validate([p for g in self.param_groups for p in g["params"]], self._names,
                                   self.world_size, self.rank)
         self._replan()
-        if grad_reduction == "optimizer" and self._comm is not None:
+        if self._owns_reduction:
             for g in self.param_groups:
                 for p in g["params"]:
                     if p.requires_grad:
@@ -573,8 +573,7 @@ class MuonClip(Optimizer):
                 self._partitions.append(_Partition(gi, kind, params, chunk, segs, mine, shard))
         self._grad_order: list[Tensor] = []        # hook order seen in backward, until buckets are rebuilt
         self._bucket_order: list[Tensor] | None = None
-        self._comm_buckets = (self._build_comm_buckets()
-                              if self.grad_reduction == "optimizer" and self._comm is not None else [])
+        self._comm_buckets = self._build_comm_buckets() if self._owns_reduction else []
         if self._comm is not None:
             self._check_plan_across_ranks()
 
@@ -1021,7 +1020,7 @@ class MuonClip(Optimizer):
         Runs at the start of ``step()``, so every rank issues the same collectives in the same
         order, whichever gradients it happened to have.
         """
-        if self.grad_reduction != "optimizer" or self._comm is None:
+        if not self._owns_reduction:
             return
         while len(self._launched) < len(self._comm_buckets):
             self._launched.append(self._launch_bucket(self._comm_buckets[len(self._launched)]))
@@ -1029,7 +1028,7 @@ class MuonClip(Optimizer):
     def _finish_reductions(self) -> None:
         """Wait for the reductions; keep (averaged) what this rank needs: its owned matrices in
         ``_reduced`` and its AdamW slice per partition in ``_adamw_slices``."""
-        if self.grad_reduction != "optimizer" or self._comm is None:
+        if not self._owns_reduction:
             return
         w = self.world_size
         for part in self._partitions:
@@ -1490,7 +1489,6 @@ class MuonClip(Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self._step_count_total = int(state_dict.get("step", 0))
-
 
     def _states_from_full(self, full: dict[str, dict[str, Any]], only: set | None = None
                           ) -> dict[Tensor, dict[str, Any]]:

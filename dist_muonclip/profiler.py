@@ -71,7 +71,7 @@ import torch
 import torch.utils._python_dispatch
 from torch import Tensor
 
-from .comm import CommAccountant, current_comm_tag
+from .comm import CommAccountant, bytes_sent, current_comm_tag
 
 __all__ = ["StepProfiler", "WireCounter", "profile_optimizer", "PHASES", "storage_bytes", "owned_ns_flops", "load_trace",
            "rss_status", "reset_rss_peak"]
@@ -182,34 +182,31 @@ def _a2a_sent(inp: Tensor, splits: Any, rank: int, world: int) -> int:
 
 
 def _wire_cost(name: str, a: dict[str, Any]) -> tuple[str, float, int]:
-    """``(kind, bytes sent by this rank, payload bytes)`` of one collective call, by the ring
-    model of :mod:`dist_muonclip.comm` (all-reduce ``2 (W-1)/W N``; all-gather, reduce-scatter
-    ``(W-1)/W N``; reduce ``N`` from every non-root; broadcast ``(W-1) N`` from the root; all-to-all,
-    gather, scatter, send: the bytes addressed to other ranks). ``name`` is the op's name in ``torch.ops.c10d`` / ``torch.ops._c10d_functional``."""
+    """``(kind, bytes sent by this rank, payload bytes)`` of one collective call, by the byte
+    model of :mod:`dist_muonclip.comm` (:func:`~dist_muonclip.comm.bytes_sent`; all-to-all,
+    gather, scatter, send: the bytes addressed to other ranks). ``name`` is the op's name in
+    ``torch.ops.c10d`` / ``torch.ops._c10d_functional``."""
     pg = _group(a)
     w, rank = pg.size(), pg.rank()
-    f = (w - 1) / w
     base = name.rstrip("_")
     if base in ("allreduce", "allreduce_coalesced", "all_reduce", "all_reduce_coalesced"):
         n = _nbytes(a.get("tensors", a.get("input", a.get("inputs"))))
-        return "all_reduce", 2 * f * n, n
-    if base in ("broadcast", "reduce"):   # star model, as dist_muonclip.comm counts them
+        return "all_reduce", bytes_sent("all_reduce", n, w), n
+    if base in ("broadcast", "reduce"):
         n = _nbytes(a.get("tensors", a.get("input")))
         root = int(a.get("root_rank", a.get("src", a.get("dst", 0))))
-        if base == "broadcast":
-            return base, float((w - 1) * n if rank == root else 0), n
-        return base, float(0 if rank == root else n), n
+        return base, bytes_sent(base, n, w, rank, root), n
     if base in ("allgather", "_allgather_base", "allgather_coalesced",
                 "allgather_into_tensor_coalesced"):
         n = _nbytes(a.get("output_tensors", a.get("output_tensor", a.get("output_lists", a.get("outputs")))))
-        return "all_gather", f * n, n
+        return "all_gather", bytes_sent("all_gather", n, w), n
     if base in ("all_gather_into_tensor", "all_gather_into_tensor_coalesced", "all_gather_into_tensor_out"):
         n = _nbytes(a.get("input", a.get("inputs"))) * int(a["group_size"])
-        return "all_gather", f * n, n
+        return "all_gather", bytes_sent("all_gather", n, w), n
     if base in ("reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced",
                 "reduce_scatter_tensor"):
         n = _nbytes(a.get("input_tensors", a.get("input_tensor", a.get("inputs", a.get("input")))))
-        return "reduce_scatter", f * n, n
+        return "reduce_scatter", bytes_sent("reduce_scatter", n, w), n
     if base == "alltoall_base":
         inp = a["input"]
         return "all_to_all", float(_a2a_sent(inp, a["input_split_sizes"], rank, w)), _nbytes(a["output"])

@@ -137,12 +137,17 @@ def _wandb_history(run_dir: str) -> tuple[list[dict], bool]:
     return out, closed
 
 
-def test_wandb_offline_run_written_and_read_back(tmp_path, monkeypatch):
+def _offline_wandb_run(tmp_path, monkeypatch):
+    """A W&B run in offline mode writing under ``tmp_path`` (skips the test without wandb)."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = wandb.init(project="dist_muonclip_test", dir=str(tmp_path), mode="offline")
+    return wandb.init(project="dist_muonclip_test", dir=str(tmp_path), mode="offline")
+
+
+def test_wandb_offline_run_written_and_read_back(tmp_path, monkeypatch):
+    run = _offline_wandb_run(tmp_path, monkeypatch)
     try:
         logger = MetricsLogger(wandb_run="auto")  # picks up the active run
         assert any(type(s).__name__ == "WandbSink" for s in logger.sinks)

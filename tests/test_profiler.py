@@ -221,13 +221,9 @@ def test_tensorboard_and_wandb_receive_the_records(tmp_path, monkeypatch):
     """The per-step scalars the profiler sends to TensorBoard and to an offline W&B run, read back
     from the event file and the run's transaction log, equal its records."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    wandb = pytest.importorskip("wandb")
-    from tests.test_metrics import _wandb_history_when_closed
+    from tests.test_metrics import _offline_wandb_run, _wandb_history_when_closed
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    run = wandb.init(project="dist_muonclip_test", dir=str(tmp_path), mode="offline")
+    run = _offline_wandb_run(tmp_path, monkeypatch)
     try:
         model = tiny_model("llama")
         opt = MuonClip(model, lr=0.01, ns_backend="torch")
