@@ -3,11 +3,10 @@
 
 Per optimizer step, summed over all ranks, both runs are measured the same way:
 
-* bytes on the wire of every torch.distributed collective and point-to-point op (DeepSpeed's
-  gradient reduction and parameter all-gather included), with the ring model of
-  :mod:`dist_muonclip.comm` (all-reduce 2 (W-1)/W N, reduce-scatter / all-gather (W-1)/W N,
-  all-to-all: bytes to others; the full list, and what is not seen, above ``COUNTED``); for
-  MuonClip its own CommAccountant is recorded beside it as a cross-check of the counter;
+* bytes on the wire of every collective and point-to-point op (DeepSpeed's gradient reduction
+  and parameter all-gather included), counted at the dispatcher by the library's
+  :class:`~dist_muonclip.profiler.WireCounter` with the byte model of :mod:`dist_muonclip.comm`;
+  for MuonClip its own CommAccountant is recorded beside it as a cross-check of the counter;
 * Newton-Schulz runs: matrices orthogonalized (ours: ``orthogonalize`` calls x batch size; DeepSpeed:
   ``muon_update`` calls), against the number of Muon matrices. DeepSpeed orthogonalizes a matrix on
   every rank whose partition it overlaps, so matrices cut by a partition boundary are done twice.
@@ -20,7 +19,6 @@ reference only; bytes and NS counts are what the comparison is about.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -33,138 +31,6 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# torch.distributed entry points the counter wraps, with the bytes the calling rank sends (ring /
-# chain model of dist_muonclip.comm; W ranks in the call's group, r this rank, N a tensor's bytes):
-#   all_reduce 2(W-1)/W N; all_reduce_coalesced the same over its tensors; reduce and broadcast
-#   (W-1)/W N; all_gather (list) (W-1) N(input); all_gather_into_tensor / all_gather_single /
-#   _all_gather_base (W-1)/W N(output); all_gather_coalesced (W-1) N per input; reduce_scatter
-#   (list) (W-1)/W sum N(inputs); reduce_scatter_tensor / _single / _reduce_scatter_base (W-1)/W
-#   N(input); all_to_all_single and all_to_all the bytes addressed to other ranks; gather N on
-#   non-destination ranks; scatter the other ranks' chunks, on the source; send / isend N, recv /
-#   irecv 0 (counted at the sender); batch_isend_irecv its send ops; barrier 0 (calls only).
-# Object collectives (all_gather_object, broadcast_object_list, ...) are counted through the
-# tensor collectives they issue. Not seen: torch.distributed._functional_collectives (DTensor /
-# FSDP2; neither DeepSpeed ZeRO-0/1/2 nor MuonClip use them) and collectives issued from C++
-# (DDP's reducer; not used here).
-COUNTED = ("all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
-           "all_gather_single", "_all_gather_base", "all_gather_coalesced", "reduce_scatter",
-           "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all",
-           "all_to_all_single", "gather", "scatter", "send", "isend", "recv", "irecv", "batch_isend_irecv",
-           "barrier", "monitored_barrier")
-
-
-def _count_collectives(record):
-    """Wrap torch.distributed's collectives and point-to-point ops (list above) so that every call
-    reports ``record(name, bytes_sent_by_this_rank)``.
-
-    The same wrapper replaces the function in ``torch.distributed`` and in
-    ``torch.distributed.distributed_c10d`` (where torch's own functions look each other up), and
-    every reference an already imported ``dist_muonclip`` / ``deepspeed`` module captured (e.g.
-    ``dist_muonclip.comm._all_gather_single``). A call made while another counted call runs (a
-    deprecated name forwarding to its successor, a coalesced call issuing its parts, an object
-    collective's tensor collectives inside a wrapped call) is not counted again: each call a
-    library makes is counted exactly once, at the outermost entry point.
-    """
-    import functools
-    import threading
-
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
-
-    def nbytes(t):
-        return t.numel() * t.element_size()
-
-    def others(w, r, tensors):
-        return sum(nbytes(t) for i, t in enumerate(tensors) if i != r)
-
-    def a2a_single(w, r, out, inp, out_splits=None, in_splits=None, *a):
-        if not in_splits:
-            return nbytes(inp) * (w - 1) / w
-        row = nbytes(inp) // inp.shape[0] if inp.ndim and inp.shape[0] else 0
-        return sum(s for i, s in enumerate(in_splits) if i != r) * row
-
-    def is_root(r, root, group_root):
-        """``root`` is a global rank, ``group_root`` a rank in the call's group (torch >= 2.6 takes either)."""
-        return dist.get_rank() == root if root is not None else r == (group_root or 0)
-
-    def gather(w, r, t, gather_list=None, dst=None, group=None, async_op=False, group_dst=None):
-        return 0 if is_root(r, dst, group_dst) else nbytes(t)
-
-    def scatter(w, r, t, scatter_list=None, src=None, group=None, async_op=False, group_src=None):
-        return others(w, r, scatter_list or []) if is_root(r, src, group_src) else 0
-
-    def p2p_sends(w, r, ops, *a):
-        return sum(nbytes(op.tensor) for op in ops if getattr(op.op, "__name__", "") in ("isend", "send"))
-
-    costs = {
-        "all_reduce": lambda w, r, t, *a: 2 * (w - 1) / w * nbytes(t),
-        "all_reduce_coalesced": lambda w, r, ts, *a: 2 * (w - 1) / w * sum(nbytes(t) for t in ts),
-        "reduce": lambda w, r, t, *a: (w - 1) / w * nbytes(t),
-        "broadcast": lambda w, r, t, *a: (w - 1) / w * nbytes(t),
-        "all_gather": lambda w, r, outs, t, *a: (w - 1) * nbytes(t),
-        "all_gather_into_tensor": lambda w, r, out, inp, *a: (w - 1) / w * nbytes(out),
-        "all_gather_single": lambda w, r, out, inp, *a: (w - 1) / w * nbytes(out),
-        "_all_gather_base": lambda w, r, out, inp, *a: (w - 1) / w * nbytes(out),
-        "all_gather_coalesced": lambda w, r, outs, ins, *a: (w - 1) * sum(nbytes(t) for t in ins),
-        "reduce_scatter": lambda w, r, out, ins, *a: (w - 1) / w * sum(nbytes(t) for t in ins),
-        "reduce_scatter_tensor": lambda w, r, out, inp, *a: (w - 1) / w * nbytes(inp),
-        "reduce_scatter_single": lambda w, r, out, inp, *a: (w - 1) / w * nbytes(inp),
-        "_reduce_scatter_base": lambda w, r, out, inp, *a: (w - 1) / w * nbytes(inp),
-        "all_to_all_single": a2a_single,
-        "all_to_all": lambda w, r, outs, ins, *a: others(w, r, ins),
-        "gather": gather,
-        "scatter": scatter,
-        "send": lambda w, r, t, *a: nbytes(t),
-        "isend": lambda w, r, t, *a: nbytes(t),
-        "recv": lambda w, r, *a: 0,
-        "irecv": lambda w, r, *a: 0,
-        "batch_isend_irecv": p2p_sends,
-        "barrier": lambda w, r, *a: 0,
-        "monitored_barrier": lambda w, r, *a: 0,
-    }
-    assert set(costs) == set(COUNTED)
-    inside = threading.local()
-    originals = {}
-
-    def wrap(name, cost):
-        real = getattr(c10d, name, None) or getattr(dist, name, None)
-        if real is None:
-            return
-        sig = inspect.signature(real)
-
-        @functools.wraps(real)
-        def counted(*args, **kwargs):
-            if getattr(inside, "depth", 0):
-                return real(*args, **kwargs)
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            vals = list(bound.arguments.values())
-            group = bound.arguments.get("group")
-            if name == "batch_isend_irecv":
-                group = getattr(vals[0][0], "group", None) if vals[0] else None
-            record(name, cost(dist.get_world_size(group), dist.get_rank(group), *vals))
-            inside.depth = 1
-            try:
-                return real(*args, **kwargs)
-            finally:
-                inside.depth = 0
-
-        originals[id(real)] = counted
-        for mod in (dist, c10d):
-            if getattr(mod, name, None) is real:
-                setattr(mod, name, counted)
-
-    for name, cost in costs.items():
-        wrap(name, cost)
-    # references captured before the wrap (module-level aliases in already imported modules)
-    for modname, mod in list(sys.modules.items()):
-        if mod is None or not modname.startswith(("dist_muonclip", "deepspeed")):
-            continue
-        for attr, val in list(vars(mod).items()):
-            if callable(val) and id(val) in originals:
-                setattr(mod, attr, originals[id(val)])
-
-
 def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DIST_MUONCLIP_DS_SHM="0")
@@ -175,20 +41,11 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
     import torch.distributed as dist
 
     step_bytes: list[dict] = []
-    current: dict = defaultdict(float)
-    calls: dict = defaultdict(int)
-
-    def record(name, b):
-        current[name] += b
-        calls[name] += 1
-
-    # before deepspeed.comm captures references to the collectives (references dist_muonclip.comm
-    # captured at import are re-pointed by _count_collectives)
-    _count_collectives(record)
     import transformers as tf
 
     from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
     from dist_muonclip.param_split import split_parameters
+    from dist_muonclip.profiler import WireCounter
 
     disable_shm_comm()
     ns = [0]
@@ -238,9 +95,9 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
         om.muon_update = counting_update
         layout = "deepspeed"
     times = []
+    wire = WireCounter().start()
     for t in range(steps):
-        current.clear()
-        calls.clear()
+        wire.take()
         ns[0] = 0
         g = torch.Generator().manual_seed(t)
         ids = torch.randint(0, 128, (2 * world, 32), generator=g)[2 * rank:2 * rank + 2]
@@ -250,11 +107,14 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - t0)
-        acc_bytes: dict = defaultdict(float)     # MuonClip's own accounting of its collectives
-        if acc is not None and len(acc.steps) > n_acc:
-            for key, c in acc.steps[-1].items():
-                acc_bytes[key.split("[")[0]] += c["bytes"]
-        step_bytes.append({"bytes": dict(current), "calls": dict(calls), "ns": ns[0], "acc": dict(acc_bytes)})
+        counts = wire.take()
+        acc_bytes: dict = defaultdict(float)     # MuonClip's own accounting of its (tagged) collectives
+        for acc_step in (acc.steps[n_acc:] if acc is not None else []):
+            for key, c in acc_step.items():
+                acc_bytes[key] += c["bytes"]
+        step_bytes.append({"bytes": {k: c["bytes"] for k, c in counts.items()},
+                           "calls": {k: c["calls"] for k, c in counts.items()}, "ns": ns[0], "acc": dict(acc_bytes)})
+    wire.stop()
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump({"steps": step_bytes, "times": times, "n_muon": n_muon, "layout": layout}, f)
     dist.barrier()
@@ -287,11 +147,11 @@ def run(kind: str, stage: int, world: int, steps: int, hidden: int, layers: int)
            "bytes_per_step_all_ranks": sum(by_kind.values()), "bytes_per_step_by_collective": dict(by_kind),
            "calls_per_step_by_collective": dict(calls)}
     if kind == "muonclip":
-        # cross-check: MuonClip is the only all-to-all user here, so the counter's all-to-all bytes
-        # must be exactly what MuonClip's accountant recorded for its all-to-alls
+        # cross-check: MuonClip's collectives carry their tags on the wire, so the counter's tagged
+        # bytes must be exactly what MuonClip's accountant recorded
         row["muonclip_accountant_bytes_per_step"] = dict(acc)
-        a2a = by_kind.get("all_to_all_single", 0.0)
-        row["all_to_all_counter_equals_accountant"] = a2a == acc.get("all_to_all", 0.0)
+        tagged = {k: b for k, b in by_kind.items() if "[" in k}
+        row["tagged_counter_equals_accountant"] = tagged == dict(acc)
     return {**row,
             "step_time_s_median": sorted(t for r in ranks for t in r["times"][1:] or r["times"])[
                 len(ranks) * max(1, steps - 1) // 2]}
@@ -333,10 +193,9 @@ def main(argv=None) -> list[dict]:
     meta = {"device": platform.processor() or platform.machine(), "backend": "gloo (CPU)", "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "git_commit": commit, "code_modified_since_commit": dirty,
             "model": f"llama hidden {args.hidden_size} x {args.layers} layers, vocab 128, fp32",
-            "counted": list(COUNTED),
-            "note": "bytes per optimizer step summed over ranks, ring model; steps after the first averaged; "
-                    "every call into the torch.distributed functions in 'counted' is counted once "
-                    "(functional collectives and C++-issued collectives are not seen; none are used here)"}
+            "note": "bytes per optimizer step summed over ranks, counted on the wire by dist_muonclip.profiler."
+                    "WireCounter (every c10d and functional collective, once; dist_muonclip.comm's byte model); "
+                    "steps after the first averaged"}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -395,40 +395,6 @@ def test_nonfinite_gradient_never_poisons_state(stage, bf16, layout, tmp_path):
         assert all(n is not None and 0 < n < float("inf") for i, n in enumerate(o["norms"]) if i != 2), o["norms"]
 
 
-@pytest.mark.slow
-def test_benchmark_wire_counter_counts_every_call_once(tmp_path):
-    """benchmarks/ds_muon_compare.py's byte counter, against hand-computed ring-model bytes on W=2
-    (40-byte tensors): every collective and point-to-point op the comparison can meet is counted,
-    a deprecated name forwarding to its successor (all_gather_into_tensor -> all_gather_single) or a
-    coalesced call is counted once, and references captured before the wrap
-    (dist_muonclip.comm._all_gather_single) are counted too."""
-    outs = values(run_distributed(D.wire_counter_worker, 2, tmp_path=tmp_path))
-    want = {   # label: (counted name, bytes sent by rank 0, by rank 1)
-        "all_reduce": ("all_reduce", 40, 40),                          # 2 (W-1)/W N
-        "all_gather_into_tensor": ("all_gather_into_tensor", 40, 40),  # (W-1)/W N(output=80)
-        "captured_all_gather_single": ("all_gather_single", 40, 40),
-        "reduce_scatter_tensor": ("reduce_scatter_tensor", 20, 20),    # (W-1)/W N(input)
-        "reduce": ("reduce", 20, 20),
-        "broadcast": ("broadcast", 20, 20),
-        "all_reduce_coalesced": ("all_reduce_coalesced", 80, 80),
-        "all_to_all_single": ("all_to_all_single", 40, 40),            # the half for the other rank
-        "all_to_all_single_splits": ("all_to_all_single", 48, 12),     # 12 and 3 rows of 4 bytes
-        "all_to_all": ("all_to_all", 40, 40),
-        "gather": ("gather", 0, 40),                                   # to the destination only
-        "scatter": ("scatter", 40, 0),                                 # from the source only
-        "send_recv": (("send", "recv"), 40, 0),                        # counted at the sender
-        "batch_isend_irecv": ("batch_isend_irecv", 40, 40),
-        "barrier": ("barrier", 0, 0),
-    }
-    for label, (name, *sent) in want.items():
-        for rank, out in enumerate(outs):
-            names = name if isinstance(name, tuple) else (name,) * 2
-            assert out[label] == [(names[rank], sent[rank])], (label, rank, out[label])
-    for out in outs:   # an object collective: its tensor collectives (sizes, then payload), once each
-        assert [n for n, _ in out["all_gather_object"]] == ["all_gather", "all_gather"]
-        assert out["all_gather_object"][1][1] > 100
-
-
 def test_flat_fragments_layout_maps_deepspeed_partitions():
     """Three matrices flattened like DeepSpeed (with 2 elements of alignment padding after the
     first), cut into 3 equal partitions: ranges tile each matrix, local views are the right

@@ -255,8 +255,8 @@ def test_tensorboard_and_wandb_receive_the_records(tmp_path, monkeypatch):
 # W=2: wire counts against the ring model, the accountant, a second mechanism and the cost model
 # --------------------------------------------------------------------------------------------
 def _collectives_of_known_size(rank, world):
-    """Each collective kind once, with tensors of known size; returns the counts and the expected
-    bytes sent by this rank (ring model; star model for broadcast: the root sends every copy)."""
+    """Each collective and point-to-point kind, with tensors of known size; returns the counts and the expected
+    bytes sent by this rank (dist_muonclip.comm's byte model: ring for all-reduce and gathers, star for reduce and broadcast)."""
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
 
@@ -275,15 +275,30 @@ def _collectives_of_known_size(rank, world):
         recv = [(p + 1) * (rank + 1) for p in range(world)]
         dist.all_to_all_single(torch.empty(sum(recv), 2, dtype=torch.bfloat16),
                                torch.ones(sum(splits), 2, dtype=torch.bfloat16), recv, splits)
+        dist.all_to_all([torch.empty(3) for _ in range(world)], [torch.ones(3) for _ in range(world)])  # 12 B/peer
+        dist.all_reduce_coalesced([torch.ones(10), torch.ones(10)])             # one call, 80 B
+        dist.gather(torch.ones(5), [torch.empty(5) for _ in range(world)] if rank == 0 else None, dst=0)  # 20 B
+        dist.scatter(torch.empty(5), [torch.ones(5) for _ in range(world)] if rank == 0 else None, src=0)
+        if rank == 0:                                                            # point to point: 36 B
+            dist.send(torch.ones(9), 1)
+        elif rank == 1:
+            dist.recv(torch.empty(9), 0)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world                        # a ring of 16 B sends
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(4), nxt),
+                                         dist.P2POp(dist.irecv, torch.empty(4), prv)]):
+            w.wait()
         with comm_tag("mine"):
             funcol.all_reduce(torch.ones(8), "sum", dist.group.WORLD).wait()    # functional: 32 B, tagged
         dist.barrier()
-    expected = {"all_reduce": 2 * f * 40, "broadcast": (world - 1) * 48 if rank == 0 else 0.0,
+    expected = {"all_reduce": 2 * f * (40 + 80), "broadcast": (world - 1) * 48 if rank == 0 else 0.0,
                 "reduce": 0.0 if rank == world - 1 else 28.0, "all_gather": f * (12 * world + 20 * world),
                 "reduce_scatter": f * 16 * world,
-                "all_to_all": sum(s for p, s in enumerate(splits) if p != rank) * 2 * 2,
+                "all_to_all": sum(s for p, s in enumerate(splits) if p != rank) * 2 * 2 + (world - 1) * 12,
+                "gather": 0.0 if rank == 0 else 20.0, "scatter": (world - 1) * 20.0 if rank == 0 else 0.0,
+                "send": 16.0 + (36 if rank == 0 else 0), "recv": 0.0,   # counted at the sender
                 "all_reduce[mine]": 2 * f * 32, "barrier": 0.0}
-    calls = {"all_reduce": 1, "broadcast": 1, "reduce": 1, "all_gather": 2, "reduce_scatter": 1, "all_to_all": 1,
+    calls = {"all_reduce": 2, "broadcast": 1, "reduce": 1, "all_gather": 2, "reduce_scatter": 1, "all_to_all": 2,
+             "gather": 1, "scatter": 1, "send": 1 + (rank == 0), "recv": 1 + (rank == 1),
              "all_reduce[mine]": 1, "barrier": 1}
     return wc.counts, expected, calls
 
