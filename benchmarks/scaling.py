@@ -9,7 +9,7 @@ Per run and rank it records (the first step is warm-up; numbers are from the las
 
 * bytes on the wire per collective kind, for every engine alike: the library profiler's
   :class:`~dist_muonclip.profiler.WireCounter` (every collective of the process, counted at the
-  dispatcher: DDP's reducer, FSDP2, DeepSpeed and MuonClip; ring model of ``dist_muonclip.comm``;
+  dispatcher: DDP's reducer, FSDP2, DeepSpeed and MuonClip; byte model of ``dist_muonclip.comm``;
   MuonClip's own collectives carry their tags). A step's bytes are those issued between the end
   of the previous optimizer step and the end of this one.
 * NS FLOPs actually done on this rank: a counter wrapped around the orthogonalization function

@@ -27,7 +27,7 @@ How each number is taken:
   reducer, FSDP2's all-gathers and reduce-scatters, DeepSpeed's reductions and all-gathers,
   MuonClip's own collectives (labelled with their tags, e.g. ``all_to_all[muon_gather]``) and any
   other (a training loop's loss all-reduce: label it with :func:`dist_muonclip.comm.comm_tag`).
-  Bytes follow the ring model of :mod:`dist_muonclip.comm`. A step's record holds what was
+  Bytes follow the byte model of :mod:`dist_muonclip.comm`. A step's record holds what was
   issued between the end of the previous ``step()`` (or :meth:`StepProfiler.attach`) and the end
   of this one: its forward and backward, the step itself, and anything the engine ran after
   the previous step (DeepSpeed all-gathers updated partitions after the inner optimizer's step).
@@ -345,7 +345,7 @@ class WireCounter:
     It counts at the dispatcher, where ``torch.distributed``'s functions, DDP's reducer, FSDP2 and
     DeepSpeed's torch backend all arrive as ``c10d`` ops (and DTensor / compiled code as
     functional collectives), so nothing has to be patched before an engine is built. Bytes follow
-    the ring model of :mod:`dist_muonclip.comm` (:func:`_wire_cost`); a call issued inside a
+    the byte model of :mod:`dist_muonclip.comm` (:func:`_wire_cost`); a call issued inside a
     :func:`~dist_muonclip.comm.comm_tag` block (MuonClip's own collectives carry their tags) is
     recorded as ``kind[tag]``, anything else under its bare kind (``all_gather``: e.g. FSDP2's).
 
