@@ -429,11 +429,6 @@ W1_ENGINES = ("muonclip_ddp", "adamw_ddp", "adamw_ds_zero1", "muonclip_ds_zero1"
 BASELINE = {"muonclip_ddp": "adamw_ddp", "muonclip_optimizer": "adamw_ddp", "muonclip_ds_zero0": "adamw_ds_zero1",
             "muonclip_ds_zero1": "adamw_ds_zero1", "muonclip_ds_zero2": "adamw_ds_zero1",
             "muonclip_fsdp2": "adamw_fsdp2", "ds_muon_zero1": "adamw_ds_zero1"}
-#: benchmark engine -> dist_muonclip.cost_model engine (as tests/test_cost_model.py)
-COST_ENGINE = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_optimizer", "adamw_ddp": "adamw_ddp",
-               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
-               "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
-               "muonclip_fsdp2": "muonclip_fsdp2"}
 
 
 def _scale_order(worlds: list[int]) -> list[int]:
@@ -593,16 +588,15 @@ def goals(table: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _predict_kwargs(engine: str, precision: str) -> dict[str, int]:
-    """Bytes per element the cost model should use for how the engine ran (see scaling.DEFAULT_OPTIONS)."""
+    """Bytes per element for how the engine ran (benchmarks/cost_model.py's ``dtype_kwargs``), with
+    DeepSpeed's fp32 master copies counted: the time model's update reads and writes them."""
+    from benchmarks.cost_model import dtype_kwargs
     from dist_muonclip.cost_model import MIXED_BF16
 
-    if precision != "bf16":
-        return {}
-    if engine.startswith(("muonclip_ds", "adamw_ds", "ds_muon")):
-        return dict(MIXED_BF16)                  # DeepSpeed bf16: bf16 params/grads, fp32 masters
-    if engine == "muonclip_fsdp2":
-        return {"param_bytes": 2, "grad_bytes": 4}   # bf16 all-gathers, fp32 reduce-scatter, fp32 shards
-    return {}                                    # autocast: fp32 params, grads and state
+    kw = dtype_kwargs(engine, precision)
+    if "master_bytes" in kw:
+        kw["master_bytes"] = MIXED_BF16["master_bytes"]
+    return kw
 
 
 def _buffer_bytes(cfg: dict[str, Any]) -> int:
@@ -619,6 +613,7 @@ def _buffer_bytes(cfg: dict[str, Any]) -> int:
 
 def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict[str, Any]]:
     """Cost-model predictions (bytes, NS FLOPs, time) next to the measured numbers."""
+    from benchmarks.cost_model import ENGINE_MAP, engine_for
     from benchmarks.scaling import model_config
     from dist_muonclip.cost_model import HARDWARE, predict, specs_from_config
 
@@ -631,15 +626,13 @@ def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict
     specs: dict[str, Any] = {}
     buffers: dict[str, int] = {}
     for t in table:
-        if not t["ok"] or t["engine"] not in COST_ENGINE:
+        if not t["ok"] or t["engine"] not in ENGINE_MAP:
             continue
         cfg = model_config(t["size"])
         specs.setdefault(t["size"], specs_from_config(cfg))
         if t["size"] not in buffers:
             buffers[t["size"]] = _buffer_bytes(cfg)
-        engine = COST_ENGINE[t["engine"]]
-        if t["engine"] == "muonclip_ds_zero0" and (t.get("precision") or "fp32") == "bf16":
-            engine = "muonclip_zero0_bf16"      # fp32 master slices (MasterSliceLayout)
+        engine = engine_for(t["engine"], t.get("precision") or "fp32")
         kw = dict(num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                   buffer_bytes=buffers[t["size"]] if t["engine"].endswith("ddp") else 0,
                   **_predict_kwargs(t["engine"], t.get("precision") or "fp32"))
