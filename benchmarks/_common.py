@@ -9,10 +9,12 @@ import time
 
 import torch
 
-__all__ = ["environment", "median_ms", "matmul_ceiling_tflops", "write_json"]
+__all__ = ["environment", "git_commit", "median_ms", "matmul_ceiling_tflops", "write_json"]
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """HEAD of this checkout; ``DMC_GIT_COMMIT`` names it for a run from a copy of the tree
+    without ``.git`` (the device machine), else "unknown"."""
     env = os.environ.get("DMC_GIT_COMMIT")
     if env:
         return env
@@ -34,7 +36,7 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

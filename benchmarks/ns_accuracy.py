@@ -18,12 +18,12 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from _common import git_commit
 from dist_muonclip.newton_schulz import orthogonalize
 
 
@@ -46,13 +46,6 @@ def _matrix(m: int, n: int, s: torch.Tensor, seed: int) -> tuple[torch.Tensor, t
     u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
     return u @ torch.diag(s) @ v.T, u @ v.T
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def main() -> None:
@@ -84,7 +77,7 @@ def main() -> None:
                         "seconds_cpu": time.perf_counter() - t0,
                     })
     meta = {"device": "cpu", "platform": platform.platform(), "torch": torch.__version__,
-            "git_commit": _git_commit(), "size": [m, n]}
+            "git_commit": git_commit(), "size": [m, n]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     # compact console table: rel_polar_err at each step count, bf16

@@ -602,19 +602,13 @@ def run_world(world: int, jobs: list[tuple[str, str]], steps: int, *, backend: s
 # ----------------------------------------------------------------------------------------- report
 def _environment() -> dict[str, Any]:
     import platform
-    import subprocess
 
     import torch
 
-    commit = os.environ.get("DMC_GIT_COMMIT")     # a run from a copy of the tree names its commit
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
+    from benchmarks._common import git_commit
+
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-           "git_commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "git_commit": git_commit(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
     with contextlib.suppress(Exception):
         import deepspeed
