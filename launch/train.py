@@ -469,6 +469,19 @@ def _optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any] | Non
     return _jsonable(metrics)
 
 
+def param_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's full value in name order (DTensors gathered: a collective):
+    equal checksums mean bit-identical models, whatever engine trained them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        digest.update(name.encode())
+        digest.update(full.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast: str) -> torch.Tensor:
     """Mean next-byte cross-entropy over this rank's tokens (fp32 logits)."""
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
@@ -648,6 +661,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     log["final_train_loss"] = sum(tail) / len(tail) if tail else None  # mean of the last 10 steps
     log["final_eval_loss"] = eval_loss
     log["wall_s"] = time.perf_counter() - run_t0
+    log["param_sha256"] = param_checksum(model)
     times = [r["step_time_s"] for r in log["steps"][1:]] or [r["step_time_s"] for r in log["steps"]]
     log["mean_tokens_per_s"] = tokens_per_step * len(times) / sum(times) if times else None
     say(f"final: train loss (last 10 steps) {log['final_train_loss']} | eval loss {eval_loss:.4f} | "
