@@ -27,7 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["dist_muonclip", "dist_muonclip.*"]),
-    package_data={"dist_muonclip": ["data/*.gz", "data/README.md"]},
+    package_data={"dist_muonclip.support": ["corpus.txt.gz", "CORPUS.md"]},
     include_package_data=True,
     python_requires=">=3.10",
     # torch is the only hard requirement: a CPU-only user can install and run everything

@@ -12,8 +12,8 @@ from .param_split import format_split, split_parameters  # noqa: E402
 from .plan import build_plan  # noqa: E402
 from .qk_clip import QKClipConfig, QKClipper  # noqa: E402
 from .tracker import MaxLogitTracker  # noqa: E402
-from .metrics import MetricsLogger  # noqa: E402
-from .profiler import StepProfiler, profile_optimizer  # noqa: E402
+from .tools.metrics import MetricsLogger  # noqa: E402
+from .tools.profiler import StepProfiler, profile_optimizer  # noqa: E402
 
 __all__ += ["MuonClip", "split_parameters", "format_split", "orthogonalize", "ns_schedule", "validate_ns_options",
             "ns_flops", "CommAccountant", "ddp_accounting_hook", "build_plan", "QKClipConfig", "QKClipper",

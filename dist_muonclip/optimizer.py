@@ -224,7 +224,7 @@ class MuonClip(Optimizer):
             init_state(self)
         self._logger = None
         if (log_dir is not None or wandb_run is not None) and self.rank == 0:
-            from .metrics import MetricsLogger
+            from .tools.metrics import MetricsLogger
 
             self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
         if profiler is not None and hasattr(profiler, "attach"):
@@ -476,7 +476,7 @@ class MuonClip(Optimizer):
 
     def metrics(self) -> dict[str, float]:
         """:meth:`device_metrics` as plain floats, with exactly one device->host read."""
-        from .metrics import to_host
+        from .tools.metrics import to_host
 
         return to_host(self.device_metrics())
 
