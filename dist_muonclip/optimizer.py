@@ -457,6 +457,26 @@ class MuonClip(Optimizer):
     def param_name(self, p: Tensor) -> str:
         return self._names[p]
 
+    @property
+    def layout(self) -> Layout:
+        """Where parameter elements live on this rank (:mod:`dist_muonclip.layouts`)."""
+        return self._layout
+
+    @property
+    def plan(self):
+        """The :class:`~dist_muonclip.plan.Plan`: owners and same-shape buckets of the Muon matrices."""
+        return self._plan
+
+    @property
+    def comm(self) -> Comm | None:
+        """The :class:`~dist_muonclip.comm.Comm` of the data-parallel group (``None``: single process)."""
+        return self._comm
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken (restored by ``load_state_dict``)."""
+        return self._step_count_total
+
     def device_metrics(self) -> dict[str, Tensor]:
         """The last step's metrics as device scalars (no sync): ``muon_update_rms``, ``grad_norm``,
         ``num_skipped`` and, with QK-Clip, ``qk_clip/*`` (max logit per layer before the clip,
