@@ -16,36 +16,60 @@ Row-shards and flat fragments are the same thing to the engine: a row shard ``[r
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "Replicated", "FlatRangesLayout", "piece_row_scale"]
+__all__ = ["Layout", "Replicated", "FlatRangesLayout", "piece_row_scale", "scale_rows_"]
 
 
-class Layout:
-    """Interface of a parameter layout (see module doc)."""
+class Layout(ABC):
+    """Where a parameter's elements live on this rank (see module doc): the whole contract.
+
+    Subclasses implement :meth:`ranges`, :meth:`local_param` and :meth:`local_grad`; every other
+    hook has a default that suits a layout without extra needs. ``sharded``: every element lives
+    on exactly one rank (else every rank holds everything).
+    """
 
     sharded: bool = False
 
+    @abstractmethod
     def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
         """Per rank, the sorted flat ranges ``[start, stop)`` of ``p``'s full tensor it holds."""
-        raise NotImplementedError
 
+    @abstractmethod
     def local_param(self, p: Tensor) -> Tensor:
         """1-D view of this rank's elements of ``p`` (range order); writes reach the real storage."""
-        raise NotImplementedError
 
+    @abstractmethod
     def local_grad(self, p: Tensor) -> Tensor | None:
         """1-D reduced gradient matching :meth:`local_param`, or ``None`` when there is none."""
-        raise NotImplementedError
 
     def full_shape(self, p: Tensor) -> torch.Size:
+        """The full (unsharded) shape of ``p``."""
         return p.shape
 
+    def make_exchange(self, units: Any, state: dict, comm: Any, rank: int, world_size: int) -> Any:
+        """The engine's exchange for this layout (:mod:`dist_muonclip.engine.exchange`): how a
+        bucket's matrices reach their owner and how updates come back. Decided once, here."""
+        from .engine.exchange import ReplicatedExchange, ShardedExchange
+
+        cls = ShardedExchange if self.sharded else ReplicatedExchange
+        return cls(units, state, comm, rank, world_size)
+
+    def owner_hint(self, p: Tensor) -> int | None:
+        """The rank where (most of) ``p`` lives, to orthogonalize it there (``None``: no preference)."""
+        return None
+
+    def check_param(self, p: Tensor, name: str) -> None:
+        """Refuse, naming it, a parameter this layout cannot hold (called before any state exists)."""
+
     def validate(self, params: Sequence[Tensor], names: dict, world_size: int, rank: int) -> None:
-        """Check that the ranges tile every parameter exactly once (called at construction)."""
+        """Check every parameter (:meth:`check_param`) and that the ranges tile each exactly once."""
+        for p in params:
+            self.check_param(p, names.get(p, "<unnamed>"))
         for p in params:
             ranges = self.ranges(p)
             if len(ranges) != world_size:
@@ -64,6 +88,18 @@ class Layout:
                 raise ValueError(f"layout: local view of {names[p]!r} has {self.local_param(p).numel()} elements, "
                                  f"its ranges say {local}")
 
+    # -- optimizer state: defaults keep the optimizer's own format --------------------------------
+    def init_optimizer_state(self, optim: Any) -> None:
+        """Create optimizer state eagerly (e.g. FSDP2: DCP sees the same keys on every rank)."""
+
+    def optimizer_state_dict(self, optim: Any) -> dict[str, Any] | None:
+        """``optim.state_dict()`` in a layout-specific format, or ``None`` for the optimizer's own."""
+        return None
+
+    def load_optimizer_state_dict(self, optim: Any, state_dict: dict[str, Any]) -> bool:
+        """Load a layout-specific state dict; ``False`` when ``state_dict`` is not in its format."""
+        return False
+
 
 class Replicated(Layout):
     """Every rank holds the full parameter and its (externally or optimizer-) reduced gradient."""
@@ -81,6 +117,18 @@ class Replicated(Layout):
 
     def local_grad(self, p: Tensor) -> Tensor | None:
         return None if p.grad is None else p.grad.view(-1)
+
+    def check_param(self, p: Tensor, name: str) -> None:
+        if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
+            raise ValueError(
+                f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} "
+                "(FSDP2 / tensor parallel) but the layout is Replicated; for fully_shard models use "
+                "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
+                "Shard0Layout(mesh), process_group=mesh.get_group()")
+
+    def validate(self, params: Sequence[Tensor], names: dict, world_size: int, rank: int) -> None:
+        for p in params:     # every rank holds everything: nothing to tile
+            self.check_param(p, names.get(p, "<unnamed>"))
 
 
 class FlatRangesLayout(Layout):
@@ -123,3 +171,24 @@ def piece_row_scale(scale: Tensor, ranges: Sequence[tuple[int, int]], row_numel:
     if not idx:
         return scale.new_empty(0)
     return scale[torch.cat(idx)]
+
+
+def scale_rows_(local: Tensor, scale: Tensor, ranges: Sequence[tuple[int, int]], full_shape: Sequence[int]) -> None:
+    """Multiply row ``i`` (dim 0) of a tensor of ``full_shape`` by ``scale[i]``, on this rank's
+    elements ``local`` (1-D, the flat ``ranges`` of the full tensor: the whole tensor, row shards
+    or flat fragments). QK-Clip's one row-scaling function. Low precision: multiply in fp32 and
+    round once, so the clipped max logit lands on tau, not a hair above."""
+    if not local.numel():
+        return
+    row = math.prod(full_shape[1:])
+    ranges = [r for r in ranges if r[1] > r[0]]
+    scale = scale.to(local.device)
+    if len(ranges) == 1 and ranges[0][0] % row == 0 and ranges[0][1] % row == 0:   # whole rows: broadcast
+        r0, r1 = ranges[0][0] // row, ranges[0][1] // row
+        target, factor = local.view(r1 - r0, row), scale[r0:r1].view(-1, 1)
+    else:
+        target, factor = local, piece_row_scale(scale, ranges, row)
+    if local.dtype in (torch.float32, torch.float64):
+        target.mul_(factor.to(local.dtype))
+    else:
+        target.copy_(target.float() * factor)

@@ -481,16 +481,10 @@ class MasterSliceLayout(_LayoutBase):
 def _set_layout(opt: MuonClip, layout: Any) -> None:
     """Give an already built MuonClip a layout (``None``: Replicated) over the default process
     group, before its first step (a MuonClip built before ``init_distributed`` is single-process)."""
-    setter = getattr(opt, "set_layout", None)
-    if setter is not None:
-        setter(layout)
-        return
-    # engines without set_layout: redo the distribution setup of construction
     if any(opt.state.values()):
         raise ValueError("a MuonClip instance that has already stepped cannot be moved onto DeepSpeed's partitions; "
                          "pass a fresh instance (or the config section) to initialize()")
-    opt._setup_distribution(None, "external" if layout is not None else opt.grad_reduction, opt.shard_adamw,
-                            opt.accountant, layout)
+    opt.set_layout(layout)
 
 
 # --------------------------------------------------------------------------------------------

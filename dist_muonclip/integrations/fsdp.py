@@ -216,7 +216,7 @@ class Shard0Layout(Layout):
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                   stride=p.stride())
 
-    # -- optional engine hooks: eager state, torch-native (DCP) optimizer state dicts -------
+    # -- engine hooks: eager state, torch-native (DCP) optimizer state dicts ----------------
     def init_optimizer_state(self, optim: MuonClip) -> None:
         """Create all state at construction (DCP and torch's get_state_dict see it on every rank)."""
         init_state_(optim)
@@ -226,9 +226,10 @@ class Shard0Layout(Layout):
         :func:`torch_optimizer_state_dict`)."""
         return torch_optimizer_state_dict(optim)
 
-    def load_optimizer_state_dict(self, optim: MuonClip, state_dict: dict[str, Any]) -> None:
+    def load_optimizer_state_dict(self, optim: MuonClip, state_dict: dict[str, Any]) -> bool:
         """``MuonClip.load_state_dict()`` for FSDP2: keyed by position or FQN, DTensor or resharded."""
         _load_state(optim, state_dict)
+        return True
 
 
 # ------------------------------------------------------------------------------ wrapping
@@ -314,7 +315,7 @@ _ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 
 
 def _layout_of(optim: MuonClip) -> Shard0Layout:
-    layout = getattr(optim, "_layout", None)
+    layout = optim.layout
     if not isinstance(layout, Shard0Layout):
         raise TypeError("this optimizer does not use Shard0Layout; build it with dist_muonclip.fsdp.make_muonclip "
                         "(for replicated models use MuonClip.state_dict())")
@@ -450,7 +451,7 @@ def get_optimizer_state_dict(model: nn.Module, optim: MuonClip) -> dict[str, Any
     Collective (one small all-reduce): call it on every rank.
     """
     out = _build_state(optim, optim.param_name)
-    return {"format": STATE_FORMAT, "step": torch.tensor(int(getattr(optim, "_step_count_total", 0))), **out}
+    return {"format": STATE_FORMAT, "step": torch.tensor(optim.num_steps), **out}
 
 
 def set_optimizer_state_dict(model: nn.Module, optim: MuonClip, state_dict: dict[str, Any]) -> None:
@@ -460,8 +461,7 @@ def set_optimizer_state_dict(model: nn.Module, optim: MuonClip, state_dict: dict
         raise ValueError(f"state_dict has format {state_dict.get('format')!r}, expected {STATE_FORMAT!r} "
                          "(from dist_muonclip.fsdp.get_optimizer_state_dict)")
     _load_state(optim, state_dict)
-    if hasattr(optim, "_step_count_total"):
-        optim._step_count_total = int(state_dict.get("step", 0))
+    optim.num_steps = int(state_dict.get("step", 0))
 
 
 def torch_optimizer_state_dict(optim: MuonClip) -> dict[str, Any]:

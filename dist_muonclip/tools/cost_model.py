@@ -39,7 +39,7 @@ Engines (``engine=``):
 =====================  =====================================================================
 
 Collective names are those a wire-level count reports (:class:`dist_muonclip.profiler.WireCounter`):
-MuonClip's own collectives carry their tag (``all_to_all[muon_gather]``), the engine's (DDP,
+MuonClip's own collectives carry their tag (``all_to_all[muon_to_owner]``), the engine's (DDP,
 FSDP2, DeepSpeed) are bare kinds (``all_reduce``, ``all_gather``, ``reduce_scatter``,
 ``broadcast``: DDP broadcasts the module's buffers from rank 0 at every forward, ``buffer_bytes``).
 
@@ -350,7 +350,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             if engine in ("muonclip_ddp", "muonclip_optimizer"):
                 state[r] = owned[r] * state_elem_bytes + 2 * held_a[r] * state_elem_bytes
                 if W > 1:
-                    b["all_gather[muon_gather]"] = (W - 1) * owned[r] * ns_bytes
+                    b["all_gather[muon_from_owner]"] = (W - 1) * owned[r] * ns_bytes
                     if adamw:
                         b["all_gather[adamw_gather]"] = (W - 1) * chunk_a * param_bytes
                 if engine == "muonclip_ddp" and W > 1:
@@ -364,8 +364,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 if W > 1:
                     # momentum row blocks of the matrices others own travel there, updates come back;
                     # stacked experts are chunked along the shards and owned where they lie: nothing moves
-                    b["all_to_all[muon_gather]"] = f_gather[r]
-                    b["all_to_all[muon_scatter]"] = f_scatter[r]
+                    b["all_to_all[muon_to_owner]"] = f_gather[r]
+                    b["all_to_all[muon_from_owner]"] = f_scatter[r]
                     b["reduce_scatter"] = bytes_sent("reduce_scatter", P * grad_bytes, W)
                     # blocks are gathered in forward and again in backward; the root module
                     # (embeddings, final norm, head) stays unsharded between the two (FSDP2 does
@@ -413,8 +413,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                     continue
                 b = per_rank[r]
                 b["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
-                b["all_to_all[muon_gather]"] = z_gather[r]
-                b["all_to_all[muon_scatter]"] = z_scatter[r]
+                b["all_to_all[muon_to_owner]"] = z_gather[r]
+                b["all_to_all[muon_from_owner]"] = z_scatter[r]
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes

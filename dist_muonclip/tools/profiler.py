@@ -25,7 +25,7 @@ How each number is taken:
 * bytes / calls (``wire=True``, the default): a :class:`WireCounter` counts every collective
   the process puts on the wire, at the dispatcher (``c10d`` ops), whoever issues it: DDP's
   reducer, FSDP2's all-gathers and reduce-scatters, DeepSpeed's reductions and all-gathers,
-  MuonClip's own collectives (labelled with their tags, e.g. ``all_to_all[muon_gather]``) and any
+  MuonClip's own collectives (labelled with their tags, e.g. ``all_to_all[muon_to_owner]``) and any
   other (a training loop's loss all-reduce: label it with :func:`dist_muonclip.comm.comm_tag`).
   Bytes follow the byte model of :mod:`dist_muonclip.comm`. A step's record holds what was
   issued between the end of the previous ``step()`` (or :meth:`StepProfiler.attach`) and the end
@@ -77,7 +77,7 @@ __all__ = ["StepProfiler", "WireCounter", "profile_optimizer", "PHASES", "storag
            "rss_status", "reset_rss_peak"]
 
 #: Phase names MuonClip.step() reports, in execution order.
-PHASES = ("preflight", "reduce", "ns", "gather", "scatter", "apply", "adamw", "qk_clip")
+PHASES = ("reduce", "preflight", "clip_grad", "to_owner", "ns", "from_owner", "apply", "adamw", "qk_clip")
 
 
 def _storage(t: Any) -> tuple[tuple[str, int], int] | None:
