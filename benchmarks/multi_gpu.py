@@ -270,7 +270,7 @@ def _num_muon_matrices(family: str, model: str) -> int:
     else:
         m = tiny_model(_kind(model), seed=0)
     opt = MuonClip(m, lr=0.01, qk_clip=False)
-    return sum(item.num_matrices for item in opt._plan.items)
+    return sum(item.num_matrices for item in opt.plan.items)
 
 
 def compare_params(got: dict[str, Any], want: dict[str, Any], init: dict[str, Any] | None = None, *,

@@ -203,12 +203,12 @@ class _Run:
         """The peak since :meth:`start_memory` (on GPU the profiler's windows are read in :meth:`now`)."""
         import torch
 
-        from dist_muonclip.profiler import _rss_hwm_bytes, rss_status
+        from dist_muonclip.profiler import rss_hwm_bytes, rss_status
 
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
         st = rss_status()
-        return st[1] if st and self.peak_kind == "rss_per_window" else _rss_hwm_bytes()
+        return st[1] if st and self.peak_kind == "rss_per_window" else rss_hwm_bytes()
 
     def now(self) -> float:
         import torch

@@ -90,7 +90,8 @@ class MuonClip(Optimizer):
             mean "same as the Muon part".
         qk_clip: ``None`` = on with defaults when ``model_or_params`` is a model whose attention
             layers are found, else off; ``False`` = off; ``True``, a dict or a
-            :class:`~dist_muonclip.qk_clip.QKClipConfig` = on (an error if no layer is found).
+            :class:`~dist_muonclip.qk_clip.QKClipConfig` = on (an error if no layer is found); a
+            :class:`~dist_muonclip.qk_clip.QKClipper` = that clipper (e.g. built from explicit layers).
         model_config: HF config (or dict with head counts) for QK-Clip layer discovery when the
             model does not carry one.
         muon_patterns, adamw_patterns: name globs overriding the automatic split.
@@ -374,6 +375,8 @@ class MuonClip(Optimizer):
             if qk_clip is None:
                 return None
             raise
+        if isinstance(qk_clip, QKClipper):      # already built (e.g. from explicit layers: compat)
+            return qk_clip
         if model is None:
             raise ValueError("qk_clip needs the model (pass the nn.Module as model_or_params) to find its "
                              "attention layers")

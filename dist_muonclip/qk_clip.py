@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_muonclip.layouts import scale_rows_
 from dist_muonclip.tracker import DEFAULT_CHUNK_SIZE, MaxLogitTracker
 
 __all__ = [
@@ -657,11 +658,7 @@ class QKClipper:
             return None
         s = self.max_logits() if max_logits is None else max_logits
         for p, scale in self.row_scales(s):
-            view = scale.view(-1, *[1] * (p.ndim - 1))
-            if p.dtype == torch.float32 or p.dtype == torch.float64:
-                p.mul_(view.to(p.dtype))
-            else:  # low precision: multiply in fp32, round once
-                p.copy_(p.float() * view)
+            scale_rows_(p.detach().view(-1), scale, [(0, p.numel())], p.shape)
         return s
 
     def step(self, s_max: Any = None) -> torch.Tensor | None:

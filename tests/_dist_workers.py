@@ -91,7 +91,7 @@ def train_worker(rank: int, world: int, mode: str, steps: int, kind: str = "llam
     acc = CommAccountant()
     dev = rank_device(device)
     model, opt = build(kind, dev, grad_reduction="external" if mode == "ddp" else "optimizer", accountant=acc, **kw)
-    first_bucket_calls = [len(b.regions) for b in opt._comm_buckets]   # before the rebuild after step 1
+    first_bucket_calls = [len(b.regions) for b in getattr(opt._engine.grads, "buckets", [])]   # before the rebuild after step 1
     if load_state is not None:
         model.load_state_dict(load_state["model"])
         opt.load_state_dict(load_state["optim"])
@@ -122,9 +122,9 @@ def train_worker(rank: int, world: int, mode: str, steps: int, kind: str = "llam
         clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
     out = {"params": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
            "acc": acc.totals(), "acc_steps": acc.steps, "num_steps": len(acc.steps),
-           "owners": dict(opt._plan.owners), "loads": list(opt._plan.loads), "clipped": clipped,
-           "bucket_counts": [b.counts(world) for b in opt._plan.buckets],
-           "comm_bucket_calls": [len(b.regions) for b in opt._comm_buckets], "hook_trace": list(trace),
+           "owners": dict(opt.plan.owners), "loads": list(opt.plan.loads), "clipped": clipped,
+           "bucket_counts": [b.counts(world) for b in opt.plan.buckets],
+           "comm_bucket_calls": [len(b.regions) for b in getattr(opt._engine.grads, "buckets", [])], "hook_trace": list(trace),
            "first_comm_bucket_calls": first_bucket_calls,
            "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values()
                               if isinstance(t, torch.Tensor) and t.ndim > 0)}
@@ -303,7 +303,7 @@ def add_group_worker(rank: int, world: int, steps: int, mode: str = "optimizer",
     out = {}
     for t in range(steps):
         if t == add_at:
-            out["owners_before"] = dict(opt._plan.owners)
+            out["owners_before"] = dict(opt.plan.owners)
             before = opt.state_dict()["state"].get("b.weight", {})    # the full state: a collective
             opt.add_param_group({"params": later})
             after = opt.state.get(model.b.weight) or {}
@@ -314,7 +314,7 @@ def add_group_worker(rank: int, world: int, steps: int, mode: str = "optimizer",
         opt.step()
         model.zero_grad(set_to_none=True)     # also the gradients of parameters not yet in the optimizer
     return {**out, "params": {k: v.clone() for k, v in model.state_dict().items()},
-            "owners": dict(opt._plan.owners)}
+            "owners": dict(opt.plan.owners)}
 
 
 def add_group_oracle(world: int, steps: int, add_at: int = 0):

@@ -150,7 +150,7 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
                 saved = _fp32_params(engine)
     finally:
         restore_ns()
-    layout = inner._layout
+    layout = inner.layout
     moved = 0      # Muon elements held by a rank other than the matrix's owner (sent there and back)
     if layout.sharded:
         for g in inner.param_groups:
@@ -188,13 +188,13 @@ def _moved_elems(inner, layout, p) -> int:
     stacked [E, m, n] parameter may be planned as chunks of whole matrices (``MatrixItem.parent``
     / ``start``), each with its own owner (an MLA + MoE model's experts)."""
     name = inner.param_name(p)
-    owners = inner._plan.owners
+    owners = inner.plan.owners
     if name in owners:
         spans = [(0, p.numel(), owners[name])]
     else:
         per = p[0].numel()      # elements of one matrix of the stack
         spans = [(it.start * per, (it.start + it.num_matrices) * per, owners[it.name])
-                 for it in inner._plan.items if it.parent == name]
+                 for it in inner.plan.items if it.parent == name]
     ranges = layout.ranges(p)
     return sum(max(0, min(b, hi) - max(a, lo)) for lo, hi, owner in spans
                for r, rs in enumerate(ranges) if r != owner for a, b in rs)
@@ -269,7 +269,7 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
     out["moved"] = any(not torch.equal(final[k], after[1][k]) for k in final)
     out["skipped_steps"] = engine.skipped_steps
     out["scheduler_steps"] = engine.lr_scheduler.last_batch_iteration + 1
-    out["muonclip_steps"] = inner._step_count_total
+    out["muonclip_steps"] = inner.num_steps
     out["layout"] = engine._dist_muonclip.layout_name
     return out
 

@@ -211,7 +211,7 @@ def test_fp32_matches_single_process(stage, world, oracle_run, w2_run, tmp_path)
         # accountant: the fragments not on a matrix's owner travel to it once (fp32 momentum) and
         # the update fragments come back once (fp32 here): nothing else, nothing twice
         fp32 = 4
-        for tag in ("all_to_all[muon_gather]", "all_to_all[muon_scatter]"):
+        for tag in ("all_to_all[muon_to_owner]", "all_to_all[muon_from_owner]"):
             sent = sum(o["acc"].get(tag, {"bytes": 0})["bytes"] for o in outs)
             assert sent == STEPS * outs[0]["moved_elems"] * fp32, (tag, sent)
         assert all(o["acc_steps"] == STEPS for o in outs)
@@ -270,7 +270,7 @@ def test_bf16_tracks_fp32_oracle(stage, bf16, layout, world, oracle, w2_run, tmp
     if world == 4:
         # fragments really cross ranks and travel: the all-to-all path is not trivially empty
         assert outs[0]["moved_elems"] > 0
-        assert sum(o["acc"].get("all_to_all[muon_gather]", {"bytes": 0})["bytes"] for o in outs) > 0
+        assert sum(o["acc"].get("all_to_all[muon_to_owner]", {"bytes": 0})["bytes"] for o in outs) > 0
 
 
 @pytest.mark.slow

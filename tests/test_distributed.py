@@ -102,12 +102,12 @@ def _muon_adamw_numel():
     return muon, adamw
 
 
-def _muon_gather_calls(bucket_counts):
+def _muon_from_owner_calls(bucket_counts):
     """Per step: one all-gather per same-shape bucket whose owners hold equal numbers of its
     matrices, else one broadcast per owner (Comm.all_gather_uneven)."""
     even = sum(len(set(c)) == 1 for c in bucket_counts)
-    return {"all_gather[muon_gather]": even,
-            "broadcast[muon_gather]": sum(sum(n > 0 for n in c) for c in bucket_counts if len(set(c)) > 1)}
+    return {"all_gather[muon_from_owner]": even,
+            "broadcast[muon_from_owner]": sum(sum(n > 0 for n in c) for c in bucket_counts if len(set(c)) > 1)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -128,7 +128,7 @@ def test_accounting_ddp_and_optimizer_owned(world, tmp_path):
     # DDP mode: the optimizer adds exactly one all-gather of the Muon updates (fp32 here) and of
     # the AdamW slices (chunk padded to a multiple of W: at most W-1 elements)
     chunk = math.ceil(adamw / world)
-    assert total(ddp, "all_gather[muon_gather]") + total(ddp, "broadcast[muon_gather]") == pytest.approx(
+    assert total(ddp, "all_gather[muon_from_owner]") + total(ddp, "broadcast[muon_from_owner]") == pytest.approx(
         steps * (world - 1) * muon * fp32)
     assert total(ddp, "all_gather[adamw_gather]") == pytest.approx(steps * world * (world - 1) * chunk * fp32)
     # optimizer-owned reduction: every gradient element reaches the rank that needs it once per
@@ -136,14 +136,14 @@ def test_accounting_ddp_and_optimizer_owned(world, tmp_path):
     assert total(own, "reduce[grad_reduce]") == pytest.approx(steps * (world - 1) * (muon + adamw) * fp32)
     # ... so reduce + gathers == one DDP all-reduce, within 5% (the one-time bucket-order broadcast
     # of the first step included)
-    own_bytes = sum(total(own, k) for k in ("reduce[grad_reduce]", "all_gather[muon_gather]", "broadcast[muon_gather]",
+    own_bytes = sum(total(own, k) for k in ("reduce[grad_reduce]", "all_gather[muon_from_owner]", "broadcast[muon_from_owner]",
                                             "all_gather[adamw_gather]", "broadcast[bucket_order]"))
     assert own_bytes == pytest.approx(ddp_allreduce, rel=0.05)
     # the collectives of every step, by kind and number of calls
     for outs, mode in ((ddp, "ddp"), (own, "optimizer")):
         for out in outs:
             assert out["num_steps"] == steps
-            want = {k: n for k, n in _muon_gather_calls(out["bucket_counts"]).items() if n}
+            want = {k: n for k, n in _muon_from_owner_calls(out["bucket_counts"]).items() if n}
             want.update({"all_reduce[preflight]": 1, "all_gather[adamw_gather]": 1})
             for t, step in enumerate(out["acc_steps"]):
                 if mode == "optimizer":   # one reduce per destination region of every bucket
@@ -255,7 +255,7 @@ def test_sharded_layout_on_arbitrary_fragments(world, oracle, tmp_path):
         for k in want[name]:
             torch.testing.assert_close(got[name][k].float(), want[name][k].float(), atol=ATOL, rtol=RTOL)
     muon, _ = _muon_adamw_numel()
-    gathered = sum(o["acc"]["all_to_all[muon_gather]"]["bytes"] for o in outs)
+    gathered = sum(o["acc"]["all_to_all[muon_to_owner]"]["bytes"] for o in outs)
     # every Muon element travels to its owner at most once per step (fp32), less what owners hold
     assert gathered <= STEPS * muon * 4
 

@@ -167,8 +167,8 @@ def _check_extra_bytes(outs, kind, world, steps):
     for r, out in enumerate(outs):
         acc = out["acc"]
         assert out["num_steps"] == steps
-        assert set(acc) <= {"all_to_all[muon_gather]", "all_to_all[muon_scatter]", "all_reduce[preflight]"}, acc
-        a2a = acc["all_to_all[muon_gather]"]["bytes"] + acc["all_to_all[muon_scatter]"]["bytes"]
+        assert set(acc) <= {"all_to_all[muon_to_owner]", "all_to_all[muon_from_owner]", "all_reduce[preflight]"}, acc
+        a2a = acc["all_to_all[muon_to_owner]"]["bytes"] + acc["all_to_all[muon_from_owner]"]["bytes"]
         assert a2a == steps * sent[r]                    # exactly the rows that change rank
         extra_per_step = sum(c["bytes"] for c in acc.values()) / steps
         assert extra_per_step <= 2 * muon_bytes / world, (r, extra_per_step, 2 * muon_bytes / world)

@@ -390,7 +390,7 @@ def test_train_py_fsdp_profile_whole_step_bytes_match_cost_model(tmp_path):
            str(REPO / "launch" / "train.py"), *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "dist_muonclip profile: rank 0/2" in proc.stdout and "all_to_all[muon_gather]" in proc.stdout
+    assert "dist_muonclip profile: rank 0/2" in proc.stdout and "all_to_all[muon_to_owner]" in proc.stdout
     assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "trace*"))) == [
         "trace.csv", "trace.json", "trace.rank1.csv", "trace.rank1.json"]
     recs = load_trace(tmp_path / "trace.json")
@@ -399,7 +399,7 @@ def test_train_py_fsdp_profile_whole_step_bytes_match_cost_model(tmp_path):
     specs = specs_from_model(build_model(cfg))
     f = 1 / 2
     for r in recs:
-        assert {"preflight", "ns", "gather", "scatter", "apply", "adamw", "qk_clip"} <= set(r["phases_s"])
+        assert {"preflight", "to_owner", "ns", "from_owner", "apply", "adamw", "qk_clip"} <= set(r["phases_s"])
         p = predict(specs, 2, "muonclip_fsdp2", rank=r["rank"],
                     num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"])
         expected = {k: v for k, v in p["bytes"].items() if k != "total"}
@@ -409,5 +409,5 @@ def test_train_py_fsdp_profile_whole_step_bytes_match_cost_model(tmp_path):
     with open(tmp_path / "trace.rank1.csv") as fh:
         rows = list(csv.DictReader(fh))
     last = [r for r in recs if r["rank"] == 1][-1]
-    assert float(rows[-1]["bytes.all_to_all[muon_gather]"]) == last["comm"]["all_to_all[muon_gather]"]["bytes"]
+    assert float(rows[-1]["bytes.all_to_all[muon_to_owner]"]) == last["comm"]["all_to_all[muon_to_owner]"]["bytes"]
     assert float(rows[-1]["bytes.all_gather"]) == last["comm"]["all_gather"]["bytes"]

@@ -32,10 +32,20 @@ from ..param_split import as_matrices
 from ..plan import Bucket
 from .units import Units
 
-__all__ = ["BucketJob", "Exchange", "ReplicatedExchange", "ShardedExchange", "TO_OWNER", "FROM_OWNER"]
+__all__ = ["BucketJob", "Exchange", "ReplicatedExchange", "ShardedExchange", "TO_OWNER", "FROM_OWNER",
+           "momentum_buffer"]
 
 TO_OWNER = "muon_to_owner"
 FROM_OWNER = "muon_from_owner"
+
+
+def momentum_buffer(state: dict, like: Tensor, *, memory_format: torch.memory_format = torch.preserve_format
+                    ) -> Tensor:
+    """Muon's ``momentum_buffer`` in one parameter's state (zeros like ``like`` on first use: the
+    elements this rank keeps momentum for), named as in ``torch.optim.Muon``."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(like, memory_format=memory_format)
+    return state["momentum_buffer"]
 
 
 @dataclasses.dataclass
@@ -95,13 +105,7 @@ class ReplicatedExchange(Exchange):
 
     def momentum_buffers(self, job: BucketJob) -> list[tuple[Tensor, Tensor]]:
         """The owner's whole buffer, a state entry of the unit (a parameter or a chunk of experts)."""
-        out = []
-        for u in job.mine:
-            s = self.state[u]
-            if "momentum_buffer" not in s:
-                s["momentum_buffer"] = torch.zeros_like(u, memory_format=torch.preserve_format)
-            out.append((u, s["momentum_buffer"]))
-        return out
+        return [(u, momentum_buffer(self.state[u], u)) for u in job.mine]
 
     def to_owner(self, job: BucketJob, pieces: list[Tensor]) -> None:
         job.received = pieces            # the owner already holds the reduced matrices: nothing moves
@@ -143,11 +147,8 @@ class ShardedExchange(Exchange):
         out, units = [], self.units
         for u in job.active:
             p = units.param_of(u)
-            s = self.state[p]
-            if "momentum_buffer" not in s:
-                s["momentum_buffer"] = torch.zeros_like(units.layout.local_param(p),
-                                                        memory_format=torch.contiguous_format)
-            out.append((u, s["momentum_buffer"] if p is u else units.chunk_slice(u, s["momentum_buffer"])))
+            buf = momentum_buffer(self.state[p], units.layout.local_param(p), memory_format=torch.contiguous_format)
+            out.append((u, buf if p is u else units.chunk_slice(u, buf)))
         return out
 
     def to_owner(self, job: BucketJob, pieces: list[Tensor]) -> None:

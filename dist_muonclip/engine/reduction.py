@@ -36,13 +36,37 @@ GRAD_REDUCE = "grad_reduce"
 
 
 @dataclasses.dataclass(frozen=True)
+class MuonSink:
+    """Reduced elements that are a whole Muon unit (kept by its owner)."""
+
+    unit: Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWSink:
+    """Reduced elements of an AdamW partition's slice, at ``offset`` in it."""
+
+    key: tuple
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Route:
     """Where a flat range ``[start, stop)`` of a parameter's gradient is reduced to."""
 
     start: int
     stop: int
     dest: int | None          # rank, or None = every rank (all-reduce)
-    sink: tuple               # ("muon", unit) or ("adamw", partition key, offset in the slice)
+    sink: MuonSink | AdamWSink
+
+
+@dataclasses.dataclass
+class Launched:
+    """A bucket whose reductions are in flight."""
+
+    bucket: "CommBucket"
+    flat: Tensor
+    works: list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +76,7 @@ class CommBucket:
     params: tuple        # parameters whose gradients it carries, backward order (readiness)
     pieces: tuple        # (param, start, stop): flat element ranges, in buffer order
     regions: tuple       # (dest rank, or None = every rank, offset, numel): one collective each
-    mine: tuple          # (sink, offset, numel): reduced elements this rank keeps
+    mine: tuple          # (MuonSink | AdamWSink, offset, numel): reduced elements this rank keeps
     numel: int
 
 
@@ -71,7 +95,7 @@ class OwnedReduction(GradSource):
         self.reduced: dict[Tensor, Tensor] = {}           # owned unit -> reduced (averaged) gradient
         self.adamw_slices: dict[tuple, Tensor] = {}       # partition key -> this rank's reduced slice
         self.sync_enabled = True
-        self._launched: list[tuple] = []
+        self._launched: list[Launched] = []
         self._ready: set[Tensor] = set()
         self._grad_order: list[Tensor] = []               # hook order seen in the first backward
         self.bucket_order: list[Tensor] | None = None
@@ -98,18 +122,18 @@ class OwnedReduction(GradSource):
             for p in g["params"]:
                 chunks = units.chunks_of.get(p)
                 if not chunks:
-                    routes[p].append(Route(0, p.numel(), self.owner_of[p], ("muon", p)))
+                    routes[p].append(Route(0, p.numel(), self.owner_of[p], MuonSink(p)))
                     continue
                 for t in chunks:      # chunks of stacked experts: contiguous flat ranges of p
                     c, per = units.chunks[t], t[0].numel()
-                    routes[p].append(Route(c.start * per, c.stop * per, self.owner_of[t], ("muon", t)))
+                    routes[p].append(Route(c.start * per, c.stop * per, self.owner_of[t], MuonSink(t)))
         for part in self.partitions:
             for r, segs in enumerate(part.segments):
                 off = 0
                 for seg in segs:
                     if seg.stop > seg.start:
                         routes[units.by_name[seg.name]].append(
-                            Route(seg.start, seg.stop, r if part.sharded else None, ("adamw", part.key, off)))
+                            Route(seg.start, seg.stop, r if part.sharded else None, AdamWSink(part.key, off)))
                     off += seg.stop - seg.start
         return routes
 
@@ -162,7 +186,7 @@ class OwnedReduction(GradSource):
                 break
             self._launched.append(self._launch(bucket))
 
-    def _launch(self, bucket: CommBucket) -> tuple:
+    def _launch(self, bucket: CommBucket) -> Launched:
         """Pack the bucket's gradients (sorted by destination) and start one reduce per
         destination region (all-reduce for unsharded AdamW), in place in the flat buffer."""
         dtype, device = bucket.params[0].dtype, bucket.params[0].device
@@ -180,7 +204,7 @@ class OwnedReduction(GradSource):
                 works.append(self.comm.all_reduce(view, async_op=True, tag=GRAD_REDUCE))
             else:
                 works.append(self.comm.reduce(view, dest, async_op=True, tag=GRAD_REDUCE))
-        return bucket, flat, works
+        return Launched(bucket, flat, works)
 
     # -- in step() ----------------------------------------------------------------------------
     def launch(self) -> None:
@@ -197,16 +221,14 @@ class OwnedReduction(GradSource):
             p0 = part.params[0]
             size = part.chunk if part.sharded else sum(q.numel() for q in part.params)
             self.adamw_slices[part.key] = torch.zeros(size, dtype=p0.dtype, device=p0.device)
-        for bucket, flat, works in self._launched:
-            for work in works:
+        for job in self._launched:
+            for work in job.works:
                 work.wait()
-            for sink, off, n in bucket.mine:
-                if sink[0] == "muon":
-                    unit = sink[1]
-                    self.reduced[unit] = flat[off:off + n].div(w).view(unit.shape)
+            for sink, off, n in job.bucket.mine:
+                if isinstance(sink, MuonSink):
+                    self.reduced[sink.unit] = job.flat[off:off + n].div(w).view(sink.unit.shape)
                 else:
-                    _, key, at = sink
-                    self.adamw_slices[key][at:at + n] = flat[off:off + n]
+                    self.adamw_slices[sink.key][sink.offset:sink.offset + n] = job.flat[off:off + n]
         for buf in self.adamw_slices.values():
             buf.div_(w)
         self._launched = []

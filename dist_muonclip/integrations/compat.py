@@ -198,15 +198,14 @@ class MuonClip(_MuonClip):
         groups = _muon_groups(plist)
         opts: dict[str, Any] = dict(lr=lr, momentum=momentum, weight_decay=0.0, adjust_lr_fn="original")
         opts.update(kwargs)
-        super().__init__(groups, qk_clip=False, **opts)
+        clipper: Any = False
         if attention_params is not None:
             if metadata is None or n_head is None:
                 raise ValueError("attention_params given: metadata and n_head are required too")
+            # the core optimizer builds its clipper from a model; here it comes from explicit layers
             clipper = QKClipper(config=QKClipConfig(tau=tau, alpha=alpha, track="manual", check_finite=False),
                                 layers=_seed_layers(attention_params, mode, metadata, n_head))
-            # the core optimizer builds its clipper from a model; here it comes from explicit layers
-            self._clipper = clipper
-            self._ml_shape = tuple(clipper.max_logits(None).shape)
+        super().__init__(groups, qk_clip=clipper, **opts)
 
     def step(self, s_max: Any = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """``step(s_max)`` (seeds) or ``step(closure)`` (torch); ``s_max`` per layer, per head."""

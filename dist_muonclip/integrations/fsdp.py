@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..engine.adamw import adamw_state
+from ..engine.exchange import momentum_buffer
 from ..layouts import Layout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -310,8 +312,6 @@ def make_muonclip(model: nn.Module, **kwargs: Any) -> MuonClip:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-_MUON_STATE = ("momentum_buffer",)
-_ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 
 
 def _layout_of(optim: MuonClip) -> Shard0Layout:
@@ -332,15 +332,11 @@ def init_state_(optim: MuonClip) -> None:
     layout = _layout_of(optim)
     for g in optim.param_groups:
         for p in g["params"]:
-            state = optim.state[p]
             local = layout.local_param(p)
-            keys = _MUON_STATE if g["use_muon"] else _ADAMW_STATE
-            for k in keys:
-                if k not in state:
-                    state[k] = torch.zeros_like(local, memory_format=torch.contiguous_format)
-            if not g["use_muon"] and "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32,
-                                            device=local.device if optim.adamw_fused else "cpu")
+            if g["use_muon"]:
+                momentum_buffer(optim.state[p], local, memory_format=torch.contiguous_format)
+            else:
+                adamw_state(optim.state[p], local, fused=optim.adamw_fused)
 
 
 def _sync_steps_(optim: MuonClip) -> None:

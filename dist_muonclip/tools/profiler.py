@@ -74,7 +74,7 @@ from torch import Tensor
 from ..comm import CommAccountant, bytes_sent, current_comm_tag
 
 __all__ = ["StepProfiler", "WireCounter", "profile_optimizer", "PHASES", "storage_bytes", "owned_ns_flops", "load_trace",
-           "rss_status", "reset_rss_peak"]
+           "rss_status", "reset_rss_peak", "rss_hwm_bytes"]
 
 #: Phase names MuonClip.step() reports, in execution order.
 PHASES = ("reduce", "preflight", "clip_grad", "to_owner", "ns", "from_owner", "apply", "adamw", "qk_clip")
@@ -118,7 +118,7 @@ def owned_ns_flops(optimizer: Any, rank: int | None = None) -> int:
     return sum(item.flops for item in plan.items if plan.owners[item.name] == rank)
 
 
-def _rss_hwm_bytes() -> int:
+def rss_hwm_bytes() -> int:
     """The process's lifetime resident-set high-water mark (``getrusage``), bytes."""
     import resource
 
@@ -575,7 +575,7 @@ class StepProfiler:
         if self._cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
         st = rss_status()
-        return st[1] if st is not None and self._mem.get("per_window") else _rss_hwm_bytes()
+        return st[1] if st is not None and self._mem.get("per_window") else rss_hwm_bytes()
 
     def _current(self) -> int:
         if self._cuda:
