@@ -30,7 +30,7 @@ if [[ ! -f "$_stamp" || "$_root/setup.py" -nt "$_stamp" || "$_root/launch/setup_
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   python "$_root/launch/torch_choice.py" --pin "$_torch"
   _constraint="$_venv/.dist_muonclip_torch_constraint.txt"
-  python -c 'import torch; print(f"torch=={torch.__version__}")' > "$_constraint"
+  python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > "$_constraint"
   python -m pip install -q -c "$_constraint" -e "$_root[$_extras]"
   touch "$_stamp"
 fi

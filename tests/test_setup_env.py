@@ -95,3 +95,24 @@ def test_setup_env_installs_torch_through_the_choice_and_constrains_the_rest():
     assert 'pip install -q "$_torch"' not in text   # the unconditional pinned install a newcomer hit
     proc = subprocess.run(["bash", "-n", str(REPO / "launch" / "setup_env.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+_BUILD_EDITABLE = """
+import json, sys, tempfile, warnings
+from setuptools import build_meta
+with tempfile.TemporaryDirectory() as out, warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    build_meta.build_editable(out)
+print(json.dumps([f"{w.category.__name__}: {str(w.message).strip()[:300]}" for w in caught]))
+"""
+
+
+def test_editable_install_emits_no_setuptools_warning(tmp_path):
+    """Pins the set-up noise a newcomer saw (issue 13, item 10): setuptools warnings about an
+    undeclared data package, then its "Editable installation ... folders with the same name"
+    notice, which pip prints on every set-up. The editable wheel is built with setuptools' PEP 660
+    hook (what ``pip install -e .`` runs), every warning recorded."""
+    proc = subprocess.run([sys.executable, "-c", _BUILD_EDITABLE], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
