@@ -84,15 +84,20 @@ def _ns_coefficients(text: str) -> Any:
     return text
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """One default per flag in ``--help``: argparse's ``(default: X)`` where a flag has a value of
-    its own; nothing where it has none (``None``, an off switch, an empty list), whose help text
-    then says what happens, in the same ``(default: ...)`` form when a value is derived later."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """One default per flag in ``--help``: ``(default: X)`` appended where a flag has a value of its
+    own and its help does not show it already; nothing where it has none (``None``, an off switch,
+    an empty list), whose help text then says what happens, in the same ``(default: ...)`` form when
+    a value is derived after parsing. (argparse's ArgumentDefaultsHelpFormatter printed
+    ``(default: None)`` after those.)"""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == []:
+        text = action.help or ""
+        default = action.default
+        no_value = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if not action.option_strings or no_value or "%(default)" in text:   # (0 and 0.0 are values)
             return action.help
-        return super()._get_help_string(action)
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:

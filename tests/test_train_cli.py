@@ -48,14 +48,15 @@ def test_help_shows_one_default_per_flag(monkeypatch):
     # the flags whose default is derived after parsing state it once, in the same form
     expected = {"--model": "(default: llama-gqa)", "--lr": "(default: muonclip 0.01, adamw 0.001)",
                 "--adamw-lr": "(default: 0.003)", "--grad-clip": "(default: 1.0)", "--steps": "(default: 200)",
-                "--grad-reduction": "(default: external)", "--profile-wire": "(default: True)"}
+                "--grad-reduction": "(default: external)", "--profile-wire": "(default: True)",
+                "--seed": "(default: 0)", "--save-every": "(default: 0)"}
     for flag, default in expected.items():
         assert default in entries[flag], entries[flag]
     # every flag that has a value of its own shows it
     for action in train_mod.build_parser()._actions:   # argparse exposes no public list of actions
         if action.help == "==SUPPRESS==" or not action.option_strings or action.option_strings[0] == "-h":
             continue
-        if action.default not in (None, False, []):
+        if not (action.default is None or action.default is False or action.default == []):   # 0 is a value
             assert "(default: " in entries[action.option_strings[0]], entries[action.option_strings[0]]
 
 
