@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from launch import torch_choice
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "launch"))
-import torch_choice  # noqa: E402
 
 PIN = "torch==2.13.0"
 
