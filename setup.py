@@ -1,7 +1,11 @@
 """dist_muonclip: distributed MuonClip (Muon + AdamW + per-head QK-Clip) for PyTorch."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+README = Path(__file__).resolve().parent / "README.md"
 
 EXTRAS = {
     # Hugging Face models: automatic attention discovery and max-logit tracking.
@@ -23,10 +27,13 @@ setup(
     name="dist_muonclip",
     version="0.1.0",
     description="Distributed MuonClip optimizer (Muon + AdamW + QK-Clip) for PyTorch: DDP, FSDP2, DeepSpeed",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["dist_muonclip", "dist_muonclip.*"]),
+    # the packages live at the repository root: an editable install is one .pth entry (no import
+    # finder, and no setuptools notice about it on every set-up)
+    package_dir={"": "."},
     package_data={"dist_muonclip.support": ["corpus.txt.gz", "CORPUS.md"]},
     include_package_data=True,
     python_requires=">=3.10",

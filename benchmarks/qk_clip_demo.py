@@ -7,7 +7,8 @@ The task is an induction/copy task (the second half of each sequence repeats the
 which needs sharp attention and therefore drives the max logits up quickly.
 
     python benchmarks/qk_clip_demo.py --tau 5 --steps 300
-    # -> benchmarks/results/qk_clip_demo.json and benchmarks/results/qk_clip_demo.png
+    # -> runs/qk_clip_demo/qk_clip_demo.json and .png beside it (the paths are printed)
+    python benchmarks/qk_clip_demo.py --out benchmarks/results/qk_clip_demo.json   # refresh the committed result
 
 The same comparison with the training entry point: ``launch/train.py --qk-clip-tau 5`` vs
 ``launch/train.py --no-qk-clip`` (max logits are in the --out JSON as max_logit_per_layer).
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
+import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "runs" / "qk_clip_demo" / "qk_clip_demo.json"
 
 
 def build(args):
@@ -103,7 +107,7 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tau", type=float, default=5.0, help="QK-Clip threshold of the clipped run")
     p.add_argument("--steps", type=int, default=300)
@@ -118,34 +122,46 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON in --out")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="result JSON; the plot goes beside it with the suffix .png (default: %(default)s; "
+                   "the committed result is benchmarks/results/qk_clip_demo.json)")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.out.suffix != ".json":
+        raise SystemExit(f"--out {args.out}: give the result JSON's path (ending in .json); the PNG goes beside it")
+    png = args.out.with_suffix(".png")
     if args.replot:
-        with open(os.path.join(args.out, "qk_clip_demo.json")) as f:
-            plot(json.load(f), os.path.join(args.out, "qk_clip_demo.png"))
-        return
+        with open(args.out) as f:
+            result = json.load(f)
+        plot(result, str(png))
+        print(f"wrote {png}")
+        return result
 
     import torch
+    import transformers
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks._common import git_commit
 
     torch.set_num_threads(args.threads)
     clipped, free = run(args, args.tau), run(args, None)
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit = None
-    import transformers
-
-    result = {"args": vars(args), "device": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "commit": commit, "clipped": clipped, "unclipped": free}
-    with open(os.path.join(args.out, "qk_clip_demo.json"), "w") as f:
+    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "commit": git_commit(), "clipped": clipped, "unclipped": free}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-
-    plot(result, os.path.join(args.out, "qk_clip_demo.png"))
+    plot(result, str(png))
     peak_c = max(r["max_logit"] for r in clipped["rows"])
     peak_f = max(r["max_logit"] for r in free["rows"])
     print(f"peak max logit: clipped {peak_c:.2f} (tau {args.tau}), unclipped {peak_f:.2f}")
+    print(f"wrote {args.out} and {png}")
+    return result
 
 
 if __name__ == "__main__":

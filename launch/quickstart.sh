@@ -3,6 +3,8 @@
 # MuonClip on the embedded corpus, distributed over 2 CPU processes (gloo) when there is no GPU,
 # or over every GPU of this machine (NCCL).
 #   bash launch/quickstart.sh [extra launch/train.py flags]
+# On an idle 2-core CPU box: set-up ~1 min (first run), training ~3 min; the 2-process run ends at
+# train loss 1.4748 (mean of the last 10 steps) and eval loss 1.5334 (docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup_env.sh test

@@ -51,6 +51,7 @@ __all__ = [
     "parse_args",
     "lr_factor",
     "build_optimizer",
+    "format_grad_norm",
     "train",
     "main",
 ]
@@ -83,17 +84,33 @@ def _ns_coefficients(text: str) -> Any:
     return text
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """One default per flag in ``--help``: ``(default: X)`` appended where a flag has a value of its
+    own and its help does not show it already; nothing where it has none (``None``, an off switch,
+    an empty list), whose help text then says what happens, in the same ``(default: ...)`` form when
+    a value is derived after parsing. (argparse's ArgumentDefaultsHelpFormatter printed
+    ``(default: None)`` after those.)"""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        no_value = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if not action.option_strings or no_value or "%(default)" in text:   # (0 and 0.0 are values)
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"preset name in configs/models (default {DEFAULT_PRESET})")
+    g.add_argument("--model", default=None, help=f"preset name in configs/models (default: {DEFAULT_PRESET})")
     g.add_argument("--model-config", default=None, help="path of a JSON model config (instead of --model)")
     g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config key, e.g. --override hidden_size=64 (repeatable)")
     g.add_argument("--attn-implementation", default="sdpa", help="HF attention implementation")
     g = p.add_argument_group("data")
-    g.add_argument("--corpus", default=None, help="text file (plain or .gz); default: the shipped corpus")
+    g.add_argument("--corpus", default=None,
+                   help="text file (plain or .gz) (default: the corpus shipped in dist_muonclip/support)")
     g.add_argument("--batch-size", type=int, default=16, help="GLOBAL batch in sequences (divisible by world size)")
     g.add_argument("--seq-len", type=int, default=128, help="sequence length in byte tokens")
     g.add_argument("--eval-batches", type=int, default=8, help="number of fixed held-out batches per evaluation")
@@ -102,19 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="muonclip: Muon on hidden matrices + AdamW on the rest + QK-Clip; adamw: AdamW on all")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps (total, also when resuming)")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak lr (MuonClip: the Muon lr; AdamW: its lr). Default: "
-                   + ", ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items()))
+                   help="peak lr (MuonClip: the Muon lr; AdamW: its lr) (default: "
+                   + ", ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items()) + ")")
     g.add_argument("--adamw-lr", type=float, default=None,
-                   help="peak lr of MuonClip's AdamW part (embeddings, head, norms, biases). "
-                   f"Default: {DEFAULTS['muonclip']['adamw_lr']:g}")
+                   help="peak lr of MuonClip's AdamW part (embeddings, head, norms, biases) "
+                   f"(default: {DEFAULTS['muonclip']['adamw_lr']:g})")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (both optimizers)")
     g.add_argument("--momentum", type=float, default=0.95, help="Muon momentum")
     g.add_argument("--adamw-betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"),
                    help="AdamW betas (both optimizers)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%% of peak")
-    g.add_argument("--grad-clip", type=float, default=None,
-                   help="max global grad norm (0 disables). Default 1.0. With --grad-reduction optimizer the "
-                   "optimizer clips the reduced gradient inside step() (MuonClip(max_grad_norm=...))")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="max global norm of the reduced gradient, clipped before momentum and Newton-Schulz "
+                   "(0: off). DDP/FSDP: clip_grad_norm_ after backward; DeepSpeed: the config's "
+                   "gradient_clipping if set; --grad-reduction optimizer: inside step() as "
+                   "MuonClip(max_grad_norm=...), the only place the reduced gradient exists")
     g.add_argument("--qk-clip-tau", type=float, default=100.0, help="QK-Clip threshold tau (MuonClip)")
     g.add_argument("--no-qk-clip", action="store_true", help="disable QK-Clip")
     g.add_argument("--ns-backend", default="auto", help="Newton-Schulz backend: torch | triton | auto")
@@ -127,19 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=sorted(ENGINES), default="ddp",
                    help="ddp: replicated parameters, DDP gradient all-reduce (no wrapper for 1 process)")
     g.add_argument("--fsdp", dest="engine", action="store_const", const="fsdp", help="= --engine fsdp (FSDP2)")
-    g.add_argument("--fsdp-mixed-precision", choices=("none", "bf16"), default="none")
+    g.add_argument("--fsdp-mixed-precision", choices=("none", "bf16"), default="none",
+                   help="FSDP2 MixedPrecisionPolicy: bf16 parameters in forward/backward, fp32 gradient reduction")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    metavar="DS.json", help="DeepSpeed JSON config: selects --engine deepspeed (configs/zero*.json)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)   # passed by the deepspeed launcher; LOCAL_RANK is read from the env
     g.add_argument("--grad-reduction", choices=("external", "optimizer"), default="external",
                    help="external: the engine (DDP) all-reduces gradients; optimizer: no DDP, MuonClip "
-                   "reduce-scatters gradients to their owners during backward (same bytes as DDP)")
+                   "reduces gradients to their owners during backward (same bytes as DDP; MuonClip only; "
+                   "--grad-clip is applied inside step())")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda if available)")
     g.add_argument("--autocast", choices=("none", "bf16"), default="none", help="autocast dtype of forward")
     g.add_argument("--seed", type=int, default=0, help="model init and data order")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, default=10, help="print mean loss and tokens/s every N steps")
+    g.add_argument("--log-every", type=int, default=10,
+                   help="print mean loss, lr, grad norm, tokens/s and max logit per layer every N steps")
     g.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
     g.add_argument("--out", default=None, help="write a JSON with the per-step log and final losses")
     g.add_argument("--save", default=None, help="checkpoint directory (written at the end and every --save-every)")
@@ -167,8 +189,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.grad_reduction == "optimizer":
         if args.optimizer != "muonclip":
             parser.error("--grad-reduction optimizer needs --optimizer muonclip (AdamW relies on DDP's all-reduce)")
-    if args.grad_clip is None:
-        args.grad_clip = 1.0
     if args.deepspeed_config is not None:
         if args.engine not in ("ddp", "deepspeed"):
             parser.error(f"--deepspeed_config selects the deepspeed engine; it cannot be combined with --engine "
@@ -469,6 +489,24 @@ def _optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, Any] | Non
     return _jsonable(metrics)
 
 
+def format_grad_norm(engine_norm: float, metrics: dict[str, Any] | None, *, optimizer_norm_is_global: bool) -> str:
+    """The console line's gradient norm.
+
+    ``engine_norm`` is what the engine measured after backward (NaN when it had none: with
+    optimizer-owned reduction on several ranks no rank holds the reduced gradient before
+    ``step()``). Then the optimizer's own ``grad_norm`` metric is printed: the global norm of the
+    reduced gradient, before clipping, when MuonClip clipped with it (``max_grad_norm``: optimizer-
+    owned reduction with ``--grad-clip`` > 0), else the norm of the reduced pieces this rank holds
+    (no collective is spent on a metric), labelled so.
+    """
+    if math.isfinite(engine_norm):
+        return f"{engine_norm:.3f}"
+    value = (metrics or {}).get("grad_norm")
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return f"{value:.3f}" if optimizer_norm_is_global else f"{value:.3f} (this rank's share)"
+    return "n/a"
+
+
 def param_checksum(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter's full value in name order (DTensors gathered: a collective):
     equal checksums mean bit-identical models, whatever engine trained them."""
@@ -589,6 +627,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
            if getattr(engine, "source", "") else "")
         + f" | global batch {args.batch_size}x{args.seq_len} = {tokens_per_step} tokens/step")
 
+    # MuonClip measured the global norm itself when it clipped inside step() (build_optimizer)
+    optimizer_clips = args.optimizer == "muonclip" and args.grad_reduction == "optimizer" and args.grad_clip > 0
     bar = tqdm(total=args.steps, initial=start_step, disable=not ctx.is_main or args.no_progress,
                dynamic_ncols=True, desc="train")
     window_t, window_tokens, window_losses = time.perf_counter(), 0, []
@@ -638,7 +678,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 extra = " | max logit/layer " + " ".join(
                     "-" if v is None else f"{v:.1f}" for v in metrics["max_logit_per_layer"])
             say(f"step {done:>6}/{args.steps} | loss {sum(window_losses) / len(window_losses):.4f} | "
-                f"lr {lr_now:.3g} | grad norm {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3f}'} | "
+                f"lr {lr_now:.3g} | grad norm "
+                f"{format_grad_norm(grad_norm, metrics, optimizer_norm_is_global=optimizer_clips)} | "
                 f"{window_tokens / elapsed:,.0f} tokens/s{extra}")
             window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:

@@ -25,7 +25,7 @@ __all__ = [
     "parse_override",
 ]
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"   # the repository's configs/
 DEFAULT_PRESET = "llama-gqa"
 
 
