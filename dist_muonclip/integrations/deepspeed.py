@@ -42,13 +42,13 @@ BF16_Optimizer, FP16_UnfusedOptimizer) clip inside their ``step`` and detect the
 themselves. At stage 0 fp32 DeepSpeed has no wrapper: the engine would clip with
 ``clip_grad_norm_``, which on an infinite norm multiplies every gradient by 0 and reports no
 overflow (every other parameter would then take a zero-gradient step: momentum decayed, weight
-decay applied). There :class:`DeepSpeedMuonClip` does the wrapper's job (see
-:meth:`DeepSpeedMuonClip.bind`): it takes over the engine's fp32 clip, computes the global norm
+decay applied). There :class:`DeepSpeedClient` does the wrapper's job (see
+:meth:`DeepSpeedClient.bind`): it takes over the engine's fp32 clip, computes the global norm
 itself, skips on an invalid norm (``overflow``) and otherwise clips exactly as DeepSpeed would. The
 max logits recorded by a skipped step's forward carry into the next step's QK-Clip (same weights:
 a max over two batches, never a missed clip).
 
-The optimizer DeepSpeed sees is a thin :class:`DeepSpeedMuonClip` with two param groups, the Muon
+The optimizer DeepSpeed sees is a thin :class:`DeepSpeedClient` with two param groups, the Muon
 matrices and the AdamW parameters. DeepSpeed flattens and partitions every group on its own, so
 each rank holds ~1/W of the Muon elements (one momentum word each) and ~1/W of the AdamW elements
 (two moment words each): optimizer state is balanced across ranks, instead of the ranks whose
@@ -72,6 +72,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .. import options as _options
 from ..comm import Comm, CommAccountant
 from ..optimizer import MuonClip
 from ..plan import flat_partition
@@ -86,11 +87,13 @@ __all__ = [
     "QK_CLIP_OPTIONS",
     "parse_muonclip_section",
     "prepare_config",
+    "DeepSpeedClient",
     "DeepSpeedMuonClip",
     "FlatFragmentsLayout",
     "MasterSliceLayout",
     "initialize",
     "muonclip_optimizer",
+    "deepspeed_client",
     "full_state_dict",
     "load_full_state_dict",
     "save_checkpoint",
@@ -104,122 +107,14 @@ FULL_STATE_FILE = "muonclip_full_state.pt"
 # The "optimizer" section of a DeepSpeed config
 # --------------------------------------------------------------------------------------------
 
-# key -> (JSON kind, default, meaning). Kinds: number, int, bool, str, number_or_null, pair,
-# str_list, coefficients, qk_clip. configs/REFERENCE.md documents the same table.
+# The schema of the section is generated from MuonClip.__init__ and QKClipConfig
+# (dist_muonclip.options, which also renders configs/REFERENCE.md); these views keep the
+# documented names: key -> (JSON kind, default, meaning).
 MUONCLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "lr": ("number", None, "Muon lr (required); also the AdamW part's lr unless adamw_lr is set"),
-    "momentum": ("number", 0.95, "Muon momentum mu in [0, 1)"),
-    "nesterov": ("bool", True, "Nesterov momentum (torch.optim.Muon form)"),
-    "weight_decay": ("number", 0.1, "decoupled weight decay of the Muon part (and AdamW unless adamw_weight_decay)"),
-    "ns_steps": ("int", 5, "Newton-Schulz iterations"),
-    "ns_coefficients": ("coefficients", "jordan",
-                        "\"jordan\" | \"polar_express\" | \"cans\" | [a, b, c] | [[a, b, c], ...]"),
-    "ns_backend": ("str", "auto", "\"auto\" | \"torch\" | \"triton\""),
-    "ns_dtype": ("str", "bfloat16", "\"bfloat16\" | \"float32\" (NS operand dtype)"),
-    "ns_eps": ("number", 1e-7, "Frobenius-norm clamp of the NS input"),
-    "adjust_lr_fn": ("str", "match_rms_adamw", "\"match_rms_adamw\" | \"original\" | \"none\""),
-    "adamw_lr": ("number_or_null", None, "lr of the AdamW part (null: same as lr)"),
-    "adamw_betas": ("pair", [0.9, 0.95], "AdamW (beta1, beta2)"),
-    "adamw_eps": ("number", 1e-8, "AdamW epsilon"),
-    "adamw_weight_decay": ("number_or_null", None, "AdamW weight decay (null: same as weight_decay)"),
-    "qk_clip": ("qk_clip", None, "null (auto) | true | false | {QK-Clip options, see QK_CLIP_OPTIONS}"),
-    "muon_patterns": ("str_list", [], "name globs forced to Muon"),
-    "adamw_patterns": ("str_list", [], "name globs forced to AdamW"),
-    "skip_nonfinite": ("bool", True, "skip parameters whose gradient is non-finite (state untouched)"),
-    "shard_adamw": ("bool", True, "ZeRO-0: shard AdamW state over ranks (stages 1/2 always shard)"),
-    "verbose": ("bool", False, "print the Muon/AdamW split at construction"),
-}
-
+    k: (o.kind, o.default, o.doc) for k, o in _options.deepspeed_options().items()}
 QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "enable": ("bool", True, "false turns QK-Clip off"),
-    "tau": ("number", 100.0, "max-logit threshold"),
-    "alpha": ("number", 0.5, "share of the clip put on the query side"),
-    "mapping": ("dict_or_null", None, "role -> attribute-name overrides for attention modules"),
-    "gqa_policy": ("str", "exact", "\"exact\" | \"conservative\""),
-    "qk_norm_policy": ("str", "shared", "\"shared\" | \"error\" (models with q_norm/k_norm)"),
-    "track": ("str", "auto", "\"auto\" | \"hf\" | \"manual\""),
-    "track_eval": ("bool", False, "also record forwards without autograd"),
-    "chunk_size": ("int", None, "logits materialized at once by the torch max-logit path"),
-    "backend": ("str", "auto", "max-logit backend: \"auto\" | \"torch\" | \"triton\""),
-    "check_finite": ("bool", True, "raise on NaN/+inf max logits"),
-}
-
-_KIND_TEXT = {"number": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-              "number_or_null": "a number or null", "pair": "a list of two numbers",
-              "str_list": "a list of strings", "dict_or_null": "an object or null",
-              "coefficients": "a string, [a, b, c] or a list of [a, b, c]",
-              "qk_clip": "null, true, false or an object"}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_kind(path: str, kind: str, value: Any) -> None:
-    ok = {
-        "number": _is_number(value),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "number_or_null": value is None or _is_number(value),
-        "pair": isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value),
-        "str_list": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
-        "dict_or_null": value is None or isinstance(value, dict),
-        "coefficients": isinstance(value, str)
-        or (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value))
-        or (isinstance(value, (list, tuple)) and len(value) > 0 and all(
-            isinstance(r, (list, tuple)) and len(r) == 3 and all(_is_number(v) for v in r) for r in value)),
-        "qk_clip": value is None or isinstance(value, (bool, dict)),
-    }[kind]
-    if not ok:
-        raise TypeError(f"DeepSpeed config {path} must be {_KIND_TEXT[kind]}, got {value!r} "
-                        f"({type(value).__name__})")
-
-
-def _unknown_key(path: str, key: str, allowed: Sequence[str]) -> ValueError:
-    import difflib
-
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"DeepSpeed config {path}: unknown key {key!r}{hint}; MuonClip accepts "
-                      f"{', '.join(sorted(allowed))} (see configs/REFERENCE.md)")
-
-
-def parse_muonclip_section(section: dict[str, Any]) -> dict[str, Any]:
-    """Validate a config's ``"optimizer"`` section of type MuonClip; return MuonClip kwargs.
-
-    Unknown keys and wrong JSON types raise ``ValueError``/``TypeError`` naming the key path
-    (e.g. ``optimizer.params.qk_clip.tau``). Values are checked again, in full, when the optimizer
-    is built (ranges, coefficient names), still before any state exists.
-    """
-    if not isinstance(section, dict):
-        raise TypeError(f"DeepSpeed config 'optimizer' must be an object, got {type(section).__name__}")
-    for key in section:
-        if key not in ("type", "params"):
-            raise _unknown_key("optimizer", key, ("type", "params"))
-    params = section.get("params", {})
-    if not isinstance(params, dict):
-        raise TypeError(f"DeepSpeed config optimizer.params must be an object, got {type(params).__name__}")
-    kwargs: dict[str, Any] = {}
-    for key, value in params.items():
-        if key not in MUONCLIP_OPTIONS:
-            raise _unknown_key("optimizer.params", key, list(MUONCLIP_OPTIONS))
-        kind = MUONCLIP_OPTIONS[key][0]
-        _check_kind(f"optimizer.params.{key}", kind, value)
-        if kind == "qk_clip" and isinstance(value, dict):
-            for qk, qv in value.items():
-                if qk not in QK_CLIP_OPTIONS:
-                    raise _unknown_key("optimizer.params.qk_clip", qk, list(QK_CLIP_OPTIONS))
-                _check_kind(f"optimizer.params.qk_clip.{qk}", QK_CLIP_OPTIONS[qk][0], qv)
-        if kind == "pair":
-            value = tuple(value)
-        if kind == "coefficients" and not isinstance(value, str):
-            value = tuple(value) if _is_number(value[0]) else [tuple(r) for r in value]
-        kwargs[key] = value
-    if "lr" not in kwargs:
-        raise ValueError("DeepSpeed config optimizer.params.lr is required for MuonClip (e.g. \"lr\": 0.01 with the "
-                         "default adjust_lr_fn=\"match_rms_adamw\", which lets an AdamW-tuned lr serve both parts)")
-    return kwargs
+    k: (o.kind, o.default, o.doc) for k, o in _options.qk_clip_options().items()}
+parse_muonclip_section = _options.parse_muonclip_section
 
 
 def _load_json(config: Any) -> dict[str, Any]:
@@ -241,13 +136,16 @@ def _zero_stage(config: dict[str, Any]) -> int:
     return stage
 
 
-def prepare_config(config: Any, *, has_optimizer: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def prepare_config(config: Any, *, has_optimizer: bool = False, auto_values: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Split a DeepSpeed config (dict or JSON path) into (config for DeepSpeed, MuonClip kwargs).
 
     The returned config is a copy without the MuonClip ``"optimizer"`` section and with
     ``zero_allow_untested_optimizer`` set (DeepSpeed's whitelist does not know MuonClip). The
     kwargs are ``None`` when the config has no MuonClip section (then ``has_optimizer`` must be
-    true: a MuonClip instance was passed). Raises for combinations MuonClip does not support.
+    true: a MuonClip instance was passed). ``auto_values`` fills the section's ``"auto"`` values
+    (see :func:`dist_muonclip.options.parse_muonclip_section`). Raises for combinations MuonClip
+    does not support.
     """
     cfg = _load_json(config)
     section = cfg.get("optimizer")
@@ -259,7 +157,7 @@ def prepare_config(config: Any, *, has_optimizer: bool = False) -> tuple[dict[st
             if has_optimizer:
                 raise ValueError("both an optimizer instance and an 'optimizer' section of type MuonClip were given; "
                                  "remove one of them")
-            kwargs = parse_muonclip_section(section)
+            kwargs = parse_muonclip_section(section, auto_values=auto_values)
             del cfg["optimizer"]
         elif has_optimizer:
             raise ValueError(f"the config's optimizer section has type {section.get('type')!r} but a MuonClip instance "
@@ -296,7 +194,7 @@ def prepare_config(config: Any, *, has_optimizer: bool = False) -> tuple[dict[st
 # Layouts over DeepSpeed's storage
 # --------------------------------------------------------------------------------------------
 
-_GROUP_KEY = "dist_muonclip_group"   # index of a DeepSpeedMuonClip param group (0: Muon, 1: AdamW)
+_GROUP_KEY = "dist_muonclip_group"   # index of a DeepSpeedClient param group (0: Muon, 1: AdamW)
 
 
 class FlatFragmentsLayout(_LayoutBase):
@@ -352,7 +250,7 @@ class FlatFragmentsLayout(_LayoutBase):
 
     def stash_grad(self, group: int) -> None:
         """Keep group ``group``'s gradient partition for a step that runs after DeepSpeed has
-        dropped it (ZeRO-1/2 step the client one group at a time, see DeepSpeedMuonClip.step)."""
+        dropped it (ZeRO-1/2 step the client one group at a time, see DeepSpeedClient.step)."""
         g = self._flat[group].grad
         if g is None:
             self._stashed.pop(group, None)
@@ -419,7 +317,7 @@ class MasterSliceLayout(_LayoutBase):
     """Full fp32 master copies on every rank (DeepSpeed stage 0 + bf16), split into equal slices.
 
     Each rank updates only its slice of the concatenated masters of each group (ZeRO-1 state
-    sharding; with DeepSpeedMuonClip's two groups every rank holds 1/W of the Muon and 1/W of the
+    sharding; with DeepSpeedClient's two groups every rank holds 1/W of the Muon and 1/W of the
     AdamW elements: balanced state); :meth:`all_gather_` then refreshes the other slices (one
     all-gather) so every replica's master is complete again before DeepSpeed copies masters into
     the bf16 parameters. ``groups``: more lists of ``(params, masters, names)`` after the first.
@@ -497,9 +395,17 @@ def _set_layout(opt: MuonClip, layout: Any) -> None:
 # The optimizer DeepSpeed sees
 # --------------------------------------------------------------------------------------------
 
-class DeepSpeedMuonClip(Optimizer):
+class DeepSpeedClient(Optimizer):
     """The client optimizer handed to DeepSpeed: two param groups (Muon matrices, AdamW
     parameters; an empty one is left out), MuonClip inside.
+
+    Its class name must not contain "muon": DeepSpeed 0.19's ZeRO-1/2 optimizer
+    (``stage_1_and_2.py``, ``_is_muon_group`` and ``get_flat_partition``) runs its own Muon update
+    on gradients of parameters tagged ``use_muon`` whenever ``"muon" in
+    type(optimizer).__name__.lower()``, and expects its own ``momentum`` state (``KeyError:
+    'momentum'`` at the first backward). MuonClip honours the tags itself (they choose the
+    Muon/AdamW split) and must see raw gradients. ``DeepSpeedMuonClip`` is the same class under
+    its documented name.
 
     DeepSpeed replaces each group's ``params`` by its fp32 partition (ZeRO-1/2, bf16) and calls
     :meth:`step` after it has reduced, unscaled and clipped the gradients; :meth:`bind` (called
@@ -540,6 +446,7 @@ class DeepSpeedMuonClip(Optimizer):
         self.overflow = False
         self._global_grad_norm: float | None = None
         self.layout_name = "unbound"
+        self._state_per_rank = False   # DeepSpeed writes one optimizer file per rank (ZeRO-1/2), see state_dict
         self._bound = False
         muon = {p for g in muonclip.param_groups if g.get("use_muon", True) for p in g["params"]}
         split = [[p for p in params if p in muon], [p for p in params if p not in muon]]
@@ -552,6 +459,7 @@ class DeepSpeedMuonClip(Optimizer):
         """Build the inner MuonClip over what DeepSpeed made of the parameters (see module doc)."""
         wrapper = engine.optimizer
         layout: Any = None
+        self._state_per_rank = bool(engine.zero_optimization())
         if wrapper is self:
             self.layout_name = "replicated"
             self._take_over_fp32_clip(engine)
@@ -654,7 +562,7 @@ class DeepSpeedMuonClip(Optimizer):
 
     def _check_groups(self, groups: Sequence[Any]) -> None:
         if len(groups) != len(self._groups):
-            raise RuntimeError(f"DeepSpeed made {len(groups)} param groups out of DeepSpeedMuonClip's "
+            raise RuntimeError(f"DeepSpeed made {len(groups)} param groups out of DeepSpeedClient's "
                                f"{len(self._groups)}; MoE expert groups are not supported")
 
     @staticmethod
@@ -711,9 +619,16 @@ class DeepSpeedMuonClip(Optimizer):
         return self.inner.metrics()
 
     def state_dict(self) -> dict[str, Any]:
-        """MuonClip's state: this rank's shard when DeepSpeed saves one file per rank (ZeRO-1/2,
-        bf16 master slices), else the full state. A collective for the full state."""
-        sharded = self.layout_name != "replicated"
+        """MuonClip's state: this rank's shard when DeepSpeed saves one file per rank (ZeRO-1/2),
+        else the full state (a collective).
+
+        At ZeRO-0 (fp32 replicated, or bf16 master slices) DeepSpeed calls this on every rank but
+        writes only data-parallel rank 0's result, and every rank loads that one file: the state
+        must be complete there. (A sharded state at ZeRO-0 + bf16 was the bug behind
+        ``RuntimeError: shape '[64, 64]' is invalid for input of size 8192`` on resume: each rank
+        loaded rank 0's shard, so merging doubled rank 0's pieces and the others' were lost.)
+        """
+        sharded = self._state_per_rank
         return {"format": "dist_muonclip.deepspeed.v1", "lr0": self._lr0, "base_lrs": self._base_lrs,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self._groups],
                 "muonclip": self.inner.state_dict(sharded=sharded)}
@@ -721,7 +636,7 @@ class DeepSpeedMuonClip(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output; shards are merged over all ranks (a collective)."""
         if state_dict.get("format") != "dist_muonclip.deepspeed.v1":
-            raise ValueError("not a DeepSpeedMuonClip state dict (expected format 'dist_muonclip.deepspeed.v1')")
+            raise ValueError("not a DeepSpeedClient state dict (expected format 'dist_muonclip.deepspeed.v1')")
         inner_sd = state_dict["muonclip"]
         if "sharded" in inner_sd:
             if inner_sd["sharded"]["world_size"] != self.inner.world_size:
@@ -730,10 +645,15 @@ class DeepSpeedMuonClip(Optimizer):
                                  "dist_muonclip.deepspeed.load_checkpoint (full-state export)")
             shards = [None] * self.inner.world_size
             dist.all_gather_object(shards, inner_sd)
+            if sorted(sh["sharded"]["rank"] for sh in shards) != list(range(self.inner.world_size)):
+                raise ValueError("every rank loaded the same optimizer-state shard: this ZeRO-0 checkpoint holds only "
+                                 "rank 0's part of MuonClip's state (written by a dist_muonclip older than the fix of "
+                                 "ZeRO-0 + bf16 checkpoints); resume through dist_muonclip.deepspeed.load_checkpoint, "
+                                 "which reads the full-state export that save_checkpoint writes beside it")
             inner_sd = self.inner.merge_sharded(shards)
         self.inner.load_state_dict(inner_sd)
         if len(state_dict["param_groups"]) != len(self._groups):
-            raise ValueError(f"this checkpoint has {len(state_dict['param_groups'])} DeepSpeedMuonClip param groups, "
+            raise ValueError(f"this checkpoint has {len(state_dict['param_groups'])} DeepSpeedClient param groups, "
                              f"this run has {len(self._groups)}: resume through dist_muonclip.deepspeed.load_checkpoint "
                              "(full-state export)")
         for g, saved in zip(self._groups, state_dict["param_groups"]):
@@ -744,7 +664,7 @@ class DeepSpeedMuonClip(Optimizer):
         weights by parameter name, and the lr bookkeeping. A collective; every rank gets it."""
         inner = self.inner
         names = {p: n for n, p in self._model.named_parameters()}
-        layout = getattr(inner, "_layout", None)
+        layout = inner.layout
         masters: dict[str, Tensor] = {}
         if layout is not None and getattr(layout, "sharded", False):
             local = {names[p]: [(a, b, layout.local_param(p).detach().float().cpu().clone())
@@ -778,7 +698,7 @@ class DeepSpeedMuonClip(Optimizer):
         missing = [names[p] for g in inner.param_groups for p in g["params"] if names[p] not in masters]
         if missing:
             raise ValueError(f"full state has no weights for {missing[:5]}")
-        layout = getattr(inner, "_layout", None)
+        layout = inner.layout
         for g in inner.param_groups:
             for p in g["params"]:
                 full = masters[names[p]].reshape(-1)
@@ -797,6 +717,9 @@ class DeepSpeedMuonClip(Optimizer):
             g["lr"] = state["lr"]
 
 
+DeepSpeedMuonClip = DeepSpeedClient   # documented name (see the class docstring for why the class has another)
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -813,13 +736,15 @@ def disable_shm_comm() -> None:
 
 def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any = None, *,
                config: Any = None, config_params: Any = None, accountant: CommAccountant | None = None,
-               **kwargs: Any):
+               auto_values: dict[str, Any] | None = None, **kwargs: Any):
     """``deepspeed.initialize`` with MuonClip: same arguments, returns exactly what it returns.
 
     The config (``config=`` dict or JSON path, or ``args.deepspeed_config`` from
     ``deepspeed.add_config_arguments``) carries ``"optimizer": {"type": "MuonClip", "params":
     {...}}``; or ``optimizer=MuonClip(model, ...)`` is passed and the config has no optimizer
     section. Any ``scheduler`` section drives the lr of both the Muon and the AdamW part.
+    ``auto_values`` fills the section's ``"auto"`` values (e.g. ``{"lr": 3e-4, "betas": (0.9,
+    0.95)}``; see :func:`dist_muonclip.options.parse_muonclip_section`).
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)``; the MuonClip instance
     is :func:`muonclip_optimizer` ``(engine)``.
@@ -841,13 +766,13 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     if optimizer is not None and not isinstance(optimizer, MuonClip):
         raise TypeError(f"optimizer must be a dist_muonclip.MuonClip instance (or None with a MuonClip config "
                         f"section), got {type(optimizer).__name__}; use deepspeed.initialize for other optimizers")
-    cfg, mc_kwargs = prepare_config(config, has_optimizer=optimizer is not None)
+    cfg, mc_kwargs = prepare_config(config, has_optimizer=optimizer is not None, auto_values=auto_values)
     client = None
     if optimizer is not None:   # an instance: checked before any process group is created
         if accountant is not None:
             raise ValueError("accountant= applies to the optimizer built from the config section; with an "
                              "optimizer instance pass it there: MuonClip(model, ..., accountant=acc)")
-        client = DeepSpeedMuonClip(model, optimizer)
+        client = DeepSpeedClient(model, optimizer)
     if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
         disable_shm_comm()
     if not (dist.is_available() and dist.is_initialized()):
@@ -857,18 +782,23 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
             optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
-        client = DeepSpeedMuonClip(model, optimizer)
+        client = DeepSpeedClient(model, optimizer)
     out = deepspeed.initialize(args=args, model=model, optimizer=client, config=cfg, **kwargs)
     client.bind(out[0])
     out[0]._dist_muonclip = client
     return out
 
 
-def _client(engine: Any) -> DeepSpeedMuonClip:
+def deepspeed_client(engine: Any) -> DeepSpeedClient:
+    """The :class:`DeepSpeedClient` (the optimizer DeepSpeed steps) of an engine built by
+    :func:`initialize`; its ``layout_name`` says which storage MuonClip works on."""
     client = getattr(engine, "_dist_muonclip", None)
     if client is None:
         raise ValueError("this DeepSpeed engine was not built by dist_muonclip.deepspeed.initialize")
     return client
+
+
+_client = deepspeed_client
 
 
 def muonclip_optimizer(engine: Any) -> MuonClip:
@@ -877,7 +807,7 @@ def muonclip_optimizer(engine: Any) -> MuonClip:
 
 
 def full_state_dict(engine: Any) -> dict[str, Any]:
-    """Full-state export (any world size can load it): see :meth:`DeepSpeedMuonClip.full_state_dict`."""
+    """Full-state export (any world size can load it): see :meth:`DeepSpeedClient.full_state_dict`."""
     return _client(engine).full_state_dict()
 
 
@@ -924,135 +854,3 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> str:
     engine.global_samples = model_sd.get("global_samples", engine.global_samples)
     engine.skipped_steps = model_sd.get("skipped_steps", engine.skipped_steps)
     return str(tag)
-
-
-# --------------------------------------------------------------------------------------------
-# A small DeepSpeed training entry point (launchers and tests run it)
-# --------------------------------------------------------------------------------------------
-
-def _tiny_llama(args: Any) -> nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(args.seed)
-    cfg = tf.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                         intermediate_size=args.hidden_size * 3 // 2,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max(128, args.seq_len), attn_implementation="eager")
-    return tf.AutoModelForCausalLM.from_config(cfg)
-
-
-def _global_batch(step: int, args: Any) -> Tensor:
-    """The global batch of ``step``: identical for every world size (rank r takes its rows)."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + step)
-    # learnable sequences: each row is an arithmetic progression mod vocab (random start, stride 1..4)
-    start = torch.randint(0, args.vocab_size, (args.global_batch, 1), generator=g)
-    stride = torch.randint(1, 5, (args.global_batch, 1), generator=g)
-    return (start + stride * torch.arange(args.seq_len)) % args.vocab_size
-
-
-def train_engine(engine: Any, batch_for_step: Callable[[int], Tensor], *, steps: int, start: int = 0,
-                 log: Callable[[str], None] | None = None) -> list[float]:
-    """Train a causal LM DeepSpeed engine for ``steps`` steps; ``batch_for_step(t)`` gives this
-    rank's token ids ``[micro_batch * grad_accum, seq]``. Returns the global mean loss per step.
-
-    The loop is DeepSpeed's: ``engine(...)``, ``engine.backward(loss)``, ``engine.step()`` per
-    micro batch (DeepSpeed steps the optimizer at the accumulation boundary).
-    """
-    gas = engine.gradient_accumulation_steps()
-    losses = []
-    for t in range(start, start + steps):
-        ids = batch_for_step(t)
-        total = torch.zeros(())
-        for micro in ids.chunk(gas):
-            loss = engine(input_ids=micro, labels=micro).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float() / gas
-        if dist.is_initialized():
-            dist.all_reduce(total)
-            total /= dist.get_world_size()
-        losses.append(float(total))
-        if log is not None:
-            log(f"step {t + 1}/{start + steps} loss {losses[-1]:.4f} lr {engine.get_lr()[0]:.3g}")
-    return losses
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m dist_muonclip.deepspeed --deepspeed_config configs/zero1.json --steps 10``.
-
-    Trains a tiny Llama (built from a config, no download) on deterministic random tokens with
-    MuonClip from the config's optimizer section. Works under the ``deepspeed`` launcher,
-    ``torchrun``, ``mpirun`` (via ``python -m dist_muonclip.launch_env``) or alone. Rank 0 writes
-    ``--out`` (losses, world size, a parameter checksum).
-    """
-    import argparse
-
-    import deepspeed
-
-    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, all ranks")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON log written by rank 0")
-    p.add_argument("--save-dir", default=None, help="save a checkpoint at the end (save_checkpoint)")
-    p.add_argument("--resume-dir", default=None, help="resume from save_checkpoint output (any world size)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")))
-    p = deepspeed.add_config_arguments(p)
-    args = p.parse_args(argv)
-    if args.deepspeed_config is None:
-        p.error("--deepspeed_config is required (e.g. configs/zero1.json)")
-    if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":
-        disable_shm_comm()
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        deepspeed.init_distributed()
-    result = _main_run(p, args)
-    if owns_group:
-        # A process group still alive at interpreter exit can abort in gloo's thread teardown
-        # ("terminate called without an active exception"): leave together, then destroy.
-        # (Not on an exception: the other ranks may never reach the barrier.)
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
-def _main_run(p: Any, args: Any) -> dict[str, Any]:
-    world, rank = dist.get_world_size(), dist.get_rank()
-    cfg = _load_json(args.deepspeed_config)
-    gas = int(cfg.get("gradient_accumulation_steps", 1))
-    if args.global_batch % (world * gas):
-        p.error(f"--global-batch {args.global_batch} must be divisible by world size x accumulation = {world * gas}")
-    cfg["train_batch_size"] = args.global_batch
-    cfg["train_micro_batch_size_per_gpu"] = args.global_batch // (world * gas)
-    args.deepspeed_config = None
-    model = _tiny_llama(args)
-    engine, *_ = initialize(args=args, model=model, config=cfg)
-    start = 0
-    if args.resume_dir:
-        load_checkpoint(engine, args.resume_dir)
-        start = int(engine.global_steps)
-    per = args.global_batch // world
-
-    def batch(t: int) -> Tensor:
-        return _global_batch(t, args)[rank * per:(rank + 1) * per]
-
-    say = print if rank == 0 else None
-    losses = train_engine(engine, batch, steps=args.steps - start, start=start, log=say)
-    if args.save_dir:
-        save_checkpoint(engine, args.save_dir, tag=f"step{args.steps}")
-    masters = full_state_dict(engine)["masters"]
-    result = {"world_size": world, "layout": engine._dist_muonclip.layout_name, "start": start, "losses": losses,
-              "checksum": {k: float(v.double().sum()) for k, v in masters.items()},
-              "zero_stage": engine.zero_optimization_stage(), "bf16": bool(engine.bfloat16_enabled())}
-    if rank == 0 and args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
-
-
-if __name__ == "__main__":
-    main()
