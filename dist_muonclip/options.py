@@ -275,8 +275,14 @@ def _unknown_key(path: str, key: str, allowed: Sequence[str]) -> ValueError:
                       f"{', '.join(sorted(allowed))} (see configs/REFERENCE.md)")
 
 
-def _fill_auto(path: str, key: str, value: Any, auto_values: Mapping[str, Any], canonical: str | None) -> Any:
-    """``"auto"`` -> the caller's value for ``key`` (or an alias of it); unfilled -> ValueError."""
+# kinds whose values are strings: there "auto" may be a value of its own (ns_backend, qk_clip.track, ...)
+_STRING_KINDS = ("str", "str_or_null", "dtype", "coefficients")
+
+
+def _fill_auto(path: str, key: str, value: Any, auto_values: Mapping[str, Any], canonical: str | None,
+               kind: str) -> Any:
+    """``"auto"`` -> the caller's value for ``key`` (or an alias of it). Unfilled: kept for a
+    string option (where ``"auto"`` is a choice, e.g. ``ns_backend``), else ValueError."""
     if not (isinstance(value, str) and value == "auto"):
         return value
     names = [key] + ([canonical] if canonical and canonical != key else [])
@@ -284,6 +290,8 @@ def _fill_auto(path: str, key: str, value: Any, auto_values: Mapping[str, Any], 
     for n in names:
         if n in auto_values and not (isinstance(auto_values[n], str) and auto_values[n] == "auto"):
             return auto_values[n]
+    if kind in _STRING_KINDS:
+        return value
     raise ValueError(f"DeepSpeed config {path} is \"auto\" but nothing fills it: pass auto_values={{{key!r}: ...}} "
                      "(HF Trainer fills lr, betas, eps and weight_decay from TrainingArguments) or write the value")
 
@@ -352,19 +360,19 @@ def parse_muonclip_section(section: Mapping[str, Any], *, auto_values: Mapping[s
         if key in ENGINE_OWNED:
             raise ValueError(f"DeepSpeed config {path} is not a DeepSpeed MuonClip option: {ENGINE_OWNED[key]}")
         if key == "lr" and "muon_lr" in params:     # DeepSpeed's shared lr: the AdamW part's (below)
-            shared_lr = _fill_auto(path, key, value, auto_values, "lr")
+            shared_lr = _fill_auto(path, key, value, auto_values, "lr", "number")
             _check_kind(path, "number", shared_lr)
             continue
         if key in own:
             opt = own[key]
-            value = _fill_auto(path, key, value, auto_values, key)
+            value = _fill_auto(path, key, value, auto_values, key, opt.kind)
             _check_kind(path, opt.kind, value)
             if opt.kind == "qk_clip" and isinstance(value, dict):
                 value = dict(value)
                 for qk_key, qv in value.items():
                     if qk_key not in qk:
                         raise _unknown_key("optimizer.params.qk_clip", qk_key, list(qk))
-                    qv = _fill_auto(f"{path}.{qk_key}", f"qk_clip.{qk_key}", qv, auto_values, None)
+                    qv = _fill_auto(f"{path}.{qk_key}", f"qk_clip.{qk_key}", qv, auto_values, None, qk[qk_key].kind)
                     _check_kind(f"{path}.{qk_key}", qk[qk_key].kind, qv)
                     value[qk_key] = qv
             if opt.kind == "pair":
@@ -374,7 +382,7 @@ def parse_muonclip_section(section: Mapping[str, Any], *, auto_values: Mapping[s
             put(key, value, key)
         elif key in DEEPSPEED_MUON_KEYS:
             kind, canonical, _ = DEEPSPEED_MUON_KEYS[key]
-            value = _fill_auto(path, key, value, auto_values, canonical)
+            value = _fill_auto(path, key, value, auto_values, canonical, kind)
             _check_kind(path, kind, value)
             deepspeed_dialect = True
             target, value = _translate_deepspeed_key(key, value)
