@@ -21,16 +21,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..integrations.deepspeed import (deepspeed_client, disable_shm_comm, full_state_dict, initialize,
-                                      load_checkpoint, save_checkpoint)
+                                      load_checkpoint, load_config, save_checkpoint)
 
 __all__ = ["tiny_llama", "global_batch", "train_engine", "main"]
-
-
-def _load_config(config: Any) -> dict[str, Any]:
-    if isinstance(config, dict):
-        return dict(config)
-    with open(config) as f:
-        return json.load(f)
 
 
 def tiny_llama(args: Any) -> nn.Module:
@@ -125,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _main_run(p: Any, args: Any) -> dict[str, Any]:
     world, rank = dist.get_world_size(), dist.get_rank()
-    cfg = _load_config(args.deepspeed_config)
+    cfg = load_config(args.deepspeed_config)
     gas = int(cfg.get("gradient_accumulation_steps", 1))
     if args.global_batch % (world * gas):
         p.error(f"--global-batch {args.global_batch} must be divisible by world size x accumulation = {world * gas}")
