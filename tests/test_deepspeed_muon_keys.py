@@ -39,3 +39,19 @@ def test_tagged_model_with_deepspeed_keys_equals_own_names_zero012(tmp_path):
     # every rank holds the same replicated result
     for k in outs[0][0, "own_names"]["params"]:
         assert torch.equal(outs[0][2, "own_names"]["params"][k], outs[1][2, "own_names"]["params"][k]), k
+
+
+def test_client_class_name_keeps_deepspeed_off_its_own_muon_path():
+    """DeepSpeed 0.19's ZeRO-1/2 optimizer runs its own Muon update for parameters tagged
+    ``use_muon`` when ``"muon" in type(optimizer).__name__.lower()`` (stage_1_and_2.py,
+    ``_is_muon_group``), which crashed tagged models with ``KeyError: 'momentum'``. Pins the
+    condition and that our client stays outside it."""
+    import inspect
+
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from dist_muonclip.deepspeed import DeepSpeedClient, DeepSpeedMuonClip
+
+    src = inspect.getsource(stage_1_and_2.DeepSpeedZeroOptimizer._is_muon_group)
+    assert "'muon' in self.optimizer.__class__.__name__.lower()" in src, src
+    assert DeepSpeedMuonClip is DeepSpeedClient and "muon" not in DeepSpeedClient.__name__.lower()
