@@ -40,6 +40,7 @@ __all__ = [
     "ENGINE_OWNED",
     "DEEPSPEED_MUON_KEYS",
     "muonclip_options",
+    "deepspeed_options",
     "qk_clip_options",
     "parse_muonclip_section",
     "render_reference",
@@ -151,7 +152,7 @@ def _kind(owner: str, name: str, annotation: Any) -> str:
     if name in KIND_OF_ANY:
         return KIND_OF_ANY[name]
     text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
-    text = text.replace("Optional[", "").replace("typing.", "")
+    text = text.replace("typing.", "")
     if text not in _KIND_OF_ANNOTATION:
         raise TypeError(f"{owner}.{name}: annotation {text!r} has no JSON kind; add it to "
                         "dist_muonclip.options.KIND_OF_ANY or NOT_JSON")
