@@ -331,7 +331,7 @@ BF16_RESUME_REL = 0.25
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, bf16", [(0, False), (1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("stage, bf16", [(0, False), (1, False), (2, False), (0, True), (1, True), (2, True)])
 def test_checkpoint_save_at_2_resume_at_2_and_4(stage, bf16, oracle, w2_run, tmp_path):
     """Save after 5 of 10 steps at W=2 (engine checkpoint + full-state export); resume at W=2
     through engine.load_checkpoint (DeepSpeed's own files) and at W=4 through load_checkpoint: the
