@@ -104,6 +104,9 @@ def split_parameters(
 
     Rules, first match wins:
 
+    0. A ``use_muon`` attribute on the parameter (DeepSpeed Muon's tag: ``param.use_muon = True``
+       or ``False``) decides, reason ``"tag"``. A tag that a pattern contradicts is an error; a
+       ``True`` tag on a parameter with fewer than 2 dims is an error (Muon needs matrices).
     1. ``adamw_patterns`` / ``muon_patterns`` (fnmatch globs on the full parameter name; a pattern
        without ``*`` matches as a substring). A name matching both is an error.
     2. Weights of ``nn.Embedding`` modules -> AdamW (also when tied to the head: tied weights
@@ -135,7 +138,20 @@ def split_parameters(
                 f"{m_pat!r}; make the patterns disjoint"
             )
         view = _default_view(p, mod)
-        if m_pat:
+        tag = getattr(p, "use_muon", None)
+        if tag is not None:
+            if not isinstance(tag, bool):
+                raise TypeError(f"parameter {name!r} has use_muon={tag!r}; the tag must be True or False")
+            pat = m_pat if not tag else a_pat
+            if pat:
+                label = "muon_patterns" if not tag else "adamw_patterns"
+                raise ValueError(f"parameter {name!r} is tagged use_muon={tag} but matches {label} entry {pat!r}; "
+                                 "remove the pattern or the tag")
+            if tag and p.ndim < 2:
+                raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)} is tagged use_muon=True, but Muon "
+                                 "needs a parameter with at least 2 dims; tag it use_muon=False")
+            infos.append(ParamInfo(name, p, tag, "tag", view if tag else "vector"))
+        elif m_pat:
             if p.ndim < 2:
                 raise ValueError(
                     f"muon_patterns entry {m_pat!r} selects {name!r} of shape {tuple(p.shape)}, but Muon "

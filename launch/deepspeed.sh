@@ -6,8 +6,9 @@
 # Environment (all optional):
 #   HOSTFILE  DeepSpeed hostfile (default launch/hostfile.example: edit it; see its comments)
 #   CONFIG    DeepSpeed JSON with an optimizer section of type MuonClip (default configs/zero2_bf16.json)
-#   ENTRY     module run on every rank (default dist_muonclip.deepspeed, the DeepSpeed training entry
-#             point; it takes --steps, --global-batch, --seq-len, --out, --save-dir, --resume-dir)
+#   ENTRY     module run on every rank (default dist_muonclip.deepspeed, which runs the tiny DeepSpeed
+#             trainer of dist_muonclip/support/ds_trainer.py; it takes --steps, --global-batch,
+#             --seq-len, --out, --save-dir, --resume-dir)
 #
 # Multi-node (run on the first node; it reaches the others by ssh/pdsh, repo at the same path):
 #   HOSTFILE=my_hosts CONFIG=configs/zero2_bf16.json launch/deepspeed.sh --master_addr node-a -- --steps 1000

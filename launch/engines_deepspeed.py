@@ -38,9 +38,9 @@ __all__ = ["DeepSpeedEngine", "prepare_train_config"]
 def prepare_train_config(config: Any, *, batch_size: int, world_size: int, grad_clip: float) -> dict[str, Any]:
     """The DeepSpeed config for a train.py run: batch keys from ``--batch-size``, clipping from
     ``--grad-clip`` unless the config sets it. Raises naming the key on what train.py cannot run."""
-    from dist_muonclip.deepspeed import _load_json
+    from dist_muonclip.deepspeed import load_config
 
-    cfg = _load_json(config)
+    cfg = load_config(config)
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas not in (1, "auto"):
         raise ValueError(f"DeepSpeed config gradient_accumulation_steps={gas}: launch/train.py runs one micro-batch "
@@ -117,9 +117,8 @@ class DeepSpeedEngine:
             self.ds, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=cfg)
             self.source = "AdamW from the command line"
         self.model = self.ds
-        client = getattr(self.ds, "_dist_muonclip", None)
-        self.is_muonclip = client is not None
-        return client if client is not None else self.ds.optimizer
+        self.is_muonclip = args.optimizer == "muonclip"
+        return dmds.deepspeed_client(self.ds) if self.is_muonclip else self.ds.optimizer
 
     @property
     def inner_optimizer(self) -> Any:

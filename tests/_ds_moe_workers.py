@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tests._dist_workers import local_batch
-from tests._ds_workers import MC_PARAMS, _fp32_params, _setup, ds_config, qk_clip_params
+from tests._ds_workers import MC_PARAMS, _fp32_params, _setup, ds_config, layout_name, qk_clip_params
 from tests._tiny_hf import tiny_model
 
 
@@ -41,6 +41,6 @@ def ds_moe_worker(rank: int, world: int, stage: int, steps: int):
         moved += sum(b - a for r, rs in enumerate(inner._lay_ranges(unit)) if r != owner for a, b in rs)
     return {"params": _fp32_params(engine), "owners": dict(inner.plan.owners), "moved_expert_elems": moved,
             "expert_matrix_numel": per,
-            "layout": engine._dist_muonclip.layout_name, "metrics": inner.metrics(),
+            "layout": layout_name(engine), "metrics": inner.metrics(),
             "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
                                if isinstance(t, torch.Tensor) and t.ndim > 0)}

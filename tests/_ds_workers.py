@@ -96,6 +96,12 @@ def _setup() -> None:
     disable_shm_comm()
 
 
+def layout_name(engine) -> str:
+    from dist_muonclip.deepspeed import deepspeed_client
+
+    return deepspeed_client(engine).layout_name
+
+
 def _fp32_params(engine) -> dict[str, torch.Tensor]:
     """Parameters by name; fp32 master weights where DeepSpeed keeps them (exact for comparison)."""
     from dist_muonclip.deepspeed import full_state_dict
@@ -167,7 +173,7 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
            "lp_params": {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()},
            "lp_mismatch_after_load": lp_loaded, "lp_mismatch": _lp_mismatch(engine, masters),
            "saved_params": saved, "loaded_params": loaded,
-           "layout": engine._dist_muonclip.layout_name,
+           "layout": layout_name(engine),
            "ns_matrices": ns_calls,
            "state_numel": sum(t.numel() for s in inner.state.values() for t in s.values()
                               if isinstance(t, torch.Tensor) and t.ndim > 0),
@@ -203,7 +209,7 @@ def _moved_elems(inner, layout, p) -> int:
 def _count_ns(inner, calls: list):
     """Record every matrix this rank orthogonalizes (names via shapes per call); returns the
     function that puts the real orthogonalize back (several scenarios share one process)."""
-    import dist_muonclip.engine.engine as optmod
+    import dist_muonclip.optimizer as optmod
 
     real = optmod.orthogonalize
 
@@ -270,7 +276,7 @@ def ds_nonfinite_worker(rank: int, world: int, stage: int, bf16: bool | str):
     out["skipped_steps"] = engine.skipped_steps
     out["scheduler_steps"] = engine.lr_scheduler.last_batch_iteration + 1
     out["muonclip_steps"] = inner.num_steps
-    out["layout"] = engine._dist_muonclip.layout_name
+    out["layout"] = layout_name(engine)
     return out
 
 
@@ -298,7 +304,104 @@ def ds_args_worker(rank: int, world: int, config_path: str):
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
     inner = muonclip_optimizer(engine)
-    return {"layout": engine._dist_muonclip.layout_name, "stage": engine.zero_optimization_stage(),
+    return {"layout": layout_name(engine), "stage": engine.zero_optimization_stage(),
             "opt_is_engine_optimizer": opt is engine.optimizer, "momentum": inner.param_groups[0]["momentum"],
             "args_untouched": args.deepspeed_config == config_path, "stepped": bool(inner.state),
             "value_error": value_error}
+
+
+# ---------------------------------------------------------------- DeepSpeed Muon's tags and keys
+
+# DeepSpeed Muon's own tagging rule (deepspeed.set_optimizer_flags): matrices that are not
+# embeddings or the head -> Muon. One hidden matrix is moved to AdamW by its tag, so the tags
+# differ from MuonClip's automatic split; the own-names run says the same with adamw_patterns.
+TAGGED_TO_ADAMW = "model.layers.0.mlp.down_proj.weight"
+# A section written for DeepSpeed's Muon ("type": "Muon" changed to "MuonClip") ...
+DEEPSPEED_MUON_PARAMS = {"lr": 0.01, "muon_lr": 0.02, "momentum": 0.95, "weight_decay": 0.1, "betas": [0.9, 0.95],
+                         "eps": 1e-8, "ns_method": "gram", "torch_adam": True, "adam_w_mode": True}
+# ... and the same run in MuonClip's own names (adjust_lr_fn "original": DeepSpeed's update scale)
+OWN_NAMES_PARAMS = {"lr": 0.02, "adamw_lr": 0.01, "momentum": 0.95, "weight_decay": 0.1, "adamw_betas": [0.9, 0.95],
+                    "adamw_eps": 1e-8, "ns_coefficients": "jordan", "adjust_lr_fn": "original",
+                    "adamw_patterns": [TAGGED_TO_ADAMW]}
+
+
+def tag_like_deepspeed(model) -> None:
+    for name, p in model.named_parameters():
+        p.use_muon = p.ndim >= 2 and not any(k in name for k in ("embed", "lm_head")) and name != TAGGED_TO_ADAMW
+
+
+def ds_tags_worker(rank: int, world: int, stages, steps: int):
+    """Per ZeRO stage: the tagged model with DeepSpeed Muon's keys, then the untagged model with
+    MuonClip's own names; returns both runs' fp32 masters, bf16/fp32 model parameters, losses and
+    the split table of the tagged run."""
+    _setup()
+    from dist_muonclip.deepspeed import initialize, muonclip_optimizer
+
+    out = {}
+    for stage in stages:
+        for variant, params in (("deepspeed_keys", DEEPSPEED_MUON_PARAMS), ("own_names", OWN_NAMES_PARAMS)):
+            model = tiny_model("llama", seed=0)
+            if variant == "deepspeed_keys":
+                tag_like_deepspeed(model)
+            cfg = ds_config(stage, world)
+            cfg["optimizer"]["params"] = {**params, "ns_dtype": "float32", "ns_backend": "torch", **qk_clip_params()}
+            engine, *_ = initialize(model=model, config=cfg)
+            losses = []
+            for t in range(steps):
+                ids = local_batch(t, rank, world).to(engine.device)
+                loss = engine(input_ids=ids, labels=ids).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+            out[stage, variant] = {"params": _fp32_params(engine), "losses": losses,
+                                   "split": muonclip_optimizer(engine).describe_split(),
+                                   "lp": {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()}}
+    return out
+
+
+# ---------------------------------------------------------------- engine checkpoints, stage x precision
+
+def ds_engine_checkpoint_worker(rank: int, world: int, scenarios, root: str, steps: int = 2):
+    """Per ``(stage, bf16)``: train ``steps``, ``engine.save_checkpoint``, train ``steps`` more
+    (the reference); then a fresh model and engine, ``engine.load_checkpoint``, ``steps`` steps.
+    Returns, per scenario, the names that differ (fp32 masters and model parameters right after
+    the load vs at the save, and after the resumed steps vs the reference) and both lr traces."""
+    _setup()
+    from dist_muonclip.deepspeed import initialize, muonclip_optimizer
+
+    def run(engine, start):
+        lrs = []
+        for t in range(start, start + steps):
+            ids = local_batch(t, rank, world).to(engine.device)
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            lrs.append([g["lr"] for g in muonclip_optimizer(engine).param_groups])
+        return lrs
+
+    def snapshot(engine):
+        return _fp32_params(engine), {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()}
+
+    def diff(a, b):
+        return sorted(k for k in a if not torch.equal(a[k], b[k]))
+
+    out = {}
+    for stage, bf16 in scenarios:
+        ckpt = os.path.join(root, f"zero{stage}_{bf16}")
+        engine, *_ = initialize(model=tiny_model("llama", seed=0),
+                                config=ds_config(stage, world, bf16=bf16, scheduler=True))
+        run(engine, 0)
+        engine.save_checkpoint(ckpt, tag="mid")
+        saved = snapshot(engine)
+        ref_lrs = run(engine, steps)
+        ref = snapshot(engine)
+        fresh, *_ = initialize(model=tiny_model("llama", seed=1),     # other init: the load must overwrite it
+                               config=ds_config(stage, world, bf16=bf16, scheduler=True))
+        fresh.load_checkpoint(ckpt, tag="mid")
+        loaded = snapshot(fresh)
+        lrs = run(fresh, steps)
+        got = snapshot(fresh)
+        out[stage, bf16] = {"load_masters": diff(loaded[0], saved[0]), "load_params": diff(loaded[1], saved[1]),
+                            "resume_masters": diff(got[0], ref[0]), "resume_params": diff(got[1], ref[1]),
+                            "lrs": lrs, "ref_lrs": ref_lrs, "steps": int(fresh.global_steps),
+                            "ref_steps": int(engine.global_steps)}
+    return out

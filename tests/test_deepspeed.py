@@ -41,11 +41,13 @@ def _section(**params):
 
 
 def test_parse_accepts_every_documented_key():
+    """Every key of the generated schema, with a non-default value of its kind, parses."""
     params = {"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "ns_steps": 4,
               "ns_coefficients": [[3.4445, -4.775, 2.0315]], "ns_backend": "torch", "ns_dtype": "float32",
               "ns_eps": 1e-7, "adjust_lr_fn": "original", "adamw_lr": None, "adamw_betas": [0.9, 0.99],
               "adamw_eps": 1e-8, "adamw_weight_decay": 0.01, "qk_clip": {"tau": 50, "alpha": 0.5},
-              "muon_patterns": ["*.mlp.*"], "adamw_patterns": [], "skip_nonfinite": True, "shard_adamw": True,
+              "model_config": None, "muon_patterns": ["*.mlp.*"], "adamw_patterns": [], "skip_nonfinite": True,
+              "adamw_foreach": None, "adamw_fused": False, "shard_adamw": True, "log_dir": None, "log_every": 2,
               "verbose": False}
     assert set(params) == set(MUONCLIP_OPTIONS)
     kw = parse_muonclip_section({"type": "MuonClip", "params": params})
@@ -54,7 +56,8 @@ def test_parse_accepts_every_documented_key():
 
 @pytest.mark.parametrize("params, exc, words", [
     ({"momentun": 0.9}, ValueError, ["optimizer.params", "'momentun'", "did you mean 'momentum'"]),
-    ({"betas": [0.9, 0.95]}, ValueError, ["'betas'", "adamw_betas"]),
+    ({"betas": [0.9, 0.95], "adamw_betas": [0.9, 0.9]}, ValueError, ["'betas'", "'adamw_betas'", "keep one"]),
+    ({"max_grad_norm": 1.0}, ValueError, ["optimizer.params.max_grad_norm", "gradient_clipping"]),
     ({"ns_steps": 5.5}, TypeError, ["optimizer.params.ns_steps", "an integer"]),
     ({"nesterov": "yes"}, TypeError, ["optimizer.params.nesterov", "true or false"]),
     ({"adamw_betas": [0.9]}, TypeError, ["optimizer.params.adamw_betas"]),
@@ -328,7 +331,7 @@ BF16_RESUME_REL = 0.25
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, bf16", [(0, False), (1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("stage, bf16", [(0, False), (1, False), (2, False), (0, True), (1, True), (2, True)])
 def test_checkpoint_save_at_2_resume_at_2_and_4(stage, bf16, oracle, w2_run, tmp_path):
     """Save after 5 of 10 steps at W=2 (engine checkpoint + full-state export); resume at W=2
     through engine.load_checkpoint (DeepSpeed's own files) and at W=4 through load_checkpoint: the
