@@ -43,7 +43,7 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
     step_bytes: list[dict] = []
     import transformers as tf
 
-    from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
+    from dist_muonclip.deepspeed import deepspeed_client, disable_shm_comm, initialize, muonclip_optimizer
     from dist_muonclip.param_split import split_parameters
     from dist_muonclip.profiler import WireCounter
 
@@ -76,7 +76,7 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
             return real(x, **kw)
 
         optmod.orthogonalize = counting
-        layout = engine._dist_muonclip.layout_name
+        layout = deepspeed_client(engine).layout_name
         assert muonclip_optimizer(engine) is not None
     else:
         import deepspeed

@@ -291,7 +291,7 @@ def _measure(run: _Run, model: Any, opt: Any, steps: int, fwd_bwd: Callable[[Any
            "state_bytes": _state_bytes(opt.state), "memory": last["memory"], **run.times()}
     if prof.records[-1].get("phases_s"):
         out.update(phases_s=last["phases_s"], phases_s_median=_phase_medians(prof.records))
-    if hasattr(opt, "_plan"):
+    if hasattr(opt, "plan"):
         out["ns_flops_plan"] = last["ns_flops"]
     return out
 

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "dist_muonclip"
 SCANNED = [PKG, ROOT / "launch", ROOT / "benchmarks", ROOT / "examples"]
 CORE_EXCLUDED = ("integrations", "tools", "support")
+# private names of other libraries that we must read or set (their own APIs have no public form)
+THIRD_PARTY_PRIVATE = {"_local_tensor", "_attn_implementation_internal"}
 
 
 def _py_files(*roots: Path) -> list[Path]:
@@ -50,7 +52,7 @@ def test_no_module_reads_another_modules_private_attributes():
     one of our modules defines is read only inside that module (``self`` / ``cls`` access aside)."""
     files = _py_files(*SCANNED)
     defined = {f: _defined_private_names(_tree(f)) for f in files}
-    ours = set().union(*defined.values())
+    ours = set().union(*defined.values()) - THIRD_PARTY_PRIVATE
     bad = []
     for f in files:
         tree, own = _tree(f), defined[f]
@@ -78,8 +80,10 @@ def test_no_module_reads_another_modules_private_attributes():
 
 
 def _is_core(path: Path) -> bool:
+    """Core modules; the package's ``__init__`` is the public facade (it re-exports tools) and the
+    alias modules of old import paths are not code."""
     rel = path.relative_to(PKG)
-    return rel.parts[0] not in CORE_EXCLUDED and not _is_alias(path)
+    return rel.parts[0] not in CORE_EXCLUDED and rel != Path("__init__.py") and not _is_alias(path)
 
 
 def _is_alias(path: Path) -> bool:

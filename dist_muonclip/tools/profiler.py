@@ -111,7 +111,7 @@ def storage_bytes(tensors: Iterable[Tensor | None], exclude: set | None = None) 
 def owned_ns_flops(optimizer: Any, rank: int | None = None) -> int:
     """Newton-Schulz FLOPs one step costs ``rank`` (default: the optimizer's own rank) under its
     plan: owned matrices times :func:`~dist_muonclip.newton_schulz.ns_flops`."""
-    plan = getattr(optimizer, "_plan", None)
+    plan = getattr(optimizer, "plan", None)
     if plan is None:
         return 0
     rank = getattr(optimizer, "rank", 0) if rank is None else rank
