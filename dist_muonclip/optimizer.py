@@ -132,7 +132,8 @@ class MuonClip(Optimizer):
             ``"bfloat16"``/``"float32"`` (JSON configs). bf16 is the fast default; float32 makes
             runs reproducible across reduction orders (engine-equivalence tests use it).
         adjust_lr_fn: ``"match_rms_adamw"`` (0.2 sqrt(max(m, n))), ``"original"`` (Keller Jordan's
-            sqrt(max(1, m/n))) or ``"none"``; ``None`` means ``"original"``, as in torch.optim.Muon.
+            sqrt(max(1, m/n))), ``"none"`` or ``"rms_0.4"`` (0.4 sqrt(max(m, n)), GAD-cell/muon-clip's
+            scale); ``None`` means ``"original"``, as in torch.optim.Muon.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part. ``None`` lr/decay
             mean "same as the Muon part".
         qk_clip: ``None`` = on with defaults when ``model_or_params`` is a model whose attention

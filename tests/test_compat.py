@@ -43,7 +43,7 @@ def test_muon_config_maps_every_field():
     kw = muon_config_kwargs(cfg)
     qk = kw.pop("qk_clip")
     assert kw == dict(lr=0.02, adamw_lr=3e-4, momentum=0.9, weight_decay=0.1, ns_steps=6, ns_coefficients="cans",
-                      adjust_lr_fn="match_rms_adamw", adamw_betas=(0.8, 0.9), adamw_eps=1e-9,
+                      adjust_lr_fn="rms_0.4", adamw_betas=(0.8, 0.9), adamw_eps=1e-9,
                       adamw_weight_decay=0.01)
     assert isinstance(qk, QKClipConfig) and (qk.tau, qk.alpha) == (30.0, 0.4)
     assert qk.mapping == {"q_proj": "wq", "k_proj": "wk"}
@@ -96,7 +96,7 @@ def test_seed001_muonclip_step_s_max_equals_core_plus_clipper(mode):
                  metadata=meta, n_head=4, lr=0.02, momentum=0.95, rank=0, world_size=1, tau=0.6)
     b = CoreMuonClip([{"params": [p for l in lb for p in l.parameters() if p.ndim >= 2], "use_muon": True},
                       {"params": [p for l in lb for p in l.parameters() if p.ndim < 2], "use_muon": False}],
-                     lr=0.02, momentum=0.95, weight_decay=0.0, adjust_lr_fn="original", qk_clip=False)
+                     lr=0.02, momentum=0.95, weight_decay=0.01, adjust_lr_fn="original", qk_clip=False)
     clip_b = QKClipper(config={"tau": 0.6, "track": "manual"},
                        layers=[dict(module=l, mode=mode, num_heads=4, **meta) for l in lb])
     n_clipped = 0
@@ -169,8 +169,10 @@ def test_seed_api_bad_input():
         QKClip(list(layers), "gqa", META, n_head=4)
     with pytest.raises(ValueError, match="matches no nn.Linear"):
         QKClip(list(layers), "mha", {"w_q": "weight_q", "w_k": "weight_key"}, n_head=4)
-    with pytest.raises(TypeError, match="lr is required"):
-        MuonClip(params=params)
+    with pytest.raises(ValueError, match="float\\('inf'\\) turns clipping off"):
+        MuonClip(params, list(layers), "mha", META, 4, tau=0.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_heads'"):
+        MuonClip(params, list(layers), "mha", META, n_heads=4)   # seed 001's own name is n_head
     opt = MuonClip(params=params, attention_params=list(layers), mode="mha", metadata=META, n_head=4, lr=0.02)
     with pytest.raises(ValueError, match="s_max has 1 layers"):
         opt.step([[1.0] * 4])
