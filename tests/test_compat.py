@@ -4,6 +4,7 @@ seed-000 TensorBoard logging and the documented differences."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -341,3 +342,113 @@ def test_seed_examples_run_unchanged_and_match_the_seed_algorithm(name, ns_dtype
     if split_differs:
         ours["optimizer"].close()       # its TensorBoard writer, before tmp_path goes
     print(f"{name} [{ns_dtype}]: worst |ours - seed| / change = {worst:.2e}")
+
+
+# --------------------------------------------------------------------------- seed defaults and signatures
+def test_seed000_muon_config_takes_the_seeds_step_0_4_sqrt_max_dim():
+    """Regression (issue 14): compat scaled seed 000's Muon update by 0.2 sqrt(max(m, n)) where
+    the seed uses 0.4 sqrt(max(m, n)) (muon_update in its utils.py), so the same MuonConfig took
+    half the step. Oracle: the seed's update in float64 (tests/_seed_reference.py), one step from
+    zero momentum with fp32 NS. Tolerance, relative to the step: 2e-5 for fp32 NS rounding
+    (measured <= 1e-5) plus 5e-7 / ||V||_F: the seed normalises by ||V|| + 1e-7, we by
+    max(||V||, 1e-7) as torch.optim.Muon (docs/compat.md), a relative 1e-7 / ||V|| change of the NS
+    input that 5 quintic iterations amplify up to 2.3x here (k_proj, ||V|| = 8.5e-4: 2.8e-4).
+    The 0.2 scale was off by 0.5 of the step."""
+    model = build_model("llama").train()
+    ref_model = copy.deepcopy(model)
+    cfg = MuonConfig(lr=1e-3, muon_decay=0.1, enable_clipping=False, log_max_logits=False)
+    opt = MuonClip(model, None, cfg, ns_dtype=torch.float32)
+    assert all(g["adjust_lr_fn"] == "rms_0.4" for g in opt.param_groups if g["use_muon"])
+    ids, pad = make_batch()
+    model(input_ids=ids, attention_mask=pad, labels=ids).loss.backward()
+    ref_model(input_ids=ids, attention_mask=pad, labels=ids).loss.backward()
+    w0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt.step()
+    seen = 0
+    for (name, p), rp in zip(model.named_parameters(), ref_model.parameters()):
+        if not any(p is q for g in opt.param_groups if g["use_muon"] for q in g["params"]):
+            continue
+        g = rp.grad.double()
+        v = g + 0.95 * ((1 - 0.95) * g - g)              # nesterov from zero momentum
+        o = seed_reference.ns64(v)
+        want = w0[name] * (1 - 1e-3 * 0.1) - 1e-3 * 0.4 * math.sqrt(max(p.shape)) * o
+        step = (want - w0[name]).abs().max().item()
+        err = (p.double() - want).abs().max().item()
+        tol = 2e-5 + 5e-7 / v.norm().item()
+        assert err <= tol * step + 4 * 2 ** -24 * w0[name].abs().max().item(), (name, err, step)
+        seen += 1
+    assert seen >= 7     # q, k, v, o, gate, up, down of each layer
+    opt.close()
+
+
+def test_seed001_signature_positional_order_and_defaults():
+    """Regression (issue 14): compat's seed-001 MuonClip was keyword-only (the seed's positional
+    call raised TypeError), required lr (seed default 0.02) and had no weight decay (seed default
+    0.01); Muon likewise. Each positional argument must land where the seed put it."""
+    layers = _seed_model()
+    params = [p for l in layers for p in l.parameters() if p.ndim >= 2]
+    opt = MuonClip(params, list(layers), "mha", META, 4)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["weight_decay"], g["momentum"], g["nesterov"], g["ns_steps"], g["adjust_lr_fn"]) == \
+        (0.02, 0.01, 0.95, True, 5, "original")
+    assert (opt.qk_clipper.config.tau, opt.qk_clipper.config.alpha) == (100.0, 0.5)
+    opt = MuonClip(params, list(layers), "mha", META, 4, 0.05, 0.03, 0.9, False, 6, 3.0, 0.25, 0, 1)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["weight_decay"], g["momentum"], g["nesterov"], g["ns_steps"]) == (0.05, 0.03, 0.9, False, 6)
+    assert (opt.qk_clipper.config.tau, opt.qk_clipper.config.alpha) == (3.0, 0.25)
+    m = Muon(params, 0.05, 0.03, 0.9, False, 6, 0, 1)
+    g = m.param_groups[0]
+    assert (g["lr"], g["weight_decay"], g["momentum"], g["nesterov"], g["ns_steps"]) == (0.05, 0.03, 0.9, False, 6)
+    g = Muon(params).param_groups[0]
+    assert (g["lr"], g["weight_decay"]) == (0.02, 0.01)
+
+
+def test_seed001_step_equals_float64_reference_with_clip_acting():
+    """compat.MuonClip(params, attention_params, ...) with seed defaults vs the seed's algorithm
+    in float64 (tests/_seed_reference.py), fp32 NS, 3 steps, the clip acting (tau 0.6, alpha 0.5
+    where the seed's eta^alpha on both sides is exact; no q/k biases: the seed does not scale
+    them). Tolerance 1e-4 of the run's change: fp32 NS rounding, the seed's NS normalisation by
+    ||V|| + 1e-7 and its tau / (s + 1e-6) (relative 1e-6 / s on eta), see the test above."""
+    la, lb = _seed_model(), _seed_model()
+    for layer in (*la, *lb):     # the seed clips weights only; we scale the q/k biases too (docs/compat.md)
+        layer.weight_q.bias = layer.weight_k.bias = None
+    x = torch.randn(2, 10, 32)
+    w0 = [p.detach().double().clone() for p in la.parameters()]
+    ours = MuonClip([p for l in la for p in l.parameters() if p.ndim >= 2], list(la), "mha", META, 4, tau=0.6,
+                    ns_dtype=torch.float32)
+    ref = seed_reference.MuonClip([p for l in lb for p in l.parameters() if p.ndim >= 2], list(lb), "mha", META, 4,
+                                  tau=0.6, rank=0, world_size=1)
+    clipped = 0
+    for _ in range(3):
+        for layers, opt in ((la, ours), (lb, ref)):
+            loss, s_max = _loss_and_s_max(layers, x)
+            loss.backward()
+            opt.step(s_max)
+            opt.zero_grad()
+        clipped += int(ours.metrics()["qk_clip/num_heads_clipped"])
+    assert clipped > 0
+    for a, b, p0 in zip(la.parameters(), lb.parameters(), w0):
+        if a.ndim < 2:
+            continue
+        change = (b.double() - p0).abs().max().item()
+        assert (a.double() - b.double()).abs().max().item() <= 1e-4 * change
+
+
+def test_seed001_tau_inf_turns_clipping_off():
+    """Regression (issue 14): tau=float("inf") (the seeds' clip-off: eta = min(1, inf) = 1) was
+    rejected. MuonClip with tau=inf steps exactly like one without attention_params, whatever
+    s_max says; QKClip(tau=inf).step leaves the weights as they were."""
+    la, lb = _seed_model(), _seed_model()
+    x = torch.randn(2, 10, 32)
+    a = MuonClip([p for l in la for p in l.parameters()], list(la), "mha", META, 4, tau=float("inf"))
+    b = MuonClip([p for l in lb for p in l.parameters()])
+    assert a.qk_clipper is None
+    for layers, opt in ((la, a), (lb, b)):
+        loss, _ = _loss_and_s_max(layers, x)
+        loss.backward()
+        opt.step([[1e6] * 4, [1e6] * 4])
+    for pa, pb in zip(la.parameters(), lb.parameters()):
+        assert torch.equal(pa, pb)
+    before = [p.detach().clone() for p in la.parameters()]
+    QKClip(list(la), "mha", META, 4, tau=float("inf")).step([[1e6] * 4, [1e6] * 4])
+    assert all(torch.equal(p, q) for p, q in zip(before, la.parameters()))

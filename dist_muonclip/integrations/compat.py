@@ -29,6 +29,7 @@ the README section "Coming from muon-clip / efficient-muonclip" and in the class
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ class MuonClip(_MuonClip):
         if cfg.log_max_logits and cfg.log_dir is not None and "log_dir" not in kwargs:
             try:
                 import torch.utils.tensorboard  # noqa: F401
-                log_dir = cfg.log_dir
+                log_dir = os.path.abspath(cfg.log_dir)    # relative to where the optimizer was built
             except ImportError:
                 warnings.warn("tensorboard is not installed: MuonConfig.log_dir ignored "
                               "(pip install tensorboard)", UserWarning, stacklevel=3)
