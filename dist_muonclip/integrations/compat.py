@@ -8,23 +8,14 @@
 * axion66/efficient-muonclip ("seed 001")::
 
       from dist_muonclip.compat import MuonClip, Muon, QKClip    # was: from muonclip import MuonClip ...
-      muonclip = MuonClip(params=muon_params, attention_params=[...], mode="mha",
-                          metadata={"w_q": "weight_q", "w_k": "weight_k"}, n_head=8, lr=0.02,
-                          momentum=0.95, rank=0, world_size=1)
+      muonclip = MuonClip(muon_params, [model.layer1.attn], "mha", {"w_q": "weight_q", "w_k": "weight_k"}, 8)
       muonclip.step(s_max)
 
 Both map onto :class:`dist_muonclip.MuonClip` and :class:`dist_muonclip.qk_clip.QKClipper`.
-Where the originals were ambiguous or wrong we do the right thing; the differences are listed in
-the README section "Coming from muon-clip / efficient-muonclip" and in the class docstrings:
-
-* max logits are the ones softmax sees (post-RoPE, softmax scale, masked positions excluded),
-  measured in the forward pass by the HF attention hook; seed 000 recomputed them after the update
-  from pre-projection inputs (no RoPE, divided by head_dim, masked positions included);
-* the clip is eta^alpha on the query side and eta^(1-alpha) on the key side (seed 001 used
-  eta^alpha on both, exact only for alpha = 0.5; for MLA it put eta^alpha on k_C too);
-* GQA key heads are handled (seed 001 cut W_k into n_head blocks even when it has fewer heads);
-* no ``model.train()`` ritual: building the optimizer installs tracking;
-* ``rank`` / ``world_size`` are checked against ``torch.distributed`` (which does the work).
+Where the algorithm is the same the numbers are the same (tests/test_compat.py runs the seeds'
+examples from examples/seeds/ against float64 reimplementations of the seeds); every intended
+difference (which logits, the alpha split, GQA, the parameter split, ...) is one row of the table
+in docs/compat.md.
 """
 from __future__ import annotations
 
