@@ -106,6 +106,31 @@ def test_tensor_lr_stays_a_tensor_and_schedulers_fill_it():
     assert torch.equal(w, before)                   # lr 0 (set in place) -> no change at all
 
 
+def test_tensor_lr_survives_state_dict_round_trip():
+    """A checkpoint of a tensor-lr optimizer restores a tensor lr (torch.optim keeps it a tensor
+    too), and the restored optimizer's next step equals the original's bit for bit."""
+    torch.manual_seed(0)
+    made = []
+    for lr in (torch.tensor(0.01), torch.tensor(0.5)):
+        w, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(4))
+        made.append((w, b, MuonClip([{"params": [w]}, {"params": [b], "use_muon": False}], lr=lr, qk_clip=False)))
+    (w, b, opt), (w2, b2, opt2) = made
+    for _ in range(2):
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+    with torch.no_grad():
+        w2.copy_(w)
+        b2.copy_(b)
+    opt2.load_state_dict(opt.state_dict())
+    assert isinstance(opt2.param_groups[0]["lr"], torch.Tensor)
+    assert torch.equal(opt2.param_groups[0]["lr"], torch.tensor(0.01))
+    g, gb = torch.randn_like(w), torch.randn_like(b)
+    w.grad, b.grad, w2.grad, b2.grad = g.clone(), gb.clone(), g.clone(), gb.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(w, w2) and torch.equal(b, b2)
+
+
 def test_tensor_lr_adamw_part_equals_torch_adamw():
     """The AdamW part with a tensor lr steps like torch.optim.AdamW given the same tensor lr
     (same fused/foreach-free kernel: bit-identical)."""
