@@ -1,19 +1,26 @@
 """Seed-compatible entry points (dist_muonclip.compat): each is checked against the library
-objects it stands for (same seeds, same data, parameters compared bit for bit), plus the
-seed-000 TensorBoard logging and the documented differences."""
+objects it stands for (same seeds, same data, parameters compared bit for bit), against float64
+reimplementations of the seeds' optimizers (tests/_seed_reference.py), and through the seeds' own
+examples (examples/seeds/); plus the seed-000 TensorBoard logging and the documented differences
+(docs/compat.md)."""
 from __future__ import annotations
 
 import copy
 import math
+import pathlib
+import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dist_muonclip import MuonClip as CoreMuonClip
 from dist_muonclip.compat import Muon, MuonClip, MuonConfig, QKClip, muon_config_kwargs
+from dist_muonclip.param_split import split_parameters
 from dist_muonclip.qk_clip import QKClipConfig, QKClipper
+from tests import _seed_reference as seed_reference
 from tests.test_qk_clip import SeedMHA, SeedMLA
 from tests.test_tracker import build_model, make_batch
 
@@ -238,14 +245,6 @@ def test_seed001_metadata_dotted_parameter_names_and_nan_refused():
 # reader, each line marked). Each runs twice: as shipped, against dist_muonclip.compat, and with
 # its import lines pointed at tests/_seed_reference.py (the seeds' algorithms in float64). The
 # final parameters are compared.
-import pathlib
-import re
-
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-from dist_muonclip.param_split import split_parameters
-import tests._seed_reference as seed_reference
-
 EXAMPLES_DIR = pathlib.Path(__file__).resolve().parent.parent / "examples" / "seeds"
 # example -> (its "model" is bf16, the seed's algorithm differs from ours in the parameter split)
 SEED_EXAMPLES = {

@@ -15,7 +15,6 @@ torch's defaults explicitly and renames that one key (``_ours``).
 """
 from __future__ import annotations
 
-import re
 import warnings
 
 import pytest
