@@ -12,8 +12,14 @@ which the Frobenius normalization inside NS removes, so the update is the same; 
 form so that ``momentum_buffer`` means the same thing as in ``torch.optim.Muon``.
 
 ``scale``: ``"match_rms_adamw"`` = 0.2 * sqrt(max(m, n)) gives the update the RMS of an AdamW
-update so one learning rate serves both (Moonlight, arXiv 2502.16982); ``"original"`` =
-sqrt(max(1, m / n)) is Keller Jordan's; ``"none"`` = 1.
+update so one learning rate serves both (Moonlight, arXiv 2502.16982: NS(V) has singular values
+~1, hence RMS 1 / sqrt(max(m, n))); ``"rms_0.4"`` = 0.4 * sqrt(max(m, n)), update RMS 0.4 (the
+scale of GAD-cell/muon-clip, used by ``dist_muonclip.compat`` for its users); ``"original"`` =
+sqrt(max(1, m / n)) is Keller Jordan's (``None`` means the same, as in torch.optim.Muon);
+``"none"`` = 1.
+
+``lr`` may be a 1-element tensor (torch.optim's tensor lr): the arithmetic below is then done
+with the tensor in the same order as torch.optim.Muon, so results stay bit-identical to it.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["ADJUST_LR_FNS", "update_scale", "muon_momentum_", "muon_apply_"]
 
-ADJUST_LR_FNS = ("match_rms_adamw", "original", "none")
+ADJUST_LR_FNS = ("match_rms_adamw", "original", "none", "rms_0.4")
 
 
 def update_scale(m: int, n: int, adjust_lr_fn: str | None) -> float:
@@ -35,6 +41,8 @@ def update_scale(m: int, n: int, adjust_lr_fn: str | None) -> float:
         return math.sqrt(max(1.0, m / n))
     if adjust_lr_fn == "none":
         return 1.0
+    if adjust_lr_fn == "rms_0.4":
+        return 0.4 * math.sqrt(max(m, n))
     raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use one of {ADJUST_LR_FNS}")
 
 
@@ -54,11 +62,12 @@ def muon_momentum_(
 
 
 def muon_apply_(
-    params: Sequence[Tensor], updates: Sequence[Tensor], *, lr: float, weight_decay: float, scale: float
+    params: Sequence[Tensor], updates: Sequence[Tensor], *, lr: float | Tensor, weight_decay: float, scale: float
 ) -> None:
     """``p <- (1 - lr * weight_decay) * p - lr * scale * update`` in place (decoupled weight decay).
 
-    Same operation order as torch.optim.Muon so single-matrix results are bit-identical.
+    Same operation order as torch.optim.Muon so single-matrix results are bit-identical, also
+    for a tensor ``lr`` (``lr * scale`` is then a tensor op, as there).
     """
     for p, u in zip(params, updates):
         if weight_decay != 0:

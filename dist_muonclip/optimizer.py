@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -36,9 +37,17 @@ _ADAMW_KEYS = ("betas", "eps")
 _DEFAULT_BUCKET_CAP_MB = 25.0
 
 
+class UnsupportedParameterError(TypeError, RuntimeError):
+    """A parameter MuonClip cannot optimize (complex, integer). A TypeError (our rule for bad
+    input) that is also the RuntimeError torch.optim.Muon raises for complex parameters, so code
+    catching torch's error class keeps working; raised at construction, before any state."""
+
+
 def _check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:     # torch.optim's own message and class
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
@@ -47,6 +56,13 @@ def _check_float(name: str, value: Any, *, low: float | None = None, high: float
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return float(value)
+
+
+def _check_lr(name: str, value: Any) -> float | Tensor:
+    """Validate a learning rate; a 1-element tensor stays that tensor (torch.optim's tensor-lr
+    semantics: the step computes with it, and LR schedulers ``fill_`` it in place)."""
+    _check_float(name, value, low=0.0)
+    return value if isinstance(value, Tensor) else float(value)
 
 
 def _check_betas(name: str, betas: Any) -> tuple[float, float]:
@@ -65,6 +81,39 @@ def _validate_layout(layout: Layout, params: Sequence[Tensor], names: dict, worl
                          "its ranges") from None
 
 
+def _group_param_list(params: Any, gi: int) -> list[Any]:
+    """A group's ``params`` as a list, as torch.optim reads it (a Tensor alone is one parameter)."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"param group {gi}: 'params' is a set, whose order changes between runs; use a list "
+                        "(optimizer parameters need to be organized in ordered collections, as in torch.optim)")
+    return list(params)
+
+
+def _names_given(params: Sequence[Any], gi: int) -> bool:
+    """Whether a group's entries are ``(name, parameter)`` pairs; all or none must be (torch.optim)."""
+    named = [isinstance(item, tuple) for item in params]
+    if any(named) and not all(named):
+        raise ValueError(f"all optimizer params should be with/without names. Some param names are missing "
+                         f"(param group {gi}: {named.count(False)} of {len(named)} entries are bare tensors); "
+                         "pass (name, parameter) pairs for all of them or for none")
+    for item in params:
+        if isinstance(item, tuple) and (len(item) != 2 or not isinstance(item[0], str)):
+            raise TypeError(f"param group {gi}: a named parameter must be a (str, Tensor) pair, got {item!r:.80}")
+    return bool(named) and all(named)
+
+
+def _check_adjust_lr_fn(adjust_lr_fn: Any) -> str:
+    """``None`` is torch.optim.Muon's default and means its "original" scale (not our default)."""
+    if adjust_lr_fn is None:
+        return "original"
+    if adjust_lr_fn not in ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one "
+                         f"of {ADJUST_LR_FNS} or None (torch.optim.Muon's default, meaning 'original')")
+    return adjust_lr_fn
+
+
 class MuonClip(Optimizer):
     r"""Muon + AdamW + QK-Clip in one ``torch.optim.Optimizer``.
 
@@ -76,7 +125,8 @@ class MuonClip(Optimizer):
             must go in a ``use_muon=False`` group).
         lr: learning rate of the Muon part, and of the AdamW part unless ``adamw_lr`` is given.
             With ``adjust_lr_fn="match_rms_adamw"`` Muon's update has AdamW's RMS, so one lr
-            tuned for AdamW serves both (Moonlight, arXiv 2502.16982).
+            tuned for AdamW serves both (Moonlight, arXiv 2502.16982). A 1-element tensor keeps
+            torch.optim's tensor-lr semantics (the step computes with the tensor).
         momentum, nesterov: Muon momentum (EMA form of ``torch.optim.Muon``).
         weight_decay: decoupled weight decay of the Muon part (and of AdamW unless
             ``adamw_weight_decay`` is given): ``W <- W - lr * weight_decay * W``.
@@ -85,7 +135,8 @@ class MuonClip(Optimizer):
             ``"bfloat16"``/``"float32"`` (JSON configs). bf16 is the fast default; float32 makes
             runs reproducible across reduction orders (engine-equivalence tests use it).
         adjust_lr_fn: ``"match_rms_adamw"`` (0.2 sqrt(max(m, n))), ``"original"`` (Keller Jordan's
-            sqrt(max(1, m/n))) or ``"none"``.
+            sqrt(max(1, m/n))), ``"none"`` or ``"rms_0.4"`` (0.4 sqrt(max(m, n)), GAD-cell/muon-clip's
+            scale); ``None`` means ``"original"``, as in torch.optim.Muon.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part. ``None`` lr/decay
             mean "same as the Muon part".
         qk_clip: ``None`` = on with defaults when ``model_or_params`` is a model whose attention
@@ -178,15 +229,14 @@ class MuonClip(Optimizer):
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
-        lr = _check_float("lr", lr, low=0.0)
+        lr = _check_lr("lr", lr)
         momentum = _check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
         weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
         ns_eps = _check_float("ns_eps", ns_eps, low=0.0, low_open=True)
         ns_coefficients, ns_steps, ns_dtype, ns_backend = validate_ns_options(
             ns_coefficients, ns_steps, ns_dtype, ns_backend)
-        if adjust_lr_fn not in ADJUST_LR_FNS:
-            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use one of {ADJUST_LR_FNS}")
-        adamw_lr = lr if adamw_lr is None else _check_float("adamw_lr", adamw_lr, low=0.0)
+        adjust_lr_fn = _check_adjust_lr_fn(adjust_lr_fn)
+        adamw_lr = lr if adamw_lr is None else _check_lr("adamw_lr", adamw_lr)
         adamw_betas = _check_betas("adamw_betas", adamw_betas)
         adamw_eps = _check_float("adamw_eps", adamw_eps, low=0.0, low_open=True)
         adamw_weight_decay = (weight_decay if adamw_weight_decay is None
@@ -242,6 +292,7 @@ class MuonClip(Optimizer):
                 self._names[info.param] = info.name
                 self._views[info.param] = info.view
                 self._param_order.setdefault(info.param, len(self._param_order))
+            self._names_given = None    # names come from the model: added groups may be either kind
             groups = []
             muon = [i.param for i in infos if i.use_muon]
             adamw = [i.param for i in infos if not i.use_muon]
@@ -254,8 +305,10 @@ class MuonClip(Optimizer):
             raise ValueError("muon_patterns/adamw_patterns need an nn.Module as model_or_params; with param "
                              "groups, put parameters in groups with use_muon=True/False instead")
         if isinstance(model_or_params, Tensor):
-            raise TypeError("model_or_params must be an nn.Module or an iterable of parameters/param groups, "
-                            "got a single Tensor; wrap it in a list")
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                            "but got a single Tensor: wrap it in a list (model_or_params may also be an nn.Module)")
+        if isinstance(model_or_params, (set, frozenset)):
+            raise TypeError("model_or_params is a set, whose order changes between runs; pass a list (as torch.optim)")
         raw = list(model_or_params)
         if not raw:
             raise ValueError("model_or_params is empty: the optimizer got no parameters")
@@ -266,22 +319,35 @@ class MuonClip(Optimizer):
         else:
             groups = [{"params": raw}]
         seen: dict[Tensor, str] = {}
+        names_given = False
         for gi, g in enumerate(groups):
             if "params" not in g:
                 raise ValueError(f"param group {gi} has no 'params' key")
-            params = g["params"]
-            params = [params] if isinstance(params, Tensor) else list(params)
+            params = _group_param_list(g["params"], gi)
+            named = _names_given(params, gi)
+            if gi > 0 and named != names_given:       # torch.optim's rule and message
+                raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
+                                 f"{'with' if named else 'without'} names to the optimizer (group {gi}; group 0 "
+                                 f"is {'with' if names_given else 'without'}): name all parameters or none")
+            names_given = named
             plain = []
+            in_group: set[Tensor] = set()
             for pi, item in enumerate(params):
-                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                if isinstance(item, tuple):
                     name, p = item
                 else:
                     name, p = f"group{gi}.param{pi}", item
                 if not isinstance(p, Tensor):
                     raise TypeError(f"param group {gi} entry {pi} is a {type(p).__name__}, not a Tensor")
+                if p in in_group:     # torch.optim warns (and would step it twice); we keep it once
+                    warnings.warn(f"optimizer contains a parameter group with duplicate parameters (group {gi}, "
+                                  f"{name!r}); it is optimized once", UserWarning, stacklevel=4)
+                    continue
+                in_group.add(p)
                 if p in seen:
                     raise ValueError(f"parameter {name!r} appears twice (first as {seen[p]!r}); "
-                                     "each parameter may be in one group only, once")
+                                     "some parameters appear in more than one parameter group: "
+                                     "each parameter may be in one group only")
                 seen[p] = name
                 self._names[p] = name
                 self._param_order.setdefault(p, len(self._param_order))
@@ -290,6 +356,7 @@ class MuonClip(Optimizer):
                 plain.append(p)
             g["params"] = plain
             g.pop("param_names", None)
+        self._names_given = names_given
         return groups, None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -304,8 +371,15 @@ class MuonClip(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         g = dict(param_group)
-        params = g["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        if "params" not in g:
+            raise ValueError("param_group has no 'params' key")
+        params = _group_param_list(g["params"], len(self.param_groups))
+        if self._engine is not None and self._names_given is not None:   # after construction
+            named = _names_given(params, len(self.param_groups))
+            if named != self._names_given:      # torch.optim's rule and message
+                raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
+                                 f"{'with' if named else 'without'} names to the optimizer (its groups are "
+                                 f"{'with' if self._names_given else 'without'})")
         g["params"] = params
         use_muon = g.setdefault("use_muon", True)
         if not isinstance(use_muon, bool):
@@ -326,8 +400,9 @@ class MuonClip(Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a Tensor")
             if not p.is_floating_point():
-                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; MuonClip optimizes floating-point "
-                                "parameters only (leave integer buffers out of the optimizer)")
+                raise UnsupportedParameterError(
+                    f"parameter {name!r} has dtype {p.dtype}; MuonClip optimizes real floating-point parameters "
+                    "only (Muon does not support complex parameters; leave integer buffers out of the optimizer)")
             if p in existing:
                 raise ValueError(f"parameter {name!r} is already in another param group; each parameter "
                                  "may be in one group only")
@@ -360,8 +435,7 @@ class MuonClip(Optimizer):
             _check_float("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)
             (g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"]) = validate_ns_options(
                 g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"])
-            if g["adjust_lr_fn"] not in ADJUST_LR_FNS:
-                raise ValueError(f"adjust_lr_fn={g['adjust_lr_fn']!r} is unknown; use one of {ADJUST_LR_FNS}")
+            g["adjust_lr_fn"] = _check_adjust_lr_fn(g["adjust_lr_fn"])
         else:
             g["betas"] = _check_betas("betas", g["betas"])
             _check_float("eps", g["eps"], low=0.0, low_open=True)

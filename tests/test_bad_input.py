@@ -46,7 +46,7 @@ def test_bad_hyperparameters(kwargs, exc, match):
 def test_bad_params():
     with pytest.raises(ValueError, match="empty"):
         MuonClip([], lr=0.1)
-    with pytest.raises(ValueError, match=r"'w2' appears twice \(first as 'w'\)"):
+    with pytest.warns(UserWarning, match=r"duplicate parameters \(group 0, 'w2'\)"):   # as torch.optim: warn
         MuonClip([("w", W), ("w2", W)], lr=0.1)
     with pytest.raises(ValueError, match=r"'group1.param0' appears twice \(first as 'group0.param0'\)"):
         MuonClip([{"params": [W]}, {"params": [W], "use_muon": False}], lr=0.1)

@@ -8,26 +8,20 @@
 * axion66/efficient-muonclip ("seed 001")::
 
       from dist_muonclip.compat import MuonClip, Muon, QKClip    # was: from muonclip import MuonClip ...
-      muonclip = MuonClip(params=muon_params, attention_params=[...], mode="mha",
-                          metadata={"w_q": "weight_q", "w_k": "weight_k"}, n_head=8, lr=0.02,
-                          momentum=0.95, rank=0, world_size=1)
+      muonclip = MuonClip(muon_params, [model.layer1.attn], "mha", {"w_q": "weight_q", "w_k": "weight_k"}, 8)
       muonclip.step(s_max)
 
 Both map onto :class:`dist_muonclip.MuonClip` and :class:`dist_muonclip.qk_clip.QKClipper`.
-Where the originals were ambiguous or wrong we do the right thing; the differences are listed in
-the README section "Coming from muon-clip / efficient-muonclip" and in the class docstrings:
-
-* max logits are the ones softmax sees (post-RoPE, softmax scale, masked positions excluded),
-  measured in the forward pass by the HF attention hook; seed 000 recomputed them after the update
-  from pre-projection inputs (no RoPE, divided by head_dim, masked positions included);
-* the clip is eta^alpha on the query side and eta^(1-alpha) on the key side (seed 001 used
-  eta^alpha on both, exact only for alpha = 0.5; for MLA it put eta^alpha on k_C too);
-* GQA key heads are handled (seed 001 cut W_k into n_head blocks even when it has fewer heads);
-* no ``model.train()`` ritual: building the optimizer installs tracking;
-* ``rank`` / ``world_size`` are checked against ``torch.distributed`` (which does the work).
+Where the algorithm is the same the numbers are the same (tests/test_compat.py runs the seeds'
+examples from examples/seeds/ against float64 reimplementations of the seeds); every intended
+difference (which logits, the alpha split, GQA, the parameter split, ...) is one row of the table
+in docs/compat.md.
 """
 from __future__ import annotations
 
+import math
+import os
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +31,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_muonclip.metrics import MetricsLogger
 from dist_muonclip.optimizer import MuonClip as _MuonClip
 from dist_muonclip.qk_clip import QKClipConfig, QKClipper
 
@@ -60,7 +53,7 @@ class MuonConfig:
     """
 
     unified_lr: bool = True
-    lr: float = 1e-5
+    lr: float = 1e-4
     lr_muon: float = 1e-4
     lr_adam: float = 1e-4
     muon_beta: float = 0.95
@@ -99,7 +92,7 @@ def muon_config_kwargs(cfg: MuonConfig) -> dict[str, Any]:
                        mapping=dict(mapping) if mapping else None) if cfg.enable_clipping else False)
     return dict(
         lr=lr_muon, adamw_lr=lr_adam, momentum=cfg.muon_beta, weight_decay=cfg.muon_decay, ns_steps=cfg.ns_steps,
-        ns_coefficients="cans" if cfg.cans_ortho else "jordan", adjust_lr_fn="match_rms_adamw",
+        ns_coefficients="cans" if cfg.cans_ortho else "jordan", adjust_lr_fn="rms_0.4",
         adamw_betas=tuple(cfg.adam_betas), adamw_eps=cfg.adam_eps, adamw_weight_decay=cfg.adam_decay, qk_clip=qk,
     )
 
@@ -146,60 +139,81 @@ def _seed_layers(attention_params: Sequence[nn.Module], mode: str, metadata: Map
 class MuonClip(_MuonClip):
     """Both seeds' ``MuonClip`` constructors on top of :class:`dist_muonclip.MuonClip`.
 
-    Seed 000: ``MuonClip(model, model_config, muon_config)``; ``model_config`` is an HF config or
-    a dict with ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` (it overrides
-    ``model.config`` for QK-Clip discovery). The parameter split is the library's (hidden
+    Which seed is meant is read from the first argument: an ``nn.Module`` (or ``model=``) is
+    seed 000's call, anything else seed 001's. Every intended difference from the seeds is one
+    row of the table in ``docs/compat.md``.
+
+    Seed 000 (GAD-cell/muon-clip): ``MuonClip(model, model_config, muon_config)``;
+    ``model_config`` is an HF config or a dict with ``num_attention_heads``,
+    ``num_key_value_heads``, ``head_dim`` (it overrides ``model.config`` for QK-Clip discovery).
+    The Muon update is scaled by 0.4 sqrt(max(m, n)) as there (``adjust_lr_fn="rms_0.4"``), so the
+    same :class:`MuonConfig` takes the same step. The parameter split is the library's (hidden
     matrices to Muon; embeddings, LM head, norms and biases to AdamW; seed 000 sent every 2-D
-    tensor, embeddings included, to Muon).
+    tensor to Muon).
 
-    Seed 001: ``MuonClip(params, attention_params, mode, metadata, n_head, lr, momentum, rank,
-    world_size)``; ``params`` are the Muon matrices (anything 1-D goes to an AdamW group with the
-    same lr instead of failing), the update scale is Keller Jordan's sqrt(max(1, m/n)) so that
-    ``lr=0.02`` means what it meant there, no weight decay; ``metadata`` may also carry
-    ``num_kv_heads`` (GQA) and ``head_dim``. ``step(s_max)`` takes the per-layer per-head max
-    logits positionally as there (a callable is still treated as a closure); without ``s_max`` the
-    tracker's values are used (``tracker.record``).
+    Seed 001 (axion66/efficient-muonclip), its signature, order and defaults::
 
-    Extra keyword arguments go to :class:`dist_muonclip.MuonClip`.
+        MuonClip(params, attention_params, mode, metadata, n_head, lr=0.02, weight_decay=0.01,
+                 momentum=0.95, nesterov=True, ns_steps=5, tau=100.0, alpha=0.5, rank=None,
+                 world_size=None)
+
+    ``params`` are the Muon matrices (anything 1-D goes to an AdamW group with the same lr
+    instead of failing); the update scale is Keller Jordan's sqrt(max(1, m/n)) as there;
+    ``tau=float("inf")`` turns clipping off; ``attention_params=None`` means no QK-Clip;
+    ``metadata`` may also carry ``num_kv_heads`` (GQA) and ``head_dim``. ``rank`` /
+    ``world_size`` may be omitted (read from ``torch.distributed``). ``step(s_max)`` takes the
+    per-layer per-head max logits positionally as there (a callable is still treated as a
+    closure); without ``s_max`` the tracker's values are used (``tracker.record``).
+
+    Extra keyword arguments go to :class:`dist_muonclip.MuonClip` (e.g. ``ns_dtype``).
     """
 
-    def __init__(self, model_or_params: Any = None, model_config: Any = None, muon_config: MuonConfig | None = None,
-                 *, params: Any = None, attention_params: Sequence[nn.Module] | None = None, mode: str = "mha",
-                 metadata: Mapping[str, Any] | None = None, n_head: int | None = None, lr: float | None = None,
-                 momentum: float = 0.95, rank: int | None = None, world_size: int | None = None,
-                 tau: float = 100.0, alpha: float = 0.5, **kwargs: Any) -> None:
-        if muon_config is not None or isinstance(model_or_params, nn.Module) and params is None:
-            if not isinstance(model_or_params, nn.Module):
-                raise TypeError("MuonClip(model, model_config, muon_config): model must be an nn.Module")
-            cfg = muon_config if muon_config is not None else MuonConfig()
-            opts = muon_config_kwargs(cfg)
-            opts.update(kwargs)
-            super().__init__(model_or_params, model_config=model_config, **opts)
-            if cfg.log_max_logits:
-                log_dir = cfg.log_dir
-                if log_dir is not None:
-                    try:
-                        import torch.utils.tensorboard  # noqa: F401
-                    except ImportError:
-                        warnings.warn("tensorboard is not installed: MuonConfig.log_dir ignored "
-                                      "(pip install tensorboard)", UserWarning, stacklevel=2)
-                        log_dir = None
-                self._logger = MetricsLogger(log_dir)
-            return
-        # seed 001
-        params = model_or_params if params is None else params
-        if params is None:
-            raise TypeError("MuonClip needs params=... (seed efficient-muonclip) or (model, model_config, "
-                            "muon_config) (seed muon-clip)")
-        if lr is None:
-            raise TypeError("MuonClip(params=...): lr is required")
-        _check_rank(rank, world_size)
-        plist = list(params)
-        groups = _muon_groups(plist)
-        opts: dict[str, Any] = dict(lr=lr, momentum=momentum, weight_decay=0.0, adjust_lr_fn="original")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        seed000 = isinstance(args[0], nn.Module) if args else ("model" in kwargs or "muon_config" in kwargs)
+        if seed000:
+            self._init_seed000(*args, **kwargs)
+        else:
+            self._init_seed001(*args, **kwargs)
+
+    def _init_seed000(self, model: nn.Module, model_config: Any = None, muon_config: MuonConfig | None = None,
+                      **kwargs: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError("MuonClip(model, model_config, muon_config): model must be an nn.Module")
+        cfg = muon_config if muon_config is not None else MuonConfig()
+        opts = muon_config_kwargs(cfg)
         opts.update(kwargs)
+        log_dir = None
+        if cfg.log_max_logits and cfg.log_dir is not None and "log_dir" not in kwargs:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+                log_dir = os.path.abspath(cfg.log_dir)    # relative to where the optimizer was built
+            except ImportError:
+                warnings.warn("tensorboard is not installed: MuonConfig.log_dir ignored "
+                              "(pip install tensorboard)", UserWarning, stacklevel=3)
+        if cfg.log_max_logits:
+            opts.setdefault("log_dir", log_dir)
+            opts.setdefault("wandb_run", "auto")
+        super().__init__(model, model_config=model_config, **opts)
+
+    def _init_seed001(self, params: Any, attention_params: Sequence[nn.Module] | None = None, mode: str = "mha",
+                      metadata: Mapping[str, Any] | None = None, n_head: int | None = None, lr: float = 0.02,
+                      weight_decay: float = 0.01, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                      tau: float = 100.0, alpha: float = 0.5, rank: int | None = None,
+                      world_size: int | None = None, **kwargs: Any) -> None:
+        if params is None:
+            raise TypeError("MuonClip needs params (seed efficient-muonclip: MuonClip(params, attention_params, "
+                            "mode, metadata, n_head, ...)) or a model (seed muon-clip: MuonClip(model, "
+                            "model_config, muon_config))")
+        clip_off = _tau_off(tau)
+        _check_rank(rank, world_size)
+        groups = _muon_groups(list(params))
+        opts: dict[str, Any] = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                    ns_steps=ns_steps, adjust_lr_fn="original")
+        opts.update(kwargs)
+        # unknown keywords raise TypeError first, as the seed's own call does
+        inspect.signature(_MuonClip.__init__).bind(self, groups, qk_clip=False, **opts)
         clipper: Any = False
-        if attention_params is not None:
+        if attention_params is not None and not clip_off:
             if metadata is None or n_head is None:
                 raise ValueError("attention_params given: metadata and n_head are required too")
             # the core optimizer builds its clipper from a model; here it comes from explicit layers
@@ -208,10 +222,21 @@ class MuonClip(_MuonClip):
         super().__init__(groups, qk_clip=clipper, **opts)
 
     def step(self, s_max: Any = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """``step(s_max)`` (seeds) or ``step(closure)`` (torch); ``s_max`` per layer, per head."""
+        """``step(s_max)`` (seeds) or ``step(closure)`` (torch); ``s_max`` per layer, per head.
+        With clipping off (``tau=inf`` or no ``attention_params``) ``s_max`` is not needed and
+        is ignored, as the seed's clip was a no-op then."""
         if callable(s_max) and closure is None:
             s_max, closure = None, s_max
-        return super().step(closure=closure, s_max=s_max)   # the core logs to self._logger
+        if self.qk_clipper is None:
+            s_max = None
+        return super().step(closure=closure, s_max=s_max)   # the core logs
+
+
+def _tau_off(tau: Any) -> bool:
+    """``tau=float("inf")`` is the seeds' way of turning the clip off (eta = min(1, inf) = 1)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau <= 0:
+        raise ValueError(f"tau must be a positive number (float('inf') turns clipping off), got {tau!r}")
+    return math.isinf(tau)
 
 
 def _muon_groups(plist: list[Any]) -> list[dict[str, Any]]:
@@ -228,12 +253,15 @@ def _muon_groups(plist: list[Any]) -> list[dict[str, Any]]:
 
 
 class Muon(MuonClip):
-    """Seed 001's ``Muon(params, lr, momentum, rank, world_size)``: the Muon part alone (Keller
-    Jordan's update scale, no weight decay, no QK-Clip)."""
+    """Seed 001's ``Muon(params, lr=0.02, weight_decay=0.01, momentum=0.95, nesterov=True,
+    ns_steps=5, rank=None, world_size=None)``: the Muon part alone (Keller Jordan's update
+    scale, no QK-Clip); ``rank`` / ``world_size`` may be omitted here."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, rank: int | None = None,
-                 world_size: int | None = None, **kwargs: Any) -> None:
-        super().__init__(params=list(params), lr=lr, momentum=momentum, rank=rank, world_size=world_size, **kwargs)
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.01, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, rank: int | None = None, world_size: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(list(params), lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                         ns_steps=ns_steps, rank=rank, world_size=world_size, **kwargs)
 
 
 class QKClip:
@@ -248,8 +276,10 @@ class QKClip:
                  tau: float = 100.0, alpha: float = 0.5, rank: int | None = None,
                  world_size: int | None = None) -> None:
         _check_rank(rank, world_size)
-        self.clipper = QKClipper(config=QKClipConfig(tau=tau, alpha=alpha, track="manual"),
-                                 layers=_seed_layers(attention_params, mode, metadata, n_head))
+        # tau=inf: no clip ever (eta = 1), but the layers are still checked and s_max still reduced
+        config = QKClipConfig(tau=1.0 if _tau_off(tau) else tau, alpha=alpha, track="manual")
+        self.clip_off = math.isinf(tau)
+        self.clipper = QKClipper(config=config, layers=_seed_layers(attention_params, mode, metadata, n_head))
         self.distributed = world_size is not None and world_size > 1
 
     @property
@@ -261,7 +291,8 @@ class QKClip:
         s = self.clipper.max_logits(s_max)
         if self.distributed:
             dist.all_reduce(s, op=dist.ReduceOp.MAX)
-        self.clipper.apply_(s)
+        if not self.clip_off:
+            self.clipper.apply_(s)
         return s
 
     def metrics(self) -> dict[str, torch.Tensor]:
