@@ -36,10 +36,13 @@ POLAR_EXPRESS = polar_express_schedule(5)
 def _interpreter():
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    for mod in (ns_mod, ml_mod, am_mod):
+    # modules with module-level kernels are imported under TRITON_INTERPRET=1 already (the
+    # runner, tests/test_kernels_interpret.py, sets it for the whole process)
+    lazy = [m for m in (ns_mod, ml_mod, am_mod) if hasattr(m, "_kernels")]
+    for mod in lazy:
         mod._kernels.cache_clear()
     yield
-    for mod in (ns_mod, ml_mod, am_mod):
+    for mod in lazy:
         mod._kernels.cache_clear()
     if old is None:
         del os.environ["TRITON_INTERPRET"]
@@ -317,12 +320,16 @@ def test_max_logits_rejects_bad_input():
 # attention forward with max logits
 
 @pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 64, 64, 32), (2, 2, 1, 45, 45, 16)])
-def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D, tma, monkeypatch):
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 1), (True, 20), (True, 40)],
+                         ids=["causal", "full", "window1", "window20", "window40"])
+@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 96, 96, 32), (2, 2, 1, 45, 45, 16)])
+def test_attention_forward_with_max_matches_float64(causal, window, B, H, Hkv, Sq, Sk, D, tma, monkeypatch):
     """Output, natural-log LSE (what the flash backward reads) and per-head max vs float64; with
     ``tma`` the tensor-descriptor kernel, forced on under the interpreter, reading q through a
-    [B, S, H, D]-strided view (HF's layout) and relying on zero-padded rows at odd lengths."""
+    [B, S, H, D]-strided view (HF's layout) and relying on zero-padded rows at odd lengths.
+    Windows of 1 (a row sees only itself), 20 (inside one 32-key block: the lower masked range
+    meets the diagonal one) and 40 (a masked lower block, skipped blocks below it at S=96)
+    exercise each key range of the kernel."""
     am = am_mod
     monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
     q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=B + Sq)
@@ -330,22 +337,38 @@ def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
     v = torch.randn(B, Hkv, Sk, D, generator=torch.Generator().manual_seed(2)).bfloat16()
     scale = D ** -0.5
-    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal, window=window)
     g = H // Hkv
     s = scale * (q.double() @ k.double().repeat_interleave(g, 1).mT)
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    keep = torch.ones(Sq, Sk, dtype=torch.bool)
     if causal:
-        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+        keep &= j <= i
+    if window is not None:
+        keep &= j > i - window
+    s = s.masked_fill(~keep, float("-inf"))
     ref_out = torch.softmax(s, -1) @ v.double().repeat_interleave(g, 1)
     # out is rounded to bf16 and P is rounded to bf16 before P V (as in flash attention): ~1e-2.
     assert _rel(out, ref_out) < 1e-2
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
-    torch.testing.assert_close(mx, max_logits_reference(q, k, scale=scale, causal=causal), rtol=ML_RTOL, atol=0)
+    ref_mx = max_logits_reference(q, k, scale=scale, causal=causal, attention_mask=keep[None, None])
+    torch.testing.assert_close(mx, ref_mx, rtol=ML_RTOL, atol=0)
+
+
+def test_attention_with_max_logits_rejects_bad_window():
+    q = torch.randn(1, 2, 16, 16).bfloat16()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            am_mod.attention_forward_with_max_triton(q, q, q, scale=0.25, causal=True, window=bad)
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        am_mod.attention_with_max_logits(q, q, q, causal=False, window=4)
 
 
 def test_package_imports_and_refuses_cleanly_without_triton():
     """Regression for the lazy-import contract: with triton unimportable, `import
-    dist_muonclip.kernels` works, triton_available() is False, and a launcher raises a clear error
-    (before touching triton) instead of an ImportError at import time."""
+    dist_muonclip.kernels` (and the core tracker / Newton-Schulz modules) works,
+    triton_available() is False, and using a launcher raises ImportError naming the fix (the
+    kernel modules import Triton at module level and are imported only on use)."""
     import subprocess
     import sys
 
@@ -360,18 +383,16 @@ sys.meta_path.insert(0, _Block())
 import torch
 import dist_muonclip.kernels as k
 assert not k.triton_available()
-try:
-    k.newton_schulz_triton(torch.randn(4, 4), [(3.4445, -4.775, 2.0315)])
-except ValueError as e:
-    assert "CUDA" in str(e)
-else:
-    raise SystemExit("no error")
-try:
-    k.max_logits_triton(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), scale=1.0, causal=True)
-except ValueError as e:
-    assert "CUDA" in str(e)
-else:
-    raise SystemExit("no error")
+for name in ("newton_schulz_triton", "max_logits_triton", "attention_with_max_logits"):
+    try:
+        getattr(k, name)
+    except ImportError as e:
+        assert "pip install triton" in str(e), e
+    else:
+        raise SystemExit("no error")
+assert "triton" not in sys.modules
+import dist_muonclip.tracker, dist_muonclip.newton_schulz
+assert "triton" not in sys.modules and "transformers" not in sys.modules
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_muonclip.tracker import MaxLogitTracker, install_hf_tracking, max_logits_torch
+from dist_muonclip.integrations.transformers_attention import install_hf_tracking
+from dist_muonclip.tracker import MaxLogitTracker, max_logits_torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -428,7 +429,7 @@ def test_wrapper_plumbing_for_flash_style_calls():
     the ``scaling`` kwarg. Driven through the registered wrapper with a stand-in attention."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    from dist_muonclip import tracker as tr
+    from dist_muonclip.integrations import transformers_attention as tr
 
     AttentionInterface.register("dmc_test_flashlike", lambda module, q, k, v, mask, **kw: (q, None))
     try:
@@ -483,7 +484,13 @@ def test_backend_dispatch_to_kernel_module(monkeypatch):
     torch.testing.assert_close(got, max_logits_torch(q, k, causal=True), rtol=0, atol=0)
     max_logits(q, k, causal=True, sliding_window=3, backend="triton")
     assert len(calls) == 1  # structural masks: torch path
-    assert max_logits(q, k, backend="auto").shape == (4,) and len(calls) == 1  # auto on CPU: torch
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    window_mask = ((j <= i) & (j > i - 3))[None, None].expand(2, 1, 9, 9)
+    got = max_logits(q, k, causal=True, attention_mask=window_mask, sliding_window=3, backend="triton")
+    # a 4-D mask already holds the window (HF's sdpa mask for Mistral): the kernel takes it
+    assert len(calls) == 2
+    torch.testing.assert_close(got, max_logits_torch(q, k, causal=True, sliding_window=3), rtol=0, atol=0)
+    assert max_logits(q, k, backend="auto").shape == (4,) and len(calls) == 2  # auto on CPU: torch
     monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.max_logit", None)  # import fails
     with pytest.raises(RuntimeError, match="not importable"):
         max_logits(q, k, backend="triton")
@@ -523,11 +530,11 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
     output and the max together. Here a stand-in (SDPA + the chunked torch max) takes the kernel's
     place on CPU: the model's output must not change and the record must equal the float64 oracle;
     a padding mask falls back to SDPA + tracking."""
-    from dist_muonclip import tracker as tr
+    from dist_muonclip.integrations import transformers_attention as tr
 
     calls = []
 
-    def stand_in(q, k, v, *, scale=None, causal=True):
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None):
         calls.append(q.shape)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
         return out, max_logits_torch(q, k, scale=scale, causal=causal)
@@ -546,6 +553,49 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
         tracker.reset()
         model(input_ids=ids, attention_mask=pad)
         assert len(calls) == 2  # a mask tensor: SDPA + separate tracking
+        masked_vals = tracker.values().clone()
+    # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
+    model32 = model.float()
+    torch.testing.assert_close(fused_vals.double(), oracle_max_logits(model32, ids, torch.ones_like(ids)),
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(masked_vals.double(), oracle_max_logits(model32, ids, pad), rtol=2e-2, atol=2e-2)
+
+
+def test_sliding_window_mask_takes_fused_path_with_its_window(monkeypatch):
+    """Pins the Mistral sliding-window slowdown (issue 19: tracking doubled forward+backward at
+    S=4096, window 1024, because HF's 4-D window mask sent every layer to SDPA-with-mask plus the
+    chunked torch max): a mask that is exactly causal + the module's ``sliding_window`` now takes
+    the fused path, with that window; a padded batch (mask no longer structural) falls back.
+    The stand-in (SDPA with the causal-window mask + the chunked torch max) takes the kernel's
+    place on CPU, so the outputs must equal the untracked model's bit for bit."""
+    from dist_muonclip.integrations import transformers_attention as tr
+
+    calls = []
+
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None):
+        calls.append(window)
+        pos = torch.arange(q.shape[2])
+        keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
+        return out, max_logits_torch(q, k, scale=scale, causal=causal, sliding_window=window)
+
+    model = build_model("mistral").train().to(torch.bfloat16)  # the fused path is bf16/fp16 only
+    ids, pad = make_batch()
+    assert SEQ > model.config.sliding_window  # the window binds: HF builds a 4-D mask
+    ref = model(input_ids=ids).logits
+    monkeypatch.setattr(tr, "_FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(tr, "_fused_attention", lambda: stand_in)
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        got = model(input_ids=ids).logits
+        assert calls == [8, 8]  # both layers fused, with the model's window
+        # same SDPA call and mask as HF's: identical up to SDPA's CPU kernel choice (bool vs
+        # built mask are the same tensor values, so the result is bitwise equal)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        fused_vals = tracker.values().clone()
+        tracker.reset()
+        model(input_ids=ids, attention_mask=pad)
+        assert calls == [8, 8]  # padding: not structural, SDPA + separate tracking
         masked_vals = tracker.values().clone()
     # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
     model32 = model.float()

@@ -4,14 +4,19 @@ A flash-attention forward (Dao, arXiv 2205.14135 / 2307.08691) already keeps the
 of the logits for its online softmax; keeping it unscaled and exact (max of the fp32 q . k
 products, scaled once at the end) gives Kimi K2's S_h (arXiv 2507.20534) with no second pass over
 q k^T. The backward reuses PyTorch's cuDNN attention backward (SDPA's own on Hopper; its flash
-backward where cuDNN is missing): the forward's output and log-sum-exp are what it needs, so
-training pays only the difference between this forward and SDPA's. On Hopper the forward reads
-q, k, v through TMA tensor descriptors (any [B, H, S, D] strides with a unit last one, so HF's
-transposed [B, S, H, D] layout too); a pointer kernel covers the rest.
+backward where cuDNN is missing, and for sliding windows, which cuDNN's op does not take): the
+forward's output and log-sum-exp are what it needs, so training pays only the difference between
+this forward and SDPA's. On Hopper the forward reads q, k, v through TMA tensor descriptors (any
+[B, H, S, D] strides with a unit last one, so HF's transposed [B, S, H, D] layout too); a pointer
+kernel covers the rest. A causal sliding window (Mistral's ``sliding_window``) skips the key blocks
+outside it, forward and backward.
 
-``attention_with_max_logits(q, k, v, scale=, causal=)`` -> (out [B, H, S, D], max_logits [H] fp32).
+``attention_with_max_logits(q, k, v, scale=, causal=, window=)`` -> (out [B, H, S, D], max_logits [H] fp32).
 GQA (Hkv dividing H) is handled in the kernel; the backward expands K/V to H heads when the
 flash backward needs it and sums the group's gradients back.
+
+This module imports Triton at import time and defines its kernels at module level; the package
+(:mod:`dist_muonclip.kernels`) imports it only when a launcher is first used.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import functools
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 from ._env import interpret as _interpret
 from ._env import tma_ok
@@ -26,162 +33,181 @@ from ._env import tma_ok
 __all__ = ["attention_forward_with_max_triton", "attention_with_max_logits"]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
+# --------------------------------------------------------------------------------------------
+# Triton kernels (module level: this module is imported only where Triton runs, see __init__)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED: tl.constexpr):
+    """Fold one block of unscaled logits ``qk`` [M, N] (-inf where hidden when ``MASKED``)
+    and its values ``v`` [N, D] into the online softmax; ``m_raw`` stays the exact row max."""
+    m_new = tl.maximum(m_raw, tl.max(qk, 1))
+    if MASKED:
+        # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    mc = m_ref * scale_log2e
+    p = tl.math.exp2(qk * scale_log2e - mc[:, None])
+    alpha = tl.math.exp2(m_raw * scale_log2e - mc)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
 
-    @triton.jit
-    def _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED: tl.constexpr):
-        """Fold one block of unscaled logits ``qk`` [M, N] (-inf where hidden when ``MASKED``)
-        and its values ``v`` [N, D] into the online softmax; ``m_raw`` stays the exact row max."""
-        m_new = tl.maximum(m_raw, tl.max(qk, 1))
-        if MASKED:
-            # rows with nothing visible yet keep m = -inf: use 0 as the reference to avoid NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
-        mc = m_ref * scale_log2e
-        p = tl.math.exp2(qk * scale_log2e - mc[:, None])
-        alpha = tl.math.exp2(m_raw * scale_log2e - mc)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        return m_new, l_i, acc
 
-    @triton.jit
-    def _visible(qk, cols, offs_m, Sk, CAUSAL: tl.constexpr):
-        """``qk`` with keys past Sk and (causal) keys after the query row set to -inf."""
+@triton.jit
+def _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, CAST_F32: tl.constexpr):
+    """One key block: ``kt`` [D, N] and ``v`` [N, D] as loaded; keys past ``Sk``, after the query
+    row (causal) or ``window`` or more behind it (``HAS_WINDOW``) are hidden when
+    ``MASKED`` (blocks every row sees whole skip that arithmetic)."""
+    if CAST_F32:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, kt)
+    if MASKED:
         ok = cols[None, :] < Sk
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None])
-        return tl.where(ok, qk, float("-inf"))
+        if HAS_WINDOW:
+            ok = ok & (cols[None, :] > offs_m[:, None] - window)
+        qk = tl.where(ok, qk, float("-inf"))
+    return _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED)
 
-    @triton.jit
-    def _key_bounds(Sk, m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-        """(end of the key blocks every query row of this block sees whole, end of the keys any
-        row sees): no masking below the first, ``_visible`` up to the second."""
-        if CAUSAL:
-            hi = tl.minimum(Sk, m0 + BLOCK_M)
-            full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
-        else:
-            hi = Sk
-            full_end = (Sk // BLOCK_N) * BLOCK_N
-        return full_end, hi
 
-    @triton.jit
-    def _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m):
-        """Store the rows' natural-log LSE (what the flash / cuDNN backward reads) and the block's
-        max logit; return the normalized output (fp32)."""
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        row_ok = offs_m < Sq
-        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_raw * scale + tl.log(l_safe), mask=row_ok)
-        row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
-        tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
-        return acc / l_safe[:, None]
+@triton.jit
+def _key_ranges(Sk, m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr):
+    """Key blocks of query block [m0, m0 + BLOCK_M), in three consecutive ranges:
+    [lo, a_end) masked (the sliding window's lower edge), [full_lo, full_end) seen whole by every
+    row (no mask arithmetic), [c_lo, hi) masked (causal diagonal, key tail). Blocks wholly
+    outside the causal window are never visited: that is where a sliding window saves work."""
+    if CAUSAL:
+        hi = tl.minimum(Sk, m0 + BLOCK_M)
+        full_end = tl.minimum((Sk // BLOCK_N) * BLOCK_N, (m0 // BLOCK_N) * BLOCK_N)
+    else:
+        hi = Sk
+        full_end = (Sk // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:  # row i sees keys j > i - window: every row of the block sees j >= m0 + BLOCK_M - window
+        lo = (tl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(((m0 + BLOCK_M - window + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    else:
+        lo = m0 * 0
+        full_lo = m0 * 0
+    a_end = tl.minimum(full_lo, hi)
+    c_lo = tl.maximum(full_end, a_end)
+    return lo, a_end, full_lo, full_end, c_lo, hi
 
-    # The kernels call the helpers by their global names: Triton's compiler and its interpreter
-    # both resolve callees in the module's globals (the interpreter ignores closures), so the
-    # helpers are published there, at the first call like everything else here.
-    globals().update(_online_update=_online_update, _visible=_visible, _key_bounds=_key_bounds,
-                     _finish_rows=_finish_rows)
 
-    @triton.jit
-    def _attn_fwd_max_kernel(
-        Q, K, V, O, LSE, Mx,
-        H, Sq, Sk, group,
-        s_qb, s_qh, s_qs, s_qd,
-        s_kb, s_kh, s_ks, s_kd,
-        s_vb, s_vh, s_vs, s_vd,
-        s_ob, s_oh, s_os, s_od,
-        scale, scale_log2e,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-        CAST_F32: tl.constexpr,
-    ):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal blocks first
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
-        kvh = (h // group).to(tl.int64)
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_D)
-        row_ok = offs_m < Sq
-        q = tl.load(Q + b * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd,
-                    mask=row_ok[:, None], other=0.0)
-        if CAST_F32:
-            q = q.to(tl.float32)
-        k_base = K + b * s_kb + kvh * s_kh
-        v_base = V + b * s_vb + kvh * s_vh
-        m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # exact row max of q . k (unscaled)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-        full_end, hi = _key_bounds(Sk, m0, BLOCK_M, BLOCK_N, CAUSAL)
-        for n0 in range(0, full_end, BLOCK_N):
-            kt = tl.load(k_base + (n0 + offs_n)[None, :] * s_ks + offs_d[:, None] * s_kd)
-            v = tl.load(v_base + (n0 + offs_n)[:, None] * s_vs + offs_d[None, :] * s_vd)
-            if CAST_F32:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            m_raw, l_i, acc = _online_update(tl.dot(q, kt), v, m_raw, l_i, acc, scale_log2e, False)
-        for n0 in range(full_end, hi, BLOCK_N):
-            cols = n0 + offs_n
-            kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-            if CAST_F32:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = _visible(tl.dot(q, kt), cols, offs_m, Sk, CAUSAL)
-            m_raw, l_i, acc = _online_update(qk, v, m_raw, l_i, acc, scale_log2e, True)
-        out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
-        tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+@triton.jit
+def _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m):
+    """Store the rows' natural-log LSE (what the flash / cuDNN backward reads) and the block's
+    max logit; return the normalized output (fp32)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    row_ok = offs_m < Sq
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_raw * scale + tl.log(l_safe), mask=row_ok)
+    row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
+    tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
+    return acc / l_safe[:, None]
 
-    @triton.jit
-    def _attn_fwd_max_kernel_tma(
-        q_desc, k_desc, v_desc, o_desc, LSE, Mx,
-        H, Sq, Sk, group,
-        scale, scale_log2e,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-        CAST_F32: tl.constexpr,
-    ):
-        """``_attn_fwd_max_kernel`` with tensor-memory-accelerator loads / stores through 4-D
-        [B, H, S, D] descriptors: rows past S read as zeros (never the next head's), stores clip."""
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        kvh = h // group
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_D)
-        if CAST_F32:
-            q = q.to(tl.float32)
-        m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-        full_end, hi = _key_bounds(Sk, m0, BLOCK_M, BLOCK_N, CAUSAL)
-        for n0 in range(0, full_end, BLOCK_N):
-            kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-            v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-            if CAST_F32:
-                kk = kk.to(tl.float32)
-                v = v.to(tl.float32)
-            m_raw, l_i, acc = _online_update(tl.dot(q, kk.T), v, m_raw, l_i, acc, scale_log2e, False)
-        for n0 in range(full_end, hi, BLOCK_N):
-            cols = n0 + offs_n
-            kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-            v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-            if CAST_F32:
-                kk = kk.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = _visible(tl.dot(q, kk.T), cols, offs_m, Sk, CAUSAL)
-            m_raw, l_i, acc = _online_update(qk, v, m_raw, l_i, acc, scale_log2e, True)
-        out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
-        o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
 
-    return triton, _attn_fwd_max_kernel, _attn_fwd_max_kernel_tma
+@triton.jit
+def _attn_fwd_max_kernel(
+    Q, K, V, O, LSE, Mx,
+    H, Sq, Sk, group, window,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_ob, s_oh, s_os, s_od,
+    scale, scale_log2e,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """Pointer loads: one program per (query block, batch x head)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal blocks first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    kvh = (h // group).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * s_kb + kvh * s_kh
+    v_base = V + b * s_vb + kvh * s_vh
+    m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # exact row max of q . k (unscaled)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for n0 in range(lo, a_end, BLOCK_N):
+        cols = n0 + offs_n
+        kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+        v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
+        m_raw, l_i, acc = _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+    for n0 in range(full_lo, full_end, BLOCK_N):
+        cols = n0 + offs_n
+        kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd)
+        v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd)
+        m_raw, l_i, acc = _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, False, CAST_F32)
+    for n0 in range(c_lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+        v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
+        m_raw, l_i, acc = _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+    out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
+    tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_fwd_max_kernel_tma(
+    q_desc, k_desc, v_desc, o_desc, LSE, Mx,
+    H, Sq, Sk, group, window,
+    scale, scale_log2e,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """``_attn_fwd_max_kernel`` with tensor-memory-accelerator loads / stores through 4-D
+    [B, H, S, D] descriptors: rows past S read as zeros (never the next head's), stores clip."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_D)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for n0 in range(lo, a_end, BLOCK_N):
+        kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+        m_raw, l_i, acc = _attend(q, kk.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+    for n0 in range(full_lo, full_end, BLOCK_N):
+        kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+        m_raw, l_i, acc = _attend(q, kk.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, False, CAST_F32)
+    for n0 in range(c_lo, hi, BLOCK_N):
+        kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
+        m_raw, l_i, acc = _attend(q, kk.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+    out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
+    o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
 
 
 FWD_CONFIG_OVERRIDE: dict | None = None
@@ -203,14 +229,29 @@ def _fwd_config(d: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
+def _check_window(window: int | None, causal: bool) -> int:
+    """``window`` as the kernels take it (0 = none), or ValueError naming the fix."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int (keys j with i - window < j <= i) or None, got {window!r}")
+    if not causal:
+        raise ValueError("window needs causal=True (a sliding window here is the causal one of Mistral / "
+                         "transformers' sliding_window_overlay); pass causal=True or window=None")
+    return int(window)
+
+
 def attention_forward_with_max_triton(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, causal: bool = True
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, causal: bool = True,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward only: (out [B, H, Sq, D] in query's dtype, lse [B, H, Sq] fp32, max_logits [H] fp32).
 
     query [B, H, Sq, D], key / value [B, Hkv, Sk, D], D a power of two >= 16; causal top-left
-    aligned like SDPA's ``is_causal``. ``max_logits[h]`` is the max over batch and visible
-    positions of ``scale * q . k``, exact up to fp32 accumulation order.
+    aligned like SDPA's ``is_causal``. ``window`` (causal only): query i sees keys j with
+    ``i - window < j <= i`` (transformers' ``sliding_window``, Mistral); key blocks outside the
+    window are skipped. ``max_logits[h]`` is the max over batch and visible positions of
+    ``scale * q . k``, exact up to fp32 accumulation order.
     """
     if query.ndim != 4 or key.ndim != 4 or value.shape != key.shape:
         raise ValueError(f"need query [B, H, Sq, D], key = value [B, Hkv, Sk, D]; got {tuple(query.shape)}, "
@@ -228,7 +269,7 @@ def attention_forward_with_max_triton(
                          "use F.scaled_dot_product_attention + max_logits_reference on CPU")
     if key.device != query.device or value.device != query.device:
         raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
-    triton, kernel, kernel_tma = _kernels()
+    win = _check_window(window, causal)
     cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
     out = torch.empty_like(query)
@@ -239,18 +280,19 @@ def attention_forward_with_max_triton(
 
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         desc = lambda t, rows: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D])  # noqa: E731
-        kernel_tma[(num_m, B * H)](
+        _attn_fwd_max_kernel_tma[(num_m, B * H)](
             desc(query, bm), desc(key, bn), desc(value, bn), desc(out, bm), lse, part,
-            H, Sq, Sk, H // Hkv, float(scale), float(scale) * math.log2(math.e),
-            CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D, CAST_F32=_interpret(), **cfg,
+            H, Sq, Sk, H // Hkv, win, float(scale), float(scale) * math.log2(math.e),
+            CAUSAL=bool(causal), HAS_WINDOW=win > 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D, CAST_F32=_interpret(),
+            **cfg,
         )
         return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
-    kernel[(num_m, B * H)](
+    _attn_fwd_max_kernel[(num_m, B * H)](
         query, key, value, out, lse, part,
-        H, Sq, Sk, H // Hkv,
+        H, Sq, Sk, H // Hkv, win,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         float(scale), float(scale) * math.log2(math.e),
-        CAUSAL=bool(causal), HEAD_D=D, CAST_F32=_interpret(), **cfg,
+        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HEAD_D=D, CAST_F32=_interpret(), **cfg,
     )
     return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
 
@@ -276,46 +318,32 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
 
 class _AttnWithMax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, backward):
-        out, lse, mx = attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
+    def forward(ctx, q, k, v, scale, causal, window, backward):
+        out, lse, mx = attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal, window=window)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.causal, ctx.backend = scale, causal, backward
+        ctx.scale, ctx.causal, ctx.window, ctx.backend = scale, causal, window, backward
         ctx.mark_non_differentiable(mx)
         return out, mx
 
     @staticmethod
     def backward(ctx, dout, _dmx):
         q, k, v, out, lse = ctx.saved_tensors
-        B, H, S, D = q.shape
-        Hkv = k.shape[1]
-        g = H // Hkv
         dout = _match_layout(dout, out)
+        if ctx.window is not None:
+            # cuDNN's attention backward op takes no window; flash's does, and skips the hidden blocks
+            dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window)
+            return dq, dk, dv, None, None, None, None
         if ctx.backend in ("auto", "cudnn") and _CUDNN_OK != [False]:
             try:
                 dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
                 _CUDNN_OK[:] = [True]
-                return dq, dk, dv, None, None, None
+                return dq, dk, dv, None, None, None, None
             except RuntimeError:
                 if ctx.backend == "cudnn":
                     raise
                 _CUDNN_OK[:] = [False]
-        if g > 1 and _GQA_NATIVE != [False]:
-            try:  # recent flash backends take Hkv < H directly
-                dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-                if dk.shape == k.shape:
-                    _GQA_NATIVE[:] = [True]
-                    return dq, dk, dv, None, None, None
-            except RuntimeError:
-                pass
-            _GQA_NATIVE[:] = [False]
-        if g > 1:  # expand K/V to H heads, then sum each group's gradients back
-            k = k.repeat_interleave(g, dim=1)
-            v = v.repeat_interleave(g, dim=1)
-        dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-        if g > 1:
-            dk = dk.view(B, Hkv, g, *dk.shape[2:]).sum(2)
-            dv = dv.view(B, Hkv, g, *dv.shape[2:]).sum(2)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, None)
+        return dq, dk, dv, None, None, None, None
 
 
 def _match_layout(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -334,37 +362,60 @@ _GQA_NATIVE: list[bool] = []
 _CUDNN_OK: list[bool] = []
 
 
-def _flash_backward(dout, q, k, v, out, lse, causal, scale):
-    """PyTorch's flash-attention backward fed with this forward's output and LSE.
+def _flash_backward(dout, q, k, v, out, lse, causal, scale, window):
+    """PyTorch's flash-attention backward (``aten::_flash_attention_backward``, [B, S, H, D]
+    views of the [B, H, S, D] tensors) fed with this forward's output and LSE; ``window`` maps to
+    flash's ``window_size_left = window - 1`` (keys j >= i - window + 1), right 0 (causal).
 
-    Non-varlen calls pass undefined cumulative-length tensors (None) and, with no dropout, RNG
-    state that is never read; the exact types differ across torch versions, so the first call
-    finds the form that this torch accepts and keeps it.
+    GQA: recent flash backends take Hkv < H directly (found on the first call); otherwise K/V are
+    expanded to H heads and each group's gradients summed back. Non-varlen calls pass undefined
+    cumulative-length tensors and, with no dropout, RNG state that is never read; its exact type
+    differs across torch versions, so the first call finds the form this torch accepts.
     """
-    op = torch.ops.aten._scaled_dot_product_flash_attention_backward
-    S, Sk = q.shape[2], k.shape[2]
+    B, H, S, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = H // Hkv
+    op = torch.ops.aten._flash_attention_backward
+    win = dict(window_size_left=window - 1, window_size_right=0) if window is not None else {}
 
-    def call(variant):
+    def call(variant, kk, vv):
         if variant == 0:
             rng = torch.empty(2, dtype=torch.uint64, device=q.device)
             unused = torch.empty(0, dtype=torch.uint64, device=q.device)
         else:
             rng = torch.empty((), dtype=torch.int64, device=q.device)
             unused = torch.empty((), dtype=torch.int64, device=q.device)
-        return op(dout, q, k, v, out, lse, None, None, S, Sk, 0.0, causal, rng, unused, scale=scale)
+        dq, dk, dv = op(dout.transpose(1, 2), q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                        out.transpose(1, 2), lse, None, None, S, Sk, 0.0, causal, rng, unused, scale=scale, **win)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
-    if _BWD_VARIANT:
-        return call(_BWD_VARIANT[0])
-    err = None
-    for variant in (0, 1):
+    def run(kk, vv):
+        if _BWD_VARIANT:
+            return call(_BWD_VARIANT[0], kk, vv)
+        err = None
+        for variant in (0, 1):
+            try:
+                res = call(variant, kk, vv)
+            except (RuntimeError, TypeError) as e:  # noqa: PERF203 - tried once per process
+                err = e
+                continue
+            _BWD_VARIANT.append(variant)
+            return res
+        raise RuntimeError(f"PyTorch's flash-attention backward rejected both argument forms: {err}")
+
+    if g > 1 and _GQA_NATIVE != [False]:
         try:
-            res = call(variant)
-        except (RuntimeError, TypeError) as e:  # noqa: PERF203 - tried once per process
-            err = e
-            continue
-        _BWD_VARIANT.append(variant)
-        return res
-    raise RuntimeError(f"PyTorch's flash-attention backward rejected both argument forms: {err}")
+            dq, dk, dv = run(k, v)
+            if dk.shape == k.shape:
+                _GQA_NATIVE[:] = [True]
+                return dq, dk, dv
+        except RuntimeError:
+            pass
+        _GQA_NATIVE[:] = [False]
+    if g == 1:
+        return run(k, v)
+    dq, dk, dv = run(k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1))
+    return dq, dk.view(B, Hkv, g, Sk, D).sum(2), dv.view(B, Hkv, g, Sk, D).sum(2)
 
 
 def attention_with_max_logits(
@@ -374,16 +425,20 @@ def attention_with_max_logits(
     *,
     scale: float | None = None,
     causal: bool = True,
+    window: int | None = None,
     backward: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention (CUDA) returning ``(out, max_logits [H] fp32)`` in one forward.
 
     Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-    enable_gqa=True)`` plus the QK-Clip statistic. ``backward``: "cudnn" (PyTorch's cuDNN
-    attention backward, SDPA's default on Hopper), "flash" (PyTorch's flash backward) or "auto"
-    (cuDNN, falling back to flash where this torch / GPU has no cuDNN attention).
+    enable_gqa=True)`` plus the QK-Clip statistic; with ``window`` (causal only), for SDPA given
+    transformers' sliding-window causal mask (query i sees keys ``i - window < j <= i``).
+    ``backward``: "cudnn" (PyTorch's cuDNN attention backward, SDPA's default on Hopper), "flash"
+    (PyTorch's flash backward) or "auto" (cuDNN, falling back to flash where this torch / GPU has
+    no cuDNN attention). A window always takes the flash backward (cuDNN's op has no window).
     """
     if backward not in ("auto", "cudnn", "flash"):
         raise ValueError(f"backward must be 'auto', 'cudnn' or 'flash', got {backward!r}")
+    _check_window(window, causal)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _AttnWithMax.apply(query, key, value, scale, causal, backward)
+    return _AttnWithMax.apply(query, key, value, scale, causal, window, backward)

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 transformers = pytest.importorskip("transformers")
 
-from dist_muonclip import tracker as tr  # noqa: E402
+from dist_muonclip.integrations import transformers_attention as tr  # noqa: E402
 from dist_muonclip.tracker import MaxLogitTracker  # noqa: E402
 from tests.test_tracker import VOCAB, attention_modules, build_model, oracle_max_logits  # noqa: E402
 
