@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
                     dq, dk, dv = am._cudnn_backward(dout, q, k, v, out, lse, True, scale)[:3]
                 else:
                     kk, vv = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-                    dq, dk, dv = am._flash_backward(dout, q, kk, vv, out, lse, True, scale)[:3]
+                    dq, dk, dv = am._flash_backward(dout, q, kk, vv, out, lse, True, scale, None)[:3]
                     dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
                     dv = dv.view(B, Hkv, H // Hkv, S, D).sum(2)
                 errs = [rel(a, b) for a, b in zip((dq, dk, dv), refs)]

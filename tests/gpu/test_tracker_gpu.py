@@ -71,3 +71,78 @@ def test_hf_llama_bf16_fused_and_masked_paths_exact_with_unchanged_training(seq,
     torch.testing.assert_close(fused_vals.double().cpu(), want, rtol=2e-2, atol=2e-2)
     want_pad = oracle_max_logits(model32, ids.cpu(), pad.cpu())
     torch.testing.assert_close(masked_vals.double().cpu(), want_pad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("window", [1, 100, 256, 1000])
+@pytest.mark.parametrize("B,H,Hkv,S", [(2, 8, 2, 777), (1, 4, 4, 1024)])
+def test_fused_sliding_window_forward_backward_exact(B, H, Hkv, S, window):
+    """The windowed fused attention (forward: Triton; backward: aten's flash with
+    window_size_left = window - 1) against float64 attention with the causal-window mask:
+    output, the three gradients and the per-head max. HF's [B, S, H, D] views as inputs."""
+    from dist_muonclip.kernels.attention_max import attention_with_max_logits
+
+    g = torch.Generator("cuda").manual_seed(window + S)
+    mk = lambda h: torch.randn(B, S, h, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)  # noqa: E731
+    q, k, v = mk(H).requires_grad_(), mk(Hkv).requires_grad_(), mk(Hkv).requires_grad_()
+    do = torch.randn(B, H, S, 128, device="cuda", generator=g).bfloat16()
+    scale = 128 ** -0.5
+    out, mx = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    pos = torch.arange(S, device="cuda")
+    keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    grp = H // Hkv
+    s = scale * q64 @ k64.repeat_interleave(grp, 1).mT
+    ref_mx = s.detach().masked_fill(~keep, float("-inf")).amax(dim=(0, 2, 3))
+    ref = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v64.repeat_interleave(grp, 1)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    # bf16 output and bf16 P before P V (flash attention's rounding): ~2^-8 relative
+    assert rel(out, ref) < 1e-2
+    for gr, rg in zip(grads, ref_grads):  # flash backward, bf16 dS / dP: a few 2^-8
+        assert rel(gr, rg) < 2e-2
+    # exact fp32 products of bf16 inputs, fp32 sums of 128 terms: ~128 * 2^-24 relative
+    torch.testing.assert_close(mx.double(), ref_mx, rtol=1e-5, atol=0)
+
+
+def test_hf_mistral_sliding_window_takes_fused_path_exactly(monkeypatch):
+    """Mistral (window 8 < sequence 301): every layer's call takes the fused kernel with the
+    model's window; the record equals the float64 oracle and the loss / gradients the untracked
+    SDPA-with-mask model's up to bf16 rounding; a padded batch falls back."""
+    windows = []
+    real = tr._fused_attention()
+    assert real is not None
+
+    def counting(*args, **kwargs):
+        windows.append(kwargs.get("window"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "_fused_attention", lambda: counting)
+    model = build_model("mistral").train().to("cuda", torch.bfloat16)
+    ref_model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (2, 301), generator=g).cuda()
+    pad = torch.ones_like(ids)
+    pad[1, :40] = 0
+    ref_loss = ref_model(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert windows == [8, 8]
+        vals = tracker.values().clone()
+        tracker.reset()
+        model(input_ids=ids, attention_mask=pad)
+        assert windows == [8, 8]
+        pad_vals = tracker.values().clone()
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-2, atol=1e-2)  # bf16 logits
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        scale = p_ref.grad.float().abs().max().item() + 1e-12
+        assert (p.grad.float() - p_ref.grad.float()).abs().max().item() <= 3e-2 * scale, name
+    model32 = copy.deepcopy(model).float().cpu()
+    # bf16 q, k vs the oracle's float64 recomputation: 2e-2 relative covers the rounding
+    torch.testing.assert_close(vals.double().cpu(), oracle_max_logits(model32, ids.cpu(), torch.ones_like(ids).cpu()),
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(pad_vals.double().cpu(), oracle_max_logits(model32, ids.cpu(), pad.cpu()),
+                               rtol=2e-2, atol=2e-2)
