@@ -100,7 +100,10 @@ def test_fused_sliding_window_forward_backward_exact(B, H, Hkv, S, window):
     # bf16 output and bf16 P before P V (flash attention's rounding): ~2^-8 relative
     assert rel(out, ref) < 1e-2
     for gr, rg in zip(grads, ref_grads):  # flash backward, bf16 dS / dP: a few 2^-8
-        assert rel(gr, rg) < 2e-2
+        # window 1: a row sees only itself, softmax is constant and dq is exactly 0; the fused
+        # one is 0 up to the rounding of dP - rowsum(dO * O): bound it by dO's scale instead
+        ref_norm = max(rg.norm().item(), 1e-3 * do.double().norm().item())
+        assert (gr.double() - rg).norm().item() < 2e-2 * ref_norm
     # exact fp32 products of bf16 inputs, fp32 sums of 128 terms: ~128 * 2^-24 relative
     torch.testing.assert_close(mx.double(), ref_mx, rtol=1e-5, atol=0)
 
