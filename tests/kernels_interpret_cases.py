@@ -1,7 +1,8 @@
 """Triton kernels on CPU through the interpreter (TRITON_INTERPRET=1), against torch references.
 
-The interpreter is enabled only while this module's tests run (module fixture), and the lazily
-defined kernels are re-created inside it, so the rest of the suite never sees interpreted kernels.
+The kernel modules define their Triton kernels at module level, in the mode in force when they
+are imported: this module sets TRITON_INTERPRET=1 before importing them, and runs in a process of
+its own (tests/test_kernels_interpret.py), so the rest of the suite never sees interpreted kernels.
 Loads are cast to fp32 inside the kernels under the interpreter (numpy has no bf16), so products
 are fp32 and every intermediate is still rounded to bf16 when stored, like on the GPU.
 """
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules (and triton) are imported
 
 from dist_muonclip.kernels import attention_max as am_mod  # noqa: E402
 from dist_muonclip.kernels import max_logit as ml_mod  # noqa: E402
@@ -30,24 +32,6 @@ JORDAN = [JORDAN_COEFFICIENTS] * 5
 # Polar Express as the library runs it: 5 iterations, a different (a, b, c) each, safety factor
 # folded in (tests/test_newton_schulz.py checks it against the published coefficients).
 POLAR_EXPRESS = polar_express_schedule(5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    # modules with module-level kernels are imported under TRITON_INTERPRET=1 already (the
-    # runner, tests/test_kernels_interpret.py, sets it for the whole process)
-    lazy = [m for m in (ns_mod, ml_mod, am_mod) if hasattr(m, "_kernels")]
-    for mod in lazy:
-        mod._kernels.cache_clear()
-    yield
-    for mod in lazy:
-        mod._kernels.cache_clear()
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
