@@ -339,6 +339,44 @@ def test_attention_forward_with_max_matches_float64(causal, window, B, H, Hkv, S
     torch.testing.assert_close(mx, ref_mx, rtol=ML_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("D,DV,window", [(48, 32, None), (96, 64, None), (48, 16, 20)],
+                         ids=["d48_v32", "d96_v64", "d48_v16_window20"])
+def test_attention_forward_split_head_dims_matches_float64(D, DV, window, tma, monkeypatch):
+    """MLA-style heads (DeepSeek-V3: q/k 192 = 128 + 64, v 128), scaled down: q . k runs over
+    two power-of-two parts of the head dim (two descriptors with ``tma``, HF's [B, S, H, D]
+    views), values and output have their own head dim. Output / LSE / max vs float64."""
+    am = am_mod
+    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
+    B, H, S = 2, 4, 70
+    g = torch.Generator().manual_seed(D + DV)
+    mk = lambda d: (torch.randn(B, S, H, d, generator=g) * 2).bfloat16().transpose(1, 2)  # noqa: E731
+    q, k, v = mk(D), mk(D), mk(DV)
+    scale = 0.7 * D ** -0.5  # DeepSeek's mscale: not the default
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=True, window=window)
+    assert out.shape == (B, H, S, DV) and out.transpose(1, 2).is_contiguous()  # HF layout kept
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= j > i - window
+    s = (scale * (q.double() @ k.double().mT)).masked_fill(~keep, float("-inf"))
+    ref_out = torch.softmax(s, -1) @ v.double()
+    assert _rel(out, ref_out) < 1e-2  # bf16 output and bf16 P before P V
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
+    ref_mx = max_logits_reference(q, k, scale=scale, causal=True, attention_mask=keep[None, None])
+    torch.testing.assert_close(mx, ref_mx, rtol=ML_RTOL, atol=0)
+
+
+def test_split_head_dim_rule():
+    assert am_mod.split_head_dim(128) == (128, 0) and am_mod.split_head_dim(192) == (128, 64)
+    assert am_mod.split_head_dim(96) == (64, 32) and am_mod.split_head_dim(80) == (64, 16)
+    for bad in (8, 72, 100, 200, 320):  # remainder < 16 or not a power of two, or out of range
+        assert am_mod.split_head_dim(bad) is None
+    q = torch.randn(1, 2, 16, 100).bfloat16()
+    with pytest.raises(ValueError, match="head dims q/k 100"):
+        am_mod.attention_forward_with_max_triton(q, q, q, scale=0.1)
+
+
 def test_attention_with_max_logits_rejects_bad_window():
     q = torch.randn(1, 2, 16, 16).bfloat16()
     for bad in (0, -3, 2.5, True):

@@ -602,3 +602,44 @@ def test_sliding_window_mask_takes_fused_path_with_its_window(monkeypatch):
     torch.testing.assert_close(fused_vals.double(), oracle_max_logits(model32, ids, torch.ones_like(ids)),
                                rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(masked_vals.double(), oracle_max_logits(model32, ids, pad), rtol=2e-2, atol=2e-2)
+
+
+def test_mla_heads_take_fused_path(monkeypatch):
+    """DeepSeek-V3 MLA (q/k head 48 = 32 nope + 16 rope, v head 32; the real model's 192 = 128 +
+    64 / 128 scaled down): sdpa calls with q/k and v head dims that differ take the fused path
+    (before: only value.shape == key.shape did). Stand-in as above: SDPA + the chunked torch max,
+    so the outputs equal the untracked model's bit for bit and the record the float64 oracle; a
+    head dim the kernel cannot split (24 = 16 + 8) falls back."""
+    from dist_muonclip.integrations import transformers_attention as tr
+
+    calls = []
+
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None):
+        calls.append((q.shape[-1], v.shape[-1]))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        return out, max_logits_torch(q, k, scale=scale, causal=causal)
+
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, attn_implementation="sdpa",
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, q_lora_rank=None, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=2)
+    model = transformers.DeepseekV3ForCausalLM(cfg).train().to(torch.bfloat16)
+    ids, _ = make_batch()
+    ref = model(input_ids=ids).logits
+    monkeypatch.setattr(tr, "_FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(tr, "_fused_attention", lambda: stand_in)
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        got = model(input_ids=ids).logits
+        assert calls == [(48, 32), (48, 32)]
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the stand-in is the same SDPA call
+        vals = tracker.values().clone()
+    # bf16 q/k vs the oracle's float64 recomputation on an fp32 copy: ~2^-8 relative
+    torch.testing.assert_close(vals.double(), oracle_max_logits(model.float(), ids, torch.ones_like(ids)),
+                               rtol=2e-2, atol=2e-2)
+    small = build_model("deepseek_v3").train().to(torch.bfloat16)  # q/k head 24 = 16 + 8: not split
+    with MaxLogitTracker([4, 4], modules=attention_modules(small)).install_hf(small):
+        small(input_ids=ids)
+    assert len(calls) == 2

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels._env import head_dims_supported
 from ..tracker import MaxLogitTracker
 
 __all__ = ["TrackingHandle", "install_hf_tracking"]
@@ -109,14 +110,15 @@ def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
 
     Only for what that kernel computes exactly: causal self-attention, no dropout, no packed
     sequences, query length == key length, no extra SDPA arguments (sinks, position bias),
-    bf16/fp16, a power-of-two head dim in [16, 256] shared by values (not MLA's wider q/k heads),
+    bf16/fp16, head dims the kernel takes (q/k a power of two in [16, 256] or a sum of two, as
+    MLA's 192 = 128 + 64; values a power of two: ``kernels._env.head_dims_supported``),
     and either no mask tensor or one that is exactly causal (+ the module's ``sliding_window``):
     Mistral-style sliding windows take the kernel with its window, which skips the key blocks
     outside it (SDPA, given the mask, computes every block). Returns HF's sdpa output format, or
     None to fall back.
     """
     q_len, kv_len, d = query.shape[2], key.shape[2], query.shape[-1]
-    if (value.shape != key.shape or d < 16 or d > 256 or d & (d - 1)
+    if (value.shape[:3] != key.shape[:3] or not head_dims_supported(d, value.shape[-1])
             or query.dtype not in (torch.bfloat16, torch.float16)):   # what the kernel and cuDNN's backward take
         return None
     extras = set(opts) - {"scaling", "dropout", "is_causal", "sliding_window", "position_ids",

@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import head_dims_supported, split_head_dim, tma_ok
 from ._env import interpret as _interpret
-from ._env import tma_ok
 
-__all__ = ["attention_forward_with_max_triton", "attention_with_max_logits"]
+__all__ = ["attention_forward_with_max_triton", "attention_with_max_logits", "head_dims_supported", "split_head_dim"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,15 +55,21 @@ def _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, CAST_F32: tl.constexpr):
-    """One key block: ``kt`` [D, N] and ``v`` [N, D] as loaded; keys past ``Sk``, after the query
-    row (causal) or ``window`` or more behind it (``HAS_WINDOW``) are hidden when
-    ``MASKED`` (blocks every row sees whole skip that arithmetic)."""
+def _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, CAST_F32: tl.constexpr,
+            HAS_D2: tl.constexpr):
+    """One key block: ``kt`` [D, N] (and its second head-dim part ``kt2`` [D2, N] when
+    ``HAS_D2``: MLA's 192 = 128 + 64, Triton blocks being powers of two) and ``v`` [N, DV] as
+    loaded; keys past ``Sk``, after the query row (causal) or ``window`` or more behind it
+    (``HAS_WINDOW``) are hidden when ``MASKED`` (blocks every row sees whole skip that arithmetic)."""
     if CAST_F32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     qk = tl.dot(q, kt)
+    if HAS_D2:
+        if CAST_F32:
+            kt2 = kt2.to(tl.float32)
+        qk = tl.dot(q2, kt2, qk)
     if MASKED:
         ok = cols[None, :] < Sk
         if CAUSAL:
@@ -120,9 +126,10 @@ def _attn_fwd_max_kernel(
     s_ob, s_oh, s_os, s_od,
     scale, scale_log2e,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, CAST_F32: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, CAST_F32: tl.constexpr,
 ):
-    """Pointer loads: one program per (query block, batch x head)."""
+    """Pointer loads: one program per (query block, batch x head). q / k head dim HEAD_D + HEAD_D2
+    (HEAD_D2 = 0 or a second power-of-two part), value / output head dim HEAD_DV."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal blocks first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -132,50 +139,72 @@ def _attn_fwd_max_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
     row_ok = offs_m < Sq
-    q = tl.load(Q + b * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd,
-                mask=row_ok[:, None], other=0.0)
+    q_base = Q + b * s_qb + h.to(tl.int64) * s_qh
+    q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
     k_base = K + b * s_kb + kvh * s_kh
     v_base = V + b * s_vb + kvh * s_vh
+    if HEAD_D2 > 0:
+        offs_d2 = HEAD_D + tl.arange(0, HEAD_D2)
+        q2 = tl.load(q_base + offs_m[:, None] * s_qs + offs_d2[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+        if CAST_F32:
+            q2 = q2.to(tl.float32)
+    else:
+        offs_d2 = offs_d
+        q2 = q
     m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # exact row max of q . k (unscaled)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DV), tl.float32)
     lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for n0 in range(lo, a_end, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
-        v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-        m_raw, l_i, acc = _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+        if HEAD_D2 > 0:
+            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+        else:
+            kt2 = kt
+        v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
     for n0 in range(full_lo, full_end, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd)
-        v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd)
-        m_raw, l_i, acc = _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, False, CAST_F32)
+        if HEAD_D2 > 0:
+            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd)
+        else:
+            kt2 = kt
+        v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0)
     for n0 in range(c_lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
-        v = tl.load(v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-        m_raw, l_i, acc = _attend(q, kt, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+        if HEAD_D2 > 0:
+            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+        else:
+            kt2 = kt
+        v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
     out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
-    tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
+    tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_dv[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _attn_fwd_max_kernel_tma(
-    q_desc, k_desc, v_desc, o_desc, LSE, Mx,
+    q_desc, k_desc, q2_desc, k2_desc, v_desc, o_desc, LSE, Mx,
     H, Sq, Sk, group, window,
     scale, scale_log2e,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, CAST_F32: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, CAST_F32: tl.constexpr,
 ):
     """``_attn_fwd_max_kernel`` with tensor-memory-accelerator loads / stores through 4-D
-    [B, H, S, D] descriptors: rows past S read as zeros (never the next head's), stores clip."""
+    [B, H, S, D] descriptors: rows past S read as zeros (never the next head's), stores clip.
+    ``q2_desc`` / ``k2_desc`` cover the second head-dim part (HEAD_D2 > 0; else unused)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -187,27 +216,45 @@ def _attn_fwd_max_kernel_tma(
     q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_D)
     if CAST_F32:
         q = q.to(tl.float32)
+    if HEAD_D2 > 0:
+        q2 = q2_desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_D2)
+        if CAST_F32:
+            q2 = q2.to(tl.float32)
+    else:
+        q2 = q
     m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DV), tl.float32)
     lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for n0 in range(lo, a_end, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-        m_raw, l_i, acc = _attend(q, kk.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+        if HEAD_D2 > 0:
+            kk2 = k2_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D2)
+        else:
+            kk2 = kk
+        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
+        m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
+                                  scale_log2e, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
     for n0 in range(full_lo, full_end, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-        m_raw, l_i, acc = _attend(q, kk.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, False, CAST_F32)
+        if HEAD_D2 > 0:
+            kk2 = k2_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D2)
+        else:
+            kk2 = kk
+        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
+        m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
+                                  scale_log2e, CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0)
     for n0 in range(c_lo, hi, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
-        m_raw, l_i, acc = _attend(q, kk.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32)
+        if HEAD_D2 > 0:
+            kk2 = k2_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D2)
+        else:
+            kk2 = kk
+        v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
+        m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
+                                  scale_log2e, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
     out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
-    o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
+    o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DV))
 
 
 FWD_CONFIG_OVERRIDE: dict | None = None
@@ -221,9 +268,13 @@ def _fwd_tma_ok(*ts: torch.Tensor) -> bool:
     return FWD_USE_TMA and tma_ok(*ts)
 
 
-def _fwd_config(d: int) -> dict:
+def _fwd_config(d: int, dv: int | None = None) -> dict:
     if _interpret():
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if d + (dv or d) > 256:
+        # MLA (192 + 128): 3 stages of 128-key k / v blocks would need ~240 KB of shared memory
+        # (over Hopper's 227 KB); 64-key blocks keep 3 stages in budget
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     # Measured on an H100 (benchmarks/results/gpu_tune_h100.json): 128 x 128 tiles, 8 warps, 3
     # stages win for the TMA kernel at B = 1, 4 and S = 4096, 8192 (within 2% for the pointer one).
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
@@ -247,21 +298,24 @@ def attention_forward_with_max_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward only: (out [B, H, Sq, D] in query's dtype, lse [B, H, Sq] fp32, max_logits [H] fp32).
 
-    query [B, H, Sq, D], key / value [B, Hkv, Sk, D], D a power of two >= 16; causal top-left
-    aligned like SDPA's ``is_causal``. ``window`` (causal only): query i sees keys j with
+    query / key [B, H | Hkv, S, D], value [B, Hkv, Sk, Dv]: D a power of two in [16, 256] or a
+    sum of two (MLA's 192 = 128 + 64, see :func:`split_head_dim`), Dv a power of two; the output
+    has Dv. Causal top-left aligned like SDPA's ``is_causal``. ``window`` (causal only): query i sees keys j with
     ``i - window < j <= i`` (transformers' ``sliding_window``, Mistral); key blocks outside the
     window are skipped. ``max_logits[h]`` is the max over batch and visible positions of
     ``scale * q . k``, exact up to fp32 accumulation order.
     """
-    if query.ndim != 4 or key.ndim != 4 or value.shape != key.shape:
-        raise ValueError(f"need query [B, H, Sq, D], key = value [B, Hkv, Sk, D]; got {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4 or value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"need query [B, H, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]; got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     B, H, Sq, D = query.shape
-    Hkv, Sk = key.shape[1], key.shape[2]
+    Hkv, Sk, DV = key.shape[1], key.shape[2], value.shape[3]
     if key.shape[0] != B or key.shape[3] != D or H % Hkv:
         raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} (same B, D; H % Hkv == 0)")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if not head_dims_supported(D, DV):
+        raise ValueError(f"head dims q/k {D}, v {DV} not supported: q/k needs a power of two in [16, 256] or a sum "
+                         "of two (e.g. MLA's 192 = 128 + 64), v a power of two in [16, 256]; use SDPA + "
+                         "max_logits_triton for other shapes")
     if not float(scale) > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if query.device.type != "cuda" and not _interpret():
@@ -270,21 +324,34 @@ def attention_forward_with_max_triton(
     if key.device != query.device or value.device != query.device:
         raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
     win = _check_window(window, causal)
-    cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D))
+    d1, d2 = split_head_dim(D)
+    cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D, DV))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
-    out = torch.empty_like(query)
+    if DV == D:
+        out = torch.empty_like(query)
+    elif query.transpose(1, 2).is_contiguous():  # HF's [B, S, H, D] layout: keep it for the output
+        out = query.new_empty(B, Sq, H, DV).transpose(1, 2)
+    else:
+        out = query.new_empty(B, H, Sq, DV)
     lse = torch.empty(B, H, Sq, device=query.device, dtype=torch.float32)
     part = torch.empty(B * H * num_m, device=query.device, dtype=torch.float32)
     if _fwd_tma_ok(query, key, value, out):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-        desc = lambda t, rows: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D])  # noqa: E731
+
+        def desc(t, rows, lo=0, width=None):  # a [.., lo:lo + width] head-dim slice, 16-byte aligned
+            width = t.shape[-1] if width is None else width
+            part_t = t[..., lo:lo + width]
+            return TensorDescriptor(part_t, list(part_t.shape), list(part_t.stride()), [1, 1, rows, width])
+
+        q_d, k_d = desc(query, bm, 0, d1), desc(key, bn, 0, d1)
+        q2_d, k2_d = (desc(query, bm, d1, d2), desc(key, bn, d1, d2)) if d2 else (q_d, k_d)
         _attn_fwd_max_kernel_tma[(num_m, B * H)](
-            desc(query, bm), desc(key, bn), desc(value, bn), desc(out, bm), lse, part,
+            q_d, k_d, q2_d, k2_d, desc(value, bn), desc(out, bm), lse, part,
             H, Sq, Sk, H // Hkv, win, float(scale), float(scale) * math.log2(math.e),
-            CAUSAL=bool(causal), HAS_WINDOW=win > 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D, CAST_F32=_interpret(),
-            **cfg,
+            CAUSAL=bool(causal), HAS_WINDOW=win > 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV,
+            CAST_F32=_interpret(), **cfg,
         )
         return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
     _attn_fwd_max_kernel[(num_m, B * H)](
@@ -292,7 +359,7 @@ def attention_forward_with_max_triton(
         H, Sq, Sk, H // Hkv, win,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         float(scale), float(scale) * math.log2(math.e),
-        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HEAD_D=D, CAST_F32=_interpret(), **cfg,
+        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV, CAST_F32=_interpret(), **cfg,
     )
     return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
 
@@ -373,7 +440,11 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale, window):
     differs across torch versions, so the first call finds the form this torch accepts.
     """
     B, H, S, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
+    if DV != D:  # flash takes one head dim: zero value columns give zero output columns, exactly
+        pad = lambda t: torch.nn.functional.pad(t, (0, D - DV))  # noqa: E731
+        dq, dk, dv = _flash_backward(pad(dout), q, k, pad(v), pad(out), lse, causal, scale, window)
+        return dq, dk, dv[..., :DV]
     g = H // Hkv
     op = torch.ops.aten._flash_attention_backward
     win = dict(window_size_left=window - 1, window_size_right=0) if window is not None else {}

@@ -149,3 +149,76 @@ def test_hf_mistral_sliding_window_takes_fused_path_exactly(monkeypatch):
                                rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(pad_vals.double().cpu(), oracle_max_logits(model32, ids.cpu(), pad.cpu()),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backward", ["auto", "flash"])
+@pytest.mark.parametrize("window", [None, 300])
+def test_fused_mla_head_dims_forward_backward_exact(backward, window):
+    """MLA heads (q/k 192 = 128 + 64, v 128, DeepSeek-V3), HF's [B, S, H, D] views, against
+    float64: output, gradients, max. backward "auto" is cuDNN's (it takes Dv != D); "flash" and
+    windows pad v / out / dO with zero columns to 192 for aten's flash backward."""
+    from dist_muonclip.kernels.attention_max import attention_with_max_logits
+
+    B, H, S = 2, 8, 777
+    g = torch.Generator("cuda").manual_seed(5)
+    mk = lambda d: torch.randn(B, S, H, d, device="cuda", generator=g).bfloat16().transpose(1, 2)  # noqa: E731
+    q, k, v = mk(192).requires_grad_(), mk(192).requires_grad_(), mk(128).requires_grad_()
+    do = torch.randn(B, H, S, 128, device="cuda", generator=g).bfloat16()
+    scale = 0.8 * 192 ** -0.5  # an mscale-like factor
+    out, mx = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window, backward=backward)
+    assert out.shape == (B, H, S, 128)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    pos = torch.arange(S, device="cuda")
+    keep = pos[None, :] <= pos[:, None]
+    if window is not None:
+        keep &= pos[None, :] > pos[:, None] - window
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (scale * q64 @ k64.mT).masked_fill(~keep, float("-inf"))
+    ref = torch.softmax(s, -1) @ v64
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, ref) < 1e-2  # bf16 output, bf16 P before P V: ~2^-8
+    for gr, rg in zip(grads, ref_grads):
+        assert rel(gr, rg) < 2e-2  # bf16 dS / dP in the backward: a few 2^-8
+    torch.testing.assert_close(mx.double(), s.detach().amax(dim=(0, 2, 3)), rtol=1e-5, atol=0)  # fp32 sums of 192
+
+
+def test_hf_deepseek_mla_takes_fused_path_exactly(monkeypatch):
+    """DeepSeek-V3 MLA through the HF glue (q/k 48 = 32 + 16, v 32): every layer fused, record
+    equal to the float64 oracle, loss and gradients equal to the untracked SDPA model's up to
+    bf16 rounding."""
+    dims = []
+    real = tr._fused_attention()
+    assert real is not None
+
+    def counting(q, k, v, **kwargs):
+        dims.append((q.shape[-1], v.shape[-1]))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(tr, "_fused_attention", lambda: counting)
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, attn_implementation="sdpa",
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, q_lora_rank=None, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=2)
+    model = transformers.DeepseekV3ForCausalLM(cfg).train().to("cuda", torch.bfloat16)
+    ref_model = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 301), generator=torch.Generator().manual_seed(4)).cuda()
+    ref_loss = ref_model(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert dims == [(48, 32), (48, 32)]
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-2, atol=1e-2)  # bf16 logits
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        if p_ref.grad is None:
+            continue
+        scale = p_ref.grad.float().abs().max().item() + 1e-12
+        assert (p.grad.float() - p_ref.grad.float()).abs().max().item() <= 3e-2 * scale, name
+    model32 = copy.deepcopy(model).float().cpu()
+    # bf16 q, k vs the oracle's float64 recomputation: 2e-2 relative covers the rounding
+    torch.testing.assert_close(tracker.values().double().cpu(),
+                               oracle_max_logits(model32, ids.cpu(), torch.ones_like(ids).cpu()), rtol=2e-2, atol=2e-2)

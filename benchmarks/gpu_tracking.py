@@ -1,23 +1,28 @@
-"""Max-logit tracking on a Mistral-shaped sliding-window model (issue 19): why it cost +106%, and
-what it costs with the window in the fused attention+max kernel.
+"""Max-logit tracking at model and attention level on one GPU (issue 19): Mistral-shaped
+sliding-window and DeepSeek-V3-shaped MLA models, tracked vs untracked.
 
-    python benchmarks/gpu_sliding_window.py --out benchmarks/results/sliding_window_h200.json \
+    python benchmarks/gpu_tracking.py --model mistral --out benchmarks/results/sliding_window_h200.json \
         [--profile-dir DIR] [--layers 4] [--seq 4096] [--batch 1] [--window 1024]
+    python benchmarks/gpu_tracking.py --model deepseek_v3 --out benchmarks/results/mla_h200.json
 
-Model level: a 4-layer Mistral-7B-shaped model (hidden 4096, 32 query / 8 KV heads of 128,
-MLP 14336, vocab 32000), bf16, SDPA, forward + backward of the LM loss, interleaved rounds of
+(Named gpu_sliding_window.py at commit e6f6401, which measured sliding_window_h200.json.)
 
-    untracked   no tracking installed (HF's SDPA with its 4-D sliding-window mask)
-    torch_max   tracking as before this change: SDPA with the mask + the chunked torch max
-                (the glue sent every sliding-window call there)
-    kernel_max  SDPA with the mask + the Triton max-logit kernel reading the mask
-    fused       the fused attention+max kernel with the window (this change)
+Model level, bf16, SDPA, forward + backward of the LM loss, interleaved rounds of
 
-ratios per round against ``untracked`` (median over rounds). Attention level: the same
-attention alone (B, S from the lists), fwd+bwd, SDPA-with-mask vs fused, CUDA events
-(do_bench median). ``--profile-dir`` writes torch.profiler tables of one tracked step of
-``torch_max`` and ``fused``. Exactness: the fused record vs the float64 chunked max of the same
-q, k (a hook keeps each layer's q, k).
+    untracked   no tracking installed (HF's SDPA)
+    torch_max   SDPA + the chunked torch max (where the glue sent Mistral's sliding-window
+                calls before commit dff3a3b)
+    kernel_max  SDPA + the Triton max-logit kernel (the fallback; MLA's path before this change)
+    fused       the fused attention+max kernel (window / split head dims)
+
+ratios per round against ``untracked`` (median over rounds). mistral: 4 Mistral-7B-shaped
+layers (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 32000, sliding_window).
+deepseek_v3: dense DeepSeek-V3-shaped MLA layers (hidden 7168, 128 heads, q_lora 1536,
+kv_lora 512, q/k head 128 + 64, v head 128, MLP 18432, vocab 32000). Attention level: the same
+attention alone, fwd+bwd, SDPA (as HF calls it) vs SDPA + kernel vs fused, do_bench medians.
+``--profile-dir`` writes torch.profiler tables of one step per variant. Exactness: the fused
+record vs the float64 chunked max of the same q, k (a spy keeps each layer's q, k); attention
+outputs / gradients vs fp32 SDPA on a 2048-position prefix.
 """
 from __future__ import annotations
 
@@ -32,9 +37,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_model(layers: int, seq: int, window: int):
+def build_model(kind: str, layers: int, seq: int, window: int):
     import transformers
 
+    if kind == "deepseek_v3":
+        cfg = transformers.DeepseekV3Config(
+            vocab_size=32000, hidden_size=7168, intermediate_size=18432, num_hidden_layers=layers,
+            num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=layers,
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, n_group=1, topk_group=1,
+            max_position_embeddings=max(seq, 8192), attn_implementation="sdpa")
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = transformers.DeepseekV3ForCausalLM(cfg)
+        return model.to(torch.bfloat16).train()
     cfg = transformers.MistralConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, sliding_window=window,
@@ -63,7 +79,8 @@ class Variant:
         if self.name == "untracked":
             return self
         mods = attention_modules(self.model)
-        self.tracker = MaxLogitTracker([32] * len(mods), modules=mods, device="cuda",
+        heads = self.model.config.num_attention_heads
+        self.tracker = MaxLogitTracker([heads] * len(mods), modules=mods, device="cuda",
                                        backend="torch" if self.name == "torch_max" else "auto")
         if self.name in ("torch_max", "kernel_max"):
             hfa._fused_attention = lambda: None
@@ -97,9 +114,11 @@ def time_steps(model, ids, n):
 
 
 def model_level(args, env) -> dict:
-    model = build_model(args.layers, args.seq, args.window)
+    model = build_model(args.model, args.layers, args.seq, args.window)
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    names = ["untracked", "torch_max", "kernel_max", "fused"]
+    names = ["untracked", "torch_max", "kernel_max", "fused"] if args.model == "mistral" else \
+        ["untracked", "kernel_max", "fused"]
+    window = args.window if args.model == "mistral" else None
     for name in names:  # warm-up: compile kernels, cuDNN / flash plans
         with Variant(name, model):
             for _ in range(2):
@@ -111,14 +130,16 @@ def model_level(args, env) -> dict:
         for name in order:
             with Variant(name, model):
                 times[name].append(time_steps(model, ids, args.steps))
-        print(f"[sw] round {r}: " + " ".join(f"{n} {times[n][-1]:.2f}" for n in names), flush=True)
+        print(f"[trk] round {r}: " + " ".join(f"{n} {times[n][-1]:.2f}" for n in names), flush=True)
     ratios = {n: statistics.median(t / u for t, u in zip(times[n], times["untracked"])) for n in names}
     # exactness at model scale: the fused record vs the float64 max of the same layers' q, k
-    exact = check_exact(model, ids, args.window)
+    exact = check_exact(model, ids, window)
     if args.profile_dir:
-        profile(model, ids, args.profile_dir)
-    return {"shape": dict(layers=args.layers, batch=args.batch, seq=args.seq, window=args.window, hidden=4096,
-                          heads=32, kv_heads=8, head_dim=128, dtype="bf16"),
+        profile(model, ids, args.profile_dir, names)
+    c = model.config
+    return {"shape": dict(model=args.model, layers=args.layers, batch=args.batch, seq=args.seq, window=window,
+                          hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                          dtype="bf16"),
             "ms_median": {n: statistics.median(t) for n, t in times.items()}, "ms_rounds": times,
             "ratio_vs_untracked_median": ratios, "exact": exact}
 
@@ -152,11 +173,11 @@ def check_exact(model, ids, window) -> dict:
             "max_rel_err_vs_float64": worst}
 
 
-def profile(model, ids, out_dir):
+def profile(model, ids, out_dir, names):
     from torch.profiler import ProfilerActivity, profile as prof
 
     os.makedirs(out_dir, exist_ok=True)
-    for name in ("torch_max", "fused", "untracked"):
+    for name in names:
         with Variant(name, model):
             step(model, ids)
             torch.cuda.synchronize()
@@ -166,7 +187,7 @@ def profile(model, ids, out_dir):
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
             f.write(table)
-        print(f"[sw] profile {name}\n" + "\n".join(table.splitlines()[:18]), flush=True)
+        print(f"[trk] profile {name}\n" + "\n".join(table.splitlines()[:18]), flush=True)
 
 
 def exactness(q, k, v, do, scale, window, n) -> dict:
@@ -181,7 +202,9 @@ def exactness(q, k, v, do, scale, window, n) -> dict:
     q, k, v = (t.detach()[:, :, :n].clone().requires_grad_() for t in (q, k, v))
     do = do[:, :, :n]
     pos = torch.arange(n, device="cuda")
-    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
     out, mx = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -202,56 +225,66 @@ def attention_level(args) -> list[dict]:
     from dist_muonclip.kernels.attention_max import attention_with_max_logits
     from dist_muonclip.kernels.max_logit import max_logits_triton
 
+    if args.model == "mistral":
+        H, Hkv, D, DV, window, scale = 32, 8, 128, 128, args.window, 128 ** -0.5
+    else:
+        H, Hkv, D, DV, window, scale = 128, 128, 192, 128, None, 192 ** -0.5
     rows = []
     for B in args.attn_batch:
         for S in args.attn_seq:
             g = torch.Generator("cuda").manual_seed(S + B)
-            mk = lambda h: torch.randn(B, S, h, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)  # noqa: E731
-            q, k, v = mk(32).requires_grad_(), mk(8).requires_grad_(), mk(8).requires_grad_()
-            do = torch.randn(B, 32, S, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-            pos = torch.arange(S, device="cuda")
-            mask = ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - args.window))[None, None].expand(B, 1, S, S).contiguous()
-            scale = 128 ** -0.5
+            mk = lambda h, d: torch.randn(B, S, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)  # noqa: E731
+            q, k, v = mk(H, D).requires_grad_(), mk(Hkv, D).requires_grad_(), mk(Hkv, DV).requires_grad_()
+            do = torch.randn(B, H, S, DV, device="cuda", dtype=torch.bfloat16, generator=g)
+            if window is not None:
+                pos = torch.arange(S, device="cuda")
+                mask = ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window))[None, None]
+                mask = mask.expand(B, 1, S, S).contiguous()
+                sdpa_kw = dict(attn_mask=mask)
+            else:
+                mask, sdpa_kw = None, dict(is_causal=True)
 
             def sdpa():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-                out.backward(do)
+                F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **sdpa_kw).backward(do)
 
             def sdpa_kernel():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **sdpa_kw)
                 max_logits_triton(q.detach(), k.detach(), scale=scale, causal=True, attention_mask=mask)
                 out.backward(do)
 
             def fused():
-                out, _ = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=args.window)
-                out.backward(do)
+                attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)[0].backward(do)
 
             def fused_fwd():
                 with torch.no_grad():
-                    attention_with_max_logits(q, k, v, scale=scale, causal=True, window=args.window)
+                    attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)
 
             def sdpa_fwd():
                 with torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+                    F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **sdpa_kw)
 
-            row = dict(batch=B, seq=S, window=args.window, **exactness(q, k, v, do, scale, args.window, 2048))
-            times = {n: [] for n in ("sdpa", "sdpa_kernel", "fused", "sdpa_fwd", "fused_fwd")}
+            row = dict(batch=B, seq=S, heads=H, kv_heads=Hkv, head_dim=D, v_head_dim=DV, window=window,
+                       **exactness(q, k, v, do, scale, window, 2048))
             fns = dict(sdpa=sdpa, sdpa_kernel=sdpa_kernel, fused=fused, sdpa_fwd=sdpa_fwd, fused_fwd=fused_fwd)
+            times = {n: [] for n in fns}
             for _ in range(args.attn_rounds):
                 for n, fn in fns.items():
                     times[n].append(median_ms(fn, warmup_ms=25, rep_ms=100))
             row["ms_median"] = {n: statistics.median(t) for n, t in times.items()}
             row["ratio_vs_sdpa_median"] = {n: statistics.median(a / b for a, b in zip(times[n], times["sdpa"]))
                                            for n in ("sdpa_kernel", "fused")}
-            print(f"[sw] attn {row}", flush=True)
+            print(f"[trk] attn {row}", flush=True)
             rows.append(row)
             q.grad = k.grad = v.grad = None
+            del q, k, v, do, mask
+            torch.cuda.empty_cache()
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--model", choices=["mistral", "deepseek_v3"], default="mistral")
     p.add_argument("--profile-dir", help="write torch.profiler tables here")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
@@ -267,11 +300,11 @@ def main(argv=None):
     from _common import environment, write_json
 
     env = environment()
-    print(f"[sw] {env}", flush=True)
+    print(f"[trk] {env}", flush=True)
     result = {"env": env, "args": vars(args)}
     if not args.skip_model:
         result["model"] = model_level(args, env)
-        print(f"[sw] model {result['model']['ms_median']} ratios {result['model']['ratio_vs_untracked_median']} "
+        print(f"[trk] model {result['model']['ms_median']} ratios {result['model']['ratio_vs_untracked_median']} "
               f"exact {result['model']['exact']}", flush=True)
         torch.cuda.empty_cache()
     result["attention"] = attention_level(args)
