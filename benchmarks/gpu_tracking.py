@@ -296,6 +296,7 @@ def main(argv=None):
     p.add_argument("--attn-seq", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     p.add_argument("--attn-rounds", type=int, default=3)
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--skip-attention", action="store_true")
     args = p.parse_args(argv)
     from _common import environment, write_json
 
@@ -307,7 +308,8 @@ def main(argv=None):
         print(f"[trk] model {result['model']['ms_median']} ratios {result['model']['ratio_vs_untracked_median']} "
               f"exact {result['model']['exact']}", flush=True)
         torch.cuda.empty_cache()
-    result["attention"] = attention_level(args)
+    if not args.skip_attention:
+        result["attention"] = attention_level(args)
     write_json(args.out, result)
 
 
