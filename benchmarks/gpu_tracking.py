@@ -281,6 +281,45 @@ def attention_level(args) -> list[dict]:
     return rows
 
 
+MLA_FWD_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=4),
+]
+
+
+def sweep_forward(args) -> dict:
+    """Forward-kernel tile configurations for the model's head dims (B = 1 and 4 at the largest
+    S), timed with do_bench; the fastest (sum of medians) is used for the rest of the run."""
+    from _common import median_ms
+    from dist_muonclip.kernels import attention_max as am
+
+    H, D, DV = (128, 192, 128) if args.model == "deepseek_v3" else (32, 128, 128)
+    S = max(args.attn_seq)
+    rows = []
+    for cfg in MLA_FWD_CONFIGS:
+        tot, per = 0.0, {}
+        am.FWD_CONFIG_OVERRIDE = cfg
+        try:
+            for B in (1, 4):
+                mk = lambda d: torch.randn(B, S, H, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # noqa: E731
+                q, k, v = mk(D), mk(D), mk(DV)
+                ms = median_ms(lambda: am.attention_forward_with_max_triton(q, k, v, scale=D ** -0.5, causal=True),
+                               warmup_ms=25, rep_ms=100)
+                per[B] = ms
+                tot += ms
+        except Exception as e:  # noqa: BLE001 - a config over the shared-memory budget fails to compile
+            per, tot = {"error": str(e)[:200]}, float("inf")
+        rows.append(dict(config=cfg, ms=per, total=tot))
+        print(f"[trk] fwd sweep {cfg} {per}", flush=True)
+    best = min(rows, key=lambda r: r["total"])
+    am.FWD_CONFIG_OVERRIDE = best["config"]
+    return {"seq": S, "rows": rows, "best": best["config"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -297,12 +336,15 @@ def main(argv=None):
     p.add_argument("--attn-rounds", type=int, default=3)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--sweep-forward", action="store_true", help="sweep the fused forward's tiles first, then use the best")
     args = p.parse_args(argv)
     from _common import environment, write_json
 
     env = environment()
     print(f"[trk] {env}", flush=True)
     result = {"env": env, "args": vars(args)}
+    if args.sweep_forward:
+        result["forward_sweep"] = sweep_forward(args)
     if not args.skip_model:
         result["model"] = model_level(args, env)
         print(f"[trk] model {result['model']['ms_median']} ratios {result['model']['ratio_vs_untracked_median']} "

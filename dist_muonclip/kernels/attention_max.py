@@ -395,6 +395,7 @@ class _AttnWithMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmx):
         q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out = _one_layout(q, k, v, out)
         dout = _match_layout(dout, out)
         if ctx.window is not None:
             # cuDNN's attention backward op takes no window; flash's does, and skips the hidden blocks
@@ -411,6 +412,21 @@ class _AttnWithMax(torch.autograd.Function):
                 _CUDNN_OK[:] = [False]
         dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, None)
         return dq, dk, dv, None, None, None, None
+
+
+def _one_layout(q, k, v, out):
+    """q, k, v, out in one layout, q's when it is [B, H, S, D]- or [B, S, H, D]-contiguous (else
+    [B, H, S, D]): copies only the tensors that differ. The cuDNN backward op describes tensors
+    by their strides but assumes one layout family for all of them; MLA hands mixed ones (HF's
+    DeepSeek-V3: q, k concatenated [B, H, S, D]-contiguous, v a [B, S, H, Dnope + Dv] slice)."""
+    bshd = q.transpose(1, 2).is_contiguous() and not q.is_contiguous()
+
+    def fit(t):
+        if bshd:
+            return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
+        return t if t.is_contiguous() else t.contiguous()
+
+    return fit(q), fit(k), fit(v), fit(out)
 
 
 def _match_layout(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
