@@ -367,6 +367,46 @@ def test_attention_forward_split_head_dims_matches_float64(D, DV, window, tma, m
     torch.testing.assert_close(mx, ref_mx, rtol=ML_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("form", ["left_padding", "packed", "packed_window", "random_heads"])
+def test_attention_forward_with_mask_matches_float64(form, tma, monkeypatch):
+    """A 4-D bool mask on top of the causal (and window) structure, as HF's sdpa masks: left
+    padding (padded query rows see nothing: output 0, LSE +inf), packed sequences (block-diagonal
+    causal), packed + window, and a random per-head mask. Output / LSE / max vs float64 over the
+    rows that see something."""
+    am = am_mod
+    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
+    B, H, Hkv, S, D = 2, 4, 2, 75, 32
+    q, k = _qk(B, H, Hkv, S, S, D, seed=11)
+    v = torch.randn(B, Hkv, S, D, generator=torch.Generator().manual_seed(3)).bfloat16()
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    window = 20 if form == "packed_window" else None
+    if form == "left_padding":
+        pad = torch.tensor([0, 23])
+        mask = (j[None] >= pad[:, None, None])[:, None].expand(B, 1, S, S)
+    elif form.startswith("packed"):
+        seg = torch.stack([torch.bucketize(torch.arange(S), torch.tensor([10, 50]), right=True),
+                           torch.bucketize(torch.arange(S), torch.tensor([33]), right=True)])
+        mask = (seg[:, None, :, None] == seg[:, None, None, :])
+    else:
+        mask = torch.rand(B, H, S, S, generator=torch.Generator().manual_seed(4)) > 0.3
+    scale = D ** -0.5
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=True, window=window,
+                                                        attention_mask=mask)
+    keep = mask & (j <= i)
+    if window is not None:
+        keep = keep & (j > i - window)
+    keep = keep.expand(B, H, S, S)
+    g = H // Hkv
+    s = (scale * (q.double() @ k.double().repeat_interleave(g, 1).mT)).masked_fill(~keep, float("-inf"))
+    seen = keep.any(-1)  # rows that see at least one key
+    ref_out = torch.softmax(s, -1).nan_to_num(0.0) @ v.double().repeat_interleave(g, 1)
+    assert _rel(out[seen], ref_out[seen]) < 1e-2  # bf16 output and bf16 P before P V
+    assert (out[~seen] == 0).all() and torch.isposinf(lse[~seen]).all()
+    torch.testing.assert_close(lse.double()[seen], torch.logsumexp(s, -1)[seen], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mx.double(), s.amax(dim=(0, 2, 3)), rtol=ML_RTOL, atol=0)
+
+
 def test_split_head_dim_rule():
     assert am_mod.split_head_dim(128) == (128, 0) and am_mod.split_head_dim(192) == (128, 64)
     assert am_mod.split_head_dim(96) == (64, 32) and am_mod.split_head_dim(80) == (64, 16)

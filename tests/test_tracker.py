@@ -529,19 +529,25 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
     """On GPU, causal mask-free sdpa calls go through the fused Triton attention that returns the
     output and the max together. Here a stand-in (SDPA + the chunked torch max) takes the kernel's
     place on CPU: the model's output must not change and the record must equal the float64 oracle;
-    a padding mask falls back to SDPA + tracking."""
+    a padding mask is fused too (the kernel reads it)."""
     from dist_muonclip.integrations import transformers_attention as tr
 
     calls = []
 
-    def stand_in(q, k, v, *, scale=None, causal=True, window=None):
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None, attention_mask=None):
         calls.append(q.shape)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-        return out, max_logits_torch(q, k, scale=scale, causal=causal)
+        if attention_mask is not None:  # within the causal mask: the same SDPA call HF makes
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale,
+                                                                   enable_gqa=True)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                   enable_gqa=True)
+        return out, max_logits_torch(q, k, scale=scale, causal=causal, attention_mask=attention_mask)
 
     model = build_model("llama").train().to(torch.bfloat16)
     ids, pad = make_batch()
     ref = model(input_ids=ids).logits
+    ref_pad = model(input_ids=ids, attention_mask=pad).logits
     monkeypatch.setattr(tr, "_FUSED_DEVICES", ("cpu",))
     monkeypatch.setattr(tr, "_fused_attention", lambda: stand_in)
     tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
@@ -551,8 +557,9 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the stand-in is the same SDPA call
         fused_vals = tracker.values().clone()
         tracker.reset()
-        model(input_ids=ids, attention_mask=pad)
-        assert len(calls) == 2  # a mask tensor: SDPA + separate tracking
+        got_pad = model(input_ids=ids, attention_mask=pad).logits
+        assert len(calls) == 4  # a padding mask (within the causal one): fused too, reading the mask
+        torch.testing.assert_close(got_pad, ref_pad, rtol=0, atol=0)
         masked_vals = tracker.values().clone()
     # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
     model32 = model.float()
@@ -565,19 +572,21 @@ def test_sliding_window_mask_takes_fused_path_with_its_window(monkeypatch):
     """Pins the Mistral sliding-window slowdown (issue 19: tracking doubled forward+backward at
     S=4096, window 1024, because HF's 4-D window mask sent every layer to SDPA-with-mask plus the
     chunked torch max): a mask that is exactly causal + the module's ``sliding_window`` now takes
-    the fused path, with that window; a padded batch (mask no longer structural) falls back.
+    the fused path, with that window; a padded batch takes it with the window and the mask.
     The stand-in (SDPA with the causal-window mask + the chunked torch max) takes the kernel's
     place on CPU, so the outputs must equal the untracked model's bit for bit."""
     from dist_muonclip.integrations import transformers_attention as tr
 
     calls = []
 
-    def stand_in(q, k, v, *, scale=None, causal=True, window=None):
-        calls.append(window)
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None, attention_mask=None):
+        calls.append(window if attention_mask is None else "mask")
         pos = torch.arange(q.shape[2])
         keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        if attention_mask is not None:
+            keep = keep & attention_mask
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
-        return out, max_logits_torch(q, k, scale=scale, causal=causal, sliding_window=window)
+        return out, max_logits_torch(q, k, scale=scale, attention_mask=keep.expand(q.shape[0], 1, *keep.shape[-2:]))
 
     model = build_model("mistral").train().to(torch.bfloat16)  # the fused path is bf16/fp16 only
     ids, pad = make_batch()
@@ -595,7 +604,7 @@ def test_sliding_window_mask_takes_fused_path_with_its_window(monkeypatch):
         fused_vals = tracker.values().clone()
         tracker.reset()
         model(input_ids=ids, attention_mask=pad)
-        assert calls == [8, 8]  # padding: not structural, SDPA + separate tracking
+        assert calls == [8, 8, "mask", "mask"]  # padding: within causal + window, the kernel reads it
         masked_vals = tracker.values().clone()
     # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
     model32 = model.float()
@@ -614,7 +623,7 @@ def test_mla_heads_take_fused_path(monkeypatch):
 
     calls = []
 
-    def stand_in(q, k, v, *, scale=None, causal=True, window=None):
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None, attention_mask=None):
         calls.append((q.shape[-1], v.shape[-1]))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
         return out, max_logits_torch(q, k, scale=scale, causal=causal)

@@ -77,31 +77,37 @@ def _fused_attention():
     return attention_with_max_logits if triton_available() else None
 
 
-# mask tensor id -> (weak reference to it, window it was checked against, "is exactly causal+window")
-_MASK_STRUCTURE: dict[int, tuple[weakref.ref[torch.Tensor], int | None, bool]] = {}
+# mask tensor id -> (weak reference to it, window it was checked against, its kind)
+_MASK_KIND: dict[int, tuple[weakref.ref[torch.Tensor], int | None, str]] = {}
 
 
-def _is_causal_window_mask(mask: torch.Tensor, window: int | None) -> bool:
-    """True when ``mask`` (HF's 4-D bool "attend" mask) is, for every batch row, exactly the causal
-    mask, cut to ``window`` (keys j > i - window) when one is given: then it carries no padding or
-    packing, and the fused kernel's structural masking computes the same attention without it.
+def _mask_kind(mask: torch.Tensor, window: int | None) -> str:
+    """How HF's 4-D bool "attend" mask relates to the causal mask cut to ``window`` (keys
+    j > i - window when one is given), for every batch row:
+
+    * ``"structural"``: equal to it (no padding, no packing): the fused kernel's own causal /
+      window masking computes the same attention without reading the mask;
+    * ``"within"``: a subset of it (padding, packed sequences on top): the kernel reads the mask
+      and still skips the blocks the structure hides;
+    * ``"other"``: anything else (a bidirectional or prefix mask, a non-bool or odd-shaped one).
 
     transformers builds one mask tensor per forward and hands that same object to every layer,
-    so the comparison (one device-to-host sync) runs once per mask and is cached by identity.
+    so the check (one device-to-host sync) runs once per mask and is cached by identity.
     """
     key = id(mask)
-    hit = _MASK_STRUCTURE.get(key)
+    hit = _MASK_KIND.get(key)
     if hit is not None and hit[0]() is mask and hit[1] == window:
         return hit[2]
-    ok = False
+    kind = "other"
     if mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
         pos = torch.arange(mask.shape[-1], device=mask.device)
         want = pos[None, :] <= pos[:, None]
         if window is not None:
             want &= pos[None, :] > pos[:, None] - window
-        ok = bool(torch.equal(mask, want.expand_as(mask)))
-    _MASK_STRUCTURE[key] = (weakref.ref(mask, lambda _ref, key=key: _MASK_STRUCTURE.pop(key, None)), window, ok)
-    return ok
+        outside, missing = torch.stack([(mask & ~want).any(), (want & ~mask).any()]).tolist()
+        kind = "other" if outside else ("within" if missing else "structural")
+    _MASK_KIND[key] = (weakref.ref(mask, lambda _ref, key=key: _MASK_KIND.pop(key, None)), window, kind)
+    return kind
 
 
 def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
@@ -112,9 +118,11 @@ def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
     sequences, query length == key length, no extra SDPA arguments (sinks, position bias),
     bf16/fp16, head dims the kernel takes (q/k a power of two in [16, 256] or a sum of two, as
     MLA's 192 = 128 + 64; values a power of two: ``kernels._env.head_dims_supported``),
-    and either no mask tensor or one that is exactly causal (+ the module's ``sliding_window``):
-    Mistral-style sliding windows take the kernel with its window, which skips the key blocks
-    outside it (SDPA, given the mask, computes every block). Returns HF's sdpa output format, or
+    and no mask tensor or one within the causal mask (+ the module's ``sliding_window``, see
+    :func:`_mask_kind`). An exactly causal(+window) mask is not read at all: Mistral-style sliding
+    windows take the kernel with its window, which skips the key blocks outside it (SDPA, given
+    the mask, computes every block); padding / packing masks are read by the kernel, and the
+    backward is cuDNN's with the mask as a bias, as SDPA's. Returns HF's sdpa output format, or
     None to fall back.
     """
     q_len, kv_len, d = query.shape[2], key.shape[2], query.shape[-1]
@@ -132,12 +140,14 @@ def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
             or opts.get("cu_seq_lens_k") is not None or extras
             or not (opts.get("is_causal") if opts.get("is_causal") is not None else getattr(module, "is_causal", True))):
         return None
-    if mask is not None and not _is_causal_window_mask(mask, window):
+    kind = "structural" if mask is None else _mask_kind(mask, window)
+    if kind == "other":
         return None
     fused = _fused_attention()
     if fused is None:
         return None
-    out, smax = fused(query, key, value, scale=opts.get("scaling"), causal=True, window=window)
+    out, smax = fused(query, key, value, scale=opts.get("scaling"), causal=True, window=window,
+                      attention_mask=mask if kind == "within" else None)
     tracker.record(module, smax)
     return out.transpose(1, 2).contiguous(), None
 

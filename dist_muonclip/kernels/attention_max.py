@@ -55,13 +55,15 @@ def _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+def _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, CAST_F32: tl.constexpr,
-            HAS_D2: tl.constexpr):
+            HAS_D2: tl.constexpr, HAS_MASK: tl.constexpr):
     """One key block: ``kt`` [D, N] (and its second head-dim part ``kt2`` [D2, N] when
     ``HAS_D2``: MLA's 192 = 128 + 64, Triton blocks being powers of two) and ``v`` [N, DV] as
     loaded; keys past ``Sk``, after the query row (causal) or ``window`` or more behind it
-    (``HAS_WINDOW``) are hidden when ``MASKED`` (blocks every row sees whole skip that arithmetic)."""
+    (``HAS_WINDOW``) or where the attention mask is 0 (``HAS_MASK``: ``mrow`` [M, 1] points at
+    the block rows of a [B, 1 | H, Sq, Sk] uint8 mask) are hidden when ``MASKED`` (blocks every row
+    sees whole skip that arithmetic; with a mask every block is masked)."""
     if CAST_F32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
@@ -76,13 +78,16 @@ def _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_
             ok = ok & (cols[None, :] <= offs_m[:, None])
         if HAS_WINDOW:
             ok = ok & (cols[None, :] > offs_m[:, None] - window)
+        if HAS_MASK:
+            mv = tl.load(mrow + cols[None, :] * s_mk, mask=row_ok[:, None] & (cols[None, :] < Sk), other=0)
+            ok = ok & (mv != 0)
         qk = tl.where(ok, qk, float("-inf"))
     return _online_update(qk, v, m_raw, l_i, acc, scale_log2e, MASKED)
 
 
 @triton.jit
 def _key_ranges(Sk, m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
     """Key blocks of query block [m0, m0 + BLOCK_M), in three consecutive ranges:
     [lo, a_end) masked (the sliding window's lower edge), [full_lo, full_end) seen whole by every
     row (no mask arithmetic), [c_lo, hi) masked (causal diagonal, key tail). Blocks wholly
@@ -99,6 +104,8 @@ def _key_ranges(Sk, m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CA
     else:
         lo = m0 * 0
         full_lo = m0 * 0
+    if HAS_MASK:  # a mask tensor can hide anything: every visited block is masked
+        full_end = full_lo
     a_end = tl.minimum(full_lo, hi)
     c_lo = tl.maximum(full_end, a_end)
     return lo, a_end, full_lo, full_end, c_lo, hi
@@ -107,10 +114,13 @@ def _key_ranges(Sk, m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CA
 @triton.jit
 def _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m):
     """Store the rows' natural-log LSE (what the flash / cuDNN backward reads) and the block's
-    max logit; return the normalized output (fp32)."""
+    max logit; return the normalized output (fp32). A row that sees no key (a padded query
+    under a mask) gets output 0 and LSE +inf, flash attention's convention: the backward's
+    P = exp(s - lse) is then 0 there, so such rows pass no gradient."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     row_ok = offs_m < Sq
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_raw * scale + tl.log(l_safe), mask=row_ok)
+    lse = tl.where(l_i == 0.0, float("inf"), m_raw * scale + tl.log(l_safe))
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
     row_max = tl.where(row_ok, m_raw * scale, float("-inf"))
     tl.store(Mx + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.max(row_max, 0))
     return acc / l_safe[:, None]
@@ -118,15 +128,17 @@ def _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m):
 
 @triton.jit
 def _attn_fwd_max_kernel(
-    Q, K, V, O, LSE, Mx,
+    Q, K, V, O, LSE, Mx, Mask,
     H, Sq, Sk, group, window,
+    s_mb, s_mh, s_mq, s_mk,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     s_ob, s_oh, s_os, s_od,
     scale, scale_log2e,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, CAST_F32: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr,
+    CAST_F32: tl.constexpr,
 ):
     """Pointer loads: one program per (query block, batch x head). q / k head dim HEAD_D + HEAD_D2
     (HEAD_D2 = 0 or a second power-of-two part), value / output head dim HEAD_DV."""
@@ -158,7 +170,9 @@ def _attn_fwd_max_kernel(
     m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # exact row max of q . k (unscaled)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DV), tl.float32)
-    lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    row_ok = offs_m < Sq
+    mrow = Mask + (pid_bh // H).to(tl.int64) * s_mb + (pid_bh % H).to(tl.int64) * s_mh + offs_m[:, None] * s_mq
+    lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_MASK)
     for n0 in range(lo, a_end, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
@@ -167,8 +181,8 @@ def _attn_fwd_max_kernel(
         else:
             kt2 = kt
         v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     for n0 in range(full_lo, full_end, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd)
@@ -177,8 +191,8 @@ def _attn_fwd_max_kernel(
         else:
             kt2 = kt
         v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd)
-        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
+                                  CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     for n0 in range(c_lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
@@ -187,8 +201,8 @@ def _attn_fwd_max_kernel(
         else:
             kt2 = kt
         v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
+                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
     tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_dv[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -196,11 +210,13 @@ def _attn_fwd_max_kernel(
 
 @triton.jit
 def _attn_fwd_max_kernel_tma(
-    q_desc, k_desc, q2_desc, k2_desc, v_desc, o_desc, LSE, Mx,
+    q_desc, k_desc, q2_desc, k2_desc, v_desc, o_desc, LSE, Mx, Mask,
     H, Sq, Sk, group, window,
+    s_mb, s_mh, s_mq, s_mk,
     scale, scale_log2e,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, CAST_F32: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr,
+    CAST_F32: tl.constexpr,
 ):
     """``_attn_fwd_max_kernel`` with tensor-memory-accelerator loads / stores through 4-D
     [B, H, S, D] descriptors: rows past S read as zeros (never the next head's), stores clip.
@@ -225,7 +241,9 @@ def _attn_fwd_max_kernel_tma(
     m_raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DV), tl.float32)
-    lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    row_ok = offs_m < Sq
+    mrow = Mask + (pid_bh // H).to(tl.int64) * s_mb + (pid_bh % H).to(tl.int64) * s_mh + offs_m[:, None] * s_mq
+    lo, a_end, full_lo, full_end, c_lo, hi = _key_ranges(Sk, m0, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_MASK)
     for n0 in range(lo, a_end, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
         if HEAD_D2 > 0:
@@ -234,7 +252,7 @@ def _attn_fwd_max_kernel_tma(
             kk2 = kk
         v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
         m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
-                                  scale_log2e, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
+                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     for n0 in range(full_lo, full_end, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
         if HEAD_D2 > 0:
@@ -243,7 +261,7 @@ def _attn_fwd_max_kernel_tma(
             kk2 = kk
         v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
         m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
-                                  scale_log2e, CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0)
+                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     for n0 in range(c_lo, hi, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
         if HEAD_D2 > 0:
@@ -252,7 +270,7 @@ def _attn_fwd_max_kernel_tma(
             kk2 = kk
         v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
         m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
-                                  scale_log2e, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0)
+                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
     o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DV))
 
@@ -292,9 +310,29 @@ def _check_window(window: int | None, causal: bool) -> int:
     return int(window)
 
 
+def _mask_arg(mask: torch.Tensor | None, query: torch.Tensor, B: int, H: int, Sq: int, Sk: int):
+    """(uint8 view or a dummy, its 4 strides with 0 on broadcast dims) for the kernels."""
+    if mask is None:
+        return query, (0, 0, 0, 0)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 4:
+        raise TypeError(f"attention_mask must be a 4-D bool tensor (True = attend), got "
+                        f"{getattr(mask, 'dtype', type(mask))} of shape {tuple(getattr(mask, 'shape', ()))}")
+    if mask.device != query.device:
+        raise ValueError(f"attention_mask is on {mask.device}, query on {query.device}")
+    try:
+        m = mask.expand(B, mask.shape[1], Sq, Sk)
+    except RuntimeError:
+        raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"[B, 1 or H, Sq, Sk] = {(B, 1, Sq, Sk)}") from None
+    if m.shape[1] not in (1, H):
+        raise ValueError(f"attention_mask head dim must be 1 or H={H}, got {m.shape[1]}")
+    m = m.view(torch.uint8)
+    return m, (m.stride(0), m.stride(1) if m.shape[1] == H else 0, m.stride(2), m.stride(3))
+
+
 def attention_forward_with_max_triton(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, causal: bool = True,
-    window: int | None = None,
+    window: int | None = None, attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward only: (out [B, H, Sq, D] in query's dtype, lse [B, H, Sq] fp32, max_logits [H] fp32).
 
@@ -302,8 +340,11 @@ def attention_forward_with_max_triton(
     sum of two (MLA's 192 = 128 + 64, see :func:`split_head_dim`), Dv a power of two; the output
     has Dv. Causal top-left aligned like SDPA's ``is_causal``. ``window`` (causal only): query i sees keys j with
     ``i - window < j <= i`` (transformers' ``sliding_window``, Mistral); key blocks outside the
-    window are skipped. ``max_logits[h]`` is the max over batch and visible positions of
-    ``scale * q . k``, exact up to fp32 accumulation order.
+    window are skipped. ``attention_mask``: an optional 4-D bool "attend" mask broadcastable to
+    [B, 1 | H, Sq, Sk] (HF's sdpa mask: padding, packed sequences), applied on top of the
+    causal / window structure; rows it hides completely get output 0 and LSE +inf.
+    ``max_logits[h]`` is the max over batch and visible positions of ``scale * q . k``, exact up
+    to fp32 accumulation order.
     """
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4 or value.shape[:3] != key.shape[:3]:
         raise ValueError(f"need query [B, H, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]; got "
@@ -324,6 +365,7 @@ def attention_forward_with_max_triton(
     if key.device != query.device or value.device != query.device:
         raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
     win = _check_window(window, causal)
+    mask, s_m = _mask_arg(attention_mask, query, B, H, Sq, Sk)
     d1, d2 = split_head_dim(D)
     cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D, DV))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
@@ -348,18 +390,18 @@ def attention_forward_with_max_triton(
         q_d, k_d = desc(query, bm, 0, d1), desc(key, bn, 0, d1)
         q2_d, k2_d = (desc(query, bm, d1, d2), desc(key, bn, d1, d2)) if d2 else (q_d, k_d)
         _attn_fwd_max_kernel_tma[(num_m, B * H)](
-            q_d, k_d, q2_d, k2_d, desc(value, bn), desc(out, bm), lse, part,
-            H, Sq, Sk, H // Hkv, win, float(scale), float(scale) * math.log2(math.e),
-            CAUSAL=bool(causal), HAS_WINDOW=win > 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV,
+            q_d, k_d, q2_d, k2_d, desc(value, bn), desc(out, bm), lse, part, mask,
+            H, Sq, Sk, H // Hkv, win, *s_m, float(scale), float(scale) * math.log2(math.e),
+            CAUSAL=bool(causal), HAS_WINDOW=win > 0, HAS_MASK=attention_mask is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV,
             CAST_F32=_interpret(), **cfg,
         )
         return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
     _attn_fwd_max_kernel[(num_m, B * H)](
-        query, key, value, out, lse, part,
-        H, Sq, Sk, H // Hkv, win,
+        query, key, value, out, lse, part, mask,
+        H, Sq, Sk, H // Hkv, win, *s_m,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         float(scale), float(scale) * math.log2(math.e),
-        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV, CAST_F32=_interpret(), **cfg,
+        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HAS_MASK=attention_mask is not None, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV, CAST_F32=_interpret(), **cfg,
     )
     return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
 
@@ -385,33 +427,73 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
 
 class _AttnWithMax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, window, backward):
-        out, lse, mx = attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal, window=window)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, scale, causal, window, backward, mask):
+        out, lse, mx = attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal, window=window,
+                                                         attention_mask=mask)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.scale, ctx.causal, ctx.window, ctx.backend = scale, causal, window, backward
         ctx.mark_non_differentiable(mx)
         return out, mx
 
     @staticmethod
     def backward(ctx, dout, _dmx):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, mask = ctx.saved_tensors
         q, k, v, out = _one_layout(q, k, v, out)
         dout = _match_layout(dout, out)
+        if mask is not None:
+            return (*_masked_backward(dout, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.window),
+                    None, None, None, None, None)
         if ctx.window is not None:
             # cuDNN's attention backward op takes no window; flash's does, and skips the hidden blocks
             dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window)
-            return dq, dk, dv, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None
         if ctx.backend in ("auto", "cudnn") and _CUDNN_OK != [False]:
             try:
                 dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
                 _CUDNN_OK[:] = [True]
-                return dq, dk, dv, None, None, None, None
+                return dq, dk, dv, None, None, None, None, None
             except RuntimeError:
                 if ctx.backend == "cudnn":
                     raise
                 _CUDNN_OK[:] = [False]
         dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, None)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+_MASKED_CUDNN_OK: list[bool] = []
+
+
+def _masked_backward(dout, q, k, v, out, lse, mask, causal, scale, window):
+    """Backward under a mask tensor: PyTorch's cuDNN attention backward with the mask as an
+    additive bias (what SDPA itself runs for a bool mask on Hopper), causal / window folded into
+    that bias; where cuDNN refuses it, SDPA on the same mask recomputed under autograd (exact,
+    one extra forward)."""
+    B, H, S, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    keep = mask.expand(B, mask.shape[1], S, Sk)
+    if causal or window is not None:
+        pos_q = torch.arange(S, device=q.device)[:, None]
+        pos_k = torch.arange(Sk, device=q.device)[None, :]
+        struct = pos_k <= pos_q if causal else torch.ones(S, Sk, dtype=torch.bool, device=q.device)
+        if window is not None:
+            struct = struct & (pos_k > pos_q - window)
+        keep = keep & struct
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+    if _MASKED_CUDNN_OK != [False]:
+        try:
+            lse_ndim, seed, offset = _cudnn_meta(str(q.device), q.shape[-1])
+            lse_c = lse.unsqueeze(-1) if lse_ndim == 4 else lse
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                dout, q, k, v, out, lse_c, seed, offset, bias.expand(B, H, S, Sk), None, None, S, Sk, 0.0, False,
+                scale=scale)[:3]
+            _MASKED_CUDNN_OK[:] = [True]
+            return grads
+        except RuntimeError:
+            _MASKED_CUDNN_OK[:] = [False]
+    with torch.enable_grad():
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, attn_mask=keep, scale=scale,
+                                                               enable_gqa=q.shape[1] != k.shape[1])
+        return torch.autograd.grad(ref, (q_, k_, v_), dout)
 
 
 def _one_layout(q, k, v, out):
@@ -513,6 +595,7 @@ def attention_with_max_logits(
     scale: float | None = None,
     causal: bool = True,
     window: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     backward: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention (CUDA) returning ``(out, max_logits [H] fp32)`` in one forward.
@@ -523,9 +606,11 @@ def attention_with_max_logits(
     ``backward``: "cudnn" (PyTorch's cuDNN attention backward, SDPA's default on Hopper), "flash"
     (PyTorch's flash backward) or "auto" (cuDNN, falling back to flash where this torch / GPU has
     no cuDNN attention). A window always takes the flash backward (cuDNN's op has no window).
+    ``attention_mask`` (4-D bool, True = attend; padding, packed sequences) takes cuDNN's
+    backward with the mask as an additive bias, or SDPA recomputed under autograd.
     """
     if backward not in ("auto", "cudnn", "flash"):
         raise ValueError(f"backward must be 'auto', 'cudnn' or 'flash', got {backward!r}")
     _check_window(window, causal)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _AttnWithMax.apply(query, key, value, scale, causal, window, backward)
+    return _AttnWithMax.apply(query, key, value, scale, causal, window, backward, attention_mask)

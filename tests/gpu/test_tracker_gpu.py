@@ -26,8 +26,8 @@ from tests.test_tracker import VOCAB, attention_modules, build_model, oracle_max
 
 @pytest.mark.parametrize("seq", [16, 301])
 def test_hf_llama_bf16_fused_and_masked_paths_exact_with_unchanged_training(seq, monkeypatch):
-    """Causal, mask-free calls take the fused Triton attention (counted), padded calls SDPA + the
-    max-logit kernel; both records equal the float64 oracle; the loss and the gradients equal the
+    """Causal, mask-free calls take the fused Triton attention (counted), padded calls too (the
+    kernel reads the mask); both records equal the float64 oracle; the loss and the gradients equal the
     untracked SDPA model's up to bf16 rounding (the fused forward is a different attention kernel)."""
     fused_calls = []
     real = tr._fused_attention()
@@ -56,7 +56,7 @@ def test_hf_llama_bf16_fused_and_masked_paths_exact_with_unchanged_training(seq,
         tracker.reset()
         model(input_ids=ids, attention_mask=pad)
         masked_vals = tracker.values().clone()
-        assert len(fused_calls) == 2  # a padding mask falls back to SDPA + the max-logit kernel
+        assert len(fused_calls) == 4  # a padding mask within the causal one: fused, reading the mask
     # bf16 attention (different kernels, fp32 accumulation): the loss agrees to bf16 rounding of
     # the logits (~2^-8 relative); gradients to a few bf16 ulps of each tensor's scale
     torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-2, atol=1e-2)
@@ -111,7 +111,7 @@ def test_fused_sliding_window_forward_backward_exact(B, H, Hkv, S, window):
 def test_hf_mistral_sliding_window_takes_fused_path_exactly(monkeypatch):
     """Mistral (window 8 < sequence 301): every layer's call takes the fused kernel with the
     model's window; the record equals the float64 oracle and the loss / gradients the untracked
-    SDPA-with-mask model's up to bf16 rounding; a padded batch falls back."""
+    SDPA-with-mask model's up to bf16 rounding; a padded batch is fused too."""
     windows = []
     real = tr._fused_attention()
     assert real is not None
@@ -137,7 +137,7 @@ def test_hf_mistral_sliding_window_takes_fused_path_exactly(monkeypatch):
         vals = tracker.values().clone()
         tracker.reset()
         model(input_ids=ids, attention_mask=pad)
-        assert windows == [8, 8]
+        assert windows == [8, 8, 8, 8]  # padded: fused with the window and the mask
         pad_vals = tracker.values().clone()
     torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-2, atol=1e-2)  # bf16 logits
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
@@ -259,3 +259,49 @@ def test_fused_mla_hf_layouts_backward_exact(backward):
     assert rel(out, ref) < 1e-2  # bf16 output: ~2^-8
     for gr, rg in zip(grads, ref_grads):
         assert rel(gr, rg) < 2e-2  # bf16 dS / dP: a few 2^-8
+
+
+@pytest.mark.parametrize("form", ["left_padding", "packed", "packed_window"])
+@pytest.mark.parametrize("H,Hkv,D,DV", [(8, 2, 128, 128), (4, 4, 192, 128)])
+def test_fused_masked_forward_backward_exact(form, H, Hkv, D, DV):
+    """Masks on top of the causal structure (HF's padding / packed-sequence sdpa masks), GQA and
+    MLA head dims: output, gradients (cuDNN backward with the mask as a bias; padded query rows
+    see nothing: output 0, LSE +inf, no gradient) and the max vs float64, over the rows that
+    see something."""
+    from dist_muonclip.kernels.attention_max import attention_with_max_logits
+
+    B, S = 2, 640
+    g = torch.Generator("cuda").manual_seed(7)
+    mk = lambda h, d: torch.randn(B, S, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2)  # noqa: E731
+    q, k, v = mk(H, D).requires_grad_(), mk(Hkv, D).requires_grad_(), mk(Hkv, DV).requires_grad_()
+    do = torch.randn(B, H, S, DV, device="cuda", generator=g).bfloat16()
+    pos = torch.arange(S, device="cuda")
+    window = 100 if form == "packed_window" else None
+    if form == "left_padding":
+        pad = torch.tensor([0, 137], device="cuda")
+        mask = (pos[None, None, :] >= pad[:, None, None])[:, None].expand(B, 1, S, S)
+        mask = mask & (pos[None, :] <= pos[:, None])  # HF's mask: causal and padding
+    else:
+        seg = torch.stack([torch.bucketize(pos, torch.tensor([200, 333], device="cuda"), right=True),
+                           torch.bucketize(pos, torch.tensor([500], device="cuda"), right=True)])
+        mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (pos[None, :] <= pos[:, None])
+    scale = D ** -0.5
+    out, mx = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window, attention_mask=mask)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    keep = mask & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        keep = keep & (pos[None, :] > pos[:, None] - window)
+    keep = keep.expand(B, H, S, S)
+    seen = keep.any(-1)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    grp = H // Hkv
+    s = (scale * q64 @ k64.repeat_interleave(grp, 1).mT).masked_fill(~keep, float("-inf"))
+    ref = torch.softmax(s, -1).nan_to_num(0.0) @ v64.repeat_interleave(grp, 1)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double() * seen[..., None])
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out[seen], ref[seen]) < 1e-2  # bf16 output, bf16 P: ~2^-8
+    assert (out[~seen] == 0).all()
+    # padded rows' dO enters nowhere: the reference zeroes it, the kernel's LSE +inf does
+    for gr, rg in zip(grads, ref_grads):
+        assert torch.isfinite(gr).all() and rel(gr, rg) < 2e-2  # bf16 dS / dP: a few 2^-8
+    torch.testing.assert_close(mx.double(), s.detach().amax(dim=(0, 2, 3)), rtol=1e-5, atol=0)  # fp32 sums
