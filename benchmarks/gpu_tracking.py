@@ -51,6 +51,15 @@ def build_model(kind: str, layers: int, seq: int, window: int):
         with torch.device("cuda"):
             model = transformers.DeepseekV3ForCausalLM(cfg)
         return model.to(torch.bfloat16).train()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=max(seq, 8192),
+            attn_implementation="sdpa")
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(cfg)
+        return model.to(torch.bfloat16).train()
     cfg = transformers.MistralConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, sliding_window=window,
@@ -59,6 +68,30 @@ def build_model(kind: str, layers: int, seq: int, window: int):
     with torch.device("cuda"):
         model = transformers.MistralForCausalLM(cfg)
     return model.to(torch.bfloat16).train()
+
+
+def segment_lengths(seq: int) -> list[int]:
+    """Packed-batch segments: three documents of uneven length filling ``seq``."""
+    a, b = seq // 4, seq // 3
+    return [a, b, seq - a - b]
+
+
+def make_batch(args) -> dict:
+    """Model inputs for ``--form``: plain causal; ``padded`` (left padding of ``seq // 8``
+    tokens on every sample, labels -100 there); ``packed`` (``segment_lengths`` documents per
+    row, position ids restarting per document: HF builds the block-diagonal causal mask)."""
+    g = torch.Generator("cuda").manual_seed(1)
+    ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda", generator=g)
+    batch = dict(input_ids=ids, labels=ids.clone())
+    if args.form == "padded":
+        mask = torch.ones_like(ids)
+        mask[:, : args.seq // 8] = 0
+        batch["attention_mask"] = mask
+        batch["labels"][mask == 0] = -100
+    elif args.form == "packed":
+        pos = torch.cat([torch.arange(n, device="cuda") for n in segment_lengths(args.seq)])
+        batch["position_ids"] = pos[None].expand(args.batch, -1)
+    return batch
 
 
 def attention_modules(model):
@@ -95,19 +128,19 @@ class Variant:
             self.handle.remove()
 
 
-def step(model, ids):
-    loss = model(input_ids=ids, labels=ids).loss
+def step(model, batch):
+    loss = model(**batch).loss
     loss.backward()
     for p in model.parameters():
         p.grad = None
     return loss
 
 
-def time_steps(model, ids, n):
+def time_steps(model, batch, n):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
-        step(model, ids)
+        step(model, batch)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
@@ -115,27 +148,27 @@ def time_steps(model, ids, n):
 
 def model_level(args, env) -> dict:
     model = build_model(args.model, args.layers, args.seq, args.window)
-    ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    batch = make_batch(args)
     names = ["untracked", "torch_max", "kernel_max", "fused"] if args.model == "mistral" else \
         ["untracked", "kernel_max", "fused"]
     window = args.window if args.model == "mistral" else None
     for name in names:  # warm-up: compile kernels, cuDNN / flash plans
         with Variant(name, model):
             for _ in range(2):
-                step(model, ids)
+                step(model, batch)
     torch.cuda.synchronize()
     times = {n: [] for n in names}
     for r in range(args.rounds):
         order = names if r % 2 == 0 else names[::-1]  # alternate order against drift
         for name in order:
             with Variant(name, model):
-                times[name].append(time_steps(model, ids, args.steps))
+                times[name].append(time_steps(model, batch, args.steps))
         print(f"[trk] round {r}: " + " ".join(f"{n} {times[n][-1]:.2f}" for n in names), flush=True)
     ratios = {n: statistics.median(t / u for t, u in zip(times[n], times["untracked"])) for n in names}
     # exactness at model scale: the fused record vs the float64 max of the same layers' q, k
-    exact = check_exact(model, ids, window)
+    exact = check_exact(model, batch, window)
     if args.profile_dir:
-        profile(model, ids, args.profile_dir, names)
+        profile(model, batch, args.profile_dir, names)
     c = model.config
     return {"shape": dict(model=args.model, layers=args.layers, batch=args.batch, seq=args.seq, window=window,
                           hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
@@ -144,7 +177,7 @@ def model_level(args, env) -> dict:
             "ratio_vs_untracked_median": ratios, "exact": exact}
 
 
-def check_exact(model, ids, window) -> dict:
+def check_exact(model, batch, window) -> dict:
     """Per layer: the fused path's record vs the chunked float64 max of the q, k it saw."""
     from dist_muonclip.integrations import transformers_attention as hfa
     from dist_muonclip.tracker import max_logits_torch
@@ -160,29 +193,33 @@ def check_exact(model, ids, window) -> dict:
     with Variant("fused", model) as var:
         hfa._fused_attention = lambda: spy
         try:
-            step(model, ids)
+            step(model, batch)
         finally:
             hfa._fused_attention = saved
         got = var.tracker.values().clone()
     worst = 0.0
     for layer, (q, k, kw) in enumerate(seen):
+        mask = kw.get("attention_mask")
         ref = max_logits_torch(q.double(), k.double(), scale=kw["scale"], causal=True, sliding_window=window,
+                               attention_mask=None if mask is None else mask & torch.ones(
+                                   q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril(),
                                chunk_size=1 << 24)
         worst = max(worst, ((got[layer].double() - ref).abs() / ref.abs()).max().item())
     return {"fused_calls": len(seen), "windows": sorted({kw.get("window") for *_, kw in seen}, key=str),
+            "with_mask": sum(kw.get("attention_mask") is not None for *_, kw in seen),
             "max_rel_err_vs_float64": worst}
 
 
-def profile(model, ids, out_dir, names):
+def profile(model, batch, out_dir, names):
     from torch.profiler import ProfilerActivity, profile as prof
 
     os.makedirs(out_dir, exist_ok=True)
     for name in names:
         with Variant(name, model):
-            step(model, ids)
+            step(model, batch)
             torch.cuda.synchronize()
             with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-                step(model, ids)
+                step(model, batch)
                 torch.cuda.synchronize()
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
@@ -190,7 +227,7 @@ def profile(model, ids, out_dir, names):
         print(f"[trk] profile {name}\n" + "\n".join(table.splitlines()[:18]), flush=True)
 
 
-def exactness(q, k, v, do, scale, window, n) -> dict:
+def exactness(q, k, v, do, scale, window, n, attention_mask=None) -> dict:
     """Fused vs references on the first ``n`` positions (a causal window's prefix is itself a
     causal-window attention): output and gradients vs fp32 SDPA with the mask on the same bf16
     inputs, max logits vs the float64 chunked max."""
@@ -205,15 +242,24 @@ def exactness(q, k, v, do, scale, window, n) -> dict:
     mask = pos[None, :] <= pos[:, None]
     if window is not None:
         mask &= pos[None, :] > pos[:, None] - window
-    out, mx = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)
+    if attention_mask is not None:
+        mask = mask & attention_mask
+    out, mx = attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window,
+                                        attention_mask=attention_mask)
+    B, H = q.shape[0], q.shape[1]
+    keep = mask.expand(B, 1, n, n)
+    seen = keep.any(-1).expand(B, H, n)  # padded query rows see nothing: output 0, no gradient
+    do = do * seen[..., None]
     grads = torch.autograd.grad(out, (q, k, v), do)
+    # the fp32 reference lets unseen rows attend to themselves (no NaN); their dO is 0
+    ref_keep = keep | (~keep.any(-1, keepdim=True) & torch.eye(n, dtype=torch.bool, device=q.device))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref_out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, scale=scale, enable_gqa=True)
+    ref_out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=ref_keep, scale=scale, enable_gqa=True)
     ref_grads = torch.autograd.grad(ref_out, (q32, k32, v32), do.float())
-    ref_mx = max_logits_torch(q.detach().double(), k.detach().double(), scale=scale, causal=True,
-                              sliding_window=window)
+    ref_mx = max_logits_torch(q.detach().double(), k.detach().double(), scale=scale, attention_mask=keep)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    return dict(exact_prefix=n, out_rel_err_vs_fp32=rel(out, ref_out),
+    return dict(exact_prefix=n, out_rel_err_vs_fp32=rel(out[seen], ref_out[seen]),
+                unseen_rows_zero=bool((out[~seen] == 0).all()),
                 grad_rel_err_vs_fp32=[rel(a, b) for a, b in zip(grads, ref_grads)],
                 max_rel_err_vs_float64=((mx.double() - ref_mx).abs() / ref_mx.abs()).max().item())
 
@@ -227,6 +273,8 @@ def attention_level(args) -> list[dict]:
 
     if args.model == "mistral":
         H, Hkv, D, DV, window, scale = 32, 8, 128, 128, args.window, 128 ** -0.5
+    elif args.model == "llama":
+        H, Hkv, D, DV, window, scale = 32, 8, 128, 128, None, 128 ** -0.5
     else:
         H, Hkv, D, DV, window, scale = 128, 128, 192, 128, None, 192 ** -0.5
     rows = []
@@ -236,13 +284,22 @@ def attention_level(args) -> list[dict]:
             mk = lambda h, d: torch.randn(B, S, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)  # noqa: E731
             q, k, v = mk(H, D).requires_grad_(), mk(Hkv, D).requires_grad_(), mk(Hkv, DV).requires_grad_()
             do = torch.randn(B, H, S, DV, device="cuda", dtype=torch.bfloat16, generator=g)
+            pos = torch.arange(S, device="cuda")
+            mask = pos[None, :] <= pos[:, None]
             if window is not None:
-                pos = torch.arange(S, device="cuda")
-                mask = ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window))[None, None]
-                mask = mask.expand(B, 1, S, S).contiguous()
+                mask = mask & (pos[None, :] > pos[:, None] - window)
+            if args.form == "padded":
+                mask = mask & (pos >= S // 8)[None, :]
+            elif args.form == "packed":
+                seg = torch.repeat_interleave(torch.arange(3, device="cuda"),
+                                              torch.tensor(segment_lengths(S), device="cuda"))
+                mask = mask & (seg[:, None] == seg[None, :])
+            if window is None and args.form == "plain":
+                mask, sdpa_kw, fused_mask = None, dict(is_causal=True), None
+            else:  # what HF hands sdpa: the 4-D bool mask
+                mask = mask[None, None].expand(B, 1, S, S).contiguous()
                 sdpa_kw = dict(attn_mask=mask)
-            else:
-                mask, sdpa_kw = None, dict(is_causal=True)
+                fused_mask = mask if args.form != "plain" else None
 
             def sdpa():
                 F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **sdpa_kw).backward(do)
@@ -253,18 +310,21 @@ def attention_level(args) -> list[dict]:
                 out.backward(do)
 
             def fused():
-                attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)[0].backward(do)
+                attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window,
+                                          attention_mask=fused_mask)[0].backward(do)
 
             def fused_fwd():
                 with torch.no_grad():
-                    attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window)
+                    attention_with_max_logits(q, k, v, scale=scale, causal=True, window=window,
+                                              attention_mask=fused_mask)
 
             def sdpa_fwd():
                 with torch.no_grad():
                     F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **sdpa_kw)
 
             row = dict(batch=B, seq=S, heads=H, kv_heads=Hkv, head_dim=D, v_head_dim=DV, window=window,
-                       **exactness(q, k, v, do, scale, window, 2048))
+                       form=args.form, **exactness(q, k, v, do, scale, window, 2048,
+                                                   None if fused_mask is None else fused_mask[..., :2048, :2048]))
             fns = dict(sdpa=sdpa, sdpa_kernel=sdpa_kernel, fused=fused, sdpa_fwd=sdpa_fwd, fused_fwd=fused_fwd)
             times = {n: [] for n in fns}
             for _ in range(args.attn_rounds):
@@ -323,7 +383,9 @@ def sweep_forward(args) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--model", choices=["mistral", "deepseek_v3"], default="mistral")
+    p.add_argument("--model", choices=["mistral", "deepseek_v3", "llama"], default="mistral")
+    p.add_argument("--form", choices=["plain", "padded", "packed"], default="plain",
+                   help="the batch: plain causal, left-padded, or packed documents")
     p.add_argument("--profile-dir", help="write torch.profiler tables here")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
