@@ -79,7 +79,8 @@ def segment_lengths(seq: int) -> list[int]:
 def make_batch(args) -> dict:
     """Model inputs for ``--form``: plain causal; ``padded`` (left padding of ``seq // 8``
     tokens on every sample, labels -100 there); ``packed`` (``segment_lengths`` documents per
-    row, position ids restarting per document: HF builds the block-diagonal causal mask)."""
+    row, position ids restarting per document and the block-diagonal causal 4-D bool mask that
+    HF's sdpa models take as is: transformers 5.17 does not derive it from position ids)."""
     g = torch.Generator("cuda").manual_seed(1)
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda", generator=g)
     batch = dict(input_ids=ids, labels=ids.clone())
@@ -91,6 +92,11 @@ def make_batch(args) -> dict:
     elif args.form == "packed":
         pos = torch.cat([torch.arange(n, device="cuda") for n in segment_lengths(args.seq)])
         batch["position_ids"] = pos[None].expand(args.batch, -1)
+        seg = torch.repeat_interleave(torch.arange(3, device="cuda"),
+                                      torch.tensor(segment_lengths(args.seq), device="cuda"))
+        i = torch.arange(args.seq, device="cuda")
+        block = (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
+        batch["attention_mask"] = block[None, None].expand(args.batch, 1, -1, -1)
     return batch
 
 

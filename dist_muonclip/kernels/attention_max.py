@@ -286,12 +286,15 @@ def _fwd_tma_ok(*ts: torch.Tensor) -> bool:
     return FWD_USE_TMA and tma_ok(*ts)
 
 
-def _fwd_config(d: int, dv: int | None = None) -> dict:
+def _fwd_config(d: int, dv: int | None = None, masked: bool = False) -> dict:
     if _interpret():
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if d + (dv or d) > 256:
-        # MLA (192 + 128): 3 stages of 128-key k / v blocks would need ~240 KB of shared memory
-        # (over Hopper's 227 KB); 64-key blocks keep 3 stages in budget
+    if d + (dv or d) > 256 or masked:
+        # a mask tile per stage: 128 x 128 tiles with 3 stages need 257 KB of shared memory
+        # (measured: Triton's OutOfResources on an H200, limit 227 KB).
+        # MLA (192 + 128): 3 stages of 128-key k / v blocks would need ~240 KB. 128 x 64, 8 warps,
+        # 3 stages was the fastest of 6 configurations for MLA on an H200
+        # (benchmarks/results/mla_h200.json, forward_sweep).
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     # Measured on an H100 (benchmarks/results/gpu_tune_h100.json): 128 x 128 tiles, 8 warps, 3
     # stages win for the TMA kernel at B = 1, 4 and S = 4096, 8192 (within 2% for the pointer one).
@@ -367,7 +370,7 @@ def attention_forward_with_max_triton(
     win = _check_window(window, causal)
     mask, s_m = _mask_arg(attention_mask, query, B, H, Sq, Sk)
     d1, d2 = split_head_dim(D)
-    cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D, DV))
+    cfg = dict(FWD_CONFIG_OVERRIDE or _fwd_config(D, DV, attention_mask is not None))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
     if DV == D:
         out = torch.empty_like(query)
