@@ -114,22 +114,20 @@ class Variant:
         from dist_muonclip.integrations import transformers_attention as hfa
         from dist_muonclip.tracker import MaxLogitTracker
 
-        self._saved = hfa._fused_attention
         if self.name == "untracked":
             return self
         mods = attention_modules(self.model)
         heads = self.model.config.num_attention_heads
         self.tracker = MaxLogitTracker([heads] * len(mods), modules=mods, device="cuda",
                                        backend="torch" if self.name == "torch_max" else "auto")
-        if self.name in ("torch_max", "kernel_max"):
-            hfa._fused_attention = lambda: None
+        hfa.FUSED_ATTENTION = self.name not in ("torch_max", "kernel_max")
         self.handle = self.tracker.install_hf(self.model)
         return self
 
     def __exit__(self, *exc):
         from dist_muonclip.integrations import transformers_attention as hfa
 
-        hfa._fused_attention = self._saved
+        hfa.FUSED_ATTENTION = True
         if self.handle is not None:
             self.handle.remove()
 
@@ -185,23 +183,22 @@ def model_level(args, env) -> dict:
 
 def check_exact(model, batch, window) -> dict:
     """Per layer: the fused path's record vs the chunked float64 max of the q, k it saw."""
-    from dist_muonclip.integrations import transformers_attention as hfa
+    from dist_muonclip.kernels import attention_max as am
     from dist_muonclip.tracker import max_logits_torch
 
     seen = []
-    real = hfa._fused_attention()
+    real = am.attention_with_max_logits
 
     def spy(q, k, v, **kw):
         seen.append((q.detach().clone(), k.detach().clone(), kw))
         return real(q, k, v, **kw)
 
-    saved = hfa._fused_attention
     with Variant("fused", model) as var:
-        hfa._fused_attention = lambda: spy
+        am.attention_with_max_logits = spy  # the glue looks the kernel up at each call
         try:
             step(model, batch)
         finally:
-            hfa._fused_attention = saved
+            am.attention_with_max_logits = real
         got = var.tracker.values().clone()
     worst = 0.0
     for layer, (q, k, kw) in enumerate(seen):

@@ -561,6 +561,11 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
         assert len(calls) == 4  # a padding mask (within the causal one): fused too, reading the mask
         torch.testing.assert_close(got_pad, ref_pad, rtol=0, atol=0)
         masked_vals = tracker.values().clone()
+        monkeypatch.setattr(tr, "FUSED_ATTENTION", False)  # the public switch: SDPA + separate tracking
+        tracker.reset()
+        model(input_ids=ids, attention_mask=pad)
+        assert len(calls) == 4
+        torch.testing.assert_close(tracker.values(), masked_vals, rtol=0, atol=0)  # same q, k; same max
     # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
     model32 = model.float()
     torch.testing.assert_close(fused_vals.double(), oracle_max_logits(model32, ids, torch.ones_like(ids)),

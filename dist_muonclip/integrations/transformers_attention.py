@@ -28,7 +28,7 @@ from torch import nn
 from ..kernels._env import head_dims_supported
 from ..tracker import MaxLogitTracker
 
-__all__ = ["TrackingHandle", "install_hf_tracking"]
+__all__ = ["FUSED_ATTENTION", "TrackingHandle", "install_hf_tracking"]
 
 _PREFIX = "dist_muonclip_"
 
@@ -65,6 +65,10 @@ def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
 
 # Devices on which the fused attention+max kernel replaces SDPA (tests add "cpu" with a stand-in).
 _FUSED_DEVICES = ("cuda",)
+
+FUSED_ATTENTION = True
+"""Set False to send every tracked sdpa call through SDPA + the standalone max-logit kernel
+(benchmarks compare the two; debugging)."""
 
 
 def _fused_attention():
@@ -135,7 +139,7 @@ def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
     window = opts.get("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         return None
-    if (query.device.type not in _FUSED_DEVICES or q_len != kv_len or q_len < 2
+    if (not FUSED_ATTENTION or query.device.type not in _FUSED_DEVICES or q_len != kv_len or q_len < 2
             or float(opts.get("dropout") or 0.0) != 0.0
             or opts.get("cu_seq_lens_k") is not None or extras
             or not (opts.get("is_causal") if opts.get("is_causal") is not None else getattr(module, "is_causal", True))):
