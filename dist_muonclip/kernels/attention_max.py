@@ -177,12 +177,13 @@ def _attn_fwd_max_kernel(
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
         if HEAD_D2 > 0:
-            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd, mask=cols[None, :] < Sk,
+                          other=0.0)
         else:
             kt2 = kt
         v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     for n0 in range(full_lo, full_end, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd)
@@ -191,18 +192,19 @@ def _attn_fwd_max_kernel(
         else:
             kt2 = kt
         v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd)
-        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
-                                  CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0, HAS_MASK)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     for n0 in range(c_lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kt = tl.load(k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
         if HEAD_D2 > 0:
-            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd, mask=cols[None, :] < Sk, other=0.0)
+            kt2 = tl.load(k_base + cols[None, :] * s_ks + offs_d2[:, None] * s_kd, mask=cols[None, :] < Sk,
+                          other=0.0)
         else:
             kt2 = kt
         v = tl.load(v_base + cols[:, None] * s_vs + offs_dv[None, :] * s_vd, mask=cols[:, None] < Sk, other=0.0)
-        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e, mrow, s_mk, row_ok,
-                                  CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
+        m_raw, l_i, acc = _attend(q, kt, q2, kt2, v, cols, offs_m, Sk, window, m_raw, l_i, acc, scale_log2e,
+                                  mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
     out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
     tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_os + offs_dv[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -252,7 +254,8 @@ def _attn_fwd_max_kernel_tma(
             kk2 = kk
         v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
         m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
-                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
+                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32,
+                                  HEAD_D2 > 0, HAS_MASK)
     for n0 in range(full_lo, full_end, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
         if HEAD_D2 > 0:
@@ -261,7 +264,8 @@ def _attn_fwd_max_kernel_tma(
             kk2 = kk
         v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
         m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
-                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, False, CAST_F32, HEAD_D2 > 0, HAS_MASK)
+                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, False, CAST_F32,
+                                  HEAD_D2 > 0, HAS_MASK)
     for n0 in range(c_lo, hi, BLOCK_N):
         kk = k_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_D)
         if HEAD_D2 > 0:
@@ -270,7 +274,8 @@ def _attn_fwd_max_kernel_tma(
             kk2 = kk
         v = v_desc.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DV)
         m_raw, l_i, acc = _attend(q, kk.T, q2, kk2.T, v, n0 + offs_n, offs_m, Sk, window, m_raw, l_i, acc,
-                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32, HEAD_D2 > 0, HAS_MASK)
+                                  scale_log2e, mrow, s_mk, row_ok, CAUSAL, HAS_WINDOW, True, CAST_F32,
+                                  HEAD_D2 > 0, HAS_MASK)
     out = _finish_rows(acc, l_i, m_raw, offs_m, Sq, scale, LSE, Mx, pid_bh, pid_m)
     o_desc.store([b, h, m0, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DV))
 
@@ -395,8 +400,8 @@ def attention_forward_with_max_triton(
         _attn_fwd_max_kernel_tma[(num_m, B * H)](
             q_d, k_d, q2_d, k2_d, desc(value, bn), desc(out, bm), lse, part, mask,
             H, Sq, Sk, H // Hkv, win, *s_m, float(scale), float(scale) * math.log2(math.e),
-            CAUSAL=bool(causal), HAS_WINDOW=win > 0, HAS_MASK=attention_mask is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV,
-            CAST_F32=_interpret(), **cfg,
+            CAUSAL=bool(causal), HAS_WINDOW=win > 0, HAS_MASK=attention_mask is not None, BLOCK_M=bm, BLOCK_N=bn,
+            HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV, CAST_F32=_interpret(), **cfg,
         )
         return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
     _attn_fwd_max_kernel[(num_m, B * H)](
@@ -404,7 +409,8 @@ def attention_forward_with_max_triton(
         H, Sq, Sk, H // Hkv, win, *s_m,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         float(scale), float(scale) * math.log2(math.e),
-        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HAS_MASK=attention_mask is not None, HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV, CAST_F32=_interpret(), **cfg,
+        CAUSAL=bool(causal), HAS_WINDOW=win > 0, HAS_MASK=attention_mask is not None,
+        HEAD_D=d1, HEAD_D2=d2, HEAD_DV=DV, CAST_F32=_interpret(), **cfg,
     )
     return out, lse, part.view(B, H, num_m).amax(dim=(0, 2))
 
