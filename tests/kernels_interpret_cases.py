@@ -52,7 +52,7 @@ def test_sym_kernel_matches_reference(bt, m, k, monkeypatch):
     w = torch.randn(bt, m, m, generator=g)
     w = (w + w.mT).bfloat16()
     out = torch.full((bt, m, m), float("nan"), dtype=torch.bfloat16)
-    ns_mod._sym(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
+    ns_mod.sym_product(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
     ref = sym_product_reference(y, None, w, alpha=0.7, beta=-1.3, gamma=0.25)
     assert not out.isnan().any(), "an element of C was never written"
     # fp32 accumulation then one bf16 rounding: relative error ~ 2^-9 (bf16 half-ulp) at most.
@@ -67,7 +67,7 @@ def test_gemm_axpy_matches_reference(bt, m, n, monkeypatch):
     bm = torch.randn(bt, m, m, generator=g).bfloat16()
     x = torch.randn(bt, m, n, generator=g).bfloat16()
     out = torch.full((bt, m, n), float("nan"), dtype=torch.bfloat16)
-    ns_mod._gemm_axpy(bm, x, out=out, a=1.5)
+    ns_mod.gemm_axpy(bm, x, out=out, a=1.5)
     ref = 1.5 * x.double() + bm.double() @ x.double()
     assert not out.isnan().any()
     assert _rel(out, ref) < 4e-3  # one bf16 rounding of an fp32 result
@@ -87,12 +87,12 @@ def test_tma_kernels_match_reference(monkeypatch, w_tma):
         w = torch.randn(bt, m, m, generator=g)
         w = (w + w.mT).bfloat16()
         out = torch.full((bt, m, m), float("nan"), dtype=torch.bfloat16)
-        ns_mod._sym(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
+        ns_mod.sym_product(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
         assert not out.isnan().any() and torch.equal(out, out.mT)
         assert _rel(out, sym_product_reference(y, None, w, alpha=0.7, beta=-1.3, gamma=0.25)) < 4e-3
         x = torch.randn(bt, m, 72, generator=g).bfloat16()
         o = torch.full((bt, m, 72), float("nan"), dtype=torch.bfloat16)
-        ns_mod._gemm_axpy(out, x, out=o, a=1.5)
+        ns_mod.gemm_axpy(out, x, out=o, a=1.5)
         assert not o.isnan().any()
         assert _rel(o, 1.5 * x.double() + out.double() @ x.double()) < 4e-3  # one bf16 rounding
 
@@ -103,7 +103,7 @@ def test_gemm_axpy_writes_through_transposed_strides():
     bm = torch.randn(1, 40, 40, generator=g).bfloat16()
     x = torch.randn(1, 40, 72, generator=g).bfloat16()
     tall = torch.full((1, 72, 40), float("nan"), dtype=torch.bfloat16)
-    ns_mod._gemm_axpy(bm, x, out=tall.mT, a=-0.5)
+    ns_mod.gemm_axpy(bm, x, out=tall.mT, a=-0.5)
     ref = -0.5 * x.double() + bm.double() @ x.double()
     assert _rel(tall.mT, ref) < 4e-3
 
@@ -315,7 +315,7 @@ def test_attention_forward_with_max_matches_float64(causal, window, B, H, Hkv, S
     meets the diagonal one) and 40 (a masked lower block, skipped blocks below it at S=96)
     exercise each key range of the kernel."""
     am = am_mod
-    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
+    monkeypatch.setattr(am, "forward_uses_tma", lambda *ts: tma)
     q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=B + Sq)
     if tma:
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
@@ -347,7 +347,7 @@ def test_attention_forward_split_head_dims_matches_float64(D, DV, window, tma, m
     two power-of-two parts of the head dim (two descriptors with ``tma``, HF's [B, S, H, D]
     views), values and output have their own head dim. Output / LSE / max vs float64."""
     am = am_mod
-    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
+    monkeypatch.setattr(am, "forward_uses_tma", lambda *ts: tma)
     B, H, S = 2, 4, 70
     g = torch.Generator().manual_seed(D + DV)
     mk = lambda d: (torch.randn(B, S, H, d, generator=g) * 2).bfloat16().transpose(1, 2)  # noqa: E731
@@ -375,7 +375,7 @@ def test_attention_forward_with_mask_matches_float64(form, tma, monkeypatch):
     causal), packed + window, and a random per-head mask. Output / LSE / max vs float64 over the
     rows that see something."""
     am = am_mod
-    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
+    monkeypatch.setattr(am, "forward_uses_tma", lambda *ts: tma)
     B, H, Hkv, S, D = 2, 4, 2, 75, 32
     q, k = _qk(B, H, Hkv, S, S, D, seed=11)
     v = torch.randn(B, Hkv, S, D, generator=torch.Generator().manual_seed(3)).bfloat16()

@@ -30,7 +30,9 @@ import triton.language as tl
 from ._env import head_dims_supported, split_head_dim, tma_ok
 from ._env import interpret as _interpret
 
-__all__ = ["attention_forward_with_max_triton", "attention_with_max_logits", "head_dims_supported", "split_head_dim"]
+__all__ = ["attention_forward_with_max_triton", "attention_with_max_logits", "cudnn_backward", "flash_backward",
+           "flash_backward_gqa_native", "forward_uses_tma", "head_dims_supported", "match_grad_layout",
+           "split_head_dim"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ FWD_USE_TMA = True
 and 16-byte aligned strides (the pointer kernel otherwise, and under the interpreter)."""
 
 
-def _fwd_tma_ok(*ts: torch.Tensor) -> bool:
+def forward_uses_tma(*ts: torch.Tensor) -> bool:
     return FWD_USE_TMA and tma_ok(*ts)
 
 
@@ -385,7 +387,7 @@ def attention_forward_with_max_triton(
         out = query.new_empty(B, H, Sq, DV)
     lse = torch.empty(B, H, Sq, device=query.device, dtype=torch.float32)
     part = torch.empty(B * H * num_m, device=query.device, dtype=torch.float32)
-    if _fwd_tma_ok(query, key, value, out):
+    if forward_uses_tma(query, key, value, out):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
@@ -424,7 +426,7 @@ def _cudnn_meta(device: str, d: int):
     return res[1].ndim, res[6], res[7]
 
 
-def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+def cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     """PyTorch's cuDNN attention backward (SDPA's default on Hopper) fed with this forward's
     output and LSE; GQA native."""
     lse_ndim, seed, offset = _cudnn_meta(str(q.device), q.shape[-1])
@@ -448,24 +450,24 @@ class _AttnWithMax(torch.autograd.Function):
     def backward(ctx, dout, _dmx):
         q, k, v, out, lse, mask = ctx.saved_tensors
         q, k, v, out = _one_layout(q, k, v, out)
-        dout = _match_layout(dout, out)
+        dout = match_grad_layout(dout, out)
         if mask is not None:
             return (*_masked_backward(dout, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.window),
                     None, None, None, None, None)
         if ctx.window is not None:
             # cuDNN's attention backward op takes no window; flash's does, and skips the hidden blocks
-            dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window)
+            dq, dk, dv = flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window)
             return dq, dk, dv, None, None, None, None, None
         if ctx.backend in ("auto", "cudnn") and _CUDNN_OK != [False]:
             try:
-                dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
+                dq, dk, dv = cudnn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)[:3]
                 _CUDNN_OK[:] = [True]
                 return dq, dk, dv, None, None, None, None, None
             except RuntimeError:
                 if ctx.backend == "cudnn":
                     raise
                 _CUDNN_OK[:] = [False]
-        dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, None)
+        dq, dk, dv = flash_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, None)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -520,7 +522,7 @@ def _one_layout(q, k, v, out):
     return fit(q), fit(k), fit(v), fit(out)
 
 
-def _match_layout(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def match_grad_layout(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``dout`` with ``out``'s strides. PyTorch's cuDNN attention backward describes dO with O's
     strides (SDPA's own autograd formula materializes a matching grad_output first); HF's
     ``out.transpose(1, 2).contiguous()`` hands back a [B, H, S, D] gradient laid out [B, S, H, D]
@@ -533,10 +535,15 @@ def _match_layout(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 _BWD_VARIANT: list[int] = []
 _GQA_NATIVE: list[bool] = []
+
+
+def flash_backward_gqa_native() -> bool | None:
+    """Whether this torch's flash backward took Hkv < H directly (None: not probed yet)."""
+    return _GQA_NATIVE[0] if _GQA_NATIVE else None
 _CUDNN_OK: list[bool] = []
 
 
-def _flash_backward(dout, q, k, v, out, lse, causal, scale, window):
+def flash_backward(dout, q, k, v, out, lse, causal, scale, window):
     """PyTorch's flash-attention backward (``aten::_flash_attention_backward``, [B, S, H, D]
     views of the [B, H, S, D] tensors) fed with this forward's output and LSE; ``window`` maps to
     flash's ``window_size_left = window - 1`` (keys j >= i - window + 1), right 0 (causal).
@@ -550,7 +557,7 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale, window):
     Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
     if DV != D:  # flash takes one head dim: zero value columns give zero output columns, exactly
         pad = lambda t: torch.nn.functional.pad(t, (0, D - DV))  # noqa: E731
-        dq, dk, dv = _flash_backward(pad(dout), q, k, pad(v), pad(out), lse, causal, scale, window)
+        dq, dk, dv = flash_backward(pad(dout), q, k, pad(v), pad(out), lse, causal, scale, window)
         return dq, dk, dv[..., :DV]
     g = H // Hkv
     op = torch.ops.aten._flash_attention_backward

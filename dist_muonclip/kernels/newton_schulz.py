@@ -42,7 +42,8 @@ import triton.language as tl
 from ._env import interpret as _interpret
 from ._env import tma_ok
 
-__all__ = ["gram_newton_schulz_triton", "newton_schulz_triton", "ns_kernel_flops"]
+__all__ = ["clear_graph_cache", "gemm_axpy", "gemm_config", "gram_newton_schulz_triton", "newton_schulz_triton",
+           "ns_kernel_flops", "sym_config", "sym_product"]
 
 Schedule = Sequence[tuple[float, float, float]]
 
@@ -268,7 +269,7 @@ def _gemm_axpy_kernel_tma(
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 
-def _sym_config(m: int, k: int, fused: bool = False) -> dict:
+def sym_config(m: int, k: int, fused: bool = False) -> dict:
     """Tiles of ``_sym_kernel``; ``fused``: the b A + c A A call (an epilogue operand W to load).
 
     Measured per role on an H100 (benchmarks/results/gpu_tune_h100.json, TMA kernels): 128 x 128
@@ -284,7 +285,7 @@ def _sym_config(m: int, k: int, fused: bool = False) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, W_TMA=False)
 
 
-def _gemm_config(m: int, n: int, k: int) -> dict:
+def gemm_config(m: int, n: int, k: int) -> dict:
     if _interpret():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     stages = 4 if (m >= 8192 or m * n <= 1024 * 1024) else 3
@@ -307,7 +308,7 @@ USE_TMA = True
 
 SYM_W_VIA_TMA: bool | None = None
 """Epilogue operand W of the TMA sym kernel through TMA (shared memory) or plain loads; None: as
-the tile config says (``_sym_config``'s ``W_TMA``)."""
+the tile config says (``sym_config``'s ``W_TMA``)."""
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
@@ -340,11 +341,11 @@ def _lower_tiles(m: int, bm: int, bn: int, group_m: int, device: str) -> torch.T
     return torch.tensor(tiles, dtype=torch.int32, device=device)
 
 
-def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
+def sym_product(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
     """out = alpha * y z^T + beta * w + gamma * I (symmetric result) for [Bt, m, k] views."""
     z = y if z is None else z
     bt, m, k = y.shape
-    cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k, w is not None and beta != 0.0))
+    cfg = dict(SYM_CONFIG_OVERRIDE or sym_config(m, k, w is not None and beta != 0.0))
     even = m % cfg["BLOCK_M"] == 0 and m % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     w_tma = cfg.pop("W_TMA", False) if SYM_W_VIA_TMA is None else SYM_W_VIA_TMA
     tiles = _lower_tiles(m, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("GROUP_M"), str(y.device))
@@ -371,7 +372,7 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     return out
 
 
-def _gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
+def gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
     """out = a * x + bm @ x for bm [Bt, m, k], x [Bt, k, n] (a != 0 needs k == m)."""
     if GEMM_BACKEND == "cublas" and bm.is_cuda and not _interpret() and all(
             t.is_contiguous() for t in (bm, x, out)):
@@ -380,7 +381,7 @@ def _gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
         return torch.bmm(bm, x, out=out)
     bt, m, k = bm.shape
     n = x.shape[-1]
-    cfg = dict(GEMM_CONFIG_OVERRIDE or _gemm_config(m, n, k))
+    cfg = dict(GEMM_CONFIG_OVERRIDE or gemm_config(m, n, k))
     even = m % cfg["BLOCK_M"] == 0 and n % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), bt)
     if _tma_ok(bm, x, out):
@@ -454,6 +455,12 @@ _GRAPH_MAX_WORK = 2**36
 """``cuda_graph=None`` captures a CUDA graph when batch * m^2 * n is at most this (launch-bound sizes)."""
 
 _GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drop the captured CUDA graphs (keyed by shape, not by launch configuration: benchmarks that
+    change configurations call this between them)."""
+    _GRAPHS.clear()
 _GRAPH_CACHE_SIZE = 16
 
 
@@ -546,10 +553,10 @@ def _ns_standard(x: torch.Tensor, *, sched, eps: float, dtype: torch.dtype = tor
     bufs = [torch.empty(bt, m, n, device=dev, dtype=dtype) for _ in range(min(2, len(sched) - 1))]
     cur = X
     for i, (a, b, c) in enumerate(sched):
-        _sym(cur, out=A)                                    # A = X X^T
-        _sym(A, None, A, out=Bm, alpha=c, beta=b)           # B = b A + c A A
+        sym_product(cur, out=A)                                    # A = X X^T
+        sym_product(A, None, A, out=Bm, alpha=c, beta=b)           # B = b A + c A A
         dst = out_w if i == len(sched) - 1 else bufs[i % 2]
-        _gemm_axpy(Bm, cur, out=dst, a=a)                   # X = a X + B X
+        gemm_axpy(Bm, cur, out=dst, a=a)                   # X = a X + B X
         cur = dst
     return out.reshape(x.shape)
 
@@ -580,7 +587,7 @@ def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int,
     out = torch.empty(x0.shape, device=dev, dtype=torch.bfloat16)
     out_w = out.mT if transposed else out
     xbufs: list[torch.Tensor] = []
-    _sym(X0, out=A)                                          # A_0 = X_0 X_0^T
+    sym_product(X0, out=A)                                          # A_0 = X_0 X_0^T
     have_q = False
     since = 0
     for k, (a, b, c) in enumerate(sched):
@@ -588,13 +595,13 @@ def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int,
             if len(xbufs) < 2:
                 xbufs.append(torch.empty(bt, m, n, device=dev, dtype=dtype))
             xnew = xbufs[0] if X0 is not xbufs[0] else xbufs[-1]
-            _gemm_axpy(Q, X0, out=xnew)                      # X = Q X_0 (restart)
+            gemm_axpy(Q, X0, out=xnew)                      # X = Q X_0 (restart)
             X0 = xnew
-            _sym(X0, out=A)                                  # A = X X^T
+            sym_product(X0, out=A)                                  # A = X X^T
             have_q, since = False, 0
-        _sym(A, None, A, out=P, alpha=c, beta=b, gamma=a)   # P = a I + b A + c A^2
+        sym_product(A, None, A, out=P, alpha=c, beta=b, gamma=a)   # P = a I + b A + c A^2
         if have_q:
-            _sym(P, Q, out=Qn)                               # Q <- P Q (commuting, symmetric)
+            sym_product(P, Q, out=Qn)                               # Q <- P Q (commuting, symmetric)
             Q, Qn = Qn, Q
             p_cur = P
         else:
@@ -603,9 +610,9 @@ def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int,
         have_q = True
         since += 1
         if k + 1 < len(sched):
-            _sym(p_cur, A, out=T)                            # T = P A
-            _sym(p_cur, T, out=A)                            # A <- P T = P^2 A
-    _gemm_axpy(Q, X0, out=out_w)                             # X_K = Q X_0
+            sym_product(p_cur, A, out=T)                            # T = P A
+            sym_product(p_cur, T, out=A)                            # A <- P T = P^2 A
+    gemm_axpy(Q, X0, out=out_w)                             # X_K = Q X_0
     return out.reshape(x.shape)
 
 
