@@ -41,13 +41,13 @@ def main(argv=None) -> dict:
     rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
     rows = []
     for op in ("cudnn", "flash"):
-        for layout, dout in (("matched", am._match_layout(do, out)), ("contiguous", do.contiguous())):
+        for layout, dout in (("matched", am.match_grad_layout(do, out)), ("contiguous", do.contiguous())):
             try:
                 if op == "cudnn":
-                    dq, dk, dv = am._cudnn_backward(dout, q, k, v, out, lse, True, scale)[:3]
+                    dq, dk, dv = am.cudnn_backward(dout, q, k, v, out, lse, True, scale)[:3]
                 else:
                     kk, vv = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-                    dq, dk, dv = am._flash_backward(dout, q, kk, vv, out, lse, True, scale)[:3]
+                    dq, dk, dv = am.flash_backward(dout, q, kk, vv, out, lse, True, scale, None)[:3]
                     dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
                     dv = dv.view(B, Hkv, H // Hkv, S, D).sum(2)
                 errs = [rel(a, b) for a, b in zip((dq, dk, dv), refs)]
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
             except RuntimeError as e:  # noqa: PERF203
                 rows.append({"backward": op, "dout_layout": layout, "error": str(e)[:300]})
             print("[attn-bwd]", rows[-1], flush=True)
-    for layout, dout in (("matched", am._match_layout(do, out)), ("contiguous", do.contiguous())):
+    for layout, dout in (("matched", am.match_grad_layout(do, out)), ("contiguous", do.contiguous())):
         qb, kb, vb = (t.detach().requires_grad_() for t in (q, k, v))
         F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True).backward(dout)
         errs = [rel(t.grad, b) for t, b in zip((qb, kb, vb), refs)]

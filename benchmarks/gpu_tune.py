@@ -77,17 +77,17 @@ def ns_role_sweep(res: dict) -> dict:
         A = torch.empty(bt, m, m, device="cuda", dtype=torch.bfloat16)
         Bm = torch.empty_like(A)
         O = torch.empty_like(X)
-        nsk._sym(X, out=A)
+        nsk.sym_product(X, out=A)
         sym_fl = bt * m * m * n  # half of 2 m^2 n
         aa_fl = bt * m * m * m
         bx_fl = 2 * bt * m * m * n
         key = f"{bt}x{m}x{n}"
         for cfg in SYM_CFGS:
             nsk.SYM_CONFIG_OVERRIDE = cfg
-            t1 = _time(lambda: nsk._sym(X, out=A), median_ms)
+            t1 = _time(lambda: nsk.sym_product(X, out=A), median_ms)
             for wt in (False, True):
                 nsk.SYM_W_VIA_TMA = wt
-                t2 = _time(lambda: nsk._sym(A, None, A, out=Bm, alpha=2.0, beta=-4.0), median_ms)
+                t2 = _time(lambda: nsk.sym_product(A, None, A, out=Bm, alpha=2.0, beta=-4.0), median_ms)
                 rows.append({"size": key, "role": f"aa_wtma{int(wt)}", "cfg": cfg, "ms": t2,
                              "tflops": aa_fl / t2 / 1e9})
                 best.setdefault((key, "aa"), []).append((t2, cfg, wt))
@@ -100,7 +100,7 @@ def ns_role_sweep(res: dict) -> dict:
         nsk.SYM_CONFIG_OVERRIDE = None
         for cfg in GEMM_CFGS:
             nsk.GEMM_CONFIG_OVERRIDE = cfg
-            t3 = _time(lambda: nsk._gemm_axpy(Bm, X, out=O, a=3.0), median_ms)
+            t3 = _time(lambda: nsk.gemm_axpy(Bm, X, out=O, a=3.0), median_ms)
             rows.append({"size": key, "role": "bx", "cfg": cfg, "ms": t3, "tflops": bx_fl / t3 / 1e9})
             best.setdefault((key, "bx"), []).append((t3, cfg, "triton"))
             print(f"[role] {key} {_cfgname(cfg)} bx {bx_fl / t3 / 1e9:.0f} TF/s", flush=True)
@@ -150,15 +150,15 @@ def ns_end_to_end(res: dict, picks: dict | None, rounds: int) -> None:
     from dist_muonclip.kernels import newton_schulz as nsk
     from dist_muonclip.kernels.reference import newton_schulz_reference
 
-    orig_sym, orig_gemm = nsk._sym_config, nsk._gemm_config
+    orig_sym, orig_gemm = nsk.sym_config, nsk.gemm_config
     eager = lambda x: newton_schulz_reference(x, JORDAN, dtype=torch.bfloat16)  # noqa: E731
 
     def setup(sym=None, gemm=None, cublas=False, wtma=None):
-        nsk._sym_config = sym or orig_sym
-        nsk._gemm_config = gemm or orig_gemm
+        nsk.sym_config = sym or orig_sym
+        nsk.gemm_config = gemm or orig_gemm
         nsk.GEMM_BACKEND = "cublas" if cublas else "triton"
         nsk.SYM_W_VIA_TMA = wtma
-        nsk._GRAPHS.clear()  # graphs are keyed by shape, not by config
+        nsk.clear_graph_cache()  # graphs are keyed by shape, not by config
 
     variants = {
         "current": dict(kw={}, cfg={}),

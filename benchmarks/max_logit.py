@@ -254,7 +254,7 @@ def fused_rows(args, row, q, k, v, do, scale, sweep):
             row["ms"][f"fused_fwd_{bwd}_bwd_with_max"] = median_ms(fused_step, warmup_ms=args.warmup, rep_ms=args.rep)
         except Exception as err:  # noqa: BLE001
             print(f"[ml] fused with {bwd} backward failed: {err!r}"[:500], flush=True)
-    row["fused_bwd_gqa_native"] = list(am._GQA_NATIVE)
+    row["fused_bwd_gqa_native"] = am.flash_backward_gqa_native()
     print(f"[ml] fused grads vs sdpa {row['fused_grad_rel_err_vs_sdpa']}", flush=True)
     ok = [b for b in ("cudnn", "flash") if f"fused_fwd_{b}_bwd_with_max" in row["ms"]
           and max(row["fused_grad_rel_err_vs_sdpa"][b]) < 2e-2]
@@ -280,7 +280,7 @@ def fused_rows(args, row, q, k, v, do, scale, sweep):
             print(f"[ml] sdpa {name}: {err!r}"[:200], flush=True)
     mx = fwd()[2].double()
     row["fused_max_vs_triton_max_rel"] = ((mx - am_ref_max(qd, kd, scale)).abs().max()).item()
-    row["fused_forward_kernel"] = "tma" if am._fwd_tma_ok(qd, kd, vd) else "pointer"
+    row["fused_forward_kernel"] = "tma" if am.forward_uses_tma(qd, kd, vd) else "pointer"
     return best_step
 
 

@@ -215,18 +215,18 @@ def run_sweep(args, ceiling) -> list[dict]:
         A = torch.empty(bt, m, m, device="cuda", dtype=torch.bfloat16)
         Bm = torch.empty_like(A)
         O = torch.empty_like(X)
-        nsk._sym(X, out=A)
+        nsk.sym_product(X, out=A)
         for use_tma in args.sweep_w_tma:
           for cfg in SYM_CONFIGS:
             rec = {"bt": bt, "m": m, "n": n, "cfg": cfg, "w_tma": use_tma}
             nsk.SYM_W_VIA_TMA = use_tma
             try:
                 nsk.SYM_CONFIG_OVERRIDE = cfg
-                t1 = median_ms(lambda: nsk._sym(X, out=A), warmup_ms=50, rep_ms=200)
-                t2 = median_ms(lambda: nsk._sym(A, None, A, out=Bm, alpha=2.0, beta=-4.0), warmup_ms=50, rep_ms=200)
+                t1 = median_ms(lambda: nsk.sym_product(X, out=A), warmup_ms=50, rep_ms=200)
+                t2 = median_ms(lambda: nsk.sym_product(A, None, A, out=Bm, alpha=2.0, beta=-4.0), warmup_ms=50, rep_ms=200)
                 nsk.SYM_CONFIG_OVERRIDE = None
                 nsk.GEMM_CONFIG_OVERRIDE = cfg
-                t3 = median_ms(lambda: nsk._gemm_axpy(Bm, X, out=O, a=3.0), warmup_ms=50, rep_ms=200)
+                t3 = median_ms(lambda: nsk.gemm_axpy(Bm, X, out=O, a=3.0), warmup_ms=50, rep_ms=200)
                 rec.update(xxt_ms=t1, aa_ms=t2, bx_ms=t3,
                            xxt_tflops=bt * m * m * n / t1 / 1e9, aa_tflops=bt * m**3 / t2 / 1e9,
                            bx_tflops=2 * bt * m * m * n / t3 / 1e9)

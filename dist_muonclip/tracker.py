@@ -15,40 +15,34 @@ This module provides
 * :class:`MaxLogitTracker`: a ``[num_layers, max_heads]`` fp32 buffer of running maxima,
   filled either by the Hugging Face attention hook or by :meth:`MaxLogitTracker.record`
   (custom models).
-* :func:`install_hf_tracking`: registers ``dist_muonclip_<impl>`` attention functions in
-  transformers' ``AttentionInterface`` (and the matching mask function in
-  ``AttentionMaskInterface``) that wrap the model's own implementation (eager / sdpa / flash),
-  and points the model's configs at them. The model code is not changed; the returned handle
-  restores the original implementation names.
 
-transformers is imported lazily (only by :func:`install_hf_tracking`); the Triton kernel
+The transformers glue (``AttentionInterface`` wrappers, :func:`install_hf_tracking`) lives in
+:mod:`dist_muonclip.integrations.transformers_attention`; this module never imports transformers
+(:meth:`MaxLogitTracker.install_hf` imports the glue on use). The Triton kernel
 ``dist_muonclip.kernels.max_logit.max_logits_triton`` is used on CUDA when importable.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .integrations.transformers_attention import TrackingHandle
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MaxLogitTracker",
-    "TrackingHandle",
-    "install_hf_tracking",
     "max_logits",
     "max_logits_torch",
 ]
 
 #: Logits materialized at once by the chunked path (elements). 2**22 fp32 = 16 MiB.
 DEFAULT_CHUNK_SIZE = 1 << 22
-
-_PREFIX = "dist_muonclip_"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,12 +226,15 @@ def max_logits(
 ) -> torch.Tensor:
     """Dispatch: the fused Triton kernel (``dist_muonclip.kernels.max_logit``) for
     ``backend="triton"``, or ``"auto"`` on CUDA when it imports; :func:`max_logits_torch` otherwise
-    and whenever a sliding window or packed-sequence ids are given (the kernel takes masks, not
-    those). Float additive masks are passed to the kernel as boolean "attend" masks so that both
+    and whenever a sliding window or packed-sequence ids are given without a 4-D mask (the kernel
+    takes masks, not those; a 4-D mask already holds them). Float additive masks are passed to the kernel as boolean "attend" masks so that both
     paths count q.k only (an additive bias is not part of the recorded max). Returns ``[H]`` fp32."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    structural = sliding_window is not None or segment_ids is not None
+    # A 4-D mask already holds the window / packing (as in max_logits_torch, the structural
+    # arguments apply only without one), so only mask-free or 2-D-padding calls need the torch path.
+    full_mask = attention_mask is not None and attention_mask.ndim == 4
+    structural = not full_mask and (sliding_window is not None or segment_ids is not None)
     if backend == "triton" or (backend == "auto" and query.is_cuda):
         fn = _triton_fn()
         if fn is None and backend == "triton":
@@ -267,7 +264,8 @@ class MaxLogitTracker:
 
     Custom models call ``tracker.record(layer, max_logits)`` with a ``[H]`` tensor (or list) per
     layer per forward; Hugging Face models are tracked automatically through
-    :func:`install_hf_tracking` (done by ``QKClipper``).
+    :meth:`install_hf` (done by ``QKClipper``; the glue lives in
+    :mod:`dist_muonclip.integrations.transformers_attention`).
 
     Args:
         num_heads: heads per tracked layer (``len(num_heads)`` = number of layers).
@@ -317,6 +315,11 @@ class MaxLogitTracker:
     def reset(self) -> None:
         """Forget everything recorded (start of a new optimizer step)."""
         self._buf.fill_(float("-inf"))
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The attention modules given at construction that are still alive, in layer order."""
+        return sorted(self._index.keys(), key=self._index.__getitem__)
 
     def layer_index(self, layer: int | nn.Module) -> int:
         if isinstance(layer, nn.Module):
@@ -375,7 +378,10 @@ class MaxLogitTracker:
 
     # -- HF integration ------------------------------------------------------------------------
     def install_hf(self, model: nn.Module) -> TrackingHandle:
-        """Track the attention modules of an HF model (see :func:`install_hf_tracking`)."""
+        """Track the attention modules of an HF model (see
+        :func:`dist_muonclip.integrations.transformers_attention.install_hf_tracking`)."""
+        from .integrations.transformers_attention import install_hf_tracking
+
         handle = install_hf_tracking(model, self)
         self._handles.append(handle)
         return handle
@@ -392,215 +398,11 @@ class MaxLogitTracker:
         self.remove()
 
 
-# --------------------------------------------------------------------------------------------
-# transformers AttentionInterface glue
-# --------------------------------------------------------------------------------------------
-# module -> tracker (weak both ways: dropping the tracker or the model frees everything)
-_REGISTRY: weakref.WeakKeyDictionary[nn.Module, weakref.ref[MaxLogitTracker]] = weakref.WeakKeyDictionary()
-_REGISTERED: set[str] = set()
+def __getattr__(name: str) -> Any:
+    # The HF glue moved to integrations/transformers_attention.py; these names stay importable
+    # from here (lazily: importing the core must not import the glue).
+    if name in ("install_hf_tracking", "TrackingHandle"):
+        from .integrations import transformers_attention
 
-
-def _segments_from_cu_seqlens(cu: torch.Tensor, length: int) -> torch.Tensor:
-    """``cu_seq_lens`` [N+1] (flash varlen, batch 1) -> segment ids [1, length]."""
-    pos = torch.arange(length, device=cu.device)
-    return (torch.bucketize(pos, cu[1:].to(pos.dtype), right=True)).reshape(1, length)
-
-
-def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if base == "eager":
-        # Models call get_interface(impl, default=<their own eager_attention_forward>): the eager
-        # path lives in the model's modeling file, not in the interface.
-        fn = None
-        for cls in type(module).__mro__:  # wrappers (e.g. FSDP2's FSDP<Class>) subclass the model's class
-            fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
-            if fn is not None:
-                break
-        if fn is None:
-            raise RuntimeError(
-                f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}; "
-                "use attn_implementation='sdpa' or record max logits manually (tracker.record)"
-            )
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[base]
-
-
-# Devices on which the fused attention+max kernel replaces SDPA (tests add "cpu" with a stand-in).
-_FUSED_DEVICES = ("cuda",)
-
-
-def _fused_attention():
-    """``attention_with_max_logits`` when the Triton kernels can run, else None."""
-    try:
-        from .kernels import triton_available
-        from .kernels.attention_max import attention_with_max_logits
-    except ImportError:
-        return None
-    return attention_with_max_logits if triton_available() else None
-
-
-def _try_fused_sdpa(tracker, module, query, key, value, mask, opts):
-    """The cheap path on GPU: one Triton attention forward returns the output and the exact
-    per-head max (flash attention's running row max), instead of SDPA plus a second q k^T pass.
-
-    Only for what that kernel computes exactly: causal self-attention with no mask tensor, no
-    dropout, no sliding window or packed sequences, query length == key length, no extra SDPA
-    arguments (sinks, position bias), bf16/fp16, a power-of-two head dim in [16, 256] shared by
-    values (not MLA's wider q/k heads). Returns HF's sdpa output format, or None to fall back.
-    """
-    q_len, kv_len, d = query.shape[2], key.shape[2], query.shape[-1]
-    if (value.shape != key.shape or d < 16 or d > 256 or d & (d - 1)
-            or query.dtype not in (torch.bfloat16, torch.float16)):   # what the kernel and cuDNN's backward take
-        return None
-    extras = set(opts) - {"scaling", "dropout", "is_causal", "sliding_window", "position_ids",
-                          "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-                          "use_cache", "cache_position", "output_attentions", "past_key_value", "past_key_values"}
-    if (query.device.type not in _FUSED_DEVICES or mask is not None or q_len != kv_len or q_len < 2
-            or float(opts.get("dropout") or 0.0) != 0.0 or opts.get("sliding_window") is not None
-            or opts.get("cu_seq_lens_k") is not None or extras
-            or not (opts.get("is_causal") if opts.get("is_causal") is not None else getattr(module, "is_causal", True))):
-        return None
-    fused = _fused_attention()
-    if fused is None:
-        return None
-    out, smax = fused(query, key, value, scale=opts.get("scaling"), causal=True)
-    tracker.record(module, smax)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _make_wrapper(base: str) -> Callable[..., Any]:
-    def tracked_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        inner = _base_function(base, module)
-        ref = _REGISTRY.get(module)
-        tracker = ref() if ref is not None else None
-        if tracker is not None and tracker.enabled and (torch.is_grad_enabled() or tracker.track_eval):
-            opts = kwargs
-            if args:  # positional extras: bind them by the wrapped function's own signature
-                opts = dict(inspect.signature(inner).bind_partial(module, query, key, value, attention_mask,
-                                                                  *args, **kwargs).arguments)
-                opts.update(opts.pop("kwargs", {}))
-            mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
-            if attention_mask is not None and mask is None:
-                raise RuntimeError(
-                    f"max-logit tracking cannot read a {type(attention_mask).__name__} mask "
-                    f"(attn_implementation {base!r}); use sdpa/eager/flash or tracker.record()"
-                )
-            if base == "sdpa":
-                fused = _try_fused_sdpa(tracker, module, query, key, value, mask, opts)
-                if fused is not None:
-                    return fused
-            is_causal = opts.get("is_causal")
-            if is_causal is None:
-                is_causal = getattr(module, "is_causal", True)
-            q_len, kv_len = query.shape[2], key.shape[2]
-            k = key
-            if mask is None and is_causal and q_len > 1 and kv_len > q_len:
-                k = key[:, :, :q_len]  # transformers' sdpa crops the same way (static-cache prefill)
-            segments = None
-            cu = opts.get("cu_seq_lens_k")
-            if mask is None and isinstance(cu, torch.Tensor) and query.shape[0] == 1:
-                segments = _segments_from_cu_seqlens(cu, k.shape[2])
-            tracker.observe(
-                module, query, k, scale=opts.get("scaling"), causal=bool(is_causal) and q_len > 1,
-                attention_mask=mask, sliding_window=opts.get("sliding_window"), segment_ids=segments,
-            )
-        return inner(module, query, key, value, attention_mask, *args, **kwargs)
-
-    tracked_attention.__name__ = f"{_PREFIX}{base}".replace("|", "_")
-    return tracked_attention
-
-
-def _register(base: str) -> str:
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        AttentionMaskInterface,
-    )
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-    if base == "flex_attention":
-        raise ValueError(
-            "max-logit tracking does not support attn_implementation='flex_attention' (its BlockMask is "
-            "opaque); use 'sdpa', 'eager' or a flash implementation, or record max logits with tracker.record()"
-        )
-    if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        raise ValueError(f"attention implementation {base!r} is not registered in transformers' AttentionInterface")
-    name = f"{_PREFIX}{base}"
-    if name not in _REGISTERED:
-        AttentionInterface.register(name, _make_wrapper(base))
-        mask_base = "eager" if base in ("eager", "paged|eager") else base
-        if mask_base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
-        _REGISTERED.add(name)
-    return name
-
-
-class TrackingHandle:
-    """Undo handle of :func:`install_hf_tracking`: ``remove()`` restores the original attention
-    implementation names on every config it changed and stops tracking the modules."""
-
-    def __init__(self, configs: list[tuple[Any, str | None]], modules: list[nn.Module]) -> None:
-        self._configs = configs
-        self._modules = [weakref.ref(m) for m in modules]
-
-    def remove(self) -> None:
-        for cfg, old in self._configs:
-            cfg._attn_implementation_internal = old
-        for ref in self._modules:
-            m = ref()
-            if m is not None:
-                _REGISTRY.pop(m, None)
-        self._configs, self._modules = [], []
-
-    def __enter__(self) -> TrackingHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
-                        modules: Iterable[nn.Module] | None = None) -> TrackingHandle:
-    """Route the attention of an HF transformers model through a max-logit-recording wrapper.
-
-    For each config reachable from ``model``'s modules whose ``_attn_implementation`` is X
-    (eager, sdpa, flash_attention_2/3/4, paged|eager), registers ``dist_muonclip_X`` in
-    ``AttentionInterface`` (a wrapper that records then calls X unchanged) and in
-    ``AttentionMaskInterface`` (X's mask builder, so masks are built exactly as for X), and sets
-    the config to it. The wrapper records only for modules the tracker knows (``modules``, default:
-    those given to the tracker), using the ``scaling`` the model passes (e.g. DeepSeek's mscale),
-    the mask the model built (padding, sliding window, packing) or, where the mask is elided
-    (sdpa ``is_causal`` fast path, flash), the causal / ``sliding_window`` / ``cu_seq_lens``
-    structure the kernel applies.
-    """
-    mods = list(modules) if modules is not None else list(tracker._index.keys())
-    if not mods:
-        raise ValueError("install_hf_tracking: the tracker has no attention modules to track")
-    for m in mods:
-        ref = _REGISTRY.get(m)
-        if ref is not None and ref() is not None and ref() is not tracker:
-            raise ValueError(
-                f"install_hf_tracking: {type(m).__name__} is already tracked by another MaxLogitTracker "
-                "(one optimizer per model; call .close()/.remove() on the other one first)"
-            )
-    configs: list[tuple[Any, str | None]] = []
-    seen: set[int] = set()
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is None or not hasattr(cfg, "_attn_implementation_internal") or id(cfg) in seen:
-            continue
-        seen.add(id(cfg))
-        old = cfg._attn_implementation_internal
-        base = old if old is not None else "eager"
-        base = base.removeprefix(_PREFIX)  # e.g. a deepcopy of a tracked model: wrap the same base
-        name = _register(base)
-        configs.append((cfg, old))
-        cfg._attn_implementation_internal = name
-    if not configs:
-        raise ValueError(
-            f"install_hf_tracking: {type(model).__name__} has no transformers config with an attention "
-            "implementation; record max logits with tracker.record(layer, max_logits) instead"
-        )
-    for m in mods:
-        _REGISTRY[m] = weakref.ref(tracker)
-    return TrackingHandle(configs, mods)
+        return getattr(transformers_attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """Triton kernels on CPU through the interpreter (TRITON_INTERPRET=1), against torch references.
 
-The interpreter is enabled only while this module's tests run (module fixture), and the lazily
-defined kernels are re-created inside it, so the rest of the suite never sees interpreted kernels.
+The kernel modules define their Triton kernels at module level, in the mode in force when they
+are imported: this module sets TRITON_INTERPRET=1 before importing them, and runs in a process of
+its own (tests/test_kernels_interpret.py), so the rest of the suite never sees interpreted kernels.
 Loads are cast to fp32 inside the kernels under the interpreter (numpy has no bf16), so products
 are fp32 and every intermediate is still rounded to bf16 when stored, like on the GPU.
 """
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules (and triton) are imported
 
 from dist_muonclip.kernels import attention_max as am_mod  # noqa: E402
 from dist_muonclip.kernels import max_logit as ml_mod  # noqa: E402
@@ -30,21 +32,6 @@ JORDAN = [JORDAN_COEFFICIENTS] * 5
 # Polar Express as the library runs it: 5 iterations, a different (a, b, c) each, safety factor
 # folded in (tests/test_newton_schulz.py checks it against the published coefficients).
 POLAR_EXPRESS = polar_express_schedule(5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    for mod in (ns_mod, ml_mod, am_mod):
-        mod._kernels.cache_clear()
-    yield
-    for mod in (ns_mod, ml_mod, am_mod):
-        mod._kernels.cache_clear()
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,7 +52,7 @@ def test_sym_kernel_matches_reference(bt, m, k, monkeypatch):
     w = torch.randn(bt, m, m, generator=g)
     w = (w + w.mT).bfloat16()
     out = torch.full((bt, m, m), float("nan"), dtype=torch.bfloat16)
-    ns_mod._sym(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
+    ns_mod.sym_product(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
     ref = sym_product_reference(y, None, w, alpha=0.7, beta=-1.3, gamma=0.25)
     assert not out.isnan().any(), "an element of C was never written"
     # fp32 accumulation then one bf16 rounding: relative error ~ 2^-9 (bf16 half-ulp) at most.
@@ -80,7 +67,7 @@ def test_gemm_axpy_matches_reference(bt, m, n, monkeypatch):
     bm = torch.randn(bt, m, m, generator=g).bfloat16()
     x = torch.randn(bt, m, n, generator=g).bfloat16()
     out = torch.full((bt, m, n), float("nan"), dtype=torch.bfloat16)
-    ns_mod._gemm_axpy(bm, x, out=out, a=1.5)
+    ns_mod.gemm_axpy(bm, x, out=out, a=1.5)
     ref = 1.5 * x.double() + bm.double() @ x.double()
     assert not out.isnan().any()
     assert _rel(out, ref) < 4e-3  # one bf16 rounding of an fp32 result
@@ -100,12 +87,12 @@ def test_tma_kernels_match_reference(monkeypatch, w_tma):
         w = torch.randn(bt, m, m, generator=g)
         w = (w + w.mT).bfloat16()
         out = torch.full((bt, m, m), float("nan"), dtype=torch.bfloat16)
-        ns_mod._sym(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
+        ns_mod.sym_product(y, None, w, out=out, alpha=0.7, beta=-1.3, gamma=0.25)
         assert not out.isnan().any() and torch.equal(out, out.mT)
         assert _rel(out, sym_product_reference(y, None, w, alpha=0.7, beta=-1.3, gamma=0.25)) < 4e-3
         x = torch.randn(bt, m, 72, generator=g).bfloat16()
         o = torch.full((bt, m, 72), float("nan"), dtype=torch.bfloat16)
-        ns_mod._gemm_axpy(out, x, out=o, a=1.5)
+        ns_mod.gemm_axpy(out, x, out=o, a=1.5)
         assert not o.isnan().any()
         assert _rel(o, 1.5 * x.double() + out.double() @ x.double()) < 4e-3  # one bf16 rounding
 
@@ -116,7 +103,7 @@ def test_gemm_axpy_writes_through_transposed_strides():
     bm = torch.randn(1, 40, 40, generator=g).bfloat16()
     x = torch.randn(1, 40, 72, generator=g).bfloat16()
     tall = torch.full((1, 72, 40), float("nan"), dtype=torch.bfloat16)
-    ns_mod._gemm_axpy(bm, x, out=tall.mT, a=-0.5)
+    ns_mod.gemm_axpy(bm, x, out=tall.mT, a=-0.5)
     ref = -0.5 * x.double() + bm.double() @ x.double()
     assert _rel(tall.mT, ref) < 4e-3
 
@@ -317,35 +304,133 @@ def test_max_logits_rejects_bad_input():
 # attention forward with max logits
 
 @pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 64, 64, 32), (2, 2, 1, 45, 45, 16)])
-def test_attention_forward_with_max_matches_float64(causal, B, H, Hkv, Sq, Sk, D, tma, monkeypatch):
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 1), (True, 20), (True, 40)],
+                         ids=["causal", "full", "window1", "window20", "window40"])
+@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D", [(1, 4, 2, 96, 96, 32), (2, 2, 1, 45, 45, 16)])
+def test_attention_forward_with_max_matches_float64(causal, window, B, H, Hkv, Sq, Sk, D, tma, monkeypatch):
     """Output, natural-log LSE (what the flash backward reads) and per-head max vs float64; with
     ``tma`` the tensor-descriptor kernel, forced on under the interpreter, reading q through a
-    [B, S, H, D]-strided view (HF's layout) and relying on zero-padded rows at odd lengths."""
+    [B, S, H, D]-strided view (HF's layout) and relying on zero-padded rows at odd lengths.
+    Windows of 1 (a row sees only itself), 20 (inside one 32-key block: the lower masked range
+    meets the diagonal one) and 40 (a masked lower block, skipped blocks below it at S=96)
+    exercise each key range of the kernel."""
     am = am_mod
-    monkeypatch.setattr(am, "_fwd_tma_ok", lambda *ts: tma)
+    monkeypatch.setattr(am, "forward_uses_tma", lambda *ts: tma)
     q, k = _qk(B, H, Hkv, Sq, Sk, D, seed=B + Sq)
     if tma:
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
     v = torch.randn(B, Hkv, Sk, D, generator=torch.Generator().manual_seed(2)).bfloat16()
     scale = D ** -0.5
-    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal)
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=causal, window=window)
     g = H // Hkv
     s = scale * (q.double() @ k.double().repeat_interleave(g, 1).mT)
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    keep = torch.ones(Sq, Sk, dtype=torch.bool)
     if causal:
-        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+        keep &= j <= i
+    if window is not None:
+        keep &= j > i - window
+    s = s.masked_fill(~keep, float("-inf"))
     ref_out = torch.softmax(s, -1) @ v.double().repeat_interleave(g, 1)
     # out is rounded to bf16 and P is rounded to bf16 before P V (as in flash attention): ~1e-2.
     assert _rel(out, ref_out) < 1e-2
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
-    torch.testing.assert_close(mx, max_logits_reference(q, k, scale=scale, causal=causal), rtol=ML_RTOL, atol=0)
+    ref_mx = max_logits_reference(q, k, scale=scale, causal=causal, attention_mask=keep[None, None])
+    torch.testing.assert_close(mx, ref_mx, rtol=ML_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("D,DV,window", [(48, 32, None), (96, 64, None), (48, 16, 20)],
+                         ids=["d48_v32", "d96_v64", "d48_v16_window20"])
+def test_attention_forward_split_head_dims_matches_float64(D, DV, window, tma, monkeypatch):
+    """MLA-style heads (DeepSeek-V3: q/k 192 = 128 + 64, v 128), scaled down: q . k runs over
+    two power-of-two parts of the head dim (two descriptors with ``tma``, HF's [B, S, H, D]
+    views), values and output have their own head dim. Output / LSE / max vs float64."""
+    am = am_mod
+    monkeypatch.setattr(am, "forward_uses_tma", lambda *ts: tma)
+    B, H, S = 2, 4, 70
+    g = torch.Generator().manual_seed(D + DV)
+    mk = lambda d: (torch.randn(B, S, H, d, generator=g) * 2).bfloat16().transpose(1, 2)  # noqa: E731
+    q, k, v = mk(D), mk(D), mk(DV)
+    scale = 0.7 * D ** -0.5  # DeepSeek's mscale: not the default
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=True, window=window)
+    assert out.shape == (B, H, S, DV) and out.transpose(1, 2).is_contiguous()  # HF layout kept
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= j > i - window
+    s = (scale * (q.double() @ k.double().mT)).masked_fill(~keep, float("-inf"))
+    ref_out = torch.softmax(s, -1) @ v.double()
+    assert _rel(out, ref_out) < 1e-2  # bf16 output and bf16 P before P V
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)  # fp32 exp/log
+    ref_mx = max_logits_reference(q, k, scale=scale, causal=True, attention_mask=keep[None, None])
+    torch.testing.assert_close(mx, ref_mx, rtol=ML_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("form", ["left_padding", "packed", "packed_window", "random_heads"])
+def test_attention_forward_with_mask_matches_float64(form, tma, monkeypatch):
+    """A 4-D bool mask on top of the causal (and window) structure, as HF's sdpa masks: left
+    padding (padded query rows see nothing: output 0, LSE +inf), packed sequences (block-diagonal
+    causal), packed + window, and a random per-head mask. Output / LSE / max vs float64 over the
+    rows that see something."""
+    am = am_mod
+    monkeypatch.setattr(am, "forward_uses_tma", lambda *ts: tma)
+    B, H, Hkv, S, D = 2, 4, 2, 75, 32
+    q, k = _qk(B, H, Hkv, S, S, D, seed=11)
+    v = torch.randn(B, Hkv, S, D, generator=torch.Generator().manual_seed(3)).bfloat16()
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    window = 20 if form == "packed_window" else None
+    if form == "left_padding":
+        pad = torch.tensor([0, 23])
+        mask = (j[None] >= pad[:, None, None])[:, None].expand(B, 1, S, S)
+    elif form.startswith("packed"):
+        seg = torch.stack([torch.bucketize(torch.arange(S), torch.tensor([10, 50]), right=True),
+                           torch.bucketize(torch.arange(S), torch.tensor([33]), right=True)])
+        mask = (seg[:, None, :, None] == seg[:, None, None, :])
+    else:
+        mask = torch.rand(B, H, S, S, generator=torch.Generator().manual_seed(4)) > 0.3
+    scale = D ** -0.5
+    out, lse, mx = am.attention_forward_with_max_triton(q, k, v, scale=scale, causal=True, window=window,
+                                                        attention_mask=mask)
+    keep = mask & (j <= i)
+    if window is not None:
+        keep = keep & (j > i - window)
+    keep = keep.expand(B, H, S, S)
+    g = H // Hkv
+    s = (scale * (q.double() @ k.double().repeat_interleave(g, 1).mT)).masked_fill(~keep, float("-inf"))
+    seen = keep.any(-1)  # rows that see at least one key
+    ref_out = torch.softmax(s, -1).nan_to_num(0.0) @ v.double().repeat_interleave(g, 1)
+    assert _rel(out[seen], ref_out[seen]) < 1e-2  # bf16 output and bf16 P before P V
+    assert (out[~seen] == 0).all() and torch.isposinf(lse[~seen]).all()
+    torch.testing.assert_close(lse.double()[seen], torch.logsumexp(s, -1)[seen], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mx.double(), s.amax(dim=(0, 2, 3)), rtol=ML_RTOL, atol=0)
+
+
+def test_split_head_dim_rule():
+    assert am_mod.split_head_dim(128) == (128, 0) and am_mod.split_head_dim(192) == (128, 64)
+    assert am_mod.split_head_dim(96) == (64, 32) and am_mod.split_head_dim(80) == (64, 16)
+    for bad in (8, 72, 100, 200, 320):  # remainder < 16 or not a power of two, or out of range
+        assert am_mod.split_head_dim(bad) is None
+    q = torch.randn(1, 2, 16, 100).bfloat16()
+    with pytest.raises(ValueError, match="head dims q/k 100"):
+        am_mod.attention_forward_with_max_triton(q, q, q, scale=0.1)
+
+
+def test_attention_with_max_logits_rejects_bad_window():
+    q = torch.randn(1, 2, 16, 16).bfloat16()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            am_mod.attention_forward_with_max_triton(q, q, q, scale=0.25, causal=True, window=bad)
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        am_mod.attention_with_max_logits(q, q, q, causal=False, window=4)
 
 
 def test_package_imports_and_refuses_cleanly_without_triton():
     """Regression for the lazy-import contract: with triton unimportable, `import
-    dist_muonclip.kernels` works, triton_available() is False, and a launcher raises a clear error
-    (before touching triton) instead of an ImportError at import time."""
+    dist_muonclip.kernels` (and the core tracker / Newton-Schulz modules) works,
+    triton_available() is False, and using a launcher raises ImportError naming the fix (the
+    kernel modules import Triton at module level and are imported only on use)."""
     import subprocess
     import sys
 
@@ -360,18 +445,16 @@ sys.meta_path.insert(0, _Block())
 import torch
 import dist_muonclip.kernels as k
 assert not k.triton_available()
-try:
-    k.newton_schulz_triton(torch.randn(4, 4), [(3.4445, -4.775, 2.0315)])
-except ValueError as e:
-    assert "CUDA" in str(e)
-else:
-    raise SystemExit("no error")
-try:
-    k.max_logits_triton(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), scale=1.0, causal=True)
-except ValueError as e:
-    assert "CUDA" in str(e)
-else:
-    raise SystemExit("no error")
+for name in ("newton_schulz_triton", "max_logits_triton", "attention_with_max_logits"):
+    try:
+        getattr(k, name)
+    except ImportError as e:
+        assert "pip install triton" in str(e), e
+    else:
+        raise SystemExit("no error")
+assert "triton" not in sys.modules
+import dist_muonclip.tracker, dist_muonclip.newton_schulz
+assert "triton" not in sys.modules and "transformers" not in sys.modules
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -27,3 +27,27 @@ def test_triton_kernels_in_interpreter():
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     assert res.returncode == 0, f"interpreter kernel cases failed ({summary}):\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
     assert " passed" in summary and "failed" not in summary, summary
+
+
+def test_kernels_defined_at_module_level_and_core_imports_no_glue():
+    """Structure (issue 13): every @triton.jit function of dist_muonclip/kernels is a module-level
+    definition (no factory functions hiding kernels), and the core tracker imports neither
+    transformers nor the integration glue at module level (the glue imports the core)."""
+    import ast
+
+    kernels = ROOT / "dist_muonclip" / "kernels"
+    jitted = 0
+    for path in kernels.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                assert id(node) in top, f"{path.name}: @triton.jit {node.name} is not defined at module level"
+                jitted += 1
+    assert jitted >= 10  # newton_schulz 4, max_logit 1, attention_max 6
+    tracker = ast.parse((ROOT / "dist_muonclip" / "tracker.py").read_text())
+    for node in tracker.body:  # module-level statements only: install_hf imports the glue on use
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not any("transformers" in n or "integrations" in n for n in names), ast.unparse(node)

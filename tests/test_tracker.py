@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_muonclip.tracker import MaxLogitTracker, install_hf_tracking, max_logits_torch
+from dist_muonclip.integrations.transformers_attention import install_hf_tracking
+from dist_muonclip.tracker import MaxLogitTracker, max_logits_torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -428,7 +429,7 @@ def test_wrapper_plumbing_for_flash_style_calls():
     the ``scaling`` kwarg. Driven through the registered wrapper with a stand-in attention."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    from dist_muonclip import tracker as tr
+    from dist_muonclip.integrations import transformers_attention as tr
 
     AttentionInterface.register("dmc_test_flashlike", lambda module, q, k, v, mask, **kw: (q, None))
     try:
@@ -483,7 +484,13 @@ def test_backend_dispatch_to_kernel_module(monkeypatch):
     torch.testing.assert_close(got, max_logits_torch(q, k, causal=True), rtol=0, atol=0)
     max_logits(q, k, causal=True, sliding_window=3, backend="triton")
     assert len(calls) == 1  # structural masks: torch path
-    assert max_logits(q, k, backend="auto").shape == (4,) and len(calls) == 1  # auto on CPU: torch
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    window_mask = ((j <= i) & (j > i - 3))[None, None].expand(2, 1, 9, 9)
+    got = max_logits(q, k, causal=True, attention_mask=window_mask, sliding_window=3, backend="triton")
+    # a 4-D mask already holds the window (HF's sdpa mask for Mistral): the kernel takes it
+    assert len(calls) == 2
+    torch.testing.assert_close(got, max_logits_torch(q, k, causal=True, sliding_window=3), rtol=0, atol=0)
+    assert max_logits(q, k, backend="auto").shape == (4,) and len(calls) == 2  # auto on CPU: torch
     monkeypatch.setitem(sys.modules, "dist_muonclip.kernels.max_logit", None)  # import fails
     with pytest.raises(RuntimeError, match="not importable"):
         max_logits(q, k, backend="triton")
@@ -522,19 +529,25 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
     """On GPU, causal mask-free sdpa calls go through the fused Triton attention that returns the
     output and the max together. Here a stand-in (SDPA + the chunked torch max) takes the kernel's
     place on CPU: the model's output must not change and the record must equal the float64 oracle;
-    a padding mask falls back to SDPA + tracking."""
-    from dist_muonclip import tracker as tr
+    a padding mask is fused too (the kernel reads it)."""
+    from dist_muonclip.integrations import transformers_attention as tr
 
     calls = []
 
-    def stand_in(q, k, v, *, scale=None, causal=True):
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None, attention_mask=None):
         calls.append(q.shape)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-        return out, max_logits_torch(q, k, scale=scale, causal=causal)
+        if attention_mask is not None:  # within the causal mask: the same SDPA call HF makes
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale,
+                                                                   enable_gqa=True)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                   enable_gqa=True)
+        return out, max_logits_torch(q, k, scale=scale, causal=causal, attention_mask=attention_mask)
 
     model = build_model("llama").train().to(torch.bfloat16)
     ids, pad = make_batch()
     ref = model(input_ids=ids).logits
+    ref_pad = model(input_ids=ids, attention_mask=pad).logits
     monkeypatch.setattr(tr, "_FUSED_DEVICES", ("cpu",))
     monkeypatch.setattr(tr, "_fused_attention", lambda: stand_in)
     tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
@@ -544,11 +557,103 @@ def test_sdpa_fused_path_replaces_sdpa_and_records_exact_max(monkeypatch):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the stand-in is the same SDPA call
         fused_vals = tracker.values().clone()
         tracker.reset()
+        got_pad = model(input_ids=ids, attention_mask=pad).logits
+        assert len(calls) == 4  # a padding mask (within the causal one): fused too, reading the mask
+        torch.testing.assert_close(got_pad, ref_pad, rtol=0, atol=0)
+        masked_vals = tracker.values().clone()
+        monkeypatch.setattr(tr, "FUSED_ATTENTION", False)  # the public switch: SDPA + separate tracking
+        tracker.reset()
         model(input_ids=ids, attention_mask=pad)
-        assert len(calls) == 2  # a mask tensor: SDPA + separate tracking
+        assert len(calls) == 4
+        torch.testing.assert_close(tracker.values(), masked_vals, rtol=0, atol=0)  # same q, k; same max
+    # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
+    model32 = model.float()
+    torch.testing.assert_close(fused_vals.double(), oracle_max_logits(model32, ids, torch.ones_like(ids)),
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(masked_vals.double(), oracle_max_logits(model32, ids, pad), rtol=2e-2, atol=2e-2)
+
+
+def test_sliding_window_mask_takes_fused_path_with_its_window(monkeypatch):
+    """Pins the Mistral sliding-window slowdown (issue 19: tracking doubled forward+backward at
+    S=4096, window 1024, because HF's 4-D window mask sent every layer to SDPA-with-mask plus the
+    chunked torch max): a mask that is exactly causal + the module's ``sliding_window`` now takes
+    the fused path, with that window; a padded batch takes it with the window and the mask.
+    The stand-in (SDPA with the causal-window mask + the chunked torch max) takes the kernel's
+    place on CPU, so the outputs must equal the untracked model's bit for bit."""
+    from dist_muonclip.integrations import transformers_attention as tr
+
+    calls = []
+
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None, attention_mask=None):
+        calls.append(window if attention_mask is None else "mask")
+        pos = torch.arange(q.shape[2])
+        keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        if attention_mask is not None:
+            keep = keep & attention_mask
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
+        return out, max_logits_torch(q, k, scale=scale, attention_mask=keep.expand(q.shape[0], 1, *keep.shape[-2:]))
+
+    model = build_model("mistral").train().to(torch.bfloat16)  # the fused path is bf16/fp16 only
+    ids, pad = make_batch()
+    assert SEQ > model.config.sliding_window  # the window binds: HF builds a 4-D mask
+    ref = model(input_ids=ids).logits
+    monkeypatch.setattr(tr, "_FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(tr, "_fused_attention", lambda: stand_in)
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        got = model(input_ids=ids).logits
+        assert calls == [8, 8]  # both layers fused, with the model's window
+        # same SDPA call and mask as HF's: identical up to SDPA's CPU kernel choice (bool vs
+        # built mask are the same tensor values, so the result is bitwise equal)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        fused_vals = tracker.values().clone()
+        tracker.reset()
+        model(input_ids=ids, attention_mask=pad)
+        assert calls == [8, 8, "mask", "mask"]  # padding: within causal + window, the kernel reads it
         masked_vals = tracker.values().clone()
     # oracle in float64 on an fp32 copy: bf16 q/k rounding bounds the difference (~2^-8 relative)
     model32 = model.float()
     torch.testing.assert_close(fused_vals.double(), oracle_max_logits(model32, ids, torch.ones_like(ids)),
                                rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(masked_vals.double(), oracle_max_logits(model32, ids, pad), rtol=2e-2, atol=2e-2)
+
+
+def test_mla_heads_take_fused_path(monkeypatch):
+    """DeepSeek-V3 MLA (q/k head 48 = 32 nope + 16 rope, v head 32; the real model's 192 = 128 +
+    64 / 128 scaled down): sdpa calls with q/k and v head dims that differ take the fused path
+    (before: only value.shape == key.shape did). Stand-in as above: SDPA + the chunked torch max,
+    so the outputs equal the untracked model's bit for bit and the record the float64 oracle; a
+    head dim the kernel cannot split (24 = 16 + 8) falls back."""
+    from dist_muonclip.integrations import transformers_attention as tr
+
+    calls = []
+
+    def stand_in(q, k, v, *, scale=None, causal=True, window=None, attention_mask=None):
+        calls.append((q.shape[-1], v.shape[-1]))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        return out, max_logits_torch(q, k, scale=scale, causal=causal)
+
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, attn_implementation="sdpa",
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, q_lora_rank=None, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=2)
+    model = transformers.DeepseekV3ForCausalLM(cfg).train().to(torch.bfloat16)
+    ids, _ = make_batch()
+    ref = model(input_ids=ids).logits
+    monkeypatch.setattr(tr, "_FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(tr, "_fused_attention", lambda: stand_in)
+    tracker = MaxLogitTracker([4, 4], modules=attention_modules(model))
+    with tracker.install_hf(model):
+        got = model(input_ids=ids).logits
+        assert calls == [(48, 32), (48, 32)]
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the stand-in is the same SDPA call
+        vals = tracker.values().clone()
+    # bf16 q/k vs the oracle's float64 recomputation on an fp32 copy: ~2^-8 relative
+    torch.testing.assert_close(vals.double(), oracle_max_logits(model.float(), ids, torch.ones_like(ids)),
+                               rtol=2e-2, atol=2e-2)
+    small = build_model("deepseek_v3").train().to(torch.bfloat16)  # q/k head 24 = 16 + 8: not split
+    with MaxLogitTracker([4, 4], modules=attention_modules(small)).install_hf(small):
+        small(input_ids=ids)
+    assert len(calls) == 2

@@ -1,17 +1,18 @@
 """Triton kernels for dist_muonclip: Newton-Schulz orthogonalization and per-head max logits.
 
-Importing this package never imports Triton: the launchers import it on first call, so a
-CPU-only install without Triton can import everything (``triton_available()`` says whether the
-kernels can run). One op per file, each with a torch reference in :mod:`.reference`.
+Importing this package never imports Triton. Each op lives in its own module, which imports
+Triton and defines its kernels at module level; the package imports such a module on the first
+use of one of its names (PEP 562 ``__getattr__``), so a CPU-only install without Triton imports
+everything else (``triton_available()`` says whether the kernels can run). A name used without
+Triton raises ImportError naming the fix. Torch references live in :mod:`.reference`.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+from typing import Any
 
 from ._env import interpret
-from .attention_max import attention_forward_with_max_triton, attention_with_max_logits
-from .max_logit import max_logits_triton
-from .newton_schulz import gram_newton_schulz_triton, newton_schulz_triton
 
 __all__ = [
     "attention_forward_with_max_triton",
@@ -21,6 +22,26 @@ __all__ = [
     "newton_schulz_triton",
     "triton_available",
 ]
+
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "attention_forward_with_max_triton": "attention_max",
+    "attention_with_max_logits": "attention_max",
+    "max_logits_triton": "max_logit",
+    "gram_newton_schulz_triton": "newton_schulz",
+    "newton_schulz_triton": "newton_schulz",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not _triton_importable():
+        raise ImportError(
+            f"dist_muonclip.kernels.{name} needs Triton, which is not importable here; install triton "
+            "(pip install triton) or use the torch backends (newton_schulz backend='torch', tracker backend='torch')")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def triton_available(device: "str | None" = None) -> bool:

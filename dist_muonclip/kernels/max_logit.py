@@ -11,105 +11,102 @@ for masking.
 
 GQA: query head h reads key head h // (H // Hkv). Causal is top-left aligned (key j visible to
 query i iff j <= i), like SDPA's ``is_causal``.
+
+This module imports Triton and defines its kernel at module level; the package
+(:mod:`dist_muonclip.kernels`) imports it only when the launcher is first used.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
+import triton
+import triton.language as tl
 
 from ._env import interpret as _interpret
 
 __all__ = ["max_logits_triton"]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
+@triton.jit
+def _max_logit_kernel(
+    Q, K, Mask, Out,
+    H, Sq, Sk, D, group,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_mb, s_mh, s_mq, s_mk,
+    scale,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,  # 0 none, 1 additive float, 2 bool
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """Out[b, h, pid_m] = max over query block pid_m and all visible keys of the logits."""
+    # Causal work grows with the query block: launch the longest blocks first (LPT order)
+    # so that the short ones fill the tail of the grid.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    kvh = (h // group).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    q_ptrs = Q + b * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * s_kb + kvh * s_kh
+    m_base = Mask + b * s_mb + h.to(tl.int64) * s_mh
+    run = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
 
-    @triton.jit
-    def _max_logit_kernel(
-        Q, K, Mask, Out,
-        H, Sq, Sk, D, group,
-        s_qb, s_qh, s_qs, s_qd,
-        s_kb, s_kh, s_ks, s_kd,
-        s_mb, s_mh, s_mq, s_mk,
-        scale,
-        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,  # 0 none, 1 additive float, 2 bool
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_D: tl.constexpr, CAST_F32: tl.constexpr,
-    ):
-        """Out[b, h, pid_m] = max over query block pid_m and all visible keys of the logits."""
-        # Causal work grows with the query block: launch the longest blocks first (LPT order)
-        # so that the short ones fill the tail of the grid.
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
-        kvh = (h // group).to(tl.int64)
-        m0 = pid_m * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < Sq
-        q_ptrs = Q + b * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd
-        if EVEN_D:
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if CAST_F32:
-            q = q.to(tl.float32)
-        k_base = K + b * s_kb + kvh * s_kh
-        m_base = Mask + b * s_mb + h.to(tl.int64) * s_mh
-        run = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-
+    if CAUSAL:
+        hi = tl.minimum(Sk, m0 + BLOCK_M)
+    else:
+        hi = Sk
+    # Tiles [n0, n0 + BLOCK_N) visible to every row of the block: no mask arithmetic.
+    if MASK_KIND == 0:
+        full_end = (Sk // BLOCK_N) * BLOCK_N
         if CAUSAL:
-            hi = tl.minimum(Sk, m0 + BLOCK_M)
+            full_end = tl.minimum(full_end, (m0 // BLOCK_N) * BLOCK_N)
+    else:
+        full_end = 0
+    for n0 in range(0, full_end, BLOCK_N):
+        k_ptrs = k_base + (n0 + offs_n)[None, :] * s_ks + offs_d[:, None] * s_kd
+        if EVEN_D:
+            kt = tl.load(k_ptrs)
         else:
-            hi = Sk
-        # Tiles [n0, n0 + BLOCK_N) visible to every row of the block: no mask arithmetic.
-        if MASK_KIND == 0:
-            full_end = (Sk // BLOCK_N) * BLOCK_N
-            if CAUSAL:
-                full_end = tl.minimum(full_end, (m0 // BLOCK_N) * BLOCK_N)
-        else:
-            full_end = 0
-        for n0 in range(0, full_end, BLOCK_N):
-            k_ptrs = k_base + (n0 + offs_n)[None, :] * s_ks + offs_d[:, None] * s_kd
-            if EVEN_D:
-                kt = tl.load(k_ptrs)
+            kt = tl.load(k_ptrs, mask=offs_d[:, None] < D, other=0.0)
+        if CAST_F32:
+            kt = kt.to(tl.float32)
+        run = tl.maximum(run, tl.dot(q, kt))
+    if MASK_KIND == 0:
+        run = run * scale
+    # Boundary tiles: causal diagonal, key tail, or every tile when a mask tensor is given.
+    for n0 in range(full_end, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k_ptrs = k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd
+        kt = tl.load(k_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < D), other=0.0)
+        if CAST_F32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt) * scale
+        ok = cols[None, :] < Sk
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None])
+        if MASK_KIND != 0:
+            inb = row_ok[:, None] & (cols[None, :] < Sk)
+            mv = tl.load(m_base + offs_m[:, None] * s_mq + cols[None, :] * s_mk, mask=inb, other=0)
+            if MASK_KIND == 1:
+                s = s + mv.to(tl.float32)
             else:
-                kt = tl.load(k_ptrs, mask=offs_d[:, None] < D, other=0.0)
-            if CAST_F32:
-                kt = kt.to(tl.float32)
-            run = tl.maximum(run, tl.dot(q, kt))
-        if MASK_KIND == 0:
-            run = run * scale
-        # Boundary tiles: causal diagonal, key tail, or every tile when a mask tensor is given.
-        for n0 in range(full_end, hi, BLOCK_N):
-            cols = n0 + offs_n
-            k_ptrs = k_base + cols[None, :] * s_ks + offs_d[:, None] * s_kd
-            kt = tl.load(k_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < D), other=0.0)
-            if CAST_F32:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt) * scale
-            ok = cols[None, :] < Sk
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None])
-            if MASK_KIND != 0:
-                inb = row_ok[:, None] & (cols[None, :] < Sk)
-                mv = tl.load(m_base + offs_m[:, None] * s_mq + cols[None, :] * s_mk, mask=inb, other=0)
-                if MASK_KIND == 1:
-                    s = s + mv.to(tl.float32)
-                else:
-                    ok = ok & (mv != 0)
-            run = tl.maximum(run, tl.where(ok, s, float("-inf")))
-        run = tl.where(row_ok[:, None], run, float("-inf"))
-        best = tl.max(tl.max(run, axis=1), axis=0)
-        tl.store(Out + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, best)
+                ok = ok & (mv != 0)
+        run = tl.maximum(run, tl.where(ok, s, float("-inf")))
+    run = tl.where(row_ok[:, None], run, float("-inf"))
+    best = tl.max(tl.max(run, axis=1), axis=0)
+    tl.store(Out + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, best)
 
-    return triton, _max_logit_kernel
 
 
 def _config(d: int) -> dict:
@@ -190,13 +187,12 @@ def max_logits_triton(
         else:
             raise TypeError(f"attention_mask must be bool or float, got {attention_mask.dtype}")
         s_m = (mask.stride(0), mask.stride(1) if mask.shape[1] == H else 0, mask.stride(2), mask.stride(3))
-    triton, kernel = _kernels()
     cfg = dict(CONFIG_OVERRIDE or _config(D))
     num_m = triton.cdiv(Sq, cfg["BLOCK_M"])
     partial = torch.empty(B * H * num_m, device=query.device, dtype=torch.float32)
     if Sq == 0 or Sk == 0:
         return torch.full((H,), float("-inf"), device=query.device)
-    kernel[(num_m, B * H)](
+    _max_logit_kernel[(num_m, B * H)](
         query, key, mask, partial,
         H, Sq, Sk, D, H // Hkv,
         *query.stride(), *key.stride(), *s_m,

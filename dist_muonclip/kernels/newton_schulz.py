@@ -25,8 +25,9 @@ polynomials in A_0, hence symmetric and commuting, so every product is a one-tri
 restart at iteration 2, ours in bf16 with a restart after 3, chosen by our own float64 study); a restart
 (``X = Q X_0``, ``A = X X^T``) every ``restart_every`` iterations keeps bf16 rounding in check.
 
-Triton is imported lazily: the kernels are defined on first use, so this module imports without
-Triton and ``TRITON_INTERPRET=1`` (CPU tests) only has to be set before the first call.
+This module imports Triton and defines its kernels at module level (``TRITON_INTERPRET=1``, for
+the CPU tests, must be set before it is imported); the package (:mod:`dist_muonclip.kernels`) and
+the core (:mod:`dist_muonclip.newton_schulz`) import it only when the Triton backend is used.
 """
 from __future__ import annotations
 
@@ -35,244 +36,240 @@ import functools
 from typing import Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from ._env import interpret as _interpret
 from ._env import tma_ok
 
-__all__ = ["gram_newton_schulz_triton", "newton_schulz_triton", "ns_kernel_flops"]
+__all__ = ["clear_graph_cache", "gemm_axpy", "gemm_config", "gram_newton_schulz_triton", "newton_schulz_triton",
+           "ns_kernel_flops", "sym_config", "sym_product"]
 
 Schedule = Sequence[tuple[float, float, float]]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """Define the Triton kernels (once). Deferred so that importing needs no Triton."""
-    import triton
-    import triton.language as tl
+@triton.jit
+def _sym_kernel(
+    Y, Z, W, C, Tiles,
+    m, k,
+    s_yb, s_yr, s_yc,
+    s_zb, s_zr, s_zc,
+    s_wb, s_wr, s_wc,
+    s_cb, s_cr, s_cc,
+    alpha, beta, gamma,
+    HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """C = alpha * Y Z^T + beta * W + gamma * I for a symmetric result, lower triangle only.
 
-    @triton.jit
-    def _sym_kernel(
-        Y, Z, W, C, Tiles,
-        m, k,
-        s_yb, s_yr, s_yc,
-        s_zb, s_zr, s_zc,
-        s_wb, s_wr, s_wc,
-        s_cb, s_cr, s_cc,
-        alpha, beta, gamma,
-        HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN: tl.constexpr, CAST_F32: tl.constexpr,
-    ):
-        """C = alpha * Y Z^T + beta * W + gamma * I for a symmetric result, lower triangle only.
-
-        Y, Z: [Bt, m, k]; W, C: [Bt, m, m]. A tile is computed when it holds an element on or
-        below the diagonal; it stores its lower part at (r, c) and its strictly-lower part
-        mirrored at (c, r), so every element of C is written exactly once.
-        """
-        pid = tl.program_id(0)
-        bid = tl.program_id(1).to(tl.int64)
-        # (row block, col block) of this program from the host-built list of lower tiles: no
-        # program is launched for a tile strictly above the diagonal (no branch around the loop,
-        # no wasted wave slots).
-        row0 = tl.load(Tiles + 2 * pid) * BLOCK_M
-        col0 = tl.load(Tiles + 2 * pid + 1) * BLOCK_N
-        offs_r = row0 + tl.arange(0, BLOCK_M)
-        offs_c = col0 + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
-        z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(k, BLOCK_K)):
-            if EVEN:
-                y = tl.load(y_ptrs)
-                z = tl.load(z_ptrs)
-            else:
-                k_left = k - kk * BLOCK_K
-                y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
-                z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
-            if CAST_F32:
-                y = y.to(tl.float32)
-                z = z.to(tl.float32)
-            acc = tl.dot(y, z, acc)
-            y_ptrs += BLOCK_K * s_yc
-            z_ptrs += BLOCK_K * s_zc
-        out = acc * alpha
-        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
-        if HAS_W:
-            w_ptrs = W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc
-            if EVEN:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=in_bounds, other=0.0)
-            out += beta * w.to(tl.float32)
-        if HAS_GAMMA:
-            out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
-        out = out.to(C.dtype.element_ty)
-        c_base = C + bid * s_cb
-        c_ptrs = c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc
-        # Mirror: store the transposed tile through row-major pointers so the store stays
-        # coalesced and vectorized (a per-element mask or column-major pointers would not).
-        ct_ptrs = c_base + offs_c[:, None] * s_cr + offs_r[None, :] * s_cc
-        out_t = tl.trans(out)
-        if col0 + BLOCK_N <= row0:
-            # Tile strictly below the diagonal: only bounds masks (none when sizes divide).
-            if EVEN:
-                tl.store(c_ptrs, out)
-                tl.store(ct_ptrs, out_t)
-            else:
-                tl.store(c_ptrs, out, mask=in_bounds)
-                tl.store(ct_ptrs, out_t, mask=tl.trans(in_bounds))
-        else:
-            # Tile on the diagonal: lower part as is, strictly-lower part mirrored.
-            lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
-            tl.store(c_ptrs, out, mask=lower)
-            strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
-            tl.store(ct_ptrs, out_t, mask=tl.trans(strict))
-
-    @triton.jit
-    def _gemm_axpy_kernel(
-        Bm, X, O,
-        m, n, k,
-        s_bb, s_br, s_bc,
-        s_xb, s_xr, s_xc,
-        s_ob, s_or, s_oc,
-        a,
-        HAS_AX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, EVEN: tl.constexpr, CAST_F32: tl.constexpr,
-    ):
-        """O = a * X[:m] + Bm @ X with Bm [Bt, m, k], X [Bt, k, n] (k == m when HAS_AX)."""
-        pid = tl.program_id(0)
-        bid = tl.program_id(1).to(tl.int64)
-        num_pid_m = tl.cdiv(m, BLOCK_M)
-        num_pid_n = tl.cdiv(n, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-        offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        b_ptrs = Bm + bid * s_bb + offs_r[:, None] * s_br + offs_k[None, :] * s_bc
-        x_ptrs = X + bid * s_xb + offs_k[:, None] * s_xr + offs_c[None, :] * s_xc
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(k, BLOCK_K)):
-            if EVEN:
-                bt = tl.load(b_ptrs)
-                xt = tl.load(x_ptrs)
-            else:
-                k_left = k - kk * BLOCK_K
-                bt = tl.load(b_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
-                xt = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < n), other=0.0)
-            if CAST_F32:
-                bt = bt.to(tl.float32)
-                xt = xt.to(tl.float32)
-            acc = tl.dot(bt, xt, acc)
-            b_ptrs += BLOCK_K * s_bc
-            x_ptrs += BLOCK_K * s_xr
-        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < n)
-        if HAS_AX:
-            x_own_ptrs = X + bid * s_xb + offs_r[:, None] * s_xr + offs_c[None, :] * s_xc
-            if EVEN:
-                x_own = tl.load(x_own_ptrs)
-            else:
-                x_own = tl.load(x_own_ptrs, mask=in_bounds, other=0.0)
-            acc += a * x_own.to(tl.float32)
-        o_ptrs = O + bid * s_ob + offs_r[:, None] * s_or + offs_c[None, :] * s_oc
+    Y, Z: [Bt, m, k]; W, C: [Bt, m, m]. A tile is computed when it holds an element on or
+    below the diagonal; it stores its lower part at (r, c) and its strictly-lower part
+    mirrored at (c, r), so every element of C is written exactly once.
+    """
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    # (row block, col block) of this program from the host-built list of lower tiles: no
+    # program is launched for a tile strictly above the diagonal (no branch around the loop,
+    # no wasted wave slots).
+    row0 = tl.load(Tiles + 2 * pid) * BLOCK_M
+    col0 = tl.load(Tiles + 2 * pid + 1) * BLOCK_N
+    offs_r = row0 + tl.arange(0, BLOCK_M)
+    offs_c = col0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    y_ptrs = Y + bid * s_yb + offs_r[:, None] * s_yr + offs_k[None, :] * s_yc
+    z_ptrs = Z + bid * s_zb + offs_k[:, None] * s_zc + offs_c[None, :] * s_zr
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(k, BLOCK_K)):
         if EVEN:
-            tl.store(o_ptrs, acc.to(O.dtype.element_ty))
+            y = tl.load(y_ptrs)
+            z = tl.load(z_ptrs)
         else:
-            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_bounds)
-
-    @triton.jit
-    def _sym_kernel_tma(
-        y_desc, z_desc, w_desc, c_desc, ct_desc, C, W, Tiles,
-        m, k, s_cb, s_cr, s_cc, s_wb, s_wr, s_wc,
-        alpha, beta, gamma,
-        HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr, W_TMA: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr,
-    ):
-        """``_sym_kernel`` with tensor-memory-accelerator (TMA) loads / stores: row-major operands
-        with 16-byte aligned strides; out-of-range rows read as zeros and are clipped on store."""
-        pid = tl.program_id(0)
-        bid = tl.program_id(1)
-        row0 = tl.load(Tiles + 2 * pid) * BLOCK_M
-        col0 = tl.load(Tiles + 2 * pid + 1) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(k, BLOCK_K)):
-            y = y_desc.load([bid, row0, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
-            z = z_desc.load([bid, col0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
-            if CAST_F32:
-                y = y.to(tl.float32)
-                z = z.to(tl.float32)
-            acc = tl.dot(y, z.T, acc)
-        out = acc * alpha
-        offs_r = row0 + tl.arange(0, BLOCK_M)
-        offs_c = col0 + tl.arange(0, BLOCK_N)
-        if HAS_W:
-            if W_TMA:
-                w = w_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N)
-            else:  # straight to registers: keeps shared memory for the main-loop stages
-                w = tl.load(W + bid.to(tl.int64) * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
-                            mask=(offs_r[:, None] < m) & (offs_c[None, :] < m), other=0.0)
-            out += beta * w.to(tl.float32)
-        if HAS_GAMMA:
-            out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
-        out = out.to(C.dtype.element_ty)
-        out_t = tl.trans(out)
-        if col0 + BLOCK_N <= row0:
-            c_desc.store([bid, row0, col0], out.reshape(1, BLOCK_M, BLOCK_N))
-            ct_desc.store([bid, col0, row0], out_t.reshape(1, BLOCK_N, BLOCK_M))
+            k_left = k - kk * BLOCK_K
+            y = tl.load(y_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
+            z = tl.load(z_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < m), other=0.0)
+        if CAST_F32:
+            y = y.to(tl.float32)
+            z = z.to(tl.float32)
+        acc = tl.dot(y, z, acc)
+        y_ptrs += BLOCK_K * s_yc
+        z_ptrs += BLOCK_K * s_zc
+    out = acc * alpha
+    in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
+    if HAS_W:
+        w_ptrs = W + bid * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc
+        if EVEN:
+            w = tl.load(w_ptrs)
         else:
-            c_base = C + bid.to(tl.int64) * s_cb
-            in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
-            lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
-            tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
-            strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
-            tl.store(c_base + offs_c[:, None] * s_cr + offs_r[None, :] * s_cc, out_t, mask=tl.trans(strict))
+            w = tl.load(w_ptrs, mask=in_bounds, other=0.0)
+        out += beta * w.to(tl.float32)
+    if HAS_GAMMA:
+        out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
+    out = out.to(C.dtype.element_ty)
+    c_base = C + bid * s_cb
+    c_ptrs = c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc
+    # Mirror: store the transposed tile through row-major pointers so the store stays
+    # coalesced and vectorized (a per-element mask or column-major pointers would not).
+    ct_ptrs = c_base + offs_c[:, None] * s_cr + offs_r[None, :] * s_cc
+    out_t = tl.trans(out)
+    if col0 + BLOCK_N <= row0:
+        # Tile strictly below the diagonal: only bounds masks (none when sizes divide).
+        if EVEN:
+            tl.store(c_ptrs, out)
+            tl.store(ct_ptrs, out_t)
+        else:
+            tl.store(c_ptrs, out, mask=in_bounds)
+            tl.store(ct_ptrs, out_t, mask=tl.trans(in_bounds))
+    else:
+        # Tile on the diagonal: lower part as is, strictly-lower part mirrored.
+        lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+        tl.store(c_ptrs, out, mask=lower)
+        strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+        tl.store(ct_ptrs, out_t, mask=tl.trans(strict))
 
-    @triton.jit
-    def _gemm_axpy_kernel_tma(
-        b_desc, x_desc, xo_desc, o_desc,
-        m, n, k, a,
-        HAS_AX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, CAST_F32: tl.constexpr,
-    ):
-        """``_gemm_axpy_kernel`` with TMA loads / stores (row-major, 16-byte aligned operands)."""
-        pid = tl.program_id(0)
-        bid = tl.program_id(1)
-        num_pid_m = tl.cdiv(m, BLOCK_M)
-        num_pid_n = tl.cdiv(n, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-        row0 = pid_m * BLOCK_M
-        col0 = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(k, BLOCK_K)):
-            bt = b_desc.load([bid, row0, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
-            xt = x_desc.load([bid, kk * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
-            if CAST_F32:
-                bt = bt.to(tl.float32)
-                xt = xt.to(tl.float32)
-            acc = tl.dot(bt, xt, acc)
-        if HAS_AX:
-            acc += a * xo_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
-        o_desc.store([bid, row0, col0], acc.to(o_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+@triton.jit
+def _gemm_axpy_kernel(
+    Bm, X, O,
+    m, n, k,
+    s_bb, s_br, s_bc,
+    s_xb, s_xr, s_xc,
+    s_ob, s_or, s_oc,
+    a,
+    HAS_AX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """O = a * X[:m] + Bm @ X with Bm [Bt, m, k], X [Bt, k, n] (k == m when HAS_AX)."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(m, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    b_ptrs = Bm + bid * s_bb + offs_r[:, None] * s_br + offs_k[None, :] * s_bc
+    x_ptrs = X + bid * s_xb + offs_k[:, None] * s_xr + offs_c[None, :] * s_xc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(k, BLOCK_K)):
+        if EVEN:
+            bt = tl.load(b_ptrs)
+            xt = tl.load(x_ptrs)
+        else:
+            k_left = k - kk * BLOCK_K
+            bt = tl.load(b_ptrs, mask=(offs_r[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
+            xt = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & (offs_c[None, :] < n), other=0.0)
+        if CAST_F32:
+            bt = bt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(bt, xt, acc)
+        b_ptrs += BLOCK_K * s_bc
+        x_ptrs += BLOCK_K * s_xr
+    in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < n)
+    if HAS_AX:
+        x_own_ptrs = X + bid * s_xb + offs_r[:, None] * s_xr + offs_c[None, :] * s_xc
+        if EVEN:
+            x_own = tl.load(x_own_ptrs)
+        else:
+            x_own = tl.load(x_own_ptrs, mask=in_bounds, other=0.0)
+        acc += a * x_own.to(tl.float32)
+    o_ptrs = O + bid * s_ob + offs_r[:, None] * s_or + offs_c[None, :] * s_oc
+    if EVEN:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_bounds)
 
-    return triton, _sym_kernel, _gemm_axpy_kernel, _sym_kernel_tma, _gemm_axpy_kernel_tma
+@triton.jit
+def _sym_kernel_tma(
+    y_desc, z_desc, w_desc, c_desc, ct_desc, C, W, Tiles,
+    m, k, s_cb, s_cr, s_cc, s_wb, s_wr, s_wc,
+    alpha, beta, gamma,
+    HAS_W: tl.constexpr, HAS_GAMMA: tl.constexpr, W_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """``_sym_kernel`` with tensor-memory-accelerator (TMA) loads / stores: row-major operands
+    with 16-byte aligned strides; out-of-range rows read as zeros and are clipped on store."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1)
+    row0 = tl.load(Tiles + 2 * pid) * BLOCK_M
+    col0 = tl.load(Tiles + 2 * pid + 1) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(k, BLOCK_K)):
+        y = y_desc.load([bid, row0, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+        z = z_desc.load([bid, col0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+        if CAST_F32:
+            y = y.to(tl.float32)
+            z = z.to(tl.float32)
+        acc = tl.dot(y, z.T, acc)
+    out = acc * alpha
+    offs_r = row0 + tl.arange(0, BLOCK_M)
+    offs_c = col0 + tl.arange(0, BLOCK_N)
+    if HAS_W:
+        if W_TMA:
+            w = w_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N)
+        else:  # straight to registers: keeps shared memory for the main-loop stages
+            w = tl.load(W + bid.to(tl.int64) * s_wb + offs_r[:, None] * s_wr + offs_c[None, :] * s_wc,
+                        mask=(offs_r[:, None] < m) & (offs_c[None, :] < m), other=0.0)
+        out += beta * w.to(tl.float32)
+    if HAS_GAMMA:
+        out += tl.where(offs_r[:, None] == offs_c[None, :], gamma, 0.0)
+    out = out.to(C.dtype.element_ty)
+    out_t = tl.trans(out)
+    if col0 + BLOCK_N <= row0:
+        c_desc.store([bid, row0, col0], out.reshape(1, BLOCK_M, BLOCK_N))
+        ct_desc.store([bid, col0, row0], out_t.reshape(1, BLOCK_N, BLOCK_M))
+    else:
+        c_base = C + bid.to(tl.int64) * s_cb
+        in_bounds = (offs_r[:, None] < m) & (offs_c[None, :] < m)
+        lower = in_bounds & (offs_c[None, :] <= offs_r[:, None])
+        tl.store(c_base + offs_r[:, None] * s_cr + offs_c[None, :] * s_cc, out, mask=lower)
+        strict = in_bounds & (offs_c[None, :] < offs_r[:, None])
+        tl.store(c_base + offs_c[:, None] * s_cr + offs_r[None, :] * s_cc, out_t, mask=tl.trans(strict))
+
+@triton.jit
+def _gemm_axpy_kernel_tma(
+    b_desc, x_desc, xo_desc, o_desc,
+    m, n, k, a,
+    HAS_AX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """``_gemm_axpy_kernel`` with TMA loads / stores (row-major, 16-byte aligned operands)."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1)
+    num_pid_m = tl.cdiv(m, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(k, BLOCK_K)):
+        bt = b_desc.load([bid, row0, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+        xt = x_desc.load([bid, kk * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
+        if CAST_F32:
+            bt = bt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(bt, xt, acc)
+    if HAS_AX:
+        acc += a * xo_desc.load([bid, row0, col0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+    o_desc.store([bid, row0, col0], acc.to(o_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+
 
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 
-def _sym_config(m: int, k: int, fused: bool = False) -> dict:
+def sym_config(m: int, k: int, fused: bool = False) -> dict:
     """Tiles of ``_sym_kernel``; ``fused``: the b A + c A A call (an epilogue operand W to load).
 
     Measured per role on an H100 (benchmarks/results/gpu_tune_h100.json, TMA kernels): 128 x 128
@@ -288,7 +285,7 @@ def _sym_config(m: int, k: int, fused: bool = False) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, W_TMA=False)
 
 
-def _gemm_config(m: int, n: int, k: int) -> dict:
+def gemm_config(m: int, n: int, k: int) -> dict:
     if _interpret():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     stages = 4 if (m >= 8192 or m * n <= 1024 * 1024) else 3
@@ -311,7 +308,7 @@ USE_TMA = True
 
 SYM_W_VIA_TMA: bool | None = None
 """Epilogue operand W of the TMA sym kernel through TMA (shared memory) or plain loads; None: as
-the tile config says (``_sym_config``'s ``W_TMA``)."""
+the tile config says (``sym_config``'s ``W_TMA``)."""
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
@@ -344,12 +341,11 @@ def _lower_tiles(m: int, bm: int, bn: int, group_m: int, device: str) -> torch.T
     return torch.tensor(tiles, dtype=torch.int32, device=device)
 
 
-def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
+def sym_product(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Tensor:
     """out = alpha * y z^T + beta * w + gamma * I (symmetric result) for [Bt, m, k] views."""
-    triton, sym_kernel, _, sym_tma, _ = _kernels()
     z = y if z is None else z
     bt, m, k = y.shape
-    cfg = dict(SYM_CONFIG_OVERRIDE or _sym_config(m, k, w is not None and beta != 0.0))
+    cfg = dict(SYM_CONFIG_OVERRIDE or sym_config(m, k, w is not None and beta != 0.0))
     even = m % cfg["BLOCK_M"] == 0 and m % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     w_tma = cfg.pop("W_TMA", False) if SYM_W_VIA_TMA is None else SYM_W_VIA_TMA
     tiles = _lower_tiles(m, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("GROUP_M"), str(y.device))
@@ -357,7 +353,7 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     wt = w if w is not None else out
     if _tma_ok(y, z, wt, out):
         bm_, bn_, bk_ = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-        sym_tma[grid](
+        _sym_kernel_tma[grid](
             _desc(y, [1, bm_, bk_]), _desc(z, [1, bn_, bk_]), _desc(wt, [1, bm_, bn_]),
             _desc(out, [1, bm_, bn_]), _desc(out, [1, bn_, bm_]), out, wt, tiles, m, k,
             *_strides3(out), *_strides3(wt),
@@ -366,7 +362,7 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
             BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, CAST_F32=_interpret(), **cfg,
         )
         return out
-    sym_kernel[grid](
+    _sym_kernel[grid](
         y, z, wt, out, tiles, m, k,
         *_strides3(y), *_strides3(z), *_strides3(wt), *_strides3(out),
         float(alpha), float(beta), float(gamma),
@@ -376,28 +372,27 @@ def _sym(y, z=None, w=None, *, out, alpha=1.0, beta=0.0, gamma=0.0) -> torch.Ten
     return out
 
 
-def _gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
+def gemm_axpy(bm, x, *, out, a=0.0) -> torch.Tensor:
     """out = a * x + bm @ x for bm [Bt, m, k], x [Bt, k, n] (a != 0 needs k == m)."""
     if GEMM_BACKEND == "cublas" and bm.is_cuda and not _interpret() and all(
             t.is_contiguous() for t in (bm, x, out)):
         if a != 0.0:
             return torch.baddbmm(x, bm, x, beta=float(a), out=out)
         return torch.bmm(bm, x, out=out)
-    triton, _, gemm_kernel, _, gemm_tma = _kernels()
     bt, m, k = bm.shape
     n = x.shape[-1]
-    cfg = dict(GEMM_CONFIG_OVERRIDE or _gemm_config(m, n, k))
+    cfg = dict(GEMM_CONFIG_OVERRIDE or gemm_config(m, n, k))
     even = m % cfg["BLOCK_M"] == 0 and n % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), bt)
     if _tma_ok(bm, x, out):
         bm_, bn_, bk_ = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-        gemm_tma[grid](
+        _gemm_axpy_kernel_tma[grid](
             _desc(bm, [1, bm_, bk_]), _desc(x, [1, bk_, bn_]), _desc(x, [1, bm_, bn_]), _desc(out, [1, bm_, bn_]),
             m, n, k, float(a), HAS_AX=a != 0.0,
             BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, CAST_F32=_interpret(), **cfg,
         )
         return out
-    gemm_kernel[grid](
+    _gemm_axpy_kernel[grid](
         bm, x, out, m, n, k,
         *_strides3(bm), *_strides3(x), *_strides3(out),
         float(a), HAS_AX=a != 0.0,
@@ -460,6 +455,12 @@ _GRAPH_MAX_WORK = 2**36
 """``cuda_graph=None`` captures a CUDA graph when batch * m^2 * n is at most this (launch-bound sizes)."""
 
 _GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drop the captured CUDA graphs (keyed by shape, not by launch configuration: benchmarks that
+    change configurations call this between them)."""
+    _GRAPHS.clear()
 _GRAPH_CACHE_SIZE = 16
 
 
@@ -552,10 +553,10 @@ def _ns_standard(x: torch.Tensor, *, sched, eps: float, dtype: torch.dtype = tor
     bufs = [torch.empty(bt, m, n, device=dev, dtype=dtype) for _ in range(min(2, len(sched) - 1))]
     cur = X
     for i, (a, b, c) in enumerate(sched):
-        _sym(cur, out=A)                                    # A = X X^T
-        _sym(A, None, A, out=Bm, alpha=c, beta=b)           # B = b A + c A A
+        sym_product(cur, out=A)                                    # A = X X^T
+        sym_product(A, None, A, out=Bm, alpha=c, beta=b)           # B = b A + c A A
         dst = out_w if i == len(sched) - 1 else bufs[i % 2]
-        _gemm_axpy(Bm, cur, out=dst, a=a)                   # X = a X + B X
+        gemm_axpy(Bm, cur, out=dst, a=a)                   # X = a X + B X
         cur = dst
     return out.reshape(x.shape)
 
@@ -586,7 +587,7 @@ def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int,
     out = torch.empty(x0.shape, device=dev, dtype=torch.bfloat16)
     out_w = out.mT if transposed else out
     xbufs: list[torch.Tensor] = []
-    _sym(X0, out=A)                                          # A_0 = X_0 X_0^T
+    sym_product(X0, out=A)                                          # A_0 = X_0 X_0^T
     have_q = False
     since = 0
     for k, (a, b, c) in enumerate(sched):
@@ -594,13 +595,13 @@ def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int,
             if len(xbufs) < 2:
                 xbufs.append(torch.empty(bt, m, n, device=dev, dtype=dtype))
             xnew = xbufs[0] if X0 is not xbufs[0] else xbufs[-1]
-            _gemm_axpy(Q, X0, out=xnew)                      # X = Q X_0 (restart)
+            gemm_axpy(Q, X0, out=xnew)                      # X = Q X_0 (restart)
             X0 = xnew
-            _sym(X0, out=A)                                  # A = X X^T
+            sym_product(X0, out=A)                                  # A = X X^T
             have_q, since = False, 0
-        _sym(A, None, A, out=P, alpha=c, beta=b, gamma=a)   # P = a I + b A + c A^2
+        sym_product(A, None, A, out=P, alpha=c, beta=b, gamma=a)   # P = a I + b A + c A^2
         if have_q:
-            _sym(P, Q, out=Qn)                               # Q <- P Q (commuting, symmetric)
+            sym_product(P, Q, out=Qn)                               # Q <- P Q (commuting, symmetric)
             Q, Qn = Qn, Q
             p_cur = P
         else:
@@ -609,9 +610,9 @@ def _ns_gram(x: torch.Tensor, *, sched, eps: float, restart_every: int,
         have_q = True
         since += 1
         if k + 1 < len(sched):
-            _sym(p_cur, A, out=T)                            # T = P A
-            _sym(p_cur, T, out=A)                            # A <- P T = P^2 A
-    _gemm_axpy(Q, X0, out=out_w)                             # X_K = Q X_0
+            sym_product(p_cur, A, out=T)                            # T = P A
+            sym_product(p_cur, T, out=A)                            # A <- P T = P^2 A
+    gemm_axpy(Q, X0, out=out_w)                             # X_K = Q X_0
     return out.reshape(x.shape)
 
 

@@ -167,7 +167,7 @@ def test_attention_forward_tma_matches_pointer_kernel(layout, S, monkeypatch):
     mk = lambda h: (torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # noqa: E731
                     if layout == "bshd" else torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16))
     q, k, v = mk(H), mk(Hkv), mk(Hkv)
-    if not am._fwd_tma_ok(q, k, v):
+    if not am.forward_uses_tma(q, k, v):
         pytest.skip("no TMA on this GPU / triton")
     got = am.attention_forward_with_max_triton(q, k, v, scale=D ** -0.5, causal=True)
     monkeypatch.setattr(am, "FWD_USE_TMA", False)
