@@ -8,8 +8,12 @@ from typing import Any
 import torch
 
 from tests._dist_workers import GLOBAL_BATCH, SEQ, VOCAB, local_batch
-from tests._ds_workers import MC_PARAMS, _count_ns, _setup, ds_config, qk_clip_params
+from tests._ds_workers import _count_ns, _setup, ds_config
 from tests._tiny_hf import tiny_model
+
+# QK-Clip below the tiny model's max logits (~0.09-0.11 in the first steps), so heads are clipped
+# from the first steps on and the clip is part of what the oracles compare
+QK = {"qk_clip": {"tau": 0.05}}
 
 
 def _masters(client) -> dict[str, torch.Tensor]:
@@ -30,7 +34,7 @@ def ds_native_worker(rank: int, world: int, stage: int, steps: int, mode: str) -
     from dist_muonclip import MuonClip
 
     model = tiny_model("llama", seed=0)
-    cfg = ds_config(stage, world, scheduler=(mode == "config"))
+    cfg = ds_config(stage, world, scheduler=(mode == "config"), params=QK)
     if mode == "instance":
         opt = MuonClip(model, **cfg.pop("optimizer")["params"])
         engine, returned, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
@@ -51,6 +55,46 @@ def ds_native_worker(rank: int, world: int, stage: int, steps: int, mode: str) -
     return {"params": _masters(engine.basic_optimizer), "ns": sum(ns_calls), "lrs": lrs,
             "layout": engine.basic_optimizer.layout_name, "world_size": inner.world_size,
             "is_instance": mode != "instance" or inner is opt, "metrics": inner.metrics()}
+
+
+def ds_refusals_worker(rank: int, world: int) -> dict[str, str]:
+    """``deepspeed.initialize`` calls that must raise before training: the exception type and message."""
+    _setup()
+    import deepspeed
+
+    import dist_muonclip.hf  # noqa: F401
+    from dist_muonclip import MuonClip
+
+    def attempt(**kw) -> str:
+        try:
+            deepspeed.initialize(**kw)
+        except (ValueError, TypeError) as e:
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+
+    def cfg_with(stage: int = 1, **params) -> dict[str, Any]:
+        cfg = ds_config(stage, world)
+        cfg["optimizer"]["params"].update(params)
+        return cfg
+
+    out = {}
+    model = tiny_model("llama", seed=0)
+    params = list(model.parameters())
+    out["zero3"] = attempt(model=model, model_parameters=params, config=cfg_with(3))
+    cfg = cfg_with(2)    # (fp16 is refused by DeepSpeed itself on CPU, before the optimizer is built)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    out["offload"] = attempt(model=model, model_parameters=params, config=cfg)
+    out["auto"] = attempt(model=model, model_parameters=params, config=cfg_with(weight_decay="auto"))
+    out["both_spellings"] = attempt(model=model, model_parameters=params,
+                                    config=cfg_with(betas=[0.9, 0.95], adamw_betas=[0.9, 0.95]))
+    out["bad_value"] = attempt(model=model, model_parameters=params, config=cfg_with(momentum=1.5))
+    out["instance_and_section"] = attempt(model=model, optimizer=MuonClip(model, lr=0.01), config=cfg_with())
+    opt = MuonClip(model, lr=0.01)
+    cfg = cfg_with()
+    del cfg["optimizer"]
+    out["instance_scheduler"] = attempt(model=model, optimizer=opt, config=cfg,
+                                        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +164,7 @@ def hf_ds_config(stage: int, *, optimizer: str | None = "MuonClip", scheduler: b
     if optimizer:
         cfg["optimizer"] = {"type": optimizer, "params": {
             "lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto", "adamw_lr": 0.01,
-            "ns_dtype": "float32", "ns_backend": "torch", **qk_clip_params()}}
+            "ns_dtype": "float32", "ns_backend": "torch", **QK}}
     if scheduler:
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
                                                            "warmup_num_steps": 2}}
@@ -147,7 +191,7 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
 
     model = tiny_model("llama", seed=0)
     mc = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, adamw_betas=(0.9, 0.95), ns_dtype="float32",
-              ns_backend="torch", **qk_clip_params())
+              ns_backend="torch", **QK)
     user_opt = MuonClip(model, **mc) if route.startswith("instance") else None
     ds = None
     if stage is not None:
@@ -201,3 +245,41 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
 def trainer_call(rank: int, world: int, out_dir: str, kw: dict[str, Any]) -> dict[str, Any]:
     """:func:`trainer_worker` with its keywords in one dict (what run_distributed passes on)."""
     return trainer_worker(rank, world, out_dir, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun-like processes: the environment is set, the process group is NOT created (the
+# framework under test creates it, as under torchrun)
+# --------------------------------------------------------------------------------------------
+
+def _torchrun_entry(rank: int, fn, world: int, port: int, args: tuple, result_dir: str) -> None:
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DIST_MUONCLIP_DS_SHM="0")
+    torch.set_num_threads(1)
+    try:
+        out = {"ok": True, "value": fn(rank, world, *args)}
+    except BaseException as e:  # report the failure to the test instead of dying silently
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+    torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:
+            pass
+        dist.destroy_process_group()
+
+
+def run_torchrun_like(fn, world: int, *args: Any, tmp_path, port: int, timeout: float = 600) -> list[dict]:
+    """``fn(rank, world, *args)`` on ``world`` spawned processes with torchrun's environment and
+    no process group (a hang is killed after ``timeout`` and reported)."""
+    from dist_muonclip.launch_env import spawn_local
+
+    result_dir = str(tmp_path)
+    os.makedirs(result_dir, exist_ok=True)
+    spawn_local(_torchrun_entry, world, (fn, world, port, args, result_dir), timeout=timeout,
+                what=f"torchrun-like run of {fn.__name__}")
+    return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
