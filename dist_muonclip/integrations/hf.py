@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..optimizer import MuonClip
-from . import deepspeed as _ds   # our DeepSpeed adapter (public names only)
+from . import deepspeed as ds_adapter   # our DeepSpeed adapter (public names only)
 
 __all__ = [
     "HF_PARAM_ALIASES",
@@ -129,7 +129,7 @@ def muonclip_kwargs(params: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed config optimizer.params {autos} are \"auto\" but nothing filled them: \"auto\" "
                          "is filled by HF Trainer (from TrainingArguments) and accelerate (lr, weight_decay from "
                          "DummyOptim); with deepspeed.initialize or dist_muonclip.deepspeed.initialize write numbers")
-    return _ds.parse_muonclip_section({"type": "MuonClip", "params": out})
+    return ds_adapter.parse_muonclip_section({"type": "MuonClip", "params": out})
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def unwrap_optimizer(opt: Any) -> Any:
         seen.add(id(opt))
         if isinstance(opt, MuonClip):
             return opt
-        if isinstance(opt, _ds.DeepSpeedMuonClip):
+        if isinstance(opt, ds_adapter.DeepSpeedMuonClip):
             return opt.inner
         nxt = getattr(opt, "optimizer", None)
         if nxt is None:
@@ -221,7 +221,7 @@ def _check_engine_modes(engine: Any) -> None:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": str(engine.zero_offload_optimizer().device)}
     if engine.zero_offload_param():
         cfg["zero_optimization"]["offload_param"] = {"device": str(engine.zero_offload_param().device)}
-    _ds.prepare_config(cfg, has_optimizer=True)
+    ds_adapter.prepare_config(cfg, has_optimizer=True)
 
 
 def _wrap_client(model: nn.Module, opt: MuonClip, lr_scheduler: Any) -> Any:
@@ -230,7 +230,7 @@ def _wrap_client(model: nn.Module, opt: MuonClip, lr_scheduler: Any) -> Any:
                          "an adapter whose param groups carry the lr: pass no scheduler and use a DeepSpeed "
                          "\"scheduler\" section, or build the scheduler on the optimizer deepspeed.initialize "
                          "returns (Trainer: set lr_scheduler_type)")
-    client = _ds.DeepSpeedMuonClip(model, opt)
+    client = ds_adapter.DeepSpeedMuonClip(model, opt)
     _PENDING_BIND.add(client)
     return client
 
@@ -271,16 +271,16 @@ def _patch_deepspeed() -> None:
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
         _check_trainable(self.module, inner, model_parameters)
-        client = _ds.DeepSpeedMuonClip(self.module, inner)
+        client = ds_adapter.DeepSpeedMuonClip(self.module, inner)
         _PENDING_BIND.add(client)
         return client
 
     Engine.__init__ = __init__
     Engine._is_supported_optimizer = _is_supported_optimizer
     Engine._configure_basic_optimizer = _configure_basic_optimizer
-    if _ds.DeepSpeedMuonClip not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+    if ds_adapter.DeepSpeedMuonClip not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         # ZeRO-1/2 partition it like torch's Adam (it was written for their per-group stepping)
-        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(_ds.DeepSpeedMuonClip)
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(ds_adapter.DeepSpeedMuonClip)
     _STATE["deepspeed"] = (Engine, orig_init, orig_supported, orig_basic)
 
 
@@ -360,7 +360,10 @@ def _patch_transformers() -> None:
 
     @functools.wraps(orig_save)
     def _save_optimizer_and_scheduler(self, output_dir):
-        if getattr(self, "is_deepspeed_enabled", False) or not isinstance(unwrap_optimizer(self.optimizer), MuonClip):
+        # DeepSpeed saves through engine.save_checkpoint (every rank) and FSDP through torch's
+        # state-dict helpers; only the plain path calls state_dict() on rank 0 alone
+        if (getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+                or not isinstance(unwrap_optimizer(self.optimizer), MuonClip)):
             return orig_save(self, output_dir)
         save_trainer_optimizer(self, output_dir)
 
