@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dist_check import DistributedNotReadyWarning, check_process_group
 from ..optimizer import MuonClip
 from . import deepspeed as ds_adapter   # our DeepSpeed adapter (public names only)
 
@@ -135,38 +136,6 @@ def muonclip_kwargs(params: dict[str, Any] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Misuse: MuonClip built in a multi-process job before the process group exists
 # --------------------------------------------------------------------------------------------
-
-class DistributedNotReadyWarning(UserWarning):
-    """MuonClip was built in a multi-process job before ``torch.distributed`` was initialized."""
-
-
-def check_process_group(process_group: Any = None, *, env: dict[str, str] | None = None,
-                        strict: bool = False) -> str | None:
-    """Warn (``strict``: raise ``RuntimeError``) when ``WORLD_SIZE > 1`` but no process group exists.
-
-    Such a MuonClip runs single-process on every rank: each rank orthogonalizes every matrix and,
-    with QK-Clip, clips with its own max logits, so replicas drift apart. Meant to be called by
-    ``MuonClip.__init__`` when ``process_group`` is None. Integrations that move the optimizer onto
-    the group later (``dist_muonclip.deepspeed.initialize``, the hooks of this module) repair it, so
-    the default is a warning. Returns the message (``None``: nothing wrong).
-    """
-    env = os.environ if env is None else env
-    try:
-        world = int(env.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return None
-    if process_group is not None or world <= 1 or (dist.is_available() and dist.is_initialized()):
-        return None
-    msg = (f"MuonClip built with WORLD_SIZE={world} but torch.distributed is not initialized: it would run "
-           "single-process on every rank (each rank orthogonalizes every matrix, QK-Clip uses per-rank max "
-           "logits, replicas drift). Build it after the process group exists: after init_process_group, "
-           "TrainingArguments(...) or Accelerator(); or let dist_muonclip.deepspeed.initialize / Trainer "
-           "(with `import dist_muonclip.hf`) move it onto the group before the first step")
-    if strict:
-        raise RuntimeError(msg)
-    warnings.warn(msg, DistributedNotReadyWarning, stacklevel=3)
-    return msg
-
 
 def _adopt_process_group(opt: MuonClip) -> None:
     """Move a not-yet-stepped MuonClip built before the process group onto the world group."""
