@@ -64,7 +64,9 @@ def main() -> None:
         if os.environ.get("DIST_MUONCLIP_DS_SHM", "1") == "0":     # CPU CI: skip DeepSpeed's shm op build
             from dist_muonclip.deepspeed import disable_shm_comm
             disable_shm_comm()
-    accelerator = Accelerator(deepspeed_plugin=plugin)
+    # cpu=True makes accelerate run DDP over gloo on CPU-only machines; with the DeepSpeed plugin it
+    # would drop DeepSpeed, so there it is left to DeepSpeed's CPU accelerator
+    accelerator = Accelerator(deepspeed_plugin=plugin, cpu=plugin is None and not torch.cuda.is_available())
     if plugin is None:
         # after Accelerator(): the process group exists, so MuonClip shards its work over it
         optimizer = MuonClip(model, lr=args.lr, adamw_lr=0.003, weight_decay=0.1, qk_clip={"tau": 100.0})
