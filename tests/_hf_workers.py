@@ -283,3 +283,35 @@ def run_torchrun_like(fn, world: int, *args: Any, tmp_path, port: int, timeout: 
     spawn_local(_torchrun_entry, world, (fn, world, port, args, result_dir), timeout=timeout,
                 what=f"torchrun-like run of {fn.__name__}")
     return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def accelerate_ds_worker(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """accelerate's DeepSpeed plugin with ``DummyOptim`` and a config naming MuonClip (lr and
+    weight_decay "auto", filled by accelerate from DummyOptim). Each rank feeds its own rows of the
+    global batch by hand: on CPU accelerate counts one process under DeepSpeed and would give both
+    ranks the same batches through a prepared loader."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim
+
+    import dist_muonclip.hf as hf
+
+    _setup()
+    model = tiny_model("llama", seed=0)
+    cfg = ds_config(2, world, params=QK)
+    cfg["optimizer"]["params"].update(lr="auto", weight_decay="auto")
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
+    engine, opt = acc.prepare(model, DummyOptim(model.parameters(), lr=0.02, weight_decay=0.1))
+    inner = hf.muonclip_optimizer(engine)
+    ns_calls: list[int] = []
+    restore = _count_ns(inner, ns_calls)
+    try:
+        for t in range(steps):
+            ids = local_batch(t, rank, world)
+            acc.backward(engine(input_ids=ids, labels=ids).loss)
+            opt.step()
+            opt.zero_grad()
+    finally:
+        restore()
+    return {"params": _masters(engine.basic_optimizer), "ns": sum(ns_calls), "world_size": inner.world_size,
+            "num_processes": acc.num_processes, "layout": engine.basic_optimizer.layout_name,
+            "lr": [g["lr"] for g in inner.param_groups], "num_steps": inner.num_steps}

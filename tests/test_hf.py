@@ -299,3 +299,19 @@ def test_trainer_ddp_checkpoints_never_hang_and_resume_at_2_and_1(trainer_oracle
     res1 = _trainer(1, tmp_path, "res1", max_steps=STEPS, route="subclass", per_device=8, resume=ckpt)[0]
     _close(res1["params"], full[0]["params"])
     assert res1["num_steps"] == STEPS and res1["losses"] == pytest.approx(full[0]["losses"][2:], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_plugin_with_dummy_optim_matches_single_process(ds_oracle, tmp_path):
+    """accelerate + DeepSpeed plugin + ``DummyOptim``, JSON naming MuonClip with "auto" lr and
+    weight_decay: ZeRO-2 over 2 ranks equals the one-process oracle (each rank feeds its rows by
+    hand; accelerate's own CPU limit, one process counted under DeepSpeed, is asserted so that a
+    fixed accelerate shows up here)."""
+    pytest.importorskip("accelerate")
+    outs = values(H.run_torchrun_like(H.accelerate_ds_worker, 2, STEPS, tmp_path=tmp_path, port=next(PORT)))
+    for o in outs:
+        assert o["world_size"] == 2 and o["layout"] == "flat_fragments(zero)" and o["num_steps"] == STEPS
+        assert o["lr"] == [0.02, 0.01]          # "auto" lr filled from DummyOptim; adamw_lr from the JSON
+        _close(o["params"], ds_oracle(False))
+    assert sum(o["ns"] for o in outs) == STEPS * _n_muon()
+    assert all(o["num_processes"] == 1 for o in outs)
