@@ -12,6 +12,8 @@ EXTRAS = {
     "transformers": ["transformers>=4.48"],
     # DeepSpeed JSON-config integration (ZeRO-0/1/2).
     "deepspeed": ["deepspeed>=0.19"],
+    # HF Trainer / accelerate / Lightning integrations (dist_muonclip.hf, examples/).
+    "hf": ["transformers>=4.48", "accelerate>=1.0", "deepspeed>=0.19", "lightning>=2.4"],
     # Triton Newton-Schulz and max-logit kernels (GPU; CPU via TRITON_INTERPRET=1).
     "triton": ["triton>=3.1"],
     # rank discovery under mpirun / SLURM.

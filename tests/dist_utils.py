@@ -30,15 +30,17 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, res
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_path, timeout: float = 300) -> list[dict]:
+def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_path, timeout: float = 300,
+                    port: int | None = None) -> list[dict]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
 
     Returns each rank's ``{"ok", "value"}`` or ``{"ok": False, "error", "tb"}``. A run that
-    exceeds ``timeout`` is killed and reported as a hang.
+    exceeds ``timeout`` is killed and reported as a hang. ``port``: the rendezvous port (default:
+    one the OS says is free now).
     """
     result_dir = str(tmp_path)
     os.makedirs(result_dir, exist_ok=True)
-    spawn_local(_entry, world_size, (fn, world_size, free_port(), args, result_dir), timeout=timeout,
+    spawn_local(_entry, world_size, (fn, world_size, port or free_port(), args, result_dir), timeout=timeout,
                 what=f"distributed run of {fn.__name__}")
     return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
