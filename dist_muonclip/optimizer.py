@@ -11,7 +11,6 @@ collects state and dispatches. ``step()`` reads as its phases (DESIGN.md):
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
@@ -22,8 +21,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .comm import Comm, CommAccountant
+from .dist_check import check_process_group
+from .validation import (UnsupportedParameterError, check_adjust_lr_fn, check_betas, check_float, check_lr,
+                         group_param_list, names_given, validate_layout)
 from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
-from .functional import ADJUST_LR_FNS
 from .layouts import Layout, Replicated
 from .newton_schulz import validate_ns_options
 from .param_split import ParamInfo, format_split, split_parameters
@@ -35,83 +36,6 @@ _MUON_KEYS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_backend
 _ADAMW_KEYS = ("betas", "eps")
 # DDP's default bucket cap (torch.nn.parallel.DistributedDataParallel: bucket_cap_mb=25)
 _DEFAULT_BUCKET_CAP_MB = 25.0
-
-
-class UnsupportedParameterError(TypeError, RuntimeError):
-    """A parameter MuonClip cannot optimize (complex, integer). A TypeError (our rule for bad
-    input) that is also the RuntimeError torch.optim.Muon raises for complex parameters, so code
-    catching torch's error class keeps working; raised at construction, before any state."""
-
-
-def _check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:     # torch.optim's own message and class
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return float(value)
-
-
-def _check_lr(name: str, value: Any) -> float | Tensor:
-    """Validate a learning rate; a 1-element tensor stays that tensor (torch.optim's tensor-lr
-    semantics: the step computes with it, and LR schedulers ``fill_`` it in place)."""
-    _check_float(name, value, low=0.0)
-    return value if isinstance(value, Tensor) else float(value)
-
-
-def _check_betas(name: str, betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
-    return (_check_float(f"{name}[0]", betas[0], low=0.0, high=1.0, high_open=True),
-            _check_float(f"{name}[1]", betas[1], low=0.0, high=1.0, high_open=True))
-
-
-def _validate_layout(layout: Layout, params: Sequence[Tensor], names: dict, world_size: int, rank: int) -> None:
-    """Refuse parameters the layout cannot hold, naming them (before any state exists)."""
-    try:
-        layout.validate(params, names, world_size, rank)
-    except KeyError as e:     # a layout given explicit per-name ranges (FlatRangesLayout)
-        raise ValueError(f"a parameter is not known to the layout {type(layout).__name__} ({e}); give the layout "
-                         "its ranges") from None
-
-
-def _group_param_list(params: Any, gi: int) -> list[Any]:
-    """A group's ``params`` as a list, as torch.optim reads it (a Tensor alone is one parameter)."""
-    if isinstance(params, Tensor):
-        return [params]
-    if isinstance(params, (set, frozenset)):
-        raise TypeError(f"param group {gi}: 'params' is a set, whose order changes between runs; use a list "
-                        "(optimizer parameters need to be organized in ordered collections, as in torch.optim)")
-    return list(params)
-
-
-def _names_given(params: Sequence[Any], gi: int) -> bool:
-    """Whether a group's entries are ``(name, parameter)`` pairs; all or none must be (torch.optim)."""
-    named = [isinstance(item, tuple) for item in params]
-    if any(named) and not all(named):
-        raise ValueError(f"all optimizer params should be with/without names. Some param names are missing "
-                         f"(param group {gi}: {named.count(False)} of {len(named)} entries are bare tensors); "
-                         "pass (name, parameter) pairs for all of them or for none")
-    for item in params:
-        if isinstance(item, tuple) and (len(item) != 2 or not isinstance(item[0], str)):
-            raise TypeError(f"param group {gi}: a named parameter must be a (str, Tensor) pair, got {item!r:.80}")
-    return bool(named) and all(named)
-
-
-def _check_adjust_lr_fn(adjust_lr_fn: Any) -> str:
-    """``None`` is torch.optim.Muon's default and means its "original" scale (not our default)."""
-    if adjust_lr_fn is None:
-        return "original"
-    if adjust_lr_fn not in ADJUST_LR_FNS:
-        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one "
-                         f"of {ADJUST_LR_FNS} or None (torch.optim.Muon's default, meaning 'original')")
-    return adjust_lr_fn
 
 
 class MuonClip(Optimizer):
@@ -229,18 +153,20 @@ class MuonClip(Optimizer):
         verbose: bool = False,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
-        lr = _check_lr("lr", lr)
-        momentum = _check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
-        ns_eps = _check_float("ns_eps", ns_eps, low=0.0, low_open=True)
+        if process_group is None:
+            check_process_group()   # WORLD_SIZE > 1 but no process group yet: it would run single-process
+        lr = check_lr("lr", lr)
+        momentum = check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        weight_decay = check_float("weight_decay", weight_decay, low=0.0)
+        ns_eps = check_float("ns_eps", ns_eps, low=0.0, low_open=True)
         ns_coefficients, ns_steps, ns_dtype, ns_backend = validate_ns_options(
             ns_coefficients, ns_steps, ns_dtype, ns_backend)
-        adjust_lr_fn = _check_adjust_lr_fn(adjust_lr_fn)
-        adamw_lr = lr if adamw_lr is None else _check_lr("adamw_lr", adamw_lr)
-        adamw_betas = _check_betas("adamw_betas", adamw_betas)
-        adamw_eps = _check_float("adamw_eps", adamw_eps, low=0.0, low_open=True)
+        adjust_lr_fn = check_adjust_lr_fn(adjust_lr_fn)
+        adamw_lr = lr if adamw_lr is None else check_lr("adamw_lr", adamw_lr)
+        adamw_betas = check_betas("adamw_betas", adamw_betas)
+        adamw_eps = check_float("adamw_eps", adamw_eps, low=0.0, low_open=True)
         adamw_weight_decay = (weight_decay if adamw_weight_decay is None
-                              else _check_float("adamw_weight_decay", adamw_weight_decay, low=0.0))
+                              else check_float("adamw_weight_decay", adamw_weight_decay, low=0.0))
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
 
@@ -259,9 +185,9 @@ class MuonClip(Optimizer):
         self._split = split
         self._options = EngineOptions(
             skip_nonfinite=bool(skip_nonfinite), adamw_foreach=adamw_foreach, adamw_fused=adamw_fused,
-            max_grad_norm=None if max_grad_norm is None else _check_float("max_grad_norm", max_grad_norm, low=0.0,
+            max_grad_norm=None if max_grad_norm is None else check_float("max_grad_norm", max_grad_norm, low=0.0,
                                                                           low_open=True),
-            bucket_cap_mb=_check_float("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True),
+            bucket_cap_mb=check_float("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True),
             shard_adamw=bool(shard_adamw))
         self.accountant = accountant
         self.profiler = profiler
@@ -319,17 +245,17 @@ class MuonClip(Optimizer):
         else:
             groups = [{"params": raw}]
         seen: dict[Tensor, str] = {}
-        names_given = False
+        groups_named = False
         for gi, g in enumerate(groups):
             if "params" not in g:
                 raise ValueError(f"param group {gi} has no 'params' key")
-            params = _group_param_list(g["params"], gi)
-            named = _names_given(params, gi)
-            if gi > 0 and named != names_given:       # torch.optim's rule and message
+            params = group_param_list(g["params"], gi)
+            named = names_given(params, gi)
+            if gi > 0 and named != groups_named:       # torch.optim's rule and message
                 raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
                                  f"{'with' if named else 'without'} names to the optimizer (group {gi}; group 0 "
-                                 f"is {'with' if names_given else 'without'}): name all parameters or none")
-            names_given = named
+                                 f"is {'with' if groups_named else 'without'}): name all parameters or none")
+            groups_named = named
             plain = []
             in_group: set[Tensor] = set()
             for pi, item in enumerate(params):
@@ -356,7 +282,7 @@ class MuonClip(Optimizer):
                 plain.append(p)
             g["params"] = plain
             g.pop("param_names", None)
-        self._names_given = names_given
+        self._names_given = groups_named
         return groups, None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -373,9 +299,9 @@ class MuonClip(Optimizer):
         g = dict(param_group)
         if "params" not in g:
             raise ValueError("param_group has no 'params' key")
-        params = _group_param_list(g["params"], len(self.param_groups))
+        params = group_param_list(g["params"], len(self.param_groups))
         if self._engine is not None and self._names_given is not None:   # after construction
-            named = _names_given(params, len(self.param_groups))
+            named = names_given(params, len(self.param_groups))
             if named != self._names_given:      # torch.optim's rule and message
                 raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
                                  f"{'with' if named else 'without'} names to the optimizer (its groups are "
@@ -418,7 +344,7 @@ class MuonClip(Optimizer):
         self._validate_group(g)
         engine = self._engine      # None while torch's __init__ adds the first groups
         if engine is not None:     # construction checks the first groups when it builds the engine
-            _validate_layout(engine.layout, plain, dict(zip(plain, names)), engine.world_size, engine.rank)
+            validate_layout(engine.layout, plain, dict(zip(plain, names)), engine.world_size, engine.rank)
         for p, name in zip(plain, names):      # register only once the group is known to be valid
             self._registry.register(p, name)
         super().add_param_group(g)
@@ -429,16 +355,16 @@ class MuonClip(Optimizer):
             engine.layout.init_optimizer_state(self)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
-        _check_float("lr", g["lr"], low=0.0)
-        _check_float("weight_decay", g["weight_decay"], low=0.0)
+        check_float("lr", g["lr"], low=0.0)
+        check_float("weight_decay", g["weight_decay"], low=0.0)
         if g["use_muon"]:
-            _check_float("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)
+            check_float("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)
             (g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"]) = validate_ns_options(
                 g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"])
-            g["adjust_lr_fn"] = _check_adjust_lr_fn(g["adjust_lr_fn"])
+            g["adjust_lr_fn"] = check_adjust_lr_fn(g["adjust_lr_fn"])
         else:
-            g["betas"] = _check_betas("betas", g["betas"])
-            _check_float("eps", g["eps"], low=0.0, low_open=True)
+            g["betas"] = check_betas("betas", g["betas"])
+            check_float("eps", g["eps"], low=0.0, low_open=True)
 
     def _build_clipper(self, model: nn.Module | None, qk_clip: Any, model_config: Any):
         if qk_clip is False or (qk_clip is None and model is None):
@@ -550,7 +476,7 @@ class MuonClip(Optimizer):
         world_size = comm.world_size if comm is not None else 1
         layout = layout if layout is not None else Replicated(world_size)
         params = [p for g in self.param_groups for p in g["params"]]
-        _validate_layout(layout, params, self._registry.names, world_size, comm.rank if comm is not None else 0)
+        validate_layout(layout, params, self._registry.names, world_size, comm.rank if comm is not None else 0)
         if getattr(self, "_engine", None) is not None:
             self._engine.grads.remove_hooks()
         self.grad_reduction = grad_reduction

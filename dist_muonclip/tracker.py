@@ -307,6 +307,18 @@ class MaxLogitTracker:
                                device=device)
         self._handles: list[TrackingHandle] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Strong references to the tracked modules for ``copy.deepcopy`` / ``pickle`` (a copy of
+        a model and its optimizer tracks the copied modules, not the original's)."""
+        state = dict(self.__dict__)
+        state["_index"] = list(self._index.items())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        index = state.pop("_index")
+        self.__dict__.update(state)
+        self._index = weakref.WeakKeyDictionary(dict(index))
+
     # -- buffer ------------------------------------------------------------------------------
     def values(self) -> torch.Tensor:
         """The live ``[num_layers, max_heads]`` fp32 buffer (not a copy)."""

@@ -796,8 +796,11 @@ def deepspeed_client(engine: Any) -> DeepSpeedClient:
     """The :class:`DeepSpeedClient` (the optimizer DeepSpeed steps) of an engine built by
     :func:`initialize`; its ``layout_name`` says which storage MuonClip works on."""
     client = getattr(engine, "_dist_muonclip", None)
+    if client is None and isinstance(getattr(engine, "basic_optimizer", None), DeepSpeedClient):
+        client = engine.basic_optimizer   # built by deepspeed.initialize / Trainer / accelerate (dist_muonclip.hf)
     if client is None:
-        raise ValueError("this DeepSpeed engine was not built by dist_muonclip.deepspeed.initialize")
+        raise ValueError("this DeepSpeed engine was not built by dist_muonclip.deepspeed.initialize (or by "
+                         "DeepSpeed after `import dist_muonclip.hf`)")
     return client
 
 

@@ -226,9 +226,25 @@ class TrackingHandle:
     """Undo handle of :func:`install_hf_tracking`: ``remove()`` restores the original attention
     implementation names on every config it changed and stops tracking the modules."""
 
-    def __init__(self, configs: list[tuple[Any, str | None]], modules: list[nn.Module]) -> None:
+    def __init__(self, configs: list[tuple[Any, str | None]], modules: list[nn.Module],
+                 tracker: MaxLogitTracker | None = None) -> None:
         self._configs = configs
         self._modules = [weakref.ref(m) for m in modules]
+        self._tracker = tracker
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Strong references for ``copy.deepcopy`` / ``pickle``: a copied model's attention modules
+        are tracked by the copied tracker (re-registered in :meth:`__setstate__`)."""
+        return {"configs": self._configs, "modules": [m for r in self._modules if (m := r()) is not None],
+                "tracker": self._tracker}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._configs = state["configs"]
+        self._modules = [weakref.ref(m) for m in state["modules"]]
+        self._tracker = state["tracker"]
+        if self._tracker is not None:
+            for m in state["modules"]:
+                _REGISTRY[m] = weakref.ref(self._tracker)
 
     def remove(self) -> None:
         for cfg, old in self._configs:
@@ -290,4 +306,4 @@ def install_hf_tracking(model: nn.Module, tracker: MaxLogitTracker,
         )
     for m in mods:
         _REGISTRY[m] = weakref.ref(tracker)
-    return TrackingHandle(configs, mods)
+    return TrackingHandle(configs, mods, tracker)

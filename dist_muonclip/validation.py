@@ -1,0 +1,92 @@
+"""Validation of MuonClip's inputs: every check raises ``ValueError`` / ``TypeError`` naming the
+option and the fix, before any state exists (torch.optim's messages and classes where torch.optim
+checks the same thing)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from .functional import ADJUST_LR_FNS
+from .layouts import Layout
+
+__all__ = ["UnsupportedParameterError", "check_float", "check_lr", "check_betas", "validate_layout",
+           "group_param_list", "names_given", "check_adjust_lr_fn"]
+
+
+class UnsupportedParameterError(TypeError, RuntimeError):
+    """A parameter MuonClip cannot optimize (complex, integer). A TypeError (our rule for bad
+    input) that is also the RuntimeError torch.optim.Muon raises for complex parameters, so code
+    catching torch's error class keeps working; raised at construction, before any state."""
+
+
+def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:     # torch.optim's own message and class
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return float(value)
+
+
+def check_lr(name: str, value: Any) -> float | Tensor:
+    """Validate a learning rate; a 1-element tensor stays that tensor (torch.optim's tensor-lr
+    semantics: the step computes with it, and LR schedulers ``fill_`` it in place)."""
+    check_float(name, value, low=0.0)
+    return value if isinstance(value, Tensor) else float(value)
+
+
+def check_betas(name: str, betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    return (check_float(f"{name}[0]", betas[0], low=0.0, high=1.0, high_open=True),
+            check_float(f"{name}[1]", betas[1], low=0.0, high=1.0, high_open=True))
+
+
+def validate_layout(layout: Layout, params: Sequence[Tensor], names: dict, world_size: int, rank: int) -> None:
+    """Refuse parameters the layout cannot hold, naming them (before any state exists)."""
+    try:
+        layout.validate(params, names, world_size, rank)
+    except KeyError as e:     # a layout given explicit per-name ranges (FlatRangesLayout)
+        raise ValueError(f"a parameter is not known to the layout {type(layout).__name__} ({e}); give the layout "
+                         "its ranges") from None
+
+
+def group_param_list(params: Any, gi: int) -> list[Any]:
+    """A group's ``params`` as a list, as torch.optim reads it (a Tensor alone is one parameter)."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"param group {gi}: 'params' is a set, whose order changes between runs; use a list "
+                        "(optimizer parameters need to be organized in ordered collections, as in torch.optim)")
+    return list(params)
+
+
+def names_given(params: Sequence[Any], gi: int) -> bool:
+    """Whether a group's entries are ``(name, parameter)`` pairs; all or none must be (torch.optim)."""
+    named = [isinstance(item, tuple) for item in params]
+    if any(named) and not all(named):
+        raise ValueError(f"all optimizer params should be with/without names. Some param names are missing "
+                         f"(param group {gi}: {named.count(False)} of {len(named)} entries are bare tensors); "
+                         "pass (name, parameter) pairs for all of them or for none")
+    for item in params:
+        if isinstance(item, tuple) and (len(item) != 2 or not isinstance(item[0], str)):
+            raise TypeError(f"param group {gi}: a named parameter must be a (str, Tensor) pair, got {item!r:.80}")
+    return bool(named) and all(named)
+
+
+def check_adjust_lr_fn(adjust_lr_fn: Any) -> str:
+    """``None`` is torch.optim.Muon's default and means its "original" scale (not our default)."""
+    if adjust_lr_fn is None:
+        return "original"
+    if adjust_lr_fn not in ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one "
+                         f"of {ADJUST_LR_FNS} or None (torch.optim.Muon's default, meaning 'original')")
+    return adjust_lr_fn
