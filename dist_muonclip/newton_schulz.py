@@ -66,6 +66,8 @@ __all__ = [
     "orthogonalize",
     "ns_schedule",
     "validate_ns_options",
+    "dtype_name",
+    "as_dtype",
     "ns_flops",
     "remez_odd",
     "cubic_minimax",
@@ -458,6 +460,16 @@ def _normalize_coefficients(coefficients: object) -> str | tuple[Triple, ...]:
             raise TypeError(f"ns_coefficients[{i}] = {tuple(t)!r} must hold 3 finite real numbers")
         out.append((float(t[0]), float(t[1]), float(t[2])))
     return tuple(out)
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (param groups keep the name: a plain value)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A param group's ``ns_dtype`` (a name, or a dtype in checkpoints of older versions) as a torch dtype."""
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
 
 
 def validate_ns_options(

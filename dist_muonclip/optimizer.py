@@ -26,7 +26,7 @@ from .validation import (UnsupportedParameterError, check_adjust_lr_fn, check_be
                          group_param_list, names_given, validate_layout)
 from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .layouts import Layout, Replicated
-from .newton_schulz import validate_ns_options
+from .newton_schulz import dtype_name, validate_ns_options
 from .param_split import ParamInfo, format_split, split_parameters
 
 __all__ = ["MuonClip"]
@@ -161,6 +161,7 @@ class MuonClip(Optimizer):
         ns_eps = check_float("ns_eps", ns_eps, low=0.0, low_open=True)
         ns_coefficients, ns_steps, ns_dtype, ns_backend = validate_ns_options(
             ns_coefficients, ns_steps, ns_dtype, ns_backend)
+        ns_dtype = dtype_name(ns_dtype)   # param_groups hold plain values (torch's state-dict helpers, JSON)
         adjust_lr_fn = check_adjust_lr_fn(adjust_lr_fn)
         adamw_lr = lr if adamw_lr is None else check_lr("adamw_lr", adamw_lr)
         adamw_betas = check_betas("adamw_betas", adamw_betas)
@@ -361,6 +362,7 @@ class MuonClip(Optimizer):
             check_float("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)
             (g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"]) = validate_ns_options(
                 g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"])
+            g["ns_dtype"] = dtype_name(g["ns_dtype"])
             g["adjust_lr_fn"] = check_adjust_lr_fn(g["adjust_lr_fn"])
         else:
             g["betas"] = check_betas("betas", g["betas"])

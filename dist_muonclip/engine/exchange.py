@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..comm import Comm
+from ..newton_schulz import as_dtype
 from ..param_split import as_matrices
 from ..plan import Bucket
 from .units import Units
@@ -123,7 +124,8 @@ class ReplicatedExchange(Exchange):
             counts[job.owner_of[u]] += self.units.num_matrices(u)
         if ortho is None:
             b = job.bucket
-            ortho = torch.empty((0, b.m, b.n), dtype=job.group["ns_dtype"], device=job.active[0].device)
+            ortho = torch.empty((0, b.m, b.n), dtype=as_dtype(job.group["ns_dtype"]),
+                                device=job.active[0].device)
         job.updates, job.work = self.comm.all_gather_uneven(ortho.contiguous(), counts, async_op=True,
                                                              tag=FROM_OWNER)
 
@@ -186,7 +188,7 @@ class ShardedExchange(Exchange):
                     for a, b in units.ranges(u)[r]:
                         sends.append(flat[a:b])
                         in_splits[r] += b - a
-        send = torch.cat(sends) if sends else job.received.new_empty(0, dtype=job.group["ns_dtype"])
+        send = torch.cat(sends) if sends else job.received.new_empty(0, dtype=as_dtype(job.group["ns_dtype"]))
         out_splits = [sum(units.local_size(u, self.rank) for u in job.active if job.owner_of[u] == s)
                       for s in range(w)]
         job.updates = send.new_empty(sum(out_splits))
