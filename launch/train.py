@@ -501,7 +501,10 @@ def param_checksum(model: torch.nn.Module) -> str:
     for name, p in sorted(model.named_parameters()):
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         digest.update(name.encode())
-        digest.update(full.detach().float().cpu().contiguous().numpy().tobytes())
+        # clone: .numpy() pins the storage, and after an eval forward FSDP2 hands out its unsharded
+        # parameters here; a pinned one cannot be freed by the next reshard ("Trying to resize storage
+        # that is not resizable" in the final save)
+        digest.update(full.detach().float().cpu().contiguous().clone().numpy().tobytes())
     return digest.hexdigest()
 
 

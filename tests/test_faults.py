@@ -209,7 +209,16 @@ def _torchrun(argv: list[str], out: Path, port: int, env: dict[str, str]) -> sub
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--monitor-interval=0.5",
            str(REPO / "launch" / "train.py"), *argv, "--out", str(out)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # own session: on a timeout the agent AND its workers are killed (killing only torchrun orphans them)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += "\n[test] torchrun timed out after 420 s: killed its process group"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 ENGINES = {
