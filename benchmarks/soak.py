@@ -105,6 +105,10 @@ def worker(opts: argparse.Namespace) -> None:
     corpus = split_corpus(load_corpus(None))
     data_kw = dict(global_batch=args.batch_size, seq_len=args.seq_len, rank=ctx.rank,
                    world_size=ctx.world_size, seed=args.seed, corpus=corpus)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import git_commit
+
+    commit = git_commit()     # the code this run imported (HEAD may move while a long soak runs)
     samples, losses, clipped, max_logits, late_warnings, saves = [], [], [], [], [], []
     t_start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -154,15 +158,16 @@ def worker(opts: argparse.Namespace) -> None:
     slopes = [_slope_per_1000([s["step"] for s in after], [s["rss_bytes"][r] / 2**20 for s in after])
               for r in range(ctx.world_size)]
     states = sorted({s["state_bytes"] for s in samples if s["step"] >= 1})
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from _common import git_commit
-
+    half = [s for s in samples if s["step"] > opts.steps // 2]
+    slopes_half = [_slope_per_1000([s["step"] for s in half], [s["rss_bytes"][r] / 2**20 for s in half])
+                   for r in range(ctx.world_size)]
     result = {
         "benchmark": "soak", "steps": args.steps, "world_size": ctx.world_size, "model": cfg.get("model_type"),
         "qk_clip_tau": args.qk_clip_tau, "save_every": opts.save_every, "warmup_steps_excluded": opts.warmup,
-        "torch": torch.__version__, "git_commit": git_commit(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__, "git_commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_s": time.perf_counter() - t_start,
         "rss_slope_mib_per_1000_steps": slopes,
+        "rss_slope_mib_per_1000_steps_second_half": slopes_half,
         "rss_mib_after_warmup": [[min(s["rss_bytes"][r] for s in after) / 2**20,
                                   max(s["rss_bytes"][r] for s in after) / 2**20] for r in range(ctx.world_size)]
         if after else None,
