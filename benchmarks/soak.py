@@ -101,7 +101,8 @@ def worker(opts: argparse.Namespace) -> None:
     model = build_model(cfg, seed=args.seed, attn_implementation=args.attn_implementation, vocab_size=256)
     engine = T.DDPEngine(model, ctx, grad_reduction=args.grad_reduction)
     optimizer = T.build_optimizer(args, model)
-    base_lrs = T._base_lrs(optimizer)
+    base_lrs = [{k: g[k] for k in ("lr", "adamw_lr") if isinstance(g.get(k), (int, float))}
+                for g in optimizer.param_groups]
     corpus = split_corpus(load_corpus(None))
     data_kw = dict(global_batch=args.batch_size, seq_len=args.seq_len, rank=ctx.rank,
                    world_size=ctx.world_size, seed=args.seed, corpus=corpus)
@@ -115,14 +116,19 @@ def worker(opts: argparse.Namespace) -> None:
         warnings.simplefilter("always")
         for step in range(args.steps):
             n_warn = len(caught)
-            T._set_lr(optimizer, base_lrs, T.lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps))
+            factor = T.lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps)
+            for group, lrs in zip(optimizer.param_groups, base_lrs):   # train.py's warmup + cosine
+                group.update({k: v * factor for k, v in lrs.items()})
             inputs, targets = batch_for_step(step, split="train", **data_kw)
-            loss = T._loss(engine.model, inputs, targets, args.autocast)
+            logits = engine.model(input_ids=inputs, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             loss.backward()
             engine.clip_grad_norm_(args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(T._global_mean(loss, ctx))
+            mean_loss = loss.detach().reshape(1).clone()
+            dist.all_reduce(mean_loss)
+            losses.append(float(mean_loss) / ctx.world_size)
             m = optimizer.metrics()
             clipped.append(float(m["qk_clip/num_heads_clipped"]))
             max_logits.append(float(m["qk_clip/max_logit"]))
