@@ -23,8 +23,9 @@ EXTRAS = {
     "tensorboard": ["tensorboard>=2.15"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7.4", "pytest-timeout>=2.2", "matplotlib>=3.7", "nbclient>=0.9", "nbformat>=5", "ipykernel>=6",
-                                      "expecttest>=0.2"]  # torch.testing._internal (torch's OptimizerInfo inputs)
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7.4", "hypothesis>=6.100", "pytest-timeout>=2.2", "matplotlib>=3.7",
+                                  "nbclient>=0.9", "nbformat>=5", "ipykernel>=6",
+                                  "expecttest>=0.2"]  # torch.testing._internal (torch's OptimizerInfo inputs)
 
 setup(
     name="dist_muonclip",

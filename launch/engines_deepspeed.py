@@ -138,15 +138,36 @@ class DeepSpeedEngine:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, directory: str | os.PathLike, *, step: int, optimizer: Any = None) -> Path:
-        """``<directory>/step_<step>/``: DeepSpeed's checkpoint (+ MuonClip's full-state export)."""
-        from dist_muonclip import deepspeed as dmds
+        """``<directory>/step_<step>/``: DeepSpeed's checkpoint (+ MuonClip's full-state export),
+        crash-safe: written as tag ``step_<step>.tmp``, then rank 0 records every file's hash in
+        ``MANIFEST.json``, renames the directory and points ``<directory>/latest`` at it."""
+        import torch.distributed as dist
 
-        tag = f"step_{step:07d}"
+        from dist_muonclip import deepspeed as dmds
+        from launch import checkpoint_files as ckpt_files
+
+        final = Path(directory) / f"step_{step:07d}"
+        tmp = ckpt_files.tmp_path(final)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+        if rank == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            ckpt_files.clear_tmp(final)     # what a killed save left
+        barrier()
         if self.is_muonclip:
-            dmds.save_checkpoint(self.ds, str(directory), tag=tag)
+            dmds.save_checkpoint(self.ds, str(directory), tag=tmp.name, save_latest=False)
         else:
-            self.ds.save_checkpoint(str(directory), tag=tag)
-        return Path(directory) / tag
+            self.ds.save_checkpoint(str(directory), tag=tmp.name, save_latest=False)
+        barrier()                           # every rank's files are written
+        ckpt_files.fault_point("save", step, rank)
+        if rank == 0:
+            ckpt_files.publish_dir(tmp, final)
+            latest = Path(directory) / "latest"     # DeepSpeed's own pointer, for engine.load_checkpoint(dir)
+            latest_tmp = latest.with_name("latest.tmp")
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, latest)
+        barrier()
+        return final
 
     def load_checkpoint(self, path: str | os.PathLike, *, optimizer: Any = None) -> dict[str, Any]:
         """Resume from :meth:`save_checkpoint` output (MuonClip: any world size)."""
@@ -162,13 +183,11 @@ class DeepSpeedEngine:
         return {"step": int(self.ds.global_steps)}
 
     @staticmethod
-    def resolve_checkpoint(path: str | os.PathLike) -> Path:
-        """A ``step_*`` checkpoint directory, or the latest one inside ``path``."""
-        path = Path(path)
-        if path.name.startswith("step_") and path.is_dir():
-            return path
-        steps = sorted(p for p in path.glob("step_*") if p.is_dir()) if path.is_dir() else []
-        if not steps:
-            raise ValueError(f"--resume {str(path)!r} holds no step_* checkpoint directories written by the "
-                             "deepspeed engine")
-        return steps[-1]
+    def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+        """A ``step_*`` checkpoint directory (verified against its manifest), or the newest
+        complete one inside ``path`` (corrupt ones skipped with a warning), or None when ``path``
+        holds none yet (train.py then starts fresh)."""
+        from launch import checkpoint_files as ckpt_files
+
+        return ckpt_files.resolve(path, kind="dir",
+                                  is_checkpoint=lambda p: ckpt_files.step_of(p) is not None and p.is_dir())

@@ -93,12 +93,26 @@ class FSDPEngine:
     # -- checkpoints (torch.distributed.checkpoint: one directory per step, any world size) ----
     def save_checkpoint(self, directory: str | os.PathLike, *, step: int, optimizer: torch.optim.Optimizer,
                         extra: dict[str, Any] | None = None) -> Path:
-        """Write ``<directory>/step_<step>/`` with DCP (every rank writes its shards)."""
+        """Write ``<directory>/step_<step>/`` with DCP (every rank writes its shards), crash-safe:
+        DCP writes ``step_<step>.tmp/``, and once every rank is done rank 0 records the files'
+        hashes in ``MANIFEST.json`` and renames the directory (:func:`checkpoint_files.publish_dir`)."""
         import torch.distributed.checkpoint as dcp
 
+        from launch import checkpoint_files as ckpt_files
+
+        group = self._layout.process_group
         path = Path(directory) / f"step_{step:07d}"
-        dcp.save(self._state(optimizer, extra or {}, step), checkpoint_id=str(path))
-        dist.barrier(group=self._layout.process_group)
+        tmp = ckpt_files.tmp_path(path)
+        if dist.get_rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ckpt_files.clear_tmp(path)      # what a killed save left
+        dist.barrier(group=group)
+        dcp.save(self._state(optimizer, extra or {}, step), checkpoint_id=str(tmp))
+        dist.barrier(group=group)           # every rank's shards are written
+        ckpt_files.fault_point("save", step, dist.get_rank())
+        if dist.get_rank() == 0:
+            ckpt_files.publish_dir(tmp, path)
+        dist.barrier(group=group)
         return path
 
     def load_checkpoint(self, path: str | os.PathLike, *, optimizer: torch.optim.Optimizer,
@@ -123,16 +137,13 @@ class FSDPEngine:
         return {"step": int(state["step"]), "extra": state.get("extra", {})}
 
     @staticmethod
-    def resolve_checkpoint(path: str | os.PathLike) -> Path:
-        """A DCP checkpoint directory, or the latest ``step_*`` checkpoint directory inside ``path``."""
-        path = Path(path)
-        if (path / ".metadata").is_file():
-            return path
-        steps = sorted(p for p in path.glob("step_*") if (p / ".metadata").is_file()) if path.is_dir() else []
-        if not steps:
-            raise ValueError(f"--resume {str(path)!r} is not a DCP checkpoint directory (no .metadata) and holds no "
-                             "step_* checkpoint directories written by the fsdp engine")
-        return steps[-1]
+    def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+        """A DCP checkpoint directory (verified against its manifest), or the newest complete
+        ``step_*`` directory inside ``path`` (corrupt ones skipped with a warning), or None when
+        ``path`` holds none yet (train.py then starts fresh)."""
+        from launch import checkpoint_files as ckpt_files
+
+        return ckpt_files.resolve(path, kind="dir", is_checkpoint=lambda p: (p / ".metadata").is_file())
 
     def _state(self, optimizer: torch.optim.Optimizer, extra: dict[str, Any], step: int) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_muonclip.comm import comm_tag
+from launch import checkpoint_files as ckpt_files
 from dist_muonclip.data import VOCAB_SIZE, batch_for_step, eval_batches, load_corpus, split_corpus
 from dist_muonclip.models import DEFAULT_PRESET, build_model, load_model_config, parse_override
 
@@ -417,8 +418,10 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model: torch.nn.
     """Write ``<directory>/step_<step>.pt`` (model, optimizer state, next step, RNG) from rank 0.
 
     Parameters are replicated under the ddp engine, so rank 0's copy is complete; the optimizer's
-    full state dict is gathered on every rank (loadable at any world size). Written to a
-    temporary name and renamed, so a crash never leaves a partial file.
+    full state dict is gathered on every rank (loadable at any world size). Crash-safe
+    (:mod:`launch.checkpoint_files`): written as ``step_<step>.pt.tmp``, fsynced, its SHA-256
+    recorded in ``step_<step>.pt.sha256``, then renamed, so a kill mid-save never publishes a
+    partial file and a later truncation is detected on resume.
     """
     path = Path(directory) / f"step_{step:07d}.pt"
     # Every rank calls state_dict(): for a sharded optimizer (MuonClip's ZeRO-1 mode) it is a
@@ -429,25 +432,45 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model: torch.nn.
         payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer_state,
                    "rng": _rng_state(), "args": {k: v for k, v in vars(args).items()},
                    "world_size": ctx.world_size}
-        tmp = path.with_suffix(".pt.tmp")
+        tmp = ckpt_files.clear_tmp(path)
         torch.save(payload, tmp)
-        os.replace(tmp, path)
+        ckpt_files.fault_point("save", step, ctx.rank)
+        ckpt_files.publish_file(tmp, path)
     if ctx.backend is not None:
         dist.barrier()
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the latest ``step_*.pt`` inside a directory."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("step_*.pt"))
-        if not files:
-            raise ValueError(f"--resume {str(path)!r} contains no step_*.pt checkpoint")
-        return files[-1]
-    if not path.is_file():
-        raise ValueError(f"--resume {str(path)!r} is neither a checkpoint file nor a directory")
-    return path
+def resolve_checkpoint(path: str | os.PathLike, *, kind: str = "file") -> Path | None:
+    """What ``--resume PATH`` loads: a published checkpoint itself (a ``step_*.pt`` file, or with
+    ``kind="dir"`` a ``step_*`` directory), verified against its recorded hashes; or the newest
+    complete one inside the directory ``PATH``, skipping corrupt ones with a warning; or None
+    when ``PATH`` holds none or does not exist yet (a fresh start: the same command is both the
+    first start and the restart). Raises ``ValueError`` naming the file for a corrupt explicit
+    checkpoint, or when every checkpoint in the directory is corrupt."""
+    return ckpt_files.resolve(path, kind=kind, is_checkpoint=Path.is_file if kind == "file"
+                              else lambda p: ckpt_files.step_of(p) is not None and p.is_dir())
+
+
+def _agree_on_checkpoint(path: Path | None, ctx: DistContext) -> None:
+    """Every rank must resume from the same checkpoint (each resolved it from the files it sees:
+    on a filesystem that is not shared, or changing under us, they could differ)."""
+    if ctx.backend is None or ctx.world_size == 1:
+        return
+    mine = str(path) if path is not None else ""
+    chosen: list[str] = [""] * ctx.world_size
+    dist.all_gather_object(chosen, mine)
+    if len(set(chosen)) != 1:
+        raise RuntimeError(f"--resume: ranks chose different checkpoints {chosen}; the checkpoint directory must be "
+                           "the same shared directory on every rank")
+
+
+def _load_file_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """``torch.load`` naming the file when it cannot be read (no hash recorded: an old file)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ckpt_files.CheckpointCorruptError(f"checkpoint file {path} cannot be loaded: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +539,10 @@ def param_checksum(model: torch.nn.Module) -> str:
     for name, p in sorted(model.named_parameters()):
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         digest.update(name.encode())
-        digest.update(full.detach().float().cpu().contiguous().numpy().tobytes())
+        # clone: .numpy() pins the storage, and after an eval forward FSDP2 hands out its unsharded
+        # parameters here; a pinned one cannot be freed by the next reshard ("Trying to resize storage
+        # that is not resizable" in the final save)
+        digest.update(full.detach().float().cpu().contiguous().clone().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -600,17 +626,28 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     held_out = eval_batches(args.eval_batches, **data_kw)
 
     start_step = 0
-    if args.resume and hasattr(engine, "load_checkpoint"):      # fsdp: DCP directory, any world size
-        start_step = engine.load_checkpoint(engine.resolve_checkpoint(args.resume), optimizer=optimizer)["step"]
-    elif args.resume:
-        ckpt_path = resolve_checkpoint(args.resume)
-        ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
+    if args.resume:
+        # One command is both the first start and every restart (torchrun --max-restarts): resume from
+        # the newest complete checkpoint, or start fresh when there is none yet.
+        engine_ckpt = hasattr(engine, "load_checkpoint")       # fsdp, deepspeed: step_* directories
+        ckpt_path = (engine.resolve_checkpoint(args.resume) if engine_ckpt
+                     else resolve_checkpoint(args.resume, kind="file"))
+        _agree_on_checkpoint(ckpt_path, ctx)
+        if ckpt_path is None:
+            if ctx.is_main:
+                tqdm.write(f"--resume {args.resume}: no complete checkpoint there yet, starting from step 0")
+        elif engine_ckpt:
+            start_step = engine.load_checkpoint(ckpt_path, optimizer=optimizer)["step"]
+        else:
+            ckpt = _load_file_checkpoint(ckpt_path, ctx.device)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"])
+            start_step = int(ckpt["step"])
         if start_step > args.steps:
             raise ValueError(f"checkpoint {ckpt_path} is at step {start_step} > --steps {args.steps}")
+        if ckpt_path is not None and ctx.is_main:
+            tqdm.write(f"resumed from {ckpt_path} at step {start_step}")
 
     tokens_per_step = args.batch_size * args.seq_len
     log: dict[str, Any] = {
@@ -634,6 +671,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     window_t, window_tokens, window_losses = time.perf_counter(), 0, []
     run_t0 = time.perf_counter()
     for step in range(start_step, args.steps):
+        ckpt_files.fault_point("step", step, ctx.rank)   # test-only: DMC_FAULT=step:N[:rank] kills here
         t0 = time.perf_counter()
         if schedule:
             _set_lr(optimizer, base_lrs, lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps))
