@@ -593,10 +593,11 @@ def _iterate(
                 upd = gram * b
         elif x.ndim == 2:
             gram = x @ x.T
-            upd = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            upd = gram * b if c == 0.0 else torch.addmm(gram, gram, gram, beta=b, alpha=c)
         else:
             gram = torch.bmm(x, x.mT)
-            upd = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            # a cubic step (c = 0): torch 2.13 CPU bf16 baddbmm mishandles alpha=0 for n >= 16
+            upd = gram * b if c == 0.0 else torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         if x.ndim == 2:
             x = torch.addmm(x, upd, x, beta=a, alpha=alpha)
         else:

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from .comm import Comm, CommAccountant
 from .dist_check import check_process_group
 from .validation import (UnsupportedParameterError, check_adjust_lr_fn, check_betas, check_float, check_lr,
-                         group_param_list, names_given, validate_layout)
+                         check_runtime_options, group_param_list, names_given, validate_layout)
 from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .layouts import Layout, Replicated
 from .newton_schulz import dtype_name, validate_ns_options
@@ -170,6 +170,11 @@ class MuonClip(Optimizer):
                               else check_float("adamw_weight_decay", adamw_weight_decay, low=0.0))
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        max_grad_norm, bucket_cap_mb = check_runtime_options(
+            skip_nonfinite=skip_nonfinite, shard_adamw=shard_adamw, verbose=verbose, adamw_foreach=adamw_foreach,
+            adamw_fused=adamw_fused, muon_patterns=muon_patterns, adamw_patterns=adamw_patterns,
+            max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, grad_reduction=grad_reduction, layout=layout,
+            accountant=accountant, process_group=process_group, profiler=profiler, log_every=log_every)
 
         self._muon_defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                    ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_backend=ns_backend,
@@ -184,12 +189,9 @@ class MuonClip(Optimizer):
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
         groups, split = self._build_groups(model_or_params, muon_patterns, adamw_patterns)
         self._split = split
-        self._options = EngineOptions(
-            skip_nonfinite=bool(skip_nonfinite), adamw_foreach=adamw_foreach, adamw_fused=adamw_fused,
-            max_grad_norm=None if max_grad_norm is None else check_float("max_grad_norm", max_grad_norm, low=0.0,
-                                                                          low_open=True),
-            bucket_cap_mb=check_float("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True),
-            shard_adamw=bool(shard_adamw))
+        self._options = EngineOptions(skip_nonfinite=skip_nonfinite, adamw_foreach=adamw_foreach,
+                                      adamw_fused=adamw_fused, max_grad_norm=max_grad_norm,
+                                      bucket_cap_mb=bucket_cap_mb, shard_adamw=shard_adamw)
         self.accountant = accountant
         self.profiler = profiler
 
@@ -197,14 +199,19 @@ class MuonClip(Optimizer):
         self._num_steps = 0
         self._last_metrics: dict[str, Tensor] = {}
         self._clipper = self._build_clipper(model, qk_clip, model_config)
-        self._build_engine(process_group, grad_reduction, layout)
         self._logger = None
-        if (log_dir is not None or wandb_run is not None) and self.rank == 0:
-            from .tools.metrics import MetricsLogger
+        try:     # a failure from here on must not leave the model's attention patched by the clipper
+            self._build_engine(process_group, grad_reduction, layout)
+            if (log_dir is not None or wandb_run is not None) and self.rank == 0:
+                from .tools.metrics import MetricsLogger
 
-            self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
-        if profiler is not None and hasattr(profiler, "attach"):
-            profiler.attach(self)          # idempotent; needs the accountant and comm set up above
+                self._logger = MetricsLogger(log_dir, wandb_run=wandb_run, every=log_every)
+            if profiler is not None and hasattr(profiler, "attach"):
+                profiler.attach(self)          # idempotent; needs the accountant and comm set up above
+        except Exception:
+            if self._clipper is not None:
+                self._clipper.close()
+            raise
         if verbose:
             print(self.describe_split())
 

@@ -12,7 +12,7 @@ from .functional import ADJUST_LR_FNS
 from .layouts import Layout
 
 __all__ = ["UnsupportedParameterError", "check_float", "check_lr", "check_betas", "validate_layout",
-           "group_param_list", "names_given", "check_adjust_lr_fn"]
+           "group_param_list", "names_given", "check_adjust_lr_fn", "check_runtime_options"]
 
 
 class UnsupportedParameterError(TypeError, RuntimeError):
@@ -90,3 +90,46 @@ def check_adjust_lr_fn(adjust_lr_fn: Any) -> str:
         raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one "
                          f"of {ADJUST_LR_FNS} or None (torch.optim.Muon's default, meaning 'original')")
     return adjust_lr_fn
+
+
+def check_runtime_options(*, skip_nonfinite: Any, shard_adamw: Any, verbose: Any, adamw_foreach: Any,
+                          adamw_fused: Any, muon_patterns: Any, adamw_patterns: Any, max_grad_norm: Any,
+                          bucket_cap_mb: Any, grad_reduction: Any, layout: Any, accountant: Any,
+                          process_group: Any, profiler: Any, log_every: Any) -> tuple[float | None, float]:
+    """The options that are not hyperparameters, checked before anything changes (QK-Clip patches
+    the model's attention, so this runs first). Returns ``(max_grad_norm, bucket_cap_mb)`` as floats."""
+    import torch.distributed as dist
+
+    from .comm import CommAccountant
+
+    for flag, value in (("skip_nonfinite", skip_nonfinite), ("shard_adamw", shard_adamw), ("verbose", verbose)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool (True/False), got {value!r}")
+    for flag, value in (("adamw_foreach", adamw_foreach), ("adamw_fused", adamw_fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{flag} must be None (torch chooses) or a bool, got {value!r}")
+    for flag, value in (("muon_patterns", muon_patterns), ("adamw_patterns", adamw_patterns)):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{flag} must be a list of name patterns (strings), got {value!r}; a single pattern "
+                            f"goes in a list: {flag}=[{value!r}]")
+    max_grad_norm = None if max_grad_norm is None else check_float("max_grad_norm", max_grad_norm, low=0.0,
+                                                                    low_open=True)
+    bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
+    if grad_reduction not in ("external", "optimizer"):
+        raise ValueError(f"grad_reduction={grad_reduction!r} is unknown; use 'external' (DDP/DeepSpeed reduce "
+                         "gradients) or 'optimizer' (the optimizer reduces them to owners)")
+    if layout is not None and not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+    if accountant is not None and not isinstance(accountant, CommAccountant):
+        raise TypeError(f"accountant must be a dist_muonclip.comm.CommAccountant or None, got "
+                        f"{type(accountant).__name__}")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
+    if profiler is not None and not callable(getattr(profiler, "phase", None)):
+        raise TypeError(f"profiler must have a phase(name) context manager (a dist_muonclip.profiler.StepProfiler) "
+                        f"or be None, got {type(profiler).__name__}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    return max_grad_norm, bucket_cap_mb
+

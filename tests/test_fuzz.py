@@ -9,7 +9,7 @@ The properties (hypothesis, bounded: ``max_examples`` ~200 in all, no deadline, 
 * the DeepSpeed section parser rejects wrong JSON types / unknown keys naming the key path, and
   what it accepts either builds and steps or is rejected by the constructor naming the key;
 * a rejected constructor leaves the model as it was (no attention hook installed), and
-  flag/object options are type-checked: both ``xfail(strict=True)`` today, see each reason.
+  flag/object options are type-checked.
 
 Strategies generate each option either omitted, valid or invalid (at most two invalid at once, so
 the message check is specific), from explicit valid / invalid value sets below.
@@ -34,8 +34,8 @@ NAN, INF = float("nan"), float("inf")
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 _bad_number = st.sampled_from([NAN, INF, -INF, "0.1", None, True, [0.1]])
-# convergent NS quintics; cubics (c = 0) are excluded here: test_cubic_ns_step_in_a_bf16_batch_matches_float64
-_TRIPLES = [(3.4445, -4.7750, 2.0315), (2.0, -1.5, 0.5), (3.0, -3.2, 1.2)]
+# convergent NS steps, quintics and a cubic (c = 0: test_cubic_ns_step_in_a_bf16_batch_matches_float64)
+_TRIPLES = [(3.4445, -4.7750, 2.0315), (2.0, -1.5, 0.5), (3.0, -3.2, 1.2), (1.5, -0.5, 0.0)]
 
 # option -> (valid values, invalid values, names an error message may use for it)
 OPTIONS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy, tuple[str, ...]]] = {
@@ -155,11 +155,6 @@ def test_constructor_rejects_invalid_naming_the_option_and_valid_ones_step(case)
         assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "newton_schulz._iterate's batched path calls torch.baddbmm(gram, gram, gram, beta=b, alpha=c) with c = 0 for a "
-    "cubic step; torch 2.13 CPU bf16 baddbmm with alpha=0 and n >= 16 does not return beta * input (measured: "
-    "error 19.7 on a 16x16 randn batch, exact for n <= 8, fp32 and 2-D addmm), so the iteration diverges to inf "
-    "and MuonClip writes NaN parameters even at lr=0; fix in the issue-18 report"))
 def test_cubic_ns_step_in_a_bf16_batch_matches_float64():
     """Found by the fuzzer: ns_coefficients=[(1.5, -0.5, 0.0), (3.4445, -4.775, 2.0315)] (a valid cubic then
     quintic schedule) on a tiny Llama whose q_proj and o_proj share a 16x16 bucket gave NaN
@@ -178,10 +173,6 @@ def test_cubic_ns_step_in_a_bf16_batch_matches_float64():
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer.py builds the QK-Clip tracker (swapping the model's attention implementation to "
-    "dist_muonclip_sdpa) before validating max_grad_norm, bucket_cap_mb, grad_reduction, layout, process_group "
-    "and the metrics options, so those errors leave the model patched; fix in the issue-18 report"))
 @FUZZ
 @given(st.sampled_from(["max_grad_norm", "bucket_cap_mb", "grad_reduction", "lr", "qk_clip"]).flatmap(
     lambda o: st.tuples(st.just(o), OPTIONS[o][1])))
@@ -211,10 +202,6 @@ FLAG_OPTIONS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer.py accepts any object for skip_nonfinite/shard_adamw/verbose (bool(x)), adamw_foreach/adamw_fused, "
-    "and raises TypeError without the option's name (muon_patterns=5, adamw_patterns=[None]), AttributeError "
-    "(accountant=3, profiler=3) or torch's error (process_group='gloo'); fix in the issue-18 report"))
 @FUZZ
 @given(st.sampled_from(sorted(FLAG_OPTIONS)).flatmap(lambda o: st.tuples(st.just(o), FLAG_OPTIONS[o])))
 @example(("skip_nonfinite", "no"))
