@@ -193,7 +193,7 @@ class MuonClip(Optimizer):
                                       adamw_fused=adamw_fused, max_grad_norm=max_grad_norm,
                                       bucket_cap_mb=bucket_cap_mb, shard_adamw=shard_adamw)
         self.accountant = accountant
-        self.profiler = profiler
+        self._profiler = profiler
 
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self._num_steps = 0
@@ -503,6 +503,17 @@ class MuonClip(Optimizer):
     def world_size(self) -> int:
         """Ranks in the optimizer's process group (1 when single-process)."""
         return self._engine.world_size
+
+    @property
+    def profiler(self) -> Any:
+        """The object timing the phases of ``step()`` (``profiler.phase(name)``), or ``None``."""
+        return self._profiler
+
+    @profiler.setter
+    def profiler(self, value: Any) -> None:
+        self._profiler = value
+        if self._engine is not None:
+            self._engine.profiler = value
 
     @property
     def shard_adamw(self) -> bool:
