@@ -192,7 +192,7 @@ class MuonClip(Optimizer):
         self._options = EngineOptions(skip_nonfinite=skip_nonfinite, adamw_foreach=adamw_foreach,
                                       adamw_fused=adamw_fused, max_grad_norm=max_grad_norm,
                                       bucket_cap_mb=bucket_cap_mb, shard_adamw=shard_adamw)
-        self.accountant = accountant
+        self._accountant = accountant
         self._profiler = profiler
 
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
@@ -503,6 +503,17 @@ class MuonClip(Optimizer):
     def world_size(self) -> int:
         """Ranks in the optimizer's process group (1 when single-process)."""
         return self._engine.world_size
+
+    @property
+    def accountant(self) -> CommAccountant | None:
+        """The :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's collectives."""
+        return self._accountant
+
+    @accountant.setter
+    def accountant(self, value: CommAccountant | None) -> None:
+        self._accountant = value
+        if self._engine is not None and self._engine.comm is not None:
+            self._engine.comm.accountant = value
 
     @property
     def profiler(self) -> Any:

@@ -229,10 +229,7 @@ class StepProfiler:
         acc = getattr(optimizer, "accountant", None)
         if acc is None and hasattr(optimizer, "accountant"):
             acc = CommAccountant()
-            optimizer.accountant = acc
-            comm = getattr(optimizer, "_comm", None)
-            if comm is not None:
-                comm.accountant = acc
+            optimizer.accountant = acc     # MuonClip's setter hands it to its communicator
         self.accountant = acc if acc is not None else CommAccountant()
         self._acc_seen = len(self.accountant.steps)
         if self.device is None:
