@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .comm import Comm, CommAccountant
+from .dtensor_layout import layout_from_params
 from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .functional import ADJUST_LR_FNS
 from .layouts import Layout, Replicated
@@ -120,9 +121,11 @@ class MuonClip(Optimizer):
             slices are all-gathered). ``False`` updates AdamW parameters redundantly everywhere.
         accountant: a :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's
             collectives (calls, bytes) per step.
-        layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default
-            :class:`~dist_muonclip.layouts.Replicated`; FSDP2 and DeepSpeed ZeRO-1/2 integrations
-            pass their sharded layouts.
+        layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default: read from
+            the parameters: plain tensors -> :class:`~dist_muonclip.layouts.Replicated`; DTensors
+            (``fully_shard`` on a 1-D mesh or HSDP's 2-D mesh) -> their mesh and placements
+            (:class:`~dist_muonclip.dtensor_layout.Shard0Layout`, on the shard axis's process group
+            unless ``process_group`` is given). An explicit layout overrides (DeepSpeed ZeRO-1/2).
         log_dir, wandb_run, log_every: write :meth:`metrics` every ``log_every`` steps to
             TensorBoard (``log_dir``) and/or W&B (``wandb_run="auto"``: the active run), on rank 0;
             one device->host read per logged step (:class:`dist_muonclip.metrics.MetricsLogger`).
@@ -464,6 +467,10 @@ class MuonClip(Optimizer):
                              "gradients) or 'optimizer' (the optimizer reduce-scatters them to owners)")
         if layout is not None and not isinstance(layout, Layout):
             raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        if layout is None:     # read it from the parameters: DTensors carry their mesh and placements
+            layout = layout_from_params([p for g in self.param_groups for p in g["params"]])
+            if layout is not None and process_group is None:
+                process_group = layout.process_group
         if layout is not None and layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")

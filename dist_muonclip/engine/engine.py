@@ -61,6 +61,9 @@ class Engine:
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
         self.owns_reduction = owns_reduction
+        # the preflight's group: every data-parallel rank (HSDP replicas too), else the process group
+        dp = layout.data_parallel_group
+        self.dp_comm = Comm(dp, comm.accountant) if dp is not None and comm is not None else comm
         self.options = options
         self.clipper = clipper
         self.ml_shape = tuple(clipper.max_logits(None).shape) if clipper is not None else None
@@ -168,7 +171,7 @@ class Engine:
         params = [p for g in self.param_groups for p in g["params"]]
         clipper = self.clipper
         with self.phase("preflight"):
-            plan = preflight(params, self.registry.names, self.grads, self.comm,
+            plan = preflight(params, self.registry.names, self.grads, self.dp_comm,
                              skip_nonfinite=self.options.skip_nonfinite,
                              max_logits=lambda: clipper.max_logits(s_max) if clipper is not None else None,
                              ml_shape=self.ml_shape, layer_names=clipper.layer_names() if clipper else None,

@@ -1,0 +1,122 @@
+"""N-D device meshes (issue 17): the layout read from the DTensor parameters, HSDP.
+
+Every scenario runs on gloo CPU processes against the single-process oracle (fp32 Newton-Schulz,
+QK-Clip rescaling heads on every step) on a GQA (llama) and an MLA + MoE (DeepSeek-V3) model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torch.distributed.fsdp")
+
+from tests import _fsdp_workers as F
+from tests.dist_utils import run_distributed, values
+
+STEPS = 6
+# Tolerance as in test_fsdp: fp32 everywhere; the sharded runs differ from the oracle only in the
+# summation order of the gradient reduce-scatter / all-reduce (~1e-7 relative per step), which
+# Newton-Schulz and a few steps of momentum amplify to ~1e-5 on O(0.1) weights.
+ATOL, RTOL = 5e-5, 1e-4
+KINDS = ("llama", "deepseek_v3")
+
+
+def _assert_same_params(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def oracles():
+    out = {}
+    for kind in KINDS:
+        model, _, clipped = F.train_single(kind, STEPS)
+        out[kind] = ({k: v.detach().clone() for k, v in model.named_parameters()}, clipped)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    """One spawn per world size: ``runs[world][name]`` = per-rank outputs of
+    :func:`tests._fsdp_workers.mesh_train_worker`."""
+    tmp = tmp_path_factory.mktemp("mesh_runs")
+    ckpt = str(tmp / "hsdp_ckpt")
+    w = "mesh_train_worker"
+    half = STEPS // 2
+    plan = {
+        2: {f"fsdp_{k}": (w, (k, STEPS, (2,), "auto")) for k in KINDS},
+        4: {**{f"hsdp_{k}": (w, (k, STEPS, (2, 2), "auto")) for k in KINDS},
+            "hsdp_make": (w, ("llama", STEPS, (2, 2), "make")),
+            "save_2x2": (w, ("llama", half, (2, 2), "auto", ckpt)),
+            "load_1x4": (w, ("llama", half, (4,), "auto", None, ckpt, half)),
+            "load_4x1": (w, ("llama", half, (4, 1), "auto", None, ckpt, half))},
+    }
+    runs = {}
+    for world, calls in plan.items():
+        outs = values(run_distributed(F.calls_worker, world, list(calls.values()), tmp_path=tmp / f"w{world}",
+                                      timeout=900))
+        runs[world] = {name: [o[i] for o in outs] for i, name in enumerate(calls)}
+    return runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fully_shard_without_layout_matches_single_process(kind, oracles, mesh_runs):
+    """``MuonClip(model)`` on a fully_shard'ed model (no layout, no process group: read from the
+    DTensors) equals one process on the global batch, clipping the same heads each step; the
+    state is this rank's rows only. Regression: this raised 'DTensor ... layout is Replicated'."""
+    want, clipped = oracles[kind]
+    assert all(c > 0 for c in clipped), clipped            # the clip is really active
+    for out in mesh_runs[2][f"fsdp_{kind}"]:
+        assert out["layout"] == "Shard0Layout" and out["opt_world"] == 2
+        _assert_same_params(out["params"], want)
+        assert out["clipped"] == clipped
+        assert out["state_numel"] == out["expected_state_numel"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hsdp_2x2_matches_single_process_replicas_bit_identical(kind, oracles, mesh_runs):
+    """HSDP (fully_shard on a (replicate=2, shard=2) mesh, layout read from the parameters):
+    parameters equal the oracle; the two replica groups hold bit-identical shards and momentum
+    (each orthogonalizes its own copy from identical all-reduced gradients and globally reduced
+    max logits); momentum lives on the local rows; the optimizer's own traffic per rank is
+    exactly pure FSDP's at W=2 plus the preflight on all 4 ranks (nothing else crosses the
+    replicate axis)."""
+    want, clipped = oracles[kind]
+    outs = mesh_runs[4][f"hsdp_{kind}"]
+    by_coord = {o["coord"]: o for o in outs}
+    for out in outs:
+        assert out["layout"] == "Shard0Layout" and out["opt_world"] == 2 and out["opt_rank"] == out["coord"][1]
+        _assert_same_params(out["params"], want)
+        assert out["clipped"] == clipped                   # S reduced over all 4 ranks: the same heads
+        assert out["state_numel"] == out["expected_state_numel"]
+    for s in range(2):
+        a, b = by_coord[(0, s)], by_coord[(1, s)]
+        for n in a["local_params"]:
+            assert torch.equal(a["local_params"][n], b["local_params"][n]), n
+        for key in a["local_state"]:
+            assert torch.equal(a["local_state"][key], b["local_state"][key]), key
+        fsdp = mesh_runs[2][f"fsdp_{kind}"][s]["acc"]
+        acc = a["acc"]
+        assert set(acc) == {"all_to_all[muon_to_owner]", "all_to_all[muon_from_owner]", "all_reduce[preflight]"}
+        for tag in ("all_to_all[muon_to_owner]", "all_to_all[muon_from_owner]"):
+            assert acc[tag]["bytes"] == fsdp[tag]["bytes"], tag
+
+
+def test_hsdp_make_muonclip_equals_auto(mesh_runs):
+    """``fsdp.make_muonclip`` on the 2-D mesh builds the same layout as ``MuonClip(model)``:
+    bit-identical parameters."""
+    for a, b in zip(mesh_runs[4]["hsdp_make"], mesh_runs[4]["hsdp_llama"]):
+        for n in a["local_params"]:
+            assert torch.equal(a["local_params"][n], b["local_params"][n]), n
+
+
+@pytest.mark.parametrize("shape", ["1x4", "4x1"])
+def test_dcp_saved_on_2x2_resumes_on_other_mesh_shapes(shape, oracles, mesh_runs):
+    """A DCP checkpoint of an HSDP 2x2 run after 3 steps, loaded on a 1-D mesh of 4 and on a
+    (replicate=4, shard=1) mesh, continues to the oracle's parameters after 6 steps (momentum and
+    AdamW moments re-sharded by DCP)."""
+    want, clipped = oracles["llama"]
+    for out in mesh_runs[4][f"load_{shape}"]:
+        _assert_same_params(out["params"], want)
+        assert out["clipped"] == clipped[STEPS // 2:]
