@@ -26,6 +26,7 @@ from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .functional import ADJUST_LR_FNS
 from .layouts import Layout, Replicated
 from .newton_schulz import validate_ns_options
+from .ns_split import NS_SPLITS, find_block_splits
 from .param_split import ParamInfo, format_split, split_parameters
 
 __all__ = ["MuonClip"]
@@ -136,6 +137,9 @@ class MuonClip(Optimizer):
             ``step()`` (preflight, reduce, ns, gather, scatter, apply, adamw, qk_clip); see
             :mod:`dist_muonclip.profiler`.
         verbose: print the parameter split at construction.
+        ns_split: per-block Newton-Schulz of attention projections (:mod:`dist_muonclip.ns_split`):
+            ``None`` (whole matrices), ``"qkv"`` (q, k, v blocks of fused projections) or
+            ``"heads"`` (each head's rows of W_q/W_k/W_v, columns of W_o); needs the model.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
     logits (list of per-layer sequences/tensors, or a ``[num_layers, num_heads]`` tensor) for
@@ -179,6 +183,7 @@ class MuonClip(Optimizer):
         max_grad_norm: float | None = None,
         bucket_cap_mb: float = _DEFAULT_BUCKET_CAP_MB,
         verbose: bool = False,
+        ns_split: str | None = None,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
         lr = _check_float("lr", lr, low=0.0)
@@ -196,6 +201,9 @@ class MuonClip(Optimizer):
                               else _check_float("adamw_weight_decay", adamw_weight_decay, low=0.0))
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        if ns_split not in NS_SPLITS:
+            raise ValueError(f"ns_split={ns_split!r} is unknown; use one of {NS_SPLITS} (per-block Newton-Schulz of "
+                             "attention projections, dist_muonclip.ns_split)")
 
         self._muon_defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                    ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_backend=ns_backend,
@@ -209,6 +217,10 @@ class MuonClip(Optimizer):
         self._engine: Engine | None = None
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
         groups, split = self._build_groups(model_or_params, muon_patterns, adamw_patterns)
+        muon = {p for g in groups if g.get("use_muon", True) for p in g["params"]}
+        self._ns_splits = {p: s for p, s in find_block_splits(model, ns_split, model_config=model_config).items()
+                           if p in muon}
+        self.ns_split = ns_split
         self._split = split
         self._options = EngineOptions(
             skip_nonfinite=bool(skip_nonfinite), adamw_foreach=adamw_foreach, adamw_fused=adamw_fused,
@@ -489,7 +501,8 @@ class MuonClip(Optimizer):
         self.grad_reduction = grad_reduction
         self._engine = Engine(param_groups=self.param_groups, state=self.state, registry=self._registry,
                               layout=layout, comm=comm, owns_reduction=grad_reduction == "optimizer" and comm is not None,
-                              options=self._options, clipper=self._clipper, profiler=self.profiler)
+                              options=self._options, clipper=self._clipper, profiler=self.profiler,
+                              ns_splits=self._ns_splits)
         layout.init_optimizer_state(self)     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys
 
     @property

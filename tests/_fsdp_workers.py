@@ -380,7 +380,8 @@ def optimizer_clip_worker(rank: int, world: int, steps: int, max_norm: float):
 
 
 def mesh_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple, how: str = "auto",
-                      save_dir: str | None = None, load_dir: str | None = None, start: int = 0):
+                      save_dir: str | None = None, load_dir: str | None = None, start: int = 0,
+                      extra: dict | None = None):
     """fully_shard on a 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP) mesh, then MuonClip:
     ``how="auto"``: ``MuonClip(model, ...)`` reads the layout from the DTensors (no layout, no
     process group given); ``"make"``: ``fsdp.make_muonclip``. Optional DCP save / load (the mesh
@@ -395,10 +396,11 @@ def mesh_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: 
     mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=names)
     model = fsdp.fully_shard_model(build_model(kind), mesh)
     acc = CommAccountant()
+    kw = {**OPT_KW, **(extra or {})}
     if how == "auto":
-        opt = MuonClip(model, qk_clip=QK[kind], accountant=acc, **OPT_KW)
+        opt = MuonClip(model, qk_clip=QK[kind], accountant=acc, **kw)
     else:
-        opt = fsdp.make_muonclip(model, qk_clip=QK[kind], accountant=acc, **OPT_KW)
+        opt = fsdp.make_muonclip(model, qk_clip=QK[kind], accountant=acc, **kw)
     if load_dir is not None:
         sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
         dcp.load(sd, checkpoint_id=load_dir)

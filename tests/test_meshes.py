@@ -45,7 +45,8 @@ def mesh_runs(tmp_path_factory):
     w = "mesh_train_worker"
     half = STEPS // 2
     plan = {
-        2: {f"fsdp_{k}": (w, (k, STEPS, (2,), "auto")) for k in KINDS},
+        2: {**{f"fsdp_{k}": (w, (k, STEPS, (2,), "auto")) for k in KINDS},
+            "fsdp_heads": (w, ("llama", STEPS, (2,), "auto", None, None, 0, {"ns_split": "heads"}))},
         4: {**{f"hsdp_{k}": (w, (k, STEPS, (2, 2), "auto")) for k in KINDS},
             "hsdp_make": (w, ("llama", STEPS, (2, 2), "make")),
             "save_2x2": (w, ("llama", half, (2, 2), "auto", ckpt)),
@@ -120,3 +121,18 @@ def test_dcp_saved_on_2x2_resumes_on_other_mesh_shapes(shape, oracles, mesh_runs
     for out in mesh_runs[4][f"load_{shape}"]:
         _assert_same_params(out["params"], want)
         assert out["clipped"] == clipped[STEPS // 2:]
+
+
+def test_ns_split_heads_under_fsdp_matches_single_process(mesh_runs):
+    """``ns_split="heads"`` on FSDP2 row shards (W=2: k_proj's 2 KV heads of 16 rows, one per
+    rank; o_proj split by columns across shards of rows) equals the single-process run with the
+    same option: the owner assembles the whole matrix, then cuts it into heads."""
+    from dist_muonclip import MuonClip
+
+    model = F.build_model("llama")
+    opt = MuonClip(model, qk_clip=F.QK["llama"], ns_split="heads", **F.OPT_KW)
+    model, _, clipped = F.train_single("llama", STEPS, model=model, opt=opt)
+    want = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for out in mesh_runs[2]["fsdp_heads"]:
+        _assert_same_params(out["params"], want)
+        assert out["clipped"] == clipped
