@@ -136,3 +136,23 @@ def test_ns_split_heads_under_fsdp_matches_single_process(mesh_runs):
     for out in mesh_runs[2]["fsdp_heads"]:
         _assert_same_params(out["params"], want)
         assert out["clipped"] == clipped
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cost_model_predicts_hsdp_optimizer_bytes_exactly(kind, mesh_runs):
+    """``cost_model.predict(..., "muonclip_hsdp", replicas=2)`` gives each rank's measured
+    ``muon_to_owner`` / ``muon_from_owner`` / ``preflight`` bytes of the 2 x 2 run exactly, and
+    the optimizer state of its local rows (uneven shards, MoE stacks; FSDP2's own collectives are not counted by the
+    accountant, so ``all_reduce[replicate]`` and the FSDP2 gathers are predictions only)."""
+    from dist_muonclip.cost_model import predict, specs_from_model
+
+    model = F.build_model(kind)
+    cfg = model.config
+    specs = specs_from_model(model)
+    for r, out in enumerate(mesh_runs[4][f"hsdp_{kind}"]):
+        pred = predict(specs, 4, "muonclip_hsdp", replicas=2, rank=r, ns_bytes=4,   # ns_dtype="float32"
+                       num_logits=cfg.num_hidden_layers * cfg.num_attention_heads)
+        for tag, measured in out["acc"].items():
+            assert pred["bytes"][tag] == measured["bytes"] / STEPS, (r, tag)
+        assert pred["state_bytes"] == 4 * out["state_numel"], r    # fp32 state of the exact uneven row shards
+        assert pred["bytes"]["all_reduce[replicate]"] > 0
