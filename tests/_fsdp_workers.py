@@ -24,7 +24,9 @@ MODEL_KW = {"llama": dict(intermediate_size=93),
                                 num_key_value_heads=3)}
 # tau below the tiny models' max logits (~0.1 llama, ~0.04-0.06 MLA at init) so QK-Clip rescales
 # heads every step (checked in the test)
-QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.04)}
+QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.04),
+      # GPT-2's fused c_attn (a transposed Conv1D): max logits 0.07-0.10 at init, most heads clip
+      "gpt2": dict(tau=0.07)}
 OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
 
 
@@ -44,6 +46,14 @@ def _rank_device(device):
 
 
 def build_model(kind: str) -> nn.Module:
+    if kind == "gpt2":        # fused QKV: QK-Clip scales c_attn columns on FSDP2 row shards
+        import transformers
+
+        cfg = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                                      eos_token_id=2, attn_implementation="eager")
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(cfg)
     return tiny_model(kind, seed=0, **MODEL_KW[kind])
 
 

@@ -46,7 +46,8 @@ def mesh_runs(tmp_path_factory):
     half = STEPS // 2
     plan = {
         2: {**{f"fsdp_{k}": (w, (k, STEPS, (2,), "auto")) for k in KINDS},
-            "fsdp_heads": (w, ("llama", STEPS, (2,), "auto", None, None, 0, {"ns_split": "heads"}))},
+            "fsdp_heads": (w, ("llama", STEPS, (2,), "auto", None, None, 0, {"ns_split": "heads"})),
+            "fsdp_gpt2": (w, ("gpt2", STEPS, (2,), "auto"))},
         4: {**{f"hsdp_{k}": (w, (k, STEPS, (2, 2), "auto")) for k in KINDS},
             "hsdp_make": (w, ("llama", STEPS, (2, 2), "make")),
             "save_2x2": (w, ("llama", half, (2, 2), "auto", ckpt)),
@@ -156,3 +157,17 @@ def test_cost_model_predicts_hsdp_optimizer_bytes_exactly(kind, mesh_runs):
             assert pred["bytes"][tag] == measured["bytes"] / STEPS, (r, tag)
         assert pred["state_bytes"] == 4 * out["state_numel"], r    # fp32 state of the exact uneven row shards
         assert pred["bytes"]["all_reduce[replicate]"] > 0
+
+
+def test_fused_qkv_gpt2_under_fsdp_matches_single_process(mesh_runs):
+    """GPT-2's fused ``c_attn`` is a transposed Conv1D ``[in, 3 * hidden]``: under FSDP2 its rows
+    (input features) are sharded and QK-Clip scales q/k *columns* of every local row. W=2 equals
+    the single-process run with the same heads clipped on every step."""
+    model, _, clipped = F.train_single("gpt2", STEPS)
+    # the clip is active: 8 heads on step 0, then every step but the one right after that first
+    # clip (which leaves every head on tau; the next update lands them just under it)
+    assert clipped[0] == 8 and sum(c > 0 for c in clipped) >= STEPS - 1, clipped
+    want = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for out in mesh_runs[2]["fsdp_gpt2"]:
+        _assert_same_params(out["params"], want)
+        assert out["clipped"] == clipped
