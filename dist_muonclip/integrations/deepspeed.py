@@ -128,6 +128,7 @@ MUONCLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "skip_nonfinite": ("bool", True, "skip parameters whose gradient is non-finite (state untouched)"),
     "shard_adamw": ("bool", True, "ZeRO-0: shard AdamW state over ranks (stages 1/2 always shard)"),
     "verbose": ("bool", False, "print the Muon/AdamW split at construction"),
+    "ns_split": ("str_or_null", None, "null (whole matrices) | \"qkv\" | \"heads\" (per-block Newton-Schulz)"),
 }
 
 QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
@@ -142,10 +143,12 @@ QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "chunk_size": ("int", None, "logits materialized at once by the torch max-logit path"),
     "backend": ("str", "auto", "max-logit backend: \"auto\" | \"torch\" | \"triton\""),
     "check_finite": ("bool", True, "raise on NaN/+inf max logits"),
+    "fused_qkv": ("str", "auto", "row order of fused QKV projections: \"auto\" | \"concat\" | \"per_head\""),
 }
 
 _KIND_TEXT = {"number": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-              "number_or_null": "a number or null", "pair": "a list of two numbers",
+              "number_or_null": "a number or null", "str_or_null": "a string or null",
+              "pair": "a list of two numbers",
               "str_list": "a list of strings", "dict_or_null": "an object or null",
               "coefficients": "a string, [a, b, c] or a list of [a, b, c]",
               "qk_clip": "null, true, false or an object"}
@@ -162,6 +165,7 @@ def _check_kind(path: str, kind: str, value: Any) -> None:
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "number_or_null": value is None or _is_number(value),
+        "str_or_null": value is None or isinstance(value, str),
         "pair": isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value),
         "str_list": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
         "dict_or_null": value is None or isinstance(value, dict),
