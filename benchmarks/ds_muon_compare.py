@@ -67,7 +67,7 @@ def _worker(rank, world, port, kind, stage, steps, hidden, layers, out_dir):
         ds_cfg["optimizer"] = {"type": "MuonClip", "params": {"lr": 0.02, "adamw_lr": 0.01, "ns_backend": "torch",
                                                               "qk_clip": False}}
         engine, *_ = initialize(model=model, config=ds_cfg, accountant=acc)
-        import dist_muonclip.engine.engine as optmod
+        import dist_muonclip.ns_split as optmod
 
         real = optmod.orthogonalize
 

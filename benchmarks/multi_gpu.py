@@ -114,7 +114,7 @@ def _family(engine: str) -> str:
 
 
 class _Counters:
-    """While entered: counts the matrices ``dist_muonclip.engine.engine.orthogonalize`` is given (a
+    """While entered: counts the matrices ``dist_muonclip.ns_split.orthogonalize`` is given (a
     ``[B, m, n]`` batch counts B) and, after every ``MuonClip.step`` (a global optimizer hook), the
     heads QK-Clip rescaled (``qk_clip/num_heads_clipped``)."""
 
@@ -125,7 +125,7 @@ class _Counters:
     def __enter__(self) -> "_Counters":
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        import dist_muonclip.engine.engine as om
+        import dist_muonclip.ns_split as om
 
         self._om, self._real = om, om.orthogonalize
 

@@ -13,7 +13,7 @@ Per run and rank it records (the first step is warm-up; numbers are from the las
   MuonClip's own collectives carry their tags). A step's bytes are those issued between the end
   of the previous optimizer step and the end of this one.
 * NS FLOPs actually done on this rank: a counter wrapped around the orthogonalization function
-  (``dist_muonclip.engine.engine.orthogonalize``; DeepSpeed's ``original_muon.muon_update``), summed
+  (``dist_muonclip.ns_split.orthogonalize``; DeepSpeed's ``original_muon.muon_update``), summed
   with :func:`dist_muonclip.newton_schulz.ns_flops` per matrix: redundant orthogonalization shows.
 * optimizer-state bytes (distinct storages of the optimizer's state tensors); memory from the
   profiler (``dist_muonclip.profiler``: per-window peaks, the optimizer step's temporaries): on GPU
@@ -319,7 +319,7 @@ def _measure_replicated(run: _Run, model: Any, opt: Any, steps: int, ns: NSCount
 def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -> dict[str, Any]:
     """MuonClip on replicated parameters: under DDP (DDP all-reduces; its C++ reducer's
     collectives are counted at the dispatcher like any other) or with optimizer-owned reduction."""
-    import dist_muonclip.engine.engine as opt_mod
+    import dist_muonclip.ns_split as opt_mod
     from dist_muonclip import MuonClip
 
     opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0},
@@ -384,7 +384,7 @@ def _missing(module: str) -> str | None:
 def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
     """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2; bf16 with fp32 masters when the run
     is bf16); phases from the profiler on the inner MuonClip."""
-    import dist_muonclip.engine.engine as opt_mod
+    import dist_muonclip.ns_split as opt_mod
     from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
 
     disable_shm_comm()
@@ -410,7 +410,7 @@ def _run_fsdp2(model: Any, run: _Run, steps: int, ns: NSCounter, muonclip: bool)
     """MuonClip (dist_muonclip.fsdp) or torch AdamW on the same FSDP2 sharding."""
     import torch
 
-    import dist_muonclip.engine.engine as opt_mod
+    import dist_muonclip.ns_split as opt_mod
     from dist_muonclip import fsdp
 
     model = fsdp.fully_shard_model(model, None, _fsdp_policy(run))
@@ -460,7 +460,7 @@ def _release_memory() -> None:
 def _warm_imports(engine: str) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import dist_muonclip.engine.engine  # noqa: F401
+    import dist_muonclip.ns_split  # noqa: F401
     if "ds" in engine:
         import deepspeed  # noqa: F401
 

@@ -59,6 +59,18 @@ class Layout(ABC):
         cls = ShardedExchange if self.sharded else ReplicatedExchange
         return cls(units, state, comm, rank, world_size)
 
+    @property
+    def process_group(self) -> Any:
+        """The process group whose ranks index :meth:`ranges` (``None``: the optimizer's own).
+        ``MuonClip(model)`` runs on it when it reads the layout from the parameters."""
+        return None
+
+    @property
+    def data_parallel_group(self) -> Any:
+        """Every data-parallel rank, when wider than the process group (HSDP: the replicas see
+        other data): the preflight reduces max logits and flags over it. ``None``: the process group."""
+        return None
+
     def owner_hint(self, p: Tensor) -> int | None:
         """The rank where (most of) ``p`` lives, to orthogonalize it there (``None``: no preference)."""
         return None
@@ -122,9 +134,9 @@ class Replicated(Layout):
         if hasattr(p, "placements") and hasattr(p, "device_mesh"):   # a DTensor (FSDP2, tensor parallel)
             raise ValueError(
                 f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} "
-                "(FSDP2 / tensor parallel) but the layout is Replicated; for fully_shard models use "
-                "dist_muonclip.fsdp.make_muonclip(model, ...) or pass layout=dist_muonclip.fsdp."
-                "Shard0Layout(mesh), process_group=mesh.get_group()")
+                "(FSDP2 / tensor parallel) but the layout is Replicated; leave layout=None (MuonClip reads "
+                "the layout from DTensor parameters), use dist_muonclip.fsdp.make_muonclip(model, ...) or pass "
+                "layout=dist_muonclip.fsdp.Shard0Layout(mesh), process_group=mesh.get_group()")
 
     def validate(self, params: Sequence[Tensor], names: dict, world_size: int, rank: int) -> None:
         for p in params:     # every rank holds everything: nothing to tile
@@ -176,14 +188,26 @@ def piece_row_scale(scale: Tensor, ranges: Sequence[tuple[int, int]], row_numel:
 def scale_rows_(local: Tensor, scale: Tensor, ranges: Sequence[tuple[int, int]], full_shape: Sequence[int]) -> None:
     """Multiply row ``i`` (dim 0) of a tensor of ``full_shape`` by ``scale[i]``, on this rank's
     elements ``local`` (1-D, the flat ``ranges`` of the full tensor: the whole tensor, row shards
-    or flat fragments). QK-Clip's one row-scaling function. Low precision: multiply in fp32 and
-    round once, so the clipped max logit lands on tau, not a hair above."""
+    or flat fragments). QK-Clip's one row-scaling function. A ``[1, C]`` ``scale`` multiplies
+    column ``j`` of a 2-D ``[R, C]`` tensor by ``scale[0, j]`` instead (transposed projections:
+    GPT-2's ``Conv1D`` stores ``[in, out]``). Low precision: multiply in fp32 and round once, so
+    the clipped max logit lands on tau, not a hair above."""
     if not local.numel():
         return
     row = math.prod(full_shape[1:])
     ranges = [r for r in ranges if r[1] > r[0]]
     scale = scale.to(local.device)
-    if len(ranges) == 1 and ranges[0][0] % row == 0 and ranges[0][1] % row == 0:   # whole rows: broadcast
+    whole_rows = len(ranges) == 1 and ranges[0][0] % row == 0 and ranges[0][1] % row == 0
+    if scale.ndim == 2:                                   # per column
+        if scale.shape[0] != 1 or scale.shape[1] != row:
+            raise ValueError(f"column scale of shape {tuple(scale.shape)} does not match a tensor of shape "
+                             f"{tuple(full_shape)}")
+        if whole_rows:
+            target, factor = local.view(-1, row), scale
+        else:
+            idx = torch.cat([torch.arange(a, b, device=scale.device) % row for a, b in ranges])
+            target, factor = local, scale[0][idx]
+    elif whole_rows:                                      # whole rows: broadcast
         r0, r1 = ranges[0][0] // row, ranges[0][1] // row
         target, factor = local.view(r1 - r0, row), scale[r0:r1].view(-1, 1)
     else:

@@ -24,9 +24,11 @@ from .comm import Comm, CommAccountant
 from .dist_check import check_process_group
 from .validation import (UnsupportedParameterError, check_adjust_lr_fn, check_betas, check_float, check_lr,
                          check_runtime_options, group_param_list, names_given, validate_layout)
+from .dtensor_layout import layout_from_params
 from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .layouts import Layout, Replicated
 from .newton_schulz import dtype_name, validate_ns_options
+from .ns_split import NS_SPLITS, find_block_splits
 from .param_split import ParamInfo, format_split, split_parameters
 
 __all__ = ["MuonClip"]
@@ -95,9 +97,11 @@ class MuonClip(Optimizer):
             slices are all-gathered). ``False`` updates AdamW parameters redundantly everywhere.
         accountant: a :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's
             collectives (calls, bytes) per step.
-        layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default
-            :class:`~dist_muonclip.layouts.Replicated`; FSDP2 and DeepSpeed ZeRO-1/2 integrations
-            pass their sharded layouts.
+        layout: where parameter elements live (:mod:`dist_muonclip.layouts`). Default: read from
+            the parameters: plain tensors -> :class:`~dist_muonclip.layouts.Replicated`; DTensors
+            (``fully_shard`` on a 1-D mesh or HSDP's 2-D mesh) -> their mesh and placements
+            (:class:`~dist_muonclip.dtensor_layout.Shard0Layout`, on the shard axis's process group
+            unless ``process_group`` is given). An explicit layout overrides (DeepSpeed ZeRO-1/2).
         log_dir, wandb_run, log_every: write :meth:`metrics` every ``log_every`` steps to
             TensorBoard (``log_dir``) and/or W&B (``wandb_run="auto"``: the active run), on rank 0;
             one device->host read per logged step (:class:`dist_muonclip.metrics.MetricsLogger`).
@@ -108,6 +112,9 @@ class MuonClip(Optimizer):
             ``step()`` (preflight, reduce, ns, gather, scatter, apply, adamw, qk_clip); see
             :mod:`dist_muonclip.profiler`.
         verbose: print the parameter split at construction.
+        ns_split: per-block Newton-Schulz of attention projections (:mod:`dist_muonclip.ns_split`):
+            ``None`` (whole matrices), ``"qkv"`` (q, k, v blocks of fused projections) or
+            ``"heads"`` (each head's rows of W_q/W_k/W_v, columns of W_o); needs the model.
 
     ``step(closure=None, s_max=None)``: ``s_max`` optionally gives per-layer, per-head max
     logits (list of per-layer sequences/tensors, or a ``[num_layers, num_heads]`` tensor) for
@@ -151,6 +158,7 @@ class MuonClip(Optimizer):
         max_grad_norm: float | None = None,
         bucket_cap_mb: float = _DEFAULT_BUCKET_CAP_MB,
         verbose: bool = False,
+        ns_split: str | None = None,
     ) -> None:
         # -- validate everything before any state exists ------------------------------------
         if process_group is None:
@@ -175,6 +183,9 @@ class MuonClip(Optimizer):
             adamw_fused=adamw_fused, muon_patterns=muon_patterns, adamw_patterns=adamw_patterns,
             max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, grad_reduction=grad_reduction, layout=layout,
             accountant=accountant, process_group=process_group, profiler=profiler, log_every=log_every)
+        if ns_split not in NS_SPLITS:
+            raise ValueError(f"ns_split={ns_split!r} is unknown; use one of {NS_SPLITS} (per-block Newton-Schulz of "
+                             "attention projections, dist_muonclip.ns_split)")
 
         self._muon_defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                    ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_backend=ns_backend,
@@ -188,6 +199,10 @@ class MuonClip(Optimizer):
         self._engine: Engine | None = None
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
         groups, split = self._build_groups(model_or_params, muon_patterns, adamw_patterns)
+        muon = {p for g in groups if g.get("use_muon", True) for p in g["params"]}
+        self._ns_splits = {p: s for p, s in find_block_splits(model, ns_split, model_config=model_config).items()
+                           if p in muon}
+        self.ns_split = ns_split
         self._split = split
         self._options = EngineOptions(skip_nonfinite=skip_nonfinite, adamw_foreach=adamw_foreach,
                                       adamw_fused=adamw_fused, max_grad_norm=max_grad_norm,
@@ -473,6 +488,10 @@ class MuonClip(Optimizer):
                              "gradients) or 'optimizer' (the optimizer reduce-scatters them to owners)")
         if layout is not None and not isinstance(layout, Layout):
             raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        if layout is None:     # read it from the parameters: DTensors carry their mesh and placements
+            layout = layout_from_params([p for g in self.param_groups for p in g["params"]])
+            if layout is not None and process_group is None:
+                process_group = layout.process_group
         if layout is not None and layout.sharded and grad_reduction == "optimizer":
             raise ValueError("grad_reduction='optimizer' needs the Replicated layout; with a sharded layout the "
                              "sharding engine (FSDP2, DeepSpeed) already reduces gradients: use 'external'")
@@ -491,7 +510,8 @@ class MuonClip(Optimizer):
         self.grad_reduction = grad_reduction
         self._engine = Engine(param_groups=self.param_groups, state=self.state, registry=self._registry,
                               layout=layout, comm=comm, owns_reduction=grad_reduction == "optimizer" and comm is not None,
-                              options=self._options, clipper=self._clipper, profiler=self.profiler)
+                              options=self._options, clipper=self._clipper, profiler=self.profiler,
+                              ns_splits=self._ns_splits)
         layout.init_optimizer_state(self)     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys
 
     @property

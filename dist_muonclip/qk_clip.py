@@ -39,15 +39,20 @@ weight). ``qk_norm_policy="error"`` refuses such models at construction. A norm 
 projection (numel == heads * head_dim, OLMo2 style) carries per-head rows: the GQA/MHA rule above
 is applied to the norm weights instead of W_q/W_k.
 
+Fused QKV projections (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX / Falcon ``query_key_value``,
+MPT ``Wqkv``, Baichuan ``W_pack``): the q and k row blocks (GQA-aware, row orders and GPT-2's
+transposed ``Conv1D`` in :mod:`dist_muonclip.qk_layers`) get the rules above.
+
 The clipper is layout-agnostic: :meth:`QKClipper.row_scales` returns one per-row scale vector per
-parameter (length ``param.shape[0]``) and whoever owns the parameter's storage (replicated, FSDP
-row shards, DeepSpeed flat fragments) multiplies the rows it holds.
+parameter (length ``param.shape[0]``; ``[1, param.shape[1]]`` per-column scales for a transposed
+``Conv1D`` weight) and whoever owns the parameter's storage (replicated, FSDP row shards,
+DeepSpeed flat fragments) multiplies the elements it holds (:func:`~dist_muonclip.layouts.scale_rows_`).
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -55,10 +60,13 @@ import torch
 from torch import nn
 
 from dist_muonclip.layouts import scale_rows_
+from dist_muonclip.qk_layers import (FUSED_QKV_LAYOUTS, FUSED_QKV_NAMES, AttentionLayer, ClipTarget, as_config,
+                                     fused_blocks, fused_order, head_counts, resolve_attr, weight_and_bias)
 from dist_muonclip.tracker import DEFAULT_CHUNK_SIZE, MaxLogitTracker
 
 __all__ = [
     "DEFAULT_MAPPING",
+    "FUSED_QKV_NAMES",
     "AttentionLayer",
     "ClipTarget",
     "NoAttentionLayersError",
@@ -84,7 +92,10 @@ DEFAULT_MAPPING: dict[str, str] = {
     "q_b_proj": "q_b_proj",
     "kv_b_proj": "kv_b_proj",
     "kv_a_proj_with_mqa": "kv_a_proj_with_mqa",
+    # fused q/k/v projection (one weight); without an override every name of FUSED_QKV_NAMES is tried
+    "qkv_proj": "qkv_proj",
 }
+
 
 
 @dataclass
@@ -104,6 +115,8 @@ class QKClipConfig:
         chunk_size: logits materialized at once by the torch max-logit path (elements).
         backend: max-logit backend: "auto" (Triton on CUDA when importable) | "torch" | "triton".
         check_finite: raise on NaN/+inf max logits (one host sync per clip).
+        fused_qkv: row order of fused QKV projections: "auto" (from the model type; see module
+            docstring), "concat" ([q; k; v]) or "per_head" ([q_h; k_h; v_h] per head, MHA only).
     """
 
     enable: bool = True
@@ -117,6 +130,7 @@ class QKClipConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     backend: str = "auto"
     check_finite: bool = True
+    fused_qkv: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +150,8 @@ class QKClipConfig:
             raise ValueError(f"QKClipConfig.track must be 'auto', 'hf' or 'manual', got {self.track!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"QKClipConfig.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.fused_qkv not in FUSED_QKV_LAYOUTS:
+            raise ValueError(f"QKClipConfig.fused_qkv must be one of {FUSED_QKV_LAYOUTS}, got {self.fused_qkv!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"QKClipConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
         if self.mapping is not None:
@@ -172,109 +188,6 @@ class QKClipConfig:
         return names
 
 
-# --------------------------------------------------------------------------------------------
-# layer description
-# --------------------------------------------------------------------------------------------
-@dataclass
-class ClipTarget:
-    """One parameter QK-Clip rescales: its dim-0 rows are ``num_blocks`` blocks of ``block`` rows
-    (one block per head, or per key head for kind "k" under GQA); within a block the rows
-    ``[start, start + length)`` of each segment get that segment's per-head factor.
-
-    Segment kinds: "q" (query side), "k" (key side), "qr" (MLA RoPE query: eta_h),
-    "q_shared" / "k_shared" (one factor for the whole tensor: head-shared QK-norm weights).
-    """
-
-    param: nn.Parameter
-    name: str
-    block: int
-    segments: list[tuple[int, int, str]]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.param.shape[0] // self.block
-
-
-@dataclass
-class AttentionLayer:
-    """An attention layer QK-Clip acts on (found by :func:`discover_attention_layers` or given)."""
-
-    name: str
-    module: nn.Module
-    mode: str  # "mha" (includes GQA) | "mla"
-    num_heads: int
-    num_kv_heads: int
-    targets: list[ClipTarget] = field(default_factory=list)
-    qk_norm: str = "none"  # "none" | "shared" | "per_head"
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-
-def _resolve(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            return None
-        obj = getattr(obj, part)
-    return obj
-
-
-def _weight_and_bias(obj: Any) -> tuple[nn.Parameter | None, nn.Parameter | None]:
-    """A name may point at a module with .weight (and .bias) or straight at a parameter."""
-    if isinstance(obj, nn.Parameter):
-        return obj, None
-    if isinstance(obj, nn.Module):
-        w = getattr(obj, "weight", None)
-        b = getattr(obj, "bias", None)
-        return (w if isinstance(w, nn.Parameter) else None), (b if isinstance(b, nn.Parameter) else None)
-    return None, None
-
-
-def _as_config(cfg: Any) -> Any:
-    if cfg is None:
-        return None
-    if isinstance(cfg, Mapping):
-        return SimpleNamespace(**cfg)
-    return cfg
-
-
-def _first_attr(cfg: Any, *names: str) -> Any:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if v is not None:
-            return v
-    return None
-
-
-def _head_counts(cfg: Any, where: str) -> tuple[int, int, int | None]:
-    if cfg is None:
-        raise ValueError(
-            f"{where}: no model config to read head counts from; pass model_config (an HF config or a dict "
-            "with num_attention_heads, num_key_value_heads, head_dim) or explicit layers"
-        )
-    heads = _first_attr(cfg, "num_attention_heads", "n_head", "num_heads")
-    if heads is None:
-        raise ValueError(
-            f"{where}: model config has no num_attention_heads; add it (and num_key_value_heads, head_dim) "
-            "to model_config"
-        )
-    kv = _first_attr(cfg, "num_key_value_heads", "num_kv_heads", "n_kv_head")
-    kv = heads if kv is None else kv
-    head_dim = getattr(cfg, "head_dim", None)
-    if head_dim is None and getattr(cfg, "hidden_size", None) is not None:
-        if cfg.hidden_size % heads:
-            raise ValueError(f"{where}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {heads}")
-        head_dim = cfg.hidden_size // heads
-    heads, kv = int(heads), int(kv)
-    if heads < 1 or kv < 1 or heads % kv:
-        raise ValueError(
-            f"{where}: num_attention_heads={heads} must be a positive multiple of num_key_value_heads={kv}"
-        )
-    return heads, kv, (int(head_dim) if head_dim is not None else None)
-
-
 def _mha_targets(name: str, heads: int, kv: int, head_dim: int | None, wq: nn.Parameter, bq, wk: nn.Parameter,
                  bk, *, qname: str, kname: str) -> tuple[list[ClipTarget], int]:
     if head_dim is None:
@@ -284,7 +197,7 @@ def _mha_targets(name: str, heads: int, kv: int, head_dim: int | None, wq: nn.Pa
     if wq.shape[0] != heads * head_dim:
         raise ValueError(
             f"{name}: {qname} has {wq.shape[0]} rows but num_attention_heads * head_dim = {heads} * {head_dim}; "
-            "fix head_dim / num_attention_heads in model_config (fused QKV projections are not supported)"
+            "fix head_dim / num_attention_heads in model_config (fused QKV projections: map 'qkv_proj' instead)"
         )
     if wk.shape[0] != kv * head_dim:
         raise ValueError(
@@ -302,22 +215,23 @@ def _mha_targets(name: str, heads: int, kv: int, head_dim: int | None, wq: nn.Pa
 
 def _layer_from_module(name: str, module: nn.Module, cfg: Any, roles: dict[str, str],
                        config: QKClipConfig) -> AttentionLayer | None:
-    kv_b = _resolve(module, roles["kv_b_proj"])
-    kv_a = _resolve(module, roles["kv_a_proj_with_mqa"])
-    q_full = _resolve(module, roles["q_proj"])
-    q_b = _resolve(module, roles["q_b_proj"])
+    kv_b = resolve_attr(module, roles["kv_b_proj"])
+    kv_a = resolve_attr(module, roles["kv_a_proj_with_mqa"])
+    q_full = resolve_attr(module, roles["q_proj"])
+    q_b = resolve_attr(module, roles["q_b_proj"])
     if isinstance(kv_b, nn.Module) and isinstance(kv_a, nn.Module) and (q_full is not None or q_b is not None):
         return _mla_layer(name, module, cfg, roles, q_b if q_b is not None else q_full,
                           roles["q_b_proj"] if q_b is not None else roles["q_proj"], kv_b)
-    k_obj = _resolve(module, roles["k_proj"])
+    k_obj = resolve_attr(module, roles["k_proj"])
     if q_full is None or k_obj is None:
-        return None
-    wq, bq = _weight_and_bias(q_full)
-    wk, bk = _weight_and_bias(k_obj)
+        fused = _fused_qkv(module, roles)
+        return None if fused is None else _fused_layer(name, cfg, module, *fused, config)
+    wq, bq = weight_and_bias(q_full)
+    wk, bk = weight_and_bias(k_obj)
     if wq is None or wk is None:
         return None
-    heads, kv, head_dim = _head_counts(cfg, name)
-    qn, kn = _resolve(module, roles["q_norm"]), _resolve(module, roles["k_norm"])
+    heads, kv, head_dim = head_counts(cfg, name)
+    qn, kn = resolve_attr(module, roles["q_norm"]), resolve_attr(module, roles["k_norm"])
     if (qn is None) != (kn is None):
         raise ValueError(f"{name}: has only one of {roles['q_norm']}/{roles['k_norm']}; QK-Clip needs both or neither")
     if qn is None:
@@ -326,8 +240,8 @@ def _layer_from_module(name: str, module: nn.Module, cfg: Any, roles: dict[str, 
         return AttentionLayer(name, module, "mha", heads, kv, targets)
     # QK-norm: W_q/W_k do not change the logits; act on the norm weights (see module docstring).
     _, head_dim = _mha_targets(name, heads, kv, head_dim, wq, bq, wk, bk, qname=roles["q_proj"], kname=roles["k_proj"])
-    wqn, _ = _weight_and_bias(qn)
-    wkn, _ = _weight_and_bias(kn)
+    wqn, _ = weight_and_bias(qn)
+    wkn, _ = weight_and_bias(kn)
     if wqn is None or wkn is None:
         raise ValueError(
             f"{name}: {roles['q_norm']}/{roles['k_norm']} have no learnable weight, so QK-Clip has nothing that "
@@ -354,9 +268,34 @@ def _layer_from_module(name: str, module: nn.Module, cfg: Any, roles: dict[str, 
     )
 
 
+def _fused_qkv(module: nn.Module, roles: dict[str, str]) -> tuple[str, Any] | None:
+    """``(attribute name, module)`` of the fused QKV projection of an attention module, if any."""
+    names = (roles["qkv_proj"],) if roles["qkv_proj"] != DEFAULT_MAPPING["qkv_proj"] else FUSED_QKV_NAMES
+    for attr in names:
+        obj = resolve_attr(module, attr)
+        if obj is not None and weight_and_bias(obj)[0] is not None:
+            return attr, obj
+    return None
+
+
+def _fused_layer(name: str, cfg: Any, module: nn.Module, attr: str, obj: Any,
+                 config: QKClipConfig) -> AttentionLayer:
+    """Clip targets on the q and k blocks of a fused QKV projection (see module docstring)."""
+    w, b = weight_and_bias(obj)
+    order, kv_fixed = fused_order(cfg, attr, name, config.fused_qkv)
+    heads, kv, head_dim = head_counts(cfg, name)
+    kv = kv_fixed or kv
+    dim = 1 if type(obj).__name__ == "Conv1D" else 0     # transformers' Conv1D: weight [in, out]
+    _, blocks = fused_blocks(name, attr, w.shape[dim], heads, kv, head_dim, order)
+    targets = [ClipTarget(p, f"{name}.{attr}.{kind}", block, segments, offset=offset, count=count, dim=pdim)
+               for p, kind, pdim in ((w, "weight", dim), (b, "bias", 0)) if p is not None
+               for offset, count, block, segments in blocks]
+    return AttentionLayer(name, module, "mha", heads, kv, targets)
+
+
 def _mla_layer(name: str, module: nn.Module, cfg: Any, roles: dict[str, str], q_obj: Any, qname: str,
                kv_b: nn.Module) -> AttentionLayer:
-    heads, _, _ = _head_counts(cfg, name)
+    heads, _, _ = head_counts(cfg, name)
     dims = {}
     for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         v = getattr(cfg, key, None)
@@ -365,8 +304,8 @@ def _mla_layer(name: str, module: nn.Module, cfg: Any, roles: dict[str, str], q_
             raise ValueError(f"{name}: MLA layer but the model config has no {key}; add it to model_config")
         dims[key] = int(v)
     nope, rope, vdim = dims["qk_nope_head_dim"], dims["qk_rope_head_dim"], dims["v_head_dim"]
-    wq, bq = _weight_and_bias(q_obj)
-    wkv, bkv = _weight_and_bias(kv_b)
+    wq, bq = weight_and_bias(q_obj)
+    wkv, bkv = weight_and_bias(kv_b)
     if wq is None or wkv is None:
         raise ValueError(f"{name}: MLA projections {qname}/{roles['kv_b_proj']} have no weight parameter")
     if wq.shape[0] != heads * (nope + rope):
@@ -393,8 +332,8 @@ def discover_attention_layers(model: nn.Module, config: QKClipConfig | None = No
     ``model_config`` (HF config or dict), else the module's own ``.config``, else ``model.config``."""
     config = config or QKClipConfig()
     roles = config.role_names()
-    explicit_cfg = _as_config(model_config)
-    default_cfg = _as_config(getattr(model, "config", None))
+    explicit_cfg = as_config(model_config)
+    default_cfg = as_config(getattr(model, "config", None))
     layers: list[AttentionLayer] = []
     for name, module in model.named_modules():
         if any(name.startswith(l.name + ".") for l in layers if l.name):
@@ -408,7 +347,8 @@ def discover_attention_layers(model: nn.Module, config: QKClipConfig | None = No
             f"QK-Clip found no attention layer in {type(model).__name__}: no module has both "
             f"{roles['q_proj']!r} and {roles['k_proj']!r} (or MLA {roles['kv_b_proj']!r} + {roles['kv_a_proj_with_mqa']!r}). "
             "Set the names with mapping={'q_proj': <your query attr>, 'k_proj': <your key attr>}, pass layers=... "
-            "explicitly, or disable QK-Clip (qk_clip=False). Fused QKV projections are not supported."
+            "explicitly, or disable QK-Clip (qk_clip=False). Fused QKV projections are found by the names "
+            f"{FUSED_QKV_NAMES} (or mapping={{'qkv_proj': <your attr>}})."
         )
     return layers
 
@@ -433,7 +373,7 @@ def _explicit_layer(i: int, spec: Any, config: QKClipConfig) -> AttentionLayer:
         path = spec.get(key)
         if not isinstance(path, str):
             raise ValueError(f"{name}: missing {key!r} (attribute name of the projection)")
-        w, b = _weight_and_bias(_resolve(module, path))
+        w, b = weight_and_bias(resolve_attr(module, path))
         if w is None:
             raise ValueError(f"{name}: {key}={path!r} matches no nn.Linear/parameter in {type(module).__name__}")
         return w, b
@@ -452,8 +392,8 @@ def _explicit_layer(i: int, spec: Any, config: QKClipConfig) -> AttentionLayer:
         cfg = SimpleNamespace(num_attention_heads=heads, **{k: spec.get(k) for k in
                                                              ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")})
         roles = config.role_names()
-        return _mla_layer(name, module, cfg, roles, _resolve(module, spec["w_q"]), spec["w_q"],
-                          _resolve(module, spec["w_kv_b"]))
+        return _mla_layer(name, module, cfg, roles, resolve_attr(module, spec["w_q"]), spec["w_q"],
+                          resolve_attr(module, spec["w_kv_b"]))
     targets = []
     for key, kind in (("w_qc", "q"), ("w_kc", "k"), ("w_qr", "qr")):
         w, b = get(key)
@@ -505,7 +445,7 @@ class QKClipper:
         layers: explicit layer specs (see :func:`_explicit_layer`) instead of discovery.
 
     Typical optimizer use (see BRIEF): ``S = clipper.max_logits(s_max)``; all-reduce(S, MAX);
-    ``for p, scale in clipper.row_scales(S): p.mul_(scale.view(-1, *[1] * (p.ndim - 1)))``.
+    ``for p, scale in clipper.row_scales(S): scale_rows_(p.detach().view(-1), scale, [(0, p.numel())], p.shape)``.
     """
 
     def __init__(self, model: nn.Module | None = None, config: Any = None, *, model_config: Any = None,
@@ -643,7 +583,12 @@ class QKClipper:
                     f = factors[kind]
                     assert f.numel() in (1, t.num_blocks), (t.name, f.numel(), t.num_blocks)
                     rows[:, start:start + length] = f.view(-1, 1)  # broadcast over the segment's rows
-                scale = rows.reshape(-1).to(t.param.device)
+                scale = rows.reshape(-1)
+                n = t.param.shape[t.dim]
+                if t.offset or scale.numel() != n:      # blocks of a fused projection: the rest keeps 1
+                    scale = torch.ones(n, dtype=torch.float32, device=eta_all.device).index_copy_(
+                        0, torch.arange(t.offset, t.offset + scale.numel(), device=eta_all.device), scale)
+                scale = (scale.view(1, -1) if t.dim == 1 else scale).to(t.param.device)
                 key = id(t.param)
                 if key in scales:  # a parameter shared by several layers: compose the clips
                     scale = scales[key][1] * scale

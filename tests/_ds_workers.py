@@ -209,7 +209,7 @@ def _moved_elems(inner, layout, p) -> int:
 def _count_ns(inner, calls: list):
     """Record every matrix this rank orthogonalizes (names via shapes per call); returns the
     function that puts the real orthogonalize back (several scenarios share one process)."""
-    import dist_muonclip.engine.engine as optmod
+    import dist_muonclip.ns_split as optmod
 
     real = optmod.orthogonalize
 

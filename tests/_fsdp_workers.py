@@ -24,7 +24,9 @@ MODEL_KW = {"llama": dict(intermediate_size=93),
                                 num_key_value_heads=3)}
 # tau below the tiny models' max logits (~0.1 llama, ~0.04-0.06 MLA at init) so QK-Clip rescales
 # heads every step (checked in the test)
-QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.04)}
+QK = {"llama": dict(tau=0.09), "deepseek_v3": dict(tau=0.04),
+      # GPT-2's fused c_attn (a transposed Conv1D): max logits 0.07-0.10 at init, most heads clip
+      "gpt2": dict(tau=0.07)}
 OPT_KW = dict(lr=0.02, adamw_lr=0.01, weight_decay=0.1, ns_dtype="float32", ns_backend="torch")
 
 
@@ -44,6 +46,14 @@ def _rank_device(device):
 
 
 def build_model(kind: str) -> nn.Module:
+    if kind == "gpt2":        # fused QKV: QK-Clip scales c_attn columns on FSDP2 row shards
+        import transformers
+
+        cfg = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                                      eos_token_id=2, attn_implementation="eager")
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(cfg)
     return tiny_model(kind, seed=0, **MODEL_KW[kind])
 
 
@@ -253,6 +263,7 @@ def placement_error_worker(rank: int, world: int):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from dist_muonclip import MuonClip, fsdp
+    from dist_muonclip.layouts import Replicated
 
     errors = {}
     mesh = init_device_mesh("cpu", (world,))
@@ -277,11 +288,13 @@ def placement_error_worker(rank: int, world: int):
     attempt("plain", m)
     m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     fsdp.fully_shard_model(m, mesh, blocks=[])
-    try:                                  # a fully_shard'ed model without the Shard0 layout
-        MuonClip(m, lr=0.01)
-        errors["no_layout"] = None
+    # a fully_shard'ed model without a layout: read from the DTensors (no error any more)
+    errors["no_layout"] = type(MuonClip(m, lr=0.01).layout).__name__
+    try:                                  # an explicit Replicated layout still refuses DTensors, by name
+        MuonClip(m, lr=0.01, layout=Replicated(world))
+        errors["replicated"] = None
     except ValueError as e:
-        errors["no_layout"] = f"{type(e).__name__}: {e}"
+        errors["replicated"] = f"{type(e).__name__}: {e}"
     # add_param_group after construction: the same placement checks, and eager state for DCP
     m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     fsdp.fully_shard_model(m, mesh, blocks=[])
@@ -374,3 +387,52 @@ def optimizer_clip_worker(rank: int, world: int, steps: int, max_norm: float):
         opt.zero_grad(set_to_none=True)
         norms.append(opt.metrics()["grad_norm"])
     return {"params": _full_params(model), "norms": norms}
+
+
+def mesh_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple, how: str = "auto",
+                      save_dir: str | None = None, load_dir: str | None = None, start: int = 0,
+                      extra: dict | None = None):
+    """fully_shard on a 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP) mesh, then MuonClip:
+    ``how="auto"``: ``MuonClip(model, ...)`` reads the layout from the DTensors (no layout, no
+    process group given); ``"make"``: ``fsdp.make_muonclip``. Optional DCP save / load (the mesh
+    shape may differ between the two: the checkpoint is keyed by FQN, sharded like the params)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_muonclip import MuonClip, fsdp
+
+    names = ("shard",) if len(mesh_shape) == 1 else ("replicate", "shard")
+    mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=names)
+    model = fsdp.fully_shard_model(build_model(kind), mesh)
+    acc = CommAccountant()
+    kw = {**OPT_KW, **(extra or {})}
+    if how == "auto":
+        opt = MuonClip(model, qk_clip=QK[kind], accountant=acc, **kw)
+    else:
+        opt = fsdp.make_muonclip(model, qk_clip=QK[kind], accountant=acc, **kw)
+    if load_dir is not None:
+        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=load_dir)
+        set_model_state_dict(model, sd["model"])
+        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
+    acc.reset()
+    clipped = []
+    for t in range(start, start + steps):
+        ids = local_batch(t, rank, world)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    if save_dir is not None:
+        dcp.save({"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=save_dir)
+    return {"params": _full_params(model), "clipped": clipped, "acc": acc.totals(),
+            "layout": type(opt.layout).__name__, "opt_world": opt.world_size, "opt_rank": opt.rank,
+            "coord": tuple(mesh.get_coordinate()),
+            "local_params": {n: p._local_tensor.detach().clone() for n, p in model.named_parameters()},
+            "local_state": {(opt.param_name(p), k): v.clone() for p, s in opt.state.items()
+                            for k, v in s.items()},
+            "state_numel": sum(v.numel() for s in opt.state.values() for k, v in s.items() if k != "step"),
+            "expected_state_numel": sum(p._local_tensor.numel() * (1 if g["use_muon"] else 2)
+                                        for g in opt.param_groups for p in g["params"])}

@@ -211,7 +211,7 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
         kw["optimizers"] = (user_opt, torch.optim.lr_scheduler.LambdaLR(user_opt, lambda s: 1.0))
     trainer = cls(**kw)
     ns_calls: list[int] = []
-    import dist_muonclip.engine.engine as optmod
+    import dist_muonclip.ns_split as optmod
 
     real = optmod.orthogonalize
 

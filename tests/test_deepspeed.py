@@ -48,10 +48,11 @@ def test_parse_accepts_every_documented_key():
               "adamw_eps": 1e-8, "adamw_weight_decay": 0.01, "qk_clip": {"tau": 50, "alpha": 0.5},
               "model_config": None, "muon_patterns": ["*.mlp.*"], "adamw_patterns": [], "skip_nonfinite": True,
               "adamw_foreach": None, "adamw_fused": False, "shard_adamw": True, "log_dir": None, "log_every": 2,
-              "verbose": False}
+              "verbose": False, "ns_split": "heads"}
     assert set(params) == set(MUONCLIP_OPTIONS)
     kw = parse_muonclip_section({"type": "MuonClip", "params": params})
     assert kw["adamw_betas"] == (0.9, 0.99) and kw["ns_coefficients"] == [(3.4445, -4.775, 2.0315)]
+    assert kw["ns_split"] == "heads"
 
 
 @pytest.mark.parametrize("params, exc, words", [

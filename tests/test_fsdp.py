@@ -85,7 +85,8 @@ def test_unsupported_placements_raise_with_the_name(fsdp_runs):
     assert "'1.weight'" in errors["replicate"] and "Replicate()" in errors["replicate"]
     assert "'1.weight'" in errors["plain"] and "not an FSDP2 DTensor" in errors["plain"]
     assert "'0.weight'" in errors["mesh2d"] and "2-D mesh" in errors["mesh2d"]
-    assert "'0.weight'" in errors["no_layout"] and "make_muonclip" in errors["no_layout"]
+    assert errors["no_layout"] == "Shard0Layout"          # MuonClip(model) reads it from the DTensors
+    assert "'0.weight'" in errors["replicated"] and "leave layout=None" in errors["replicated"]
     assert errors["add_shard1"].startswith("ValueError") and "'extra.shard1'" in errors["add_shard1"] \
         and "Shard(dim=1)" in errors["add_shard1"]
     assert errors["add_plain"].startswith("TypeError") and "'extra.plain'" in errors["add_plain"] \

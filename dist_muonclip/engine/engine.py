@@ -21,7 +21,7 @@ from torch import Tensor
 from ..comm import Comm
 from ..functional import muon_apply_, muon_momentum_, update_scale
 from ..layouts import Layout, scale_rows_
-from ..newton_schulz import orthogonalize
+from ..ns_split import orthogonalize_blocks
 from ..plan import build_plan
 from .adamw import AdamWPart, LocalPiecesAdamW, PartitionedAdamW
 from .checkpoint import StateFormat
@@ -52,7 +52,7 @@ class Engine:
 
     def __init__(self, *, param_groups: list[dict], state: dict, registry: ParamRegistry, layout: Layout,
                  comm: Comm | None, owns_reduction: bool, options: EngineOptions, clipper: Any = None,
-                 profiler: Any = None) -> None:
+                 profiler: Any = None, ns_splits: dict | None = None) -> None:
         self.param_groups = param_groups
         self.state = state
         self.registry = registry
@@ -61,8 +61,12 @@ class Engine:
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
         self.owns_reduction = owns_reduction
+        # the preflight's group: every data-parallel rank (HSDP replicas too), else the process group
+        dp = layout.data_parallel_group
+        self.dp_comm = Comm(dp, comm.accountant) if dp is not None and comm is not None else comm
         self.options = options
         self.clipper = clipper
+        self.ns_splits = ns_splits or {}       # parameter -> BlockSplit (ns_split option)
         self.ml_shape = tuple(clipper.max_logits(None).shape) if clipper is not None else None
         self.profiler = profiler
         self.units = Units(registry, layout, self.rank)
@@ -168,7 +172,7 @@ class Engine:
         params = [p for g in self.param_groups for p in g["params"]]
         clipper = self.clipper
         with self.phase("preflight"):
-            plan = preflight(params, self.registry.names, self.grads, self.comm,
+            plan = preflight(params, self.registry.names, self.grads, self.dp_comm,
                              skip_nonfinite=self.options.skip_nonfinite,
                              max_logits=lambda: clipper.max_logits(s_max) if clipper is not None else None,
                              ml_shape=self.ml_shape, layer_names=clipper.layer_names() if clipper else None,
@@ -213,10 +217,8 @@ class Engine:
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
             with self.phase("ns"):
-                if len(matrices) == 1 and matrices[0].shape[0] == 1:   # unbatched: bit-identical to torch.optim.Muon
-                    ortho = orthogonalize(matrices[0][0], **ns_kw).unsqueeze(0)
-                else:
-                    ortho = orthogonalize(torch.cat(matrices), **ns_kw)
+                ortho = orthogonalize_blocks(matrices, [self.ns_splits.get(u) for u in job.mine],
+                                             lambda m, n: update_scale(m, n, g["adjust_lr_fn"]), **ns_kw)
         self.exchange.from_owner(job, ortho)
 
     def _apply(self, job: BucketJob) -> Tensor:

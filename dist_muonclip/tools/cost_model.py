@@ -29,6 +29,10 @@ Engines (``engine=``):
 ``muonclip_fsdp2``      FSDP2 row shards: block params all-gathered in forward and backward (the
                         root's once), grads
                         reduce-scattered; Muon pieces all-to-all'd to owners and back.
+``muonclip_hsdp``       HSDP, ``replicas`` x ``W / replicas`` mesh (Replicate, Shard(0)): each replica
+                        group is ``muonclip_fsdp2`` at ``W / replicas`` (Muon all-to-alls inside it),
+                        the preflight over all W ranks, FSDP2's all-reduce of the gradient shards
+                        across the replicas (``all_reduce[replicate]``, predicted, not measured).
 ``ds_muon_zero1``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-1 (DeepSpeed 0.19.8, read
                         from its code and measured: gradients all-reduced, partitions all-gathered;
                         the Muon group sorted by size, and every matrix a rank's partition overlaps
@@ -66,7 +70,7 @@ __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_
            "predict", "scaling_table", "format_table"]
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_zero0_bf16", "muonclip_fsdp2",
-           "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2")
+           "muonclip_hsdp", "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2")
 
 
 _BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
@@ -298,13 +302,15 @@ def _preflight_bytes(specs: Sequence[ParamSpec], world: int, num_logits: int) ->
 def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: int | None = None,
             param_bytes: int = 4, grad_bytes: int = 4, ns_bytes: int = 2, ns_steps: int = 5,
             state_elem_bytes: int = 4, master_bytes: int = 0, buffer_bytes: int = 0,
-            num_logits: int = 0, hardware: Hardware | str | None = None) -> dict[str, Any]:
+            num_logits: int = 0, hardware: Hardware | str | None = None, replicas: int = 1) -> dict[str, Any]:
     """Per-rank cost of one step of ``engine`` at ``world_size`` (see module doc).
 
     Returns ``bytes`` (dict by collective tag, and ``total``), ``state_bytes``, ``ns_flops`` for
     ``rank`` (default: the busiest rank; ``"max"``/``"mean"``/``"per_rank"`` summaries are always
     included) and, with ``hardware``, ``time_s`` (``ns``, ``comm``, ``update``, ``total``).
     ``num_logits``: layers x heads of the QK-Clip max-logit tensor (0 without QK-Clip).
+    ``replicas``: ``muonclip_hsdp`` only, the replicate axis of the ``(replicas, W / replicas)``
+    mesh (rank ``r`` has shard coordinate ``r % (W / replicas)``).
 
     Dtypes (bytes per element): ``param_bytes`` of parameters on the wire (all-gathers),
     ``grad_bytes`` of gradients on the wire, ``ns_bytes`` of orthogonalized updates (the NS dtype),
@@ -320,6 +326,11 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     W = world_size
+    if engine == "muonclip_hsdp":
+        return _predict_hsdp(specs, W, replicas, rank=rank, hardware=hardware, num_logits=num_logits,
+                             kw=dict(param_bytes=param_bytes, grad_bytes=grad_bytes, ns_bytes=ns_bytes,
+                                     ns_steps=ns_steps, state_elem_bytes=state_elem_bytes,
+                                     master_bytes=master_bytes))
     muon = [s for s in specs if s.use_muon]
     adamw = [s for s in specs if not s.use_muon]
     P = sum(s.numel for s in specs)
@@ -485,6 +496,50 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
         # elementwise update: read+write param, grad read, state read+write (bytes of the local elements)
         local = P if engine.endswith("ddp") else P / W
         t_upd = (local * (2 * param_bytes + grad_bytes) + 2 * max(state)) / (hw.hbm_gbps * 1e9)
+        res["time_s"] = {"ns": t_ns, "comm": t_comm, "update": t_upd, "total": t_ns + t_comm + t_upd,
+                         "hardware": hw.name}
+    return res
+
+
+def _predict_hsdp(specs: Sequence[ParamSpec], W: int, R: int, *, rank: int | None, hardware: Any,
+                  num_logits: int, kw: dict[str, Any]) -> dict[str, Any]:
+    """``muonclip_hsdp`` (module doc): every replica group repeats ``muonclip_fsdp2`` at ``W / R``."""
+    if not isinstance(R, int) or R < 1 or W % R:
+        raise ValueError(f"replicas={R!r} must be a positive int dividing world_size={W}")
+    S = W // R
+    shard = [predict(specs, S, "muonclip_fsdp2", rank=s, num_logits=num_logits, **kw) for s in range(S)]
+    P = shard[0]["num_params"]
+    per_rank, state, flops, runs = [], [], [], []
+    for r in range(W):
+        base = shard[r % S]
+        b = {k: v for k, v in base["bytes"].items() if k not in ("total", "all_reduce[preflight]")}
+        if W > 1:
+            b["all_reduce[preflight]"] = _preflight_bytes(specs, W, num_logits)
+        # this rank's rows (exact uneven shards): momentum for Muon rows, two Adam moments otherwise
+        held = {u: sum(b_ - a_ for s_ in specs if s_.use_muon == u for a_, b_ in _shard0_ranges(s_, S)[r % S])
+                for u in (True, False)}
+        if R > 1:    # FSDP2 all-reduces this rank's reduce-scattered gradient rows across the replicas
+            b["all_reduce[replicate]"] = bytes_sent("all_reduce", (held[True] + held[False]) * kw["grad_bytes"], R)
+        b["total"] = sum(b.values())
+        per_rank.append(b)
+        state.append((held[True] + 2 * held[False]) * kw["state_elem_bytes"]
+                     + (held[True] + held[False]) * kw["master_bytes"])
+        flops.append(base["ns_flops"])
+        runs.append(base["ns_matrices_per_rank"][r % S])
+    out_rank = max(range(W), key=lambda r: (flops[r], -r)) if rank is None else rank
+    res: dict[str, Any] = {
+        "engine": "muonclip_hsdp", "world_size": W, "replicas": R, "rank": out_rank, "num_params": P,
+        "num_muon_params": shard[0]["num_muon_params"], "bytes": per_rank[out_rank],
+        "bytes_per_rank": [b["total"] for b in per_rank], "state_bytes": state[out_rank],
+        "state_bytes_per_rank": state, "ns_flops": flops[out_rank], "ns_flops_per_rank": flops,
+        "ns_flops_total": sum(flops), "ns_flops_max": max(flops), "ns_matrices_per_rank": runs,
+        "ns_matrices_total": R * shard[0]["ns_matrices_total"],
+    }
+    if hardware is not None:
+        hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+        t_ns = max(flops) / (hw.ns_tflops * 1e12)
+        t_comm = max(b["total"] for b in per_rank) / (hw.link_gbps(W) * 1e9)
+        t_upd = (P / S * (2 * kw["param_bytes"] + kw["grad_bytes"]) + 2 * max(state)) / (hw.hbm_gbps * 1e9)
         res["time_s"] = {"ns": t_ns, "comm": t_comm, "update": t_upd, "total": t_ns + t_comm + t_upd,
                          "hardware": hw.name}
     return res
