@@ -119,7 +119,6 @@ FULL_STATE_FILE = "muonclip_full_state.pt"
 # (dist_muonclip.options, which also renders configs/REFERENCE.md); these views keep the
 # documented names: key -> (JSON kind, default, meaning).
 MUONCLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
-<<<<<<< HEAD
     k: (o.kind, o.default, o.doc) for k, o in _options.deepspeed_options().items()}
 QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
     k: (o.kind, o.default, o.doc) for k, o in _options.qk_clip_options().items()}
@@ -128,128 +127,6 @@ parse_muonclip_section = _options.parse_muonclip_section
 
 def load_config(config: Any) -> dict[str, Any]:
     """A DeepSpeed config as a dict (a deep copy of a dict, or a JSON file read)."""
-=======
-    "lr": ("number", None, "Muon lr (required); also the AdamW part's lr unless adamw_lr is set"),
-    "momentum": ("number", 0.95, "Muon momentum mu in [0, 1)"),
-    "nesterov": ("bool", True, "Nesterov momentum (torch.optim.Muon form)"),
-    "weight_decay": ("number", 0.1, "decoupled weight decay of the Muon part (and AdamW unless adamw_weight_decay)"),
-    "ns_steps": ("int", 5, "Newton-Schulz iterations"),
-    "ns_coefficients": ("coefficients", "jordan",
-                        "\"jordan\" | \"polar_express\" | \"cans\" | [a, b, c] | [[a, b, c], ...]"),
-    "ns_backend": ("str", "auto", "\"auto\" | \"torch\" | \"triton\""),
-    "ns_dtype": ("str", "bfloat16", "\"bfloat16\" | \"float32\" (NS operand dtype)"),
-    "ns_eps": ("number", 1e-7, "Frobenius-norm clamp of the NS input"),
-    "adjust_lr_fn": ("str", "match_rms_adamw", "\"match_rms_adamw\" | \"original\" | \"none\""),
-    "adamw_lr": ("number_or_null", None, "lr of the AdamW part (null: same as lr)"),
-    "adamw_betas": ("pair", [0.9, 0.95], "AdamW (beta1, beta2)"),
-    "adamw_eps": ("number", 1e-8, "AdamW epsilon"),
-    "adamw_weight_decay": ("number_or_null", None, "AdamW weight decay (null: same as weight_decay)"),
-    "qk_clip": ("qk_clip", None, "null (auto) | true | false | {QK-Clip options, see QK_CLIP_OPTIONS}"),
-    "muon_patterns": ("str_list", [], "name globs forced to Muon"),
-    "adamw_patterns": ("str_list", [], "name globs forced to AdamW"),
-    "skip_nonfinite": ("bool", True, "skip parameters whose gradient is non-finite (state untouched)"),
-    "shard_adamw": ("bool", True, "ZeRO-0: shard AdamW state over ranks (stages 1/2 always shard)"),
-    "verbose": ("bool", False, "print the Muon/AdamW split at construction"),
-    "ns_split": ("str_or_null", None, "null (whole matrices) | \"qkv\" | \"heads\" (per-block Newton-Schulz)"),
-}
-
-QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "enable": ("bool", True, "false turns QK-Clip off"),
-    "tau": ("number", 100.0, "max-logit threshold"),
-    "alpha": ("number", 0.5, "share of the clip put on the query side"),
-    "mapping": ("dict_or_null", None, "role -> attribute-name overrides for attention modules"),
-    "gqa_policy": ("str", "exact", "\"exact\" | \"conservative\""),
-    "qk_norm_policy": ("str", "shared", "\"shared\" | \"error\" (models with q_norm/k_norm)"),
-    "track": ("str", "auto", "\"auto\" | \"hf\" | \"manual\""),
-    "track_eval": ("bool", False, "also record forwards without autograd"),
-    "chunk_size": ("int", None, "logits materialized at once by the torch max-logit path"),
-    "backend": ("str", "auto", "max-logit backend: \"auto\" | \"torch\" | \"triton\""),
-    "check_finite": ("bool", True, "raise on NaN/+inf max logits"),
-    "fused_qkv": ("str", "auto", "row order of fused QKV projections: \"auto\" | \"concat\" | \"per_head\""),
-}
-
-_KIND_TEXT = {"number": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-              "number_or_null": "a number or null", "str_or_null": "a string or null",
-              "pair": "a list of two numbers",
-              "str_list": "a list of strings", "dict_or_null": "an object or null",
-              "coefficients": "a string, [a, b, c] or a list of [a, b, c]",
-              "qk_clip": "null, true, false or an object"}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_kind(path: str, kind: str, value: Any) -> None:
-    ok = {
-        "number": _is_number(value),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "number_or_null": value is None or _is_number(value),
-        "str_or_null": value is None or isinstance(value, str),
-        "pair": isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value),
-        "str_list": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
-        "dict_or_null": value is None or isinstance(value, dict),
-        "coefficients": isinstance(value, str)
-        or (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value))
-        or (isinstance(value, (list, tuple)) and len(value) > 0 and all(
-            isinstance(r, (list, tuple)) and len(r) == 3 and all(_is_number(v) for v in r) for r in value)),
-        "qk_clip": value is None or isinstance(value, (bool, dict)),
-    }[kind]
-    if not ok:
-        raise TypeError(f"DeepSpeed config {path} must be {_KIND_TEXT[kind]}, got {value!r} "
-                        f"({type(value).__name__})")
-
-
-def _unknown_key(path: str, key: str, allowed: Sequence[str]) -> ValueError:
-    import difflib
-
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"DeepSpeed config {path}: unknown key {key!r}{hint}; MuonClip accepts "
-                      f"{', '.join(sorted(allowed))} (see configs/REFERENCE.md)")
-
-
-def parse_muonclip_section(section: dict[str, Any]) -> dict[str, Any]:
-    """Validate a config's ``"optimizer"`` section of type MuonClip; return MuonClip kwargs.
-
-    Unknown keys and wrong JSON types raise ``ValueError``/``TypeError`` naming the key path
-    (e.g. ``optimizer.params.qk_clip.tau``). Values are checked again, in full, when the optimizer
-    is built (ranges, coefficient names), still before any state exists.
-    """
-    if not isinstance(section, dict):
-        raise TypeError(f"DeepSpeed config 'optimizer' must be an object, got {type(section).__name__}")
-    for key in section:
-        if key not in ("type", "params"):
-            raise _unknown_key("optimizer", key, ("type", "params"))
-    params = section.get("params", {})
-    if not isinstance(params, dict):
-        raise TypeError(f"DeepSpeed config optimizer.params must be an object, got {type(params).__name__}")
-    kwargs: dict[str, Any] = {}
-    for key, value in params.items():
-        if key not in MUONCLIP_OPTIONS:
-            raise _unknown_key("optimizer.params", key, list(MUONCLIP_OPTIONS))
-        kind = MUONCLIP_OPTIONS[key][0]
-        _check_kind(f"optimizer.params.{key}", kind, value)
-        if kind == "qk_clip" and isinstance(value, dict):
-            for qk, qv in value.items():
-                if qk not in QK_CLIP_OPTIONS:
-                    raise _unknown_key("optimizer.params.qk_clip", qk, list(QK_CLIP_OPTIONS))
-                _check_kind(f"optimizer.params.qk_clip.{qk}", QK_CLIP_OPTIONS[qk][0], qv)
-        if kind == "pair":
-            value = tuple(value)
-        if kind == "coefficients" and not isinstance(value, str):
-            value = tuple(value) if _is_number(value[0]) else [tuple(r) for r in value]
-        kwargs[key] = value
-    if "lr" not in kwargs:
-        raise ValueError("DeepSpeed config optimizer.params.lr is required for MuonClip (e.g. \"lr\": 0.01 with the "
-                         "default adjust_lr_fn=\"match_rms_adamw\", which lets an AdamW-tuned lr serve both parts)")
-    return kwargs
-
-
-def _load_json(config: Any) -> dict[str, Any]:
->>>>>>> meshes
     if isinstance(config, dict):
         return copy.deepcopy(config)
     if isinstance(config, (str, os.PathLike)):
