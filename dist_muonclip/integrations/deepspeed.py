@@ -60,8 +60,10 @@ partition holds the embedding and the output head carrying twice the state of th
 DeepSpeed ``scheduler`` writes the groups' ``lr``; the adapter reads the first group's and scales
 every MuonClip group by ``lr / initial lr`` (so ``lr`` and ``adamw_lr`` keep their ratio).
 
-ZeRO-3 is not supported (MuonClip needs whole matrices once per step; use FSDP2 for parameter
-sharding). fp16 (loss scaling) is not supported: use bf16.
+ZeRO-3 (``"stage": 3``, models built under ``deepspeed.zero.Init`` or not): every parameter is
+cut across all ranks and DeepSpeed steps the client one fp32 sub-group partition at a time;
+:class:`~dist_muonclip.integrations.deepspeed_zero3.Zero3PartitionsLayout` maps the partitions
+and the client runs the whole MuonClip step at the last sub-group (module doc there). fp16 (loss scaling) is not supported: use bf16.
 
 The tiny trainer that ``python -m dist_muonclip.deepspeed`` and the launchers run lives outside
 the library, in :mod:`dist_muonclip.support.ds_trainer`.
@@ -83,6 +85,7 @@ from .. import options as _options
 from ..comm import Comm, CommAccountant
 from ..optimizer import MuonClip
 from ..plan import flat_partition
+from .deepspeed_zero3 import Zero3PartitionsLayout, full_shapes, refresh_model_partitions
 
 try:  # the layout contract (dist_muonclip.layouts); sharded layouts need it
     from ..layouts import Layout as _LayoutBase
@@ -178,13 +181,8 @@ def prepare_config(config: Any, *, has_optimizer: bool = False, auto_values: dic
         raise ValueError("the DeepSpeed config has no 'optimizer' section; add {\"type\": \"MuonClip\", \"params\": "
                          "{\"lr\": ...}} (see configs/REFERENCE.md) or pass optimizer=MuonClip(model, ...)")
     stage = _zero_stage(cfg)
-    if stage == 3:
-        raise ValueError("MuonClip does not support ZeRO stage 3: Newton-Schulz needs each whole matrix once per step, "
-                         "and stage 3 never materializes parameters outside forward/backward. Use ZeRO stage 1 or 2 "
-                         "(optimizer state and gradients sharded, configs/zero2*.json), or FSDP2 with "
-                         "dist_muonclip's Shard(0) layout for parameter sharding")
-    if stage not in (0, 1, 2):
-        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1 or 2")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     zero = cfg.get("zero_optimization", {}) or {}
     for key in ("offload_optimizer", "offload_param"):
         off = zero.get(key)
@@ -194,7 +192,7 @@ def prepare_config(config: Any, *, has_optimizer: bool = False, auto_values: dic
     if (cfg.get("fp16") or {}).get("enabled", False):
         raise ValueError("DeepSpeed config fp16.enabled: MuonClip supports fp32 and bf16 (fp32 master weights); "
                          "fp16 loss scaling is not supported, use \"bf16\": {\"enabled\": true}")
-    if stage in (1, 2):
+    if stage in (1, 2, 3):
         cfg["zero_allow_untested_optimizer"] = True
     return cfg, kwargs
 
@@ -442,6 +440,8 @@ class DeepSpeedClient(Optimizer):
         self._base_lrs = [g["lr"] for g in muonclip.param_groups]
         self._after_step: Callable[[], None] | None = None
         self._fragments: FlatFragmentsLayout | None = None
+        self._zero3: Zero3PartitionsLayout | None = None
+        self._wrapper: Any = None
         # ZeRO-0 fp32 only (no DeepSpeed wrapper): this client plays the wrapper's part in the
         # engine's contract, which reads ``overflow`` and ``_global_grad_norm`` after step()
         self._clips_fp32 = False
@@ -465,6 +465,16 @@ class DeepSpeedClient(Optimizer):
         self._state_per_rank = bool(engine.zero_optimization())
         if wrapper is self:
             self.layout_name = "replicated"
+        elif hasattr(wrapper, "fp32_partitioned_groups_flat"):           # ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)
+            n = len(self._groups)
+            if sorted(set(wrapper.sub_group_to_group_id.values())) != list(range(n)):
+                raise RuntimeError(f"DeepSpeed made param groups {sorted(set(wrapper.sub_group_to_group_id.values()))} "
+                                   f"out of DeepSpeedClient's {n}; MoE expert groups are not supported")
+            group = wrapper.dp_process_group
+            layout = Zero3PartitionsLayout(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat,
+                                           dist.get_rank(group), dist.get_world_size(group))
+            self._zero3, self._wrapper = layout, wrapper
+            self.layout_name = "zero3_partitions"
             self._take_over_fp32_clip(engine)
         elif hasattr(wrapper, "single_partition_of_fp32_groups"):       # ZeRO-1/2 (DeepSpeedZeroOptimizer)
             self._check_groups(wrapper.bit16_groups)
@@ -511,7 +521,8 @@ class DeepSpeedClient(Optimizer):
             if layout.world_size != world:
                 raise ValueError(f"DeepSpeed's data-parallel group has {layout.world_size} of {world} ranks; "
                                  "model/pipeline/sequence parallelism is not supported with MuonClip")
-            _set_layout(self.inner, layout)
+            with full_shapes(self._model):
+                _set_layout(self.inner, layout)
         elif self.inner.world_size != world:     # instance built before init_distributed
             _set_layout(self.inner, None)
         self._bound = True
@@ -606,6 +617,8 @@ class DeepSpeedClient(Optimizer):
             if k != len(self._groups) - 1:
                 self._fragments.stash_grad(k)
                 return None
+        if self._zero3 is not None:
+            return self._step_zero3(closure, s_max)
         if self._clips_fp32 and not self._fp32_preflight():
             return None       # invalid gradient norm: the engine books a skipped step (overflow)
         self._sync_lr()
@@ -616,6 +629,28 @@ class DeepSpeedClient(Optimizer):
                 self._fragments.clear_stash()
         if self._after_step is not None:
             self._after_step()
+        return loss
+
+    def _step_zero3(self, closure: Callable[[], Any] | None, s_max: Any) -> Any:
+        """ZeRO-3: DeepSpeed steps one fp32 sub-group partition per call (the one group whose
+        ``params`` it set to ``[partition]``) and drops its gradient after. Keep each gradient;
+        at the last sub-group run the whole MuonClip step, then refresh the earlier sub-groups'
+        model partitions (DeepSpeed copied them before they were updated)."""
+        layout = self._zero3
+        stepped = [g["params"][0] for g in self.param_groups if g["params"]]
+        if len(stepped) != 1:
+            raise RuntimeError(f"DeepSpeed ZeRO-3 stepped {len(stepped)} partitions at once; expected one sub-group")
+        i = layout.sub_group_of(stepped[0])
+        layout.stash_grad(i)
+        if i != layout.num_sub_groups - 1:
+            return None
+        self._sync_lr()
+        try:
+            with full_shapes(self._model):
+                loss = self.inner.step(closure, s_max=s_max)
+        finally:
+            layout.clear_stash()
+        refresh_model_partitions(self._wrapper, range(layout.num_sub_groups - 1))
         return loss
 
     def metrics(self) -> dict[str, float]:
@@ -634,7 +669,11 @@ class DeepSpeedClient(Optimizer):
         sharded = self._state_per_rank
         return {"format": "dist_muonclip.deepspeed.v1", "lr0": self._lr0, "base_lrs": self._base_lrs,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self._groups],
-                "muonclip": self.inner.state_dict(sharded=sharded)}
+                "muonclip": self._inner_state_dict(sharded)}
+
+    def _inner_state_dict(self, sharded: bool) -> dict[str, Any]:
+        with full_shapes(self._model):      # ZeRO-3: the state is keyed by full shapes
+            return self.inner.state_dict(sharded=sharded)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output; shards are merged over all ranks (a collective)."""
@@ -677,7 +716,7 @@ class DeepSpeedClient(Optimizer):
             dist.all_gather_object(shards, local)
             for g in inner.param_groups:
                 for p in g["params"]:
-                    full = torch.empty(p.numel(), dtype=torch.float32)
+                    full = torch.empty(math.prod(layout.full_shape(p)), dtype=torch.float32)
                     for shard in shards:
                         for a, b, t in shard[names[p]]:
                             full[a:b] = t
@@ -686,7 +725,9 @@ class DeepSpeedClient(Optimizer):
             for g in inner.param_groups:
                 for p in g["params"]:
                     masters[names[p]] = p.detach().float().cpu().clone()
-        return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner.state_dict(), "masters": masters,
+        with full_shapes(self._model):
+            inner_sd = inner.state_dict()
+        return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner_sd, "masters": masters,
                 "lr": self._groups[0]["lr"], "lr0": self._lr0}
 
     @torch.no_grad()
@@ -782,7 +823,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
     if mc_kwargs is not None:
         try:   # every value is validated here, before DeepSpeed touches the model
-            optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
+            with full_shapes(model):   # a model built under deepspeed.zero.Init: full shapes for the split
+                optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
         client = DeepSpeedClient(model, optimizer)
