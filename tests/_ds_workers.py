@@ -460,6 +460,7 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
                            params=sc.get("params"))
         kind, model_kw = sc.get("kind", "llama"), sc.get("model_kw") or {}
         if sc.get("zero_init", False):
+            deepspeed.init_distributed()     # zero.Init reads the world size from deepspeed.comm
             with deepspeed.zero.Init(config_dict_or_path=cfg):
                 model = tiny_model(kind, seed=0, **model_kw)
             # HF's weight init runs on the already partitioned (empty) tensors under zero.Init:
@@ -507,3 +508,37 @@ def _moved_elems_z3(inner, layout, p) -> int:
     if owner is None:
         return 0
     return sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
+
+
+def zero3_ckpt_worker(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    """Checkpoint runs in one spawn, each ``dict(stage, steps, start, save_dir=None, save_at=None,
+    resume=None | "native" | "full", resume_dir)``: train ``steps`` steps from ``start`` (after
+    resuming), optionally saving through :func:`dist_muonclip.deepspeed.save_checkpoint` after step
+    ``save_at``. Returns per run the fp32 masters at the end and right after loading."""
+    _setup()
+    from dist_muonclip.deepspeed import full_state_dict, initialize, load_checkpoint, save_checkpoint
+
+    out = []
+    for run in runs:
+        stage = run["stage"]
+        cfg = zero3_config(world) if stage == 3 else ds_config(stage, world)
+        engine, *_ = initialize(model=tiny_model("llama", seed=0), config=cfg)
+        loaded = None
+        if run.get("resume") == "native":
+            engine.load_checkpoint(run["resume_dir"], tag="ckpt")
+        elif run.get("resume") == "full":
+            load_checkpoint(engine, run["resume_dir"], tag="ckpt")
+        if run.get("resume"):
+            loaded = {k: v.clone() for k, v in full_state_dict(engine)["masters"].items()}
+        start = run.get("start", 0)
+        for t in range(start, start + run["steps"]):
+            ids = local_batch(t, rank, world).to(engine.device)
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            if run.get("save_at") == t + 1:
+                save_checkpoint(engine, run["save_dir"], tag="ckpt")
+        lp = {k: p.detach().clone() for k, p in engine.module.named_parameters()} if stage != 3 else None
+        out.append({"params": {k: v.clone() for k, v in full_state_dict(engine)["masters"].items()},
+                    "loaded": loaded, "lp": lp})
+        engine.destroy()
+    return out

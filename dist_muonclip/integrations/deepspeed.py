@@ -693,7 +693,8 @@ class DeepSpeedClient(Optimizer):
                                  "ZeRO-0 + bf16 checkpoints); resume through dist_muonclip.deepspeed.load_checkpoint, "
                                  "which reads the full-state export that save_checkpoint writes beside it")
             inner_sd = self.inner.merge_sharded(shards)
-        self.inner.load_state_dict(inner_sd)
+        with full_shapes(self._model):
+            self.inner.load_state_dict(inner_sd)
         if len(state_dict["param_groups"]) != len(self._groups):
             raise ValueError(f"this checkpoint has {len(state_dict['param_groups'])} DeepSpeedClient param groups, "
                              f"this run has {len(self._groups)}: resume through dist_muonclip.deepspeed.load_checkpoint "
@@ -728,7 +729,7 @@ class DeepSpeedClient(Optimizer):
         with full_shapes(self._model):
             inner_sd = inner.state_dict()
         return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner_sd, "masters": masters,
-                "lr": self._groups[0]["lr"], "lr0": self._lr0}
+                "lr": self._groups[0]["lr"], "lr0": self._lr0, "zero3": self._zero3 is not None}
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Any], engine: Any) -> None:
@@ -752,11 +753,17 @@ class DeepSpeedClient(Optimizer):
                             layout.local_param(p).copy_(full[a:b].to(layout.local_param(p)))
                     if isinstance(layout, MasterSliceLayout):   # full masters everywhere
                         layout._master[p].detach().view(-1).copy_(full.to(layout._master[p]))
-                p.detach().view(-1).copy_(full.to(device=p.device, dtype=p.dtype))
+                if self._zero3 is None:     # ZeRO-3: the model partitions are refreshed below
+                    p.detach().view(-1).copy_(full.to(device=p.device, dtype=p.dtype))
         wrapper = engine.optimizer
+        if self._zero3 is not None:
+            refresh_model_partitions(wrapper, range(self._zero3.num_sub_groups))
+            if wrapper.persistent_parameters:      # kept whole for forward: gather them again
+                wrapper.persistent_parameters[0].all_gather(wrapper.persistent_parameters)
         if hasattr(wrapper, "update_lp_params") and hasattr(wrapper, "single_partition_of_fp32_groups"):
             wrapper.update_lp_params()       # bit16 params <- fp32 partitions, all-gathered
-        inner.load_state_dict(state["optimizer"])
+        with full_shapes(self._model):
+            inner.load_state_dict(state["optimizer"])
         for g in self._groups:
             g["lr"] = state["lr"]
 
@@ -887,12 +894,17 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> str:
         raise ValueError(f"{path} does not exist: the checkpoint was not written by "
                          "dist_muonclip.deepspeed.save_checkpoint (engine.save_checkpoint resumes only at the same "
                          "world size, through engine.load_checkpoint)")
-    engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if not (state.get("zero3") or _client(engine)._zero3 is not None):
+        # a ZeRO-3 module file holds partition placeholders, and a ZeRO-3 module takes no full
+        # tensors: there (from or to stage 3) the export's masters alone carry the weights
+        engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
     load_full_state_dict(engine, state)
-    model_sd = torch.load(os.path.join(load_dir, str(tag), "mp_rank_00_model_states.pt"), map_location="cpu",
-                          weights_only=False)
+    model_file = os.path.join(load_dir, str(tag), "mp_rank_00_model_states.pt")
+    if not os.path.exists(model_file):      # ZeRO-3 writes one model-states file per rank
+        model_file = os.path.join(load_dir, str(tag), "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    model_sd = torch.load(model_file, map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None and model_sd.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(model_sd["lr_scheduler"])
     engine.global_steps = model_sd.get("global_steps", engine.global_steps)
