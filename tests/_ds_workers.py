@@ -455,17 +455,25 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
 
     results = []
     for sc in scenarios:
-        cfg = zero3_config(world, bf16=sc.get("bf16", False), micro=sc.get("micro"),
-                           persistence=sc.get("persistence", 64), sub_group_size=sc.get("sub_group_size"),
-                           params=sc.get("params"))
+        stage = sc.get("stage", 3)
+        if stage == 3:
+            cfg = zero3_config(world, bf16=sc.get("bf16", False), micro=sc.get("micro"),
+                               persistence=sc.get("persistence", 64), sub_group_size=sc.get("sub_group_size"),
+                               params=sc.get("params"))
+        else:
+            cfg = ds_config(stage, world, bf16=sc.get("bf16", False), params=sc.get("params"))
+        if sc.get("offload"):
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         kind, model_kw = sc.get("kind", "llama"), sc.get("model_kw") or {}
         if sc.get("zero_init", False):
             deepspeed.init_distributed()     # zero.Init reads the world size from deepspeed.comm
+            # HF's weight init runs on the already partitioned (empty) tensors under zero.Init:
+            # load the oracle's initial weights the way HF's from_pretrained does under ZeRO-3.
+            # (Built first: the model class's lazy import fails inside zero.Init's patched
+            # tensor constructors.)
+            ref = dict(tiny_model(kind, seed=0, **model_kw).named_parameters())
             with deepspeed.zero.Init(config_dict_or_path=cfg):
                 model = tiny_model(kind, seed=0, **model_kw)
-            # HF's weight init runs on the already partitioned (empty) tensors under zero.Init:
-            # load the oracle's initial weights the way HF's from_pretrained does under ZeRO-3
-            ref = dict(tiny_model(kind, seed=0, **model_kw).named_parameters())
             params = dict(model.named_parameters())
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
                 if rank == 0:
@@ -497,7 +505,11 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
         masters = {k: v.detach().cpu().clone() for k, v in full_state_dict(engine)["masters"].items()}
         results.append({"params": masters, "ns_per_step": ns_per_step, "layout": layout_name(engine),
                         "moved_elems": moved, "metrics": inner.metrics(),
-                        "num_sub_groups": layout.num_sub_groups})
+                        "num_sub_groups": getattr(layout, "num_sub_groups", None),
+                        "state_devices": sorted({str(v.device) for st in inner.state.values() for v in st.values()
+                                                 if isinstance(v, torch.Tensor) and v.ndim > 0}),
+                        "partition_devices": sorted({str(layout.local_param(p).device) for g in inner.param_groups
+                                                     for p in g["params"]})})
         engine.destroy()
     return results
 

@@ -184,17 +184,46 @@ def prepare_config(config: Any, *, has_optimizer: bool = False, auto_values: dic
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     zero = cfg.get("zero_optimization", {}) or {}
-    for key in ("offload_optimizer", "offload_param"):
-        off = zero.get(key)
-        if off and (not isinstance(off, dict) or off.get("device", "none") not in ("none", None)):
-            raise ValueError(f"DeepSpeed config zero_optimization.{key} is not supported with MuonClip (offloaded "
-                             "optimizer steps run DeepSpeed's CPU kernels); remove it")
+    _check_offload(zero, stage, cfg)
     if (cfg.get("fp16") or {}).get("enabled", False):
         raise ValueError("DeepSpeed config fp16.enabled: MuonClip supports fp32 and bf16 (fp32 master weights); "
                          "fp16 loss scaling is not supported, use \"bf16\": {\"enabled\": true}")
     if stage in (1, 2, 3):
         cfg["zero_allow_untested_optimizer"] = True
     return cfg, kwargs
+
+
+def _check_offload(zero: dict[str, Any], stage: int, cfg: dict[str, Any]) -> None:
+    """``offload_optimizer: {"device": "cpu"}`` at stages 1-3 keeps MuonClip's state with
+    DeepSpeed's fp32 partitions in CPU memory (the client steps there); anything else is refused
+    with the fix. Sets ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed otherwise demands its
+    own CPU Adam for offload)."""
+    off = zero.get("offload_param")
+    if off and (not isinstance(off, dict) or off.get("device", "none") not in ("none", None)):
+        raise ValueError("DeepSpeed config zero_optimization.offload_param is not supported with MuonClip (parameters "
+                         "offloaded between forward passes are not mapped to its layout); remove it (ZeRO-3 without "
+                         "parameter offload, optionally with offload_optimizer: {\"device\": \"cpu\"})")
+    off = zero.get("offload_optimizer")
+    if not off:
+        return
+    if not isinstance(off, dict):
+        raise TypeError("DeepSpeed config zero_optimization.offload_optimizer must be an object like "
+                        "{\"device\": \"cpu\"}")
+    device = off.get("device", "none")
+    if device in ("none", None):
+        return
+    if device != "cpu":
+        raise ValueError(f"DeepSpeed config zero_optimization.offload_optimizer.device={device!r} is not supported with "
+                         "MuonClip (its state is not in the format of DeepSpeed's NVMe swapper); use "
+                         "\"device\": \"cpu\" or remove offload_optimizer")
+    if stage == 0:
+        raise ValueError("DeepSpeed config zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3; set "
+                         "zero_optimization.stage or remove offload_optimizer")
+    if float(off.get("ratio", 1.0)) != 1.0:
+        raise ValueError(f"DeepSpeed config zero_optimization.offload_optimizer.ratio={off['ratio']!r}: partial "
+                         "offload steps the sub-groups left on the accelerator with DeepSpeed's own Adam, not "
+                         "MuonClip; remove ratio (offload everything)")
+    cfg["zero_force_ds_cpu_optimizer"] = False
 
 
 # --------------------------------------------------------------------------------------------
