@@ -37,6 +37,8 @@ W2_SCENARIOS = {
     "z2": dict(steps=STEPS, stage=2),
     "z2_offload": dict(steps=STEPS, stage=2, offload=True),
     "z1_offload": dict(steps=STEPS, stage=1, offload=True),
+    # tiny DeepSeek-V3: MLA attention and fused experts [E, m, n], each stack cut across ranks
+    "moe": dict(steps=STEPS, kind="deepseek_v3"),
 }
 
 
@@ -262,3 +264,29 @@ def test_bad_offload_configs_name_the_fix(zero, words):
     cfg, _ = prepare_config({"optimizer": section, "zero_optimization": {"stage": 3, "offload_optimizer": {
         "device": "cpu"}}})
     assert cfg["zero_force_ds_cpu_optimizer"] is False and cfg["zero_allow_untested_optimizer"] is True
+
+
+@pytest.mark.slow
+def test_zero3_moe_stacked_experts_match_single_process(w2):
+    """Tiny DeepSeek-V3 (MLA QK-Clip, stacked experts [4, m, n]) at ZeRO-3, W=2: ZeRO-3 cuts each
+    expert stack in two, the plan splits it at the cut into chunks of whole experts (so no expert
+    travels) and the run equals the single-process one; each expert matrix orthogonalized once
+    per step (the oracle's count)."""
+    import dist_muonclip.engine.engine as engmod
+    from tests import _ds_moe_workers as M
+
+    calls = []
+    real = engmod.orthogonalize
+    engmod.orthogonalize = lambda x, **kw: (calls.append(int(x.shape[0]) if x.ndim == 3 else 1), real(x, **kw))[1]
+    try:
+        model, _ = M.moe_single(STEPS)
+    finally:
+        engmod.orthogonalize = real
+    want = {k: v.detach().clone() for k, v in model.named_parameters()}
+    outs = w2["moe"]
+    assert outs[0]["layout"] == "zero3_partitions"
+    for out in outs:
+        _assert_close(out["params"], want, ATOL, RTOL)
+    per_step = sum(calls) // STEPS
+    assert all(sum(o["ns_per_step"][t] for o in outs) == per_step for t in range(STEPS))
+    assert outs[0]["metrics"].get("qk_clip/num_heads_clipped", 0) > 0
