@@ -1,4 +1,4 @@
-"""DeepSpeed integration: MuonClip from a DeepSpeed JSON config, at ZeRO stages 0, 1 and 2.
+"""DeepSpeed integration: MuonClip from a DeepSpeed JSON config, at ZeRO stages 0, 1, 2 and 3.
 
 Switch an existing DeepSpeed job to MuonClip by editing its config::
 
@@ -28,6 +28,9 @@ stage 1, bf16          BF16_Optimizer (flat fp32        :class:`FlatFragmentsLay
                        partitions)
 stage 1 fp32, stage 2  DeepSpeedZeroOptimizer (flat     :class:`FlatFragmentsLayout`
                        fp32 partitions)
+stage 3, fp32 / bf16   DeepSpeedZeroOptimizer_Stage3    :class:`~.deepspeed_zero3.Zero3PartitionsLayout`
+                       (every parameter cut across
+                       all ranks, fp32 sub-groups)
 =====================  ===============================  =========================================
 
 With flat partitions a matrix may be cut across ranks. :class:`FlatFragmentsLayout` reads
