@@ -482,9 +482,12 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
                             p.copy_(ref[n])
         else:
             model = tiny_model(kind, seed=0, **model_kw)
-        engine, *_ = initialize(model=model, config=cfg)
+        from dist_muonclip.comm import CommAccountant
+
+        acc = CommAccountant()
+        engine, *_ = initialize(model=model, config=cfg, accountant=acc)
         inner = muonclip_optimizer(engine)
-        gas = cfg["gradient_accumulation_steps"]
+        gas = cfg.get("gradient_accumulation_steps", 1)
         micro = cfg["train_micro_batch_size_per_gpu"]
         ns_per_step = []
         for t in range(sc.get("steps", 3)):
@@ -506,6 +509,9 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
         results.append({"params": masters, "ns_per_step": ns_per_step, "layout": layout_name(engine),
                         "moved_elems": moved, "metrics": inner.metrics(),
                         "num_sub_groups": getattr(layout, "num_sub_groups", None),
+                        "acc": acc.totals(), "acc_steps": len(acc.steps),
+                        "state_numel": sum(t.numel() for st in inner.state.values() for t in st.values()
+                                           if isinstance(t, torch.Tensor) and t.ndim > 0),
                         "state_devices": sorted({str(v.device) for st in inner.state.values() for v in st.values()
                                                  if isinstance(v, torch.Tensor) and v.ndim > 0}),
                         "partition_devices": sorted({str(layout.local_param(p).device) for g in inner.param_groups

@@ -38,7 +38,8 @@ W2_SCENARIOS = {
     "z2_offload": dict(steps=STEPS, stage=2, offload=True),
     "z1_offload": dict(steps=STEPS, stage=1, offload=True),
     # tiny DeepSeek-V3: MLA attention and fused experts [E, m, n], each stack cut across ranks
-    "moe": dict(steps=STEPS, kind="deepseek_v3"),
+    # (tau 0.05: below its max logits, ~0.078 after 4 steps, so MLA heads are clipped)
+    "moe": dict(steps=STEPS, kind="deepseek_v3", params={"qk_clip": {"tau": 0.05}}),
 }
 
 
@@ -273,13 +274,16 @@ def test_zero3_moe_stacked_experts_match_single_process(w2):
     travels) and the run equals the single-process one; each expert matrix orthogonalized once
     per step (the oracle's count)."""
     import dist_muonclip.engine.engine as engmod
-    from tests import _ds_moe_workers as M
+    from dist_muonclip import MuonClip
+    from tests._tiny_hf import tiny_model
 
     calls = []
     real = engmod.orthogonalize
     engmod.orthogonalize = lambda x, **kw: (calls.append(int(x.shape[0]) if x.ndim == 3 else 1), real(x, **kw))[1]
     try:
-        model, _ = M.moe_single(STEPS)
+        model = tiny_model("deepseek_v3", seed=0)
+        opt = MuonClip(model, **{**D.MC_PARAMS, "qk_clip": {"tau": 0.05}})
+        D.train_single(STEPS, model=model, opt=opt)
     finally:
         engmod.orthogonalize = real
     want = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -290,3 +294,25 @@ def test_zero3_moe_stacked_experts_match_single_process(w2):
     per_step = sum(calls) // STEPS
     assert all(sum(o["ns_per_step"][t] for o in outs) == per_step for t in range(STEPS))
     assert outs[0]["metrics"].get("qk_clip/num_heads_clipped", 0) > 0
+
+
+@pytest.mark.slow
+def test_cost_model_predicts_zero3_bytes_and_state(w2):
+    """The cost model's ``muonclip_zero3`` row predicts, per rank and step, exactly what the
+    accountant measured at W=2: the pieces to owners (fp32 momentum) and the updates back (fp32
+    NS here), the preflight all-reduce, and the optimizer state (one momentum word per local Muon
+    element, two moments per local AdamW element). DeepSpeed's own ZeRO-3 traffic is modeled only."""
+    from dist_muonclip.tools.cost_model import predict, specs_from_model
+    from tests._tiny_hf import tiny_config, tiny_model
+
+    cfg = tiny_config("llama")
+    specs = specs_from_model(tiny_model("llama", seed=0))
+    outs = w2["fp32"]
+    for r, o in enumerate(outs):
+        assert o["acc_steps"] == STEPS
+        p = predict(specs, 2, "muonclip_zero3", rank=r, ns_bytes=4,
+                    num_logits=cfg.num_hidden_layers * cfg.num_attention_heads)
+        for tag in ("all_to_all[muon_to_owner]", "all_to_all[muon_from_owner]", "all_reduce[preflight]"):
+            assert o["acc"][tag]["bytes"] == p["bytes"][tag] * STEPS, (r, tag)
+        assert o["state_numel"] * 4 == p["state_bytes"], r
+    assert sum(predict(specs, 2, "muonclip_zero3")["ns_matrices_per_rank"]) == _muon_count()

@@ -33,6 +33,13 @@ Engines (``engine=``):
                         from its code and measured: gradients all-reduced, partitions all-gathered;
                         the Muon group sorted by size, and every matrix a rank's partition overlaps
                         orthogonalized whole on that rank, its whole momentum kept there).
+``muonclip_zero3``      DeepSpeed ZeRO-3 (dist_muonclip.integrations.deepspeed_zero3): every
+                        parameter cut in ``ceil(numel / W)`` pieces; owners by LPT (no rank holds
+                        most of a matrix), expert stacks chunked along the cuts; pieces of every
+                        matrix all-to-all'd to its owner and the update pieces back. DeepSpeed's
+                        own traffic is modeled, not measured: parameters all-gathered for forward
+                        and again for backward, gradients reduce-scattered (padded to W pieces).
+``adamw_zero3``         DeepSpeed ZeRO-3 AdamW: the DeepSpeed traffic of ``muonclip_zero3``.
 ``adamw_ddp``           torch AdamW under DDP (replicated state).
 ``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (all-reduce grads, all-gather params: measured).
 ``adamw_fsdp2``         torch AdamW on FSDP2 row shards (the FSDP2 traffic of ``muonclip_fsdp2``).
@@ -66,7 +73,7 @@ __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_
            "predict", "scaling_table", "format_table"]
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_zero0_bf16", "muonclip_fsdp2",
-           "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2")
+           "muonclip_zero3", "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2", "adamw_zero3")
 
 
 _BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
@@ -283,6 +290,21 @@ def _shard0_ranges(s: ParamSpec, world: int) -> list[list[tuple[int, int]]]:
     return [[(min(r * size, rows) * row, min((r + 1) * size, rows) * row)] for r in range(world)]
 
 
+def _zero3_ranges(numel: int, world: int) -> list[list[tuple[int, int]]]:
+    """DeepSpeed ZeRO-3's pieces of one parameter: ``ceil(numel / W)`` elements per rank, in order."""
+    ps = -(-numel // world)
+    return [[(r * ps, min((r + 1) * ps, numel))] if r * ps < numel else [] for r in range(world)]
+
+
+def _zero3_traffic(b: dict[str, float], specs: Sequence[ParamSpec], world: int, param_bytes: int,
+                   grad_bytes: int) -> None:
+    """DeepSpeed ZeRO-3's own collectives (modeled): every parameter all-gathered for forward and
+    for backward, gradients reduce-scattered; each tensor padded to ``W`` equal pieces."""
+    padded = sum(-(-s.numel // world) * world for s in specs)
+    b["all_gather"] = bytes_sent("all_gather", 2 * padded * param_bytes, world)
+    b["reduce_scatter"] = bytes_sent("reduce_scatter", padded * grad_bytes, world)
+
+
 def _chunk_of(numels: Sequence[tuple[str, int]], world: int) -> tuple[int, list[int]]:
     """Equal flat slices (classic ZeRO-1): chunk size and the elements each rank really holds."""
     chunk, segs = flat_partition(list(numels), world)
@@ -415,6 +437,28 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 b["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
                 b["all_to_all[muon_to_owner]"] = z_gather[r]
                 b["all_to_all[muon_from_owner]"] = z_scatter[r]
+        if engine == "muonclip_zero3":
+            zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: _zero3_ranges(s_.numel, W), pin_all=False)
+            flops, runs = [0] * W, [0] * W
+            for item in zplan.items:
+                flops[zplan.owners[item.name]] += item.flops
+                runs[zplan.owners[item.name]] += item.num_matrices
+            z_gather, z_scatter = _piece_bytes(zplan, where, W, state_elem_bytes, ns_bytes)
+            for r in range(W):
+                h_m = sum(b_ - a_ for s_ in muon for a_, b_ in _zero3_ranges(s_.numel, W)[r])
+                h_a = sum(b_ - a_ for s_ in adamw for a_, b_ in _zero3_ranges(s_.numel, W)[r])
+                state[r] = (h_m + 2 * h_a) * state_elem_bytes + (h_m + h_a) * master_bytes
+                if W > 1:
+                    b = per_rank[r]
+                    b["all_to_all[muon_to_owner]"] = z_gather[r]
+                    b["all_to_all[muon_from_owner]"] = z_scatter[r]
+                    _zero3_traffic(b, specs, W, param_bytes, grad_bytes)
+    elif engine == "adamw_zero3":
+        for r in range(W):
+            held = sum(b_ - a_ for s_ in specs for a_, b_ in _zero3_ranges(s_.numel, W)[r])
+            state[r] = held * (2 * state_elem_bytes + master_bytes)
+            if W > 1:
+                _zero3_traffic(per_rank[r], specs, W, param_bytes, grad_bytes)
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes
