@@ -296,6 +296,15 @@ def _zero3_ranges(numel: int, world: int) -> list[list[tuple[int, int]]]:
     return [[(r * ps, min((r + 1) * ps, numel))] if r * ps < numel else [] for r in range(world)]
 
 
+def _zero3_held(specs: Sequence[ParamSpec], world: int) -> list[int]:
+    """Per rank, the elements of ``specs`` it holds under ZeRO-3."""
+    held = [0] * world
+    for s in specs:
+        for r, rs in enumerate(_zero3_ranges(s.numel, world)):
+            held[r] += sum(b - a for a, b in rs)
+    return held
+
+
 def _zero3_traffic(b: dict[str, float], specs: Sequence[ParamSpec], world: int, param_bytes: int,
                    grad_bytes: int) -> None:
     """DeepSpeed ZeRO-3's own collectives (modeled): every parameter all-gathered for forward and
@@ -444,19 +453,18 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 flops[zplan.owners[item.name]] += item.flops
                 runs[zplan.owners[item.name]] += item.num_matrices
             z_gather, z_scatter = _piece_bytes(zplan, where, W, state_elem_bytes, ns_bytes)
+            h_m, h_a = _zero3_held(muon, W), _zero3_held(adamw, W)
             for r in range(W):
-                h_m = sum(b_ - a_ for s_ in muon for a_, b_ in _zero3_ranges(s_.numel, W)[r])
-                h_a = sum(b_ - a_ for s_ in adamw for a_, b_ in _zero3_ranges(s_.numel, W)[r])
-                state[r] = (h_m + 2 * h_a) * state_elem_bytes + (h_m + h_a) * master_bytes
+                state[r] = (h_m[r] + 2 * h_a[r]) * state_elem_bytes + (h_m[r] + h_a[r]) * master_bytes
                 if W > 1:
                     b = per_rank[r]
                     b["all_to_all[muon_to_owner]"] = z_gather[r]
                     b["all_to_all[muon_from_owner]"] = z_scatter[r]
                     _zero3_traffic(b, specs, W, param_bytes, grad_bytes)
     elif engine == "adamw_zero3":
+        held = _zero3_held(specs, W)
         for r in range(W):
-            held = sum(b_ - a_ for s_ in specs for a_, b_ in _zero3_ranges(s_.numel, W)[r])
-            state[r] = held * (2 * state_elem_bytes + master_bytes)
+            state[r] = held[r] * (2 * state_elem_bytes + master_bytes)
             if W > 1:
                 _zero3_traffic(per_rank[r], specs, W, param_bytes, grad_bytes)
     elif engine == "adamw_ddp":
