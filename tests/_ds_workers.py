@@ -405,3 +405,158 @@ def ds_engine_checkpoint_worker(rank: int, world: int, scenarios, root: str, ste
                             "lrs": lrs, "ref_lrs": ref_lrs, "steps": int(fresh.global_steps),
                             "ref_steps": int(engine.global_steps)}
     return out
+
+
+# ------------------------------------------------------------------ ZeRO-3 (tests/test_deepspeed_zero3.py)
+
+def zero3_config(world: int, *, bf16: bool = False, micro: int | None = None, persistence: int = 64,
+                 sub_group_size: int | None = None, params: dict | None = None) -> dict[str, Any]:
+    """Stage 3 config: parameters under ``persistence`` elements (norm weights) stay whole for
+    forward/backward; ``micro`` < global batch / world turns on gradient accumulation."""
+    cfg = ds_config(3, world, bf16=bf16, params=params)
+    per = GLOBAL_BATCH // world
+    micro = per if micro is None else micro
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = per // micro
+    cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": persistence}
+    if sub_group_size is not None:
+        cfg["zero_optimization"]["sub_group_size"] = sub_group_size
+    return cfg
+
+
+def _count_engine_ns(calls: list):
+    """Count the matrices the engine orthogonalizes (at the pipeline's call site); returns the restorer."""
+    import dist_muonclip.engine.engine as engmod
+
+    real = engmod.orthogonalize
+
+    def counting(x, **kw):
+        calls.append(int(x.shape[0]) if x.ndim == 3 else 1)
+        return real(x, **kw)
+
+    engmod.orthogonalize = counting
+
+    def restore() -> None:
+        engmod.orthogonalize = real
+
+    return restore
+
+
+def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
+    """Several ZeRO-3 runs in one spawn. Each scenario: ``steps``, ``bf16``, ``zero_init`` (build the
+    model under ``deepspeed.zero.Init``), ``micro`` (micro-batch size: gradient accumulation),
+    ``sub_group_size``, ``persistence``, ``kind``, ``model_kw``. Returns per scenario the fp32
+    masters (full, by name), the NS matrices counted per step on this rank, the layout name,
+    the elements of Muon matrices held by non-owners, and the metrics."""
+    _setup()
+    import deepspeed
+
+    from dist_muonclip.deepspeed import full_state_dict, initialize, muonclip_optimizer
+
+    results = []
+    for sc in scenarios:
+        stage = sc.get("stage", 3)
+        if stage == 3:
+            cfg = zero3_config(world, bf16=sc.get("bf16", False), micro=sc.get("micro"),
+                               persistence=sc.get("persistence", 64), sub_group_size=sc.get("sub_group_size"),
+                               params=sc.get("params"))
+        else:
+            cfg = ds_config(stage, world, bf16=sc.get("bf16", False), params=sc.get("params"))
+        if sc.get("offload"):
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        kind, model_kw = sc.get("kind", "llama"), sc.get("model_kw") or {}
+        if sc.get("zero_init", False):
+            deepspeed.init_distributed()     # zero.Init reads the world size from deepspeed.comm
+            # HF's weight init runs on the already partitioned (empty) tensors under zero.Init:
+            # load the oracle's initial weights the way HF's from_pretrained does under ZeRO-3.
+            # (Built first: the model class's lazy import fails inside zero.Init's patched
+            # tensor constructors.)
+            ref = dict(tiny_model(kind, seed=0, **model_kw).named_parameters())
+            with deepspeed.zero.Init(config_dict_or_path=cfg):
+                model = tiny_model(kind, seed=0, **model_kw)
+            params = dict(model.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            p.copy_(ref[n])
+        else:
+            model = tiny_model(kind, seed=0, **model_kw)
+        from dist_muonclip.comm import CommAccountant
+
+        acc = CommAccountant()
+        engine, *_ = initialize(model=model, config=cfg, accountant=acc)
+        inner = muonclip_optimizer(engine)
+        gas = cfg.get("gradient_accumulation_steps", 1)
+        micro = cfg["train_micro_batch_size_per_gpu"]
+        ns_per_step = []
+        for t in range(sc.get("steps", 3)):
+            calls: list = []
+            restore = _count_engine_ns(calls)
+            try:
+                ids = local_batch(t, rank, world)
+                for k in range(gas):
+                    mb = ids[k * micro:(k + 1) * micro].to(engine.device)
+                    engine.backward(engine(input_ids=mb, labels=mb).loss)
+                    engine.step()
+            finally:
+                restore()
+            ns_per_step.append(sum(calls))
+        layout = inner.layout
+        moved = sum(_moved_elems_z3(inner, layout, p) for g in inner.param_groups if g["use_muon"]
+                    for p in g["params"])
+        masters = {k: v.detach().cpu().clone() for k, v in full_state_dict(engine)["masters"].items()}
+        results.append({"params": masters, "ns_per_step": ns_per_step, "layout": layout_name(engine),
+                        "moved_elems": moved, "metrics": inner.metrics(),
+                        "num_sub_groups": getattr(layout, "num_sub_groups", None),
+                        "acc": acc.totals(), "acc_steps": len(acc.steps),
+                        "state_numel": sum(t.numel() for st in inner.state.values() for t in st.values()
+                                           if isinstance(t, torch.Tensor) and t.ndim > 0),
+                        "state_devices": sorted({str(v.device) for st in inner.state.values() for v in st.values()
+                                                 if isinstance(v, torch.Tensor) and v.ndim > 0}),
+                        "partition_devices": sorted({str(layout.local_param(p).device) for g in inner.param_groups
+                                                     for p in g["params"]})})
+        engine.destroy()
+    return results
+
+
+def _moved_elems_z3(inner, layout, p) -> int:
+    """Elements of a (non-stacked) Muon matrix held by ranks other than its owner."""
+    owner = inner.plan.owners.get(inner.param_name(p))
+    if owner is None:
+        return 0
+    return sum(b - a for r, rs in enumerate(layout.ranges(p)) if r != owner for a, b in rs)
+
+
+def zero3_ckpt_worker(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    """Checkpoint runs in one spawn, each ``dict(stage, steps, start, save_dir=None, save_at=None,
+    resume=None | "native" | "full", resume_dir)``: train ``steps`` steps from ``start`` (after
+    resuming), optionally saving through :func:`dist_muonclip.deepspeed.save_checkpoint` after step
+    ``save_at``. Returns per run the fp32 masters at the end and right after loading."""
+    _setup()
+    from dist_muonclip.deepspeed import full_state_dict, initialize, load_checkpoint, save_checkpoint
+
+    out = []
+    for run in runs:
+        stage = run["stage"]
+        cfg = zero3_config(world) if stage == 3 else ds_config(stage, world)
+        engine, *_ = initialize(model=tiny_model("llama", seed=0), config=cfg)
+        loaded = None
+        if run.get("resume") == "native":
+            engine.load_checkpoint(run["resume_dir"], tag="ckpt")
+        elif run.get("resume") == "full":
+            load_checkpoint(engine, run["resume_dir"], tag="ckpt")
+        if run.get("resume"):
+            loaded = {k: v.clone() for k, v in full_state_dict(engine)["masters"].items()}
+        start = run.get("start", 0)
+        for t in range(start, start + run["steps"]):
+            ids = local_batch(t, rank, world).to(engine.device)
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            if run.get("save_at") == t + 1:
+                save_checkpoint(engine, run["save_dir"], tag="ckpt")
+        lp = {k: p.detach().clone() for k, p in engine.module.named_parameters()} if stage != 3 else None
+        out.append({"params": {k: v.clone() for k, v in full_state_dict(engine)["masters"].items()},
+                    "loaded": loaded, "lp": lp})
+        engine.destroy()
+    return out

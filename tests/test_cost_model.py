@@ -170,3 +170,25 @@ def test_table_up_to_1024_and_bad_input():
         predict(specs_from_config(LLAMA3_8B), 8, "zero9")
     with pytest.raises(ValueError, match="world_size"):
         predict(specs_from_config(LLAMA3_8B), 0, ENGINES[0])
+
+
+def test_zero3_rows_at_scale():
+    """ZeRO-3 rows (issue 16): MuonClip orthogonalizes each matrix once across ranks at every W,
+    its state is one momentum per Muon element and two moments per AdamW element summed over ranks
+    (each rank ~1/W: every parameter is cut in W pieces), and each rank sends at most its pieces
+    of the matrices it does not own; AdamW at ZeRO-3 carries the same DeepSpeed traffic."""
+    specs = specs_from_config(LLAMA3_70B)
+    muon_numel = sum(s.numel for s in specs if s.use_muon)
+    one = predict(specs, 1, "muonclip_ddp")["ns_flops_total"]
+    for w in (8, 1024):
+        p = predict(specs, w, "muonclip_zero3")
+        a = predict(specs, w, "adamw_zero3")
+        assert p["ns_flops_total"] == one
+        total = (muon_numel + 2 * (p["num_params"] - muon_numel)) * 4
+        assert sum(p["state_bytes_per_rank"]) == total
+        assert max(p["state_bytes_per_rank"]) <= 1.01 * total / w
+        # the pieces a rank sends to owners: at most its 1/W share of the Muon elements (fp32)
+        assert 0 < p["bytes"]["all_to_all[muon_to_owner]"] <= muon_numel / w * 4 * 1.01
+        for k in ("all_gather", "reduce_scatter"):
+            assert p["bytes"][k] == a["bytes"][k]
+        assert a["state_bytes"] == pytest.approx(2 * p["num_params"] / w * 4, rel=1e-3)

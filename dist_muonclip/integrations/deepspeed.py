@@ -1,4 +1,4 @@
-"""DeepSpeed integration: MuonClip from a DeepSpeed JSON config, at ZeRO stages 0, 1 and 2.
+"""DeepSpeed integration: MuonClip from a DeepSpeed JSON config, at ZeRO stages 0, 1, 2 and 3.
 
 Switch an existing DeepSpeed job to MuonClip by editing its config::
 
@@ -28,6 +28,9 @@ stage 1, bf16          BF16_Optimizer (flat fp32        :class:`FlatFragmentsLay
                        partitions)
 stage 1 fp32, stage 2  DeepSpeedZeroOptimizer (flat     :class:`FlatFragmentsLayout`
                        fp32 partitions)
+stage 3, fp32 / bf16   DeepSpeedZeroOptimizer_Stage3    :class:`~.deepspeed_zero3.Zero3PartitionsLayout`
+                       (every parameter cut across
+                       all ranks, fp32 sub-groups)
 =====================  ===============================  =========================================
 
 With flat partitions a matrix may be cut across ranks. :class:`FlatFragmentsLayout` reads
@@ -60,8 +63,10 @@ partition holds the embedding and the output head carrying twice the state of th
 DeepSpeed ``scheduler`` writes the groups' ``lr``; the adapter reads the first group's and scales
 every MuonClip group by ``lr / initial lr`` (so ``lr`` and ``adamw_lr`` keep their ratio).
 
-ZeRO-3 is not supported (MuonClip needs whole matrices once per step; use FSDP2 for parameter
-sharding). fp16 (loss scaling) is not supported: use bf16.
+ZeRO-3 (``"stage": 3``, models built under ``deepspeed.zero.Init`` or not): every parameter is
+cut across all ranks and DeepSpeed steps the client one fp32 sub-group partition at a time;
+:class:`~dist_muonclip.integrations.deepspeed_zero3.Zero3PartitionsLayout` maps the partitions
+and the client runs the whole MuonClip step at the last sub-group (module doc there). fp16 (loss scaling) is not supported: use bf16.
 
 The tiny trainer that ``python -m dist_muonclip.deepspeed`` and the launchers run lives outside
 the library, in :mod:`dist_muonclip.support.ds_trainer`.
@@ -83,6 +88,7 @@ from .. import options as _options
 from ..comm import Comm, CommAccountant
 from ..optimizer import MuonClip
 from ..plan import flat_partition
+from .deepspeed_zero3 import Zero3PartitionsLayout, full_shapes, refresh_model_partitions
 
 try:  # the layout contract (dist_muonclip.layouts); sharded layouts need it
     from ..layouts import Layout as _LayoutBase
@@ -178,25 +184,49 @@ def prepare_config(config: Any, *, has_optimizer: bool = False, auto_values: dic
         raise ValueError("the DeepSpeed config has no 'optimizer' section; add {\"type\": \"MuonClip\", \"params\": "
                          "{\"lr\": ...}} (see configs/REFERENCE.md) or pass optimizer=MuonClip(model, ...)")
     stage = _zero_stage(cfg)
-    if stage == 3:
-        raise ValueError("MuonClip does not support ZeRO stage 3: Newton-Schulz needs each whole matrix once per step, "
-                         "and stage 3 never materializes parameters outside forward/backward. Use ZeRO stage 1 or 2 "
-                         "(optimizer state and gradients sharded, configs/zero2*.json), or FSDP2 with "
-                         "dist_muonclip's Shard(0) layout for parameter sharding")
-    if stage not in (0, 1, 2):
-        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1 or 2")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     zero = cfg.get("zero_optimization", {}) or {}
-    for key in ("offload_optimizer", "offload_param"):
-        off = zero.get(key)
-        if off and (not isinstance(off, dict) or off.get("device", "none") not in ("none", None)):
-            raise ValueError(f"DeepSpeed config zero_optimization.{key} is not supported with MuonClip (offloaded "
-                             "optimizer steps run DeepSpeed's CPU kernels); remove it")
+    _check_offload(zero, stage, cfg)
     if (cfg.get("fp16") or {}).get("enabled", False):
         raise ValueError("DeepSpeed config fp16.enabled: MuonClip supports fp32 and bf16 (fp32 master weights); "
                          "fp16 loss scaling is not supported, use \"bf16\": {\"enabled\": true}")
-    if stage in (1, 2):
+    if stage in (1, 2, 3):
         cfg["zero_allow_untested_optimizer"] = True
     return cfg, kwargs
+
+
+def _check_offload(zero: dict[str, Any], stage: int, cfg: dict[str, Any]) -> None:
+    """``offload_optimizer: {"device": "cpu"}`` at stages 1-3 keeps MuonClip's state with
+    DeepSpeed's fp32 partitions in CPU memory (the client steps there); anything else is refused
+    with the fix. Sets ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed otherwise demands its
+    own CPU Adam for offload)."""
+    off = zero.get("offload_param")
+    if off and (not isinstance(off, dict) or off.get("device", "none") not in ("none", None)):
+        raise ValueError("DeepSpeed config zero_optimization.offload_param is not supported with MuonClip (parameters "
+                         "offloaded between forward passes are not mapped to its layout); remove it (ZeRO-3 without "
+                         "parameter offload, optionally with offload_optimizer: {\"device\": \"cpu\"})")
+    off = zero.get("offload_optimizer")
+    if not off:
+        return
+    if not isinstance(off, dict):
+        raise TypeError("DeepSpeed config zero_optimization.offload_optimizer must be an object like "
+                        "{\"device\": \"cpu\"}")
+    device = off.get("device", "none")
+    if device in ("none", None):
+        return
+    if device != "cpu":
+        raise ValueError(f"DeepSpeed config zero_optimization.offload_optimizer.device={device!r} is not supported with "
+                         "MuonClip (its state is not in the format of DeepSpeed's NVMe swapper); use "
+                         "\"device\": \"cpu\" or remove offload_optimizer")
+    if stage == 0:
+        raise ValueError("DeepSpeed config zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3; set "
+                         "zero_optimization.stage or remove offload_optimizer")
+    if float(off.get("ratio", 1.0)) != 1.0:
+        raise ValueError(f"DeepSpeed config zero_optimization.offload_optimizer.ratio={off['ratio']!r}: partial "
+                         "offload steps the sub-groups left on the accelerator with DeepSpeed's own Adam, not "
+                         "MuonClip; remove ratio (offload everything)")
+    cfg["zero_force_ds_cpu_optimizer"] = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +472,8 @@ class DeepSpeedClient(Optimizer):
         self._base_lrs = [g["lr"] for g in muonclip.param_groups]
         self._after_step: Callable[[], None] | None = None
         self._fragments: FlatFragmentsLayout | None = None
+        self._zero3: Zero3PartitionsLayout | None = None
+        self._wrapper: Any = None
         # ZeRO-0 fp32 only (no DeepSpeed wrapper): this client plays the wrapper's part in the
         # engine's contract, which reads ``overflow`` and ``_global_grad_norm`` after step()
         self._clips_fp32 = False
@@ -465,6 +497,16 @@ class DeepSpeedClient(Optimizer):
         self._state_per_rank = bool(engine.zero_optimization())
         if wrapper is self:
             self.layout_name = "replicated"
+        elif hasattr(wrapper, "fp32_partitioned_groups_flat"):           # ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)
+            n = len(self._groups)
+            if sorted(set(wrapper.sub_group_to_group_id.values())) != list(range(n)):
+                raise RuntimeError(f"DeepSpeed made param groups {sorted(set(wrapper.sub_group_to_group_id.values()))} "
+                                   f"out of DeepSpeedClient's {n}; MoE expert groups are not supported")
+            group = wrapper.dp_process_group
+            layout = Zero3PartitionsLayout(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat,
+                                           dist.get_rank(group), dist.get_world_size(group))
+            self._zero3, self._wrapper = layout, wrapper
+            self.layout_name = "zero3_partitions"
             self._take_over_fp32_clip(engine)
         elif hasattr(wrapper, "single_partition_of_fp32_groups"):       # ZeRO-1/2 (DeepSpeedZeroOptimizer)
             self._check_groups(wrapper.bit16_groups)
@@ -511,7 +553,8 @@ class DeepSpeedClient(Optimizer):
             if layout.world_size != world:
                 raise ValueError(f"DeepSpeed's data-parallel group has {layout.world_size} of {world} ranks; "
                                  "model/pipeline/sequence parallelism is not supported with MuonClip")
-            _set_layout(self.inner, layout)
+            with full_shapes(self._model):
+                _set_layout(self.inner, layout)
         elif self.inner.world_size != world:     # instance built before init_distributed
             _set_layout(self.inner, None)
         self._bound = True
@@ -606,6 +649,8 @@ class DeepSpeedClient(Optimizer):
             if k != len(self._groups) - 1:
                 self._fragments.stash_grad(k)
                 return None
+        if self._zero3 is not None:
+            return self._step_zero3(closure, s_max)
         if self._clips_fp32 and not self._fp32_preflight():
             return None       # invalid gradient norm: the engine books a skipped step (overflow)
         self._sync_lr()
@@ -616,6 +661,28 @@ class DeepSpeedClient(Optimizer):
                 self._fragments.clear_stash()
         if self._after_step is not None:
             self._after_step()
+        return loss
+
+    def _step_zero3(self, closure: Callable[[], Any] | None, s_max: Any) -> Any:
+        """ZeRO-3: DeepSpeed steps one fp32 sub-group partition per call (the one group whose
+        ``params`` it set to ``[partition]``) and drops its gradient after. Keep each gradient;
+        at the last sub-group run the whole MuonClip step, then refresh the earlier sub-groups'
+        model partitions (DeepSpeed copied them before they were updated)."""
+        layout = self._zero3
+        stepped = [g["params"][0] for g in self.param_groups if g["params"]]
+        if len(stepped) != 1:
+            raise RuntimeError(f"DeepSpeed ZeRO-3 stepped {len(stepped)} partitions at once; expected one sub-group")
+        i = layout.sub_group_of(stepped[0])
+        layout.stash_grad(i)
+        if i != layout.num_sub_groups - 1:
+            return None
+        self._sync_lr()
+        try:
+            with full_shapes(self._model):
+                loss = self.inner.step(closure, s_max=s_max)
+        finally:
+            layout.clear_stash()
+        refresh_model_partitions(self._wrapper, range(layout.num_sub_groups - 1))
         return loss
 
     def metrics(self) -> dict[str, float]:
@@ -634,7 +701,11 @@ class DeepSpeedClient(Optimizer):
         sharded = self._state_per_rank
         return {"format": "dist_muonclip.deepspeed.v1", "lr0": self._lr0, "base_lrs": self._base_lrs,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self._groups],
-                "muonclip": self.inner.state_dict(sharded=sharded)}
+                "muonclip": self._inner_state_dict(sharded)}
+
+    def _inner_state_dict(self, sharded: bool) -> dict[str, Any]:
+        with full_shapes(self._model):      # ZeRO-3: the state is keyed by full shapes
+            return self.inner.state_dict(sharded=sharded)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output; shards are merged over all ranks (a collective)."""
@@ -654,7 +725,8 @@ class DeepSpeedClient(Optimizer):
                                  "ZeRO-0 + bf16 checkpoints); resume through dist_muonclip.deepspeed.load_checkpoint, "
                                  "which reads the full-state export that save_checkpoint writes beside it")
             inner_sd = self.inner.merge_sharded(shards)
-        self.inner.load_state_dict(inner_sd)
+        with full_shapes(self._model):
+            self.inner.load_state_dict(inner_sd)
         if len(state_dict["param_groups"]) != len(self._groups):
             raise ValueError(f"this checkpoint has {len(state_dict['param_groups'])} DeepSpeedClient param groups, "
                              f"this run has {len(self._groups)}: resume through dist_muonclip.deepspeed.load_checkpoint "
@@ -677,7 +749,7 @@ class DeepSpeedClient(Optimizer):
             dist.all_gather_object(shards, local)
             for g in inner.param_groups:
                 for p in g["params"]:
-                    full = torch.empty(p.numel(), dtype=torch.float32)
+                    full = torch.empty(math.prod(layout.full_shape(p)), dtype=torch.float32)
                     for shard in shards:
                         for a, b, t in shard[names[p]]:
                             full[a:b] = t
@@ -686,8 +758,10 @@ class DeepSpeedClient(Optimizer):
             for g in inner.param_groups:
                 for p in g["params"]:
                     masters[names[p]] = p.detach().float().cpu().clone()
-        return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner.state_dict(), "masters": masters,
-                "lr": self._groups[0]["lr"], "lr0": self._lr0}
+        with full_shapes(self._model):
+            inner_sd = inner.state_dict()
+        return {"format": "dist_muonclip.deepspeed.full.v1", "optimizer": inner_sd, "masters": masters,
+                "lr": self._groups[0]["lr"], "lr0": self._lr0, "zero3": self._zero3 is not None}
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Any], engine: Any) -> None:
@@ -711,11 +785,17 @@ class DeepSpeedClient(Optimizer):
                             layout.local_param(p).copy_(full[a:b].to(layout.local_param(p)))
                     if isinstance(layout, MasterSliceLayout):   # full masters everywhere
                         layout._master[p].detach().view(-1).copy_(full.to(layout._master[p]))
-                p.detach().view(-1).copy_(full.to(device=p.device, dtype=p.dtype))
+                if self._zero3 is None:     # ZeRO-3: the model partitions are refreshed below
+                    p.detach().view(-1).copy_(full.to(device=p.device, dtype=p.dtype))
         wrapper = engine.optimizer
+        if self._zero3 is not None:
+            refresh_model_partitions(wrapper, range(self._zero3.num_sub_groups))
+            if wrapper.persistent_parameters:      # kept whole for forward: gather them again
+                wrapper.persistent_parameters[0].all_gather(wrapper.persistent_parameters)
         if hasattr(wrapper, "update_lp_params") and hasattr(wrapper, "single_partition_of_fp32_groups"):
             wrapper.update_lp_params()       # bit16 params <- fp32 partitions, all-gathered
-        inner.load_state_dict(state["optimizer"])
+        with full_shapes(self._model):
+            inner.load_state_dict(state["optimizer"])
         for g in self._groups:
             g["lr"] = state["lr"]
 
@@ -782,7 +862,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
     if mc_kwargs is not None:
         try:   # every value is validated here, before DeepSpeed touches the model
-            optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
+            with full_shapes(model):   # a model built under deepspeed.zero.Init: full shapes for the split
+                optimizer = MuonClip(model, accountant=accountant, grad_reduction="external", **mc_kwargs)
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
         client = DeepSpeedClient(model, optimizer)
@@ -848,12 +929,17 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> str:
         raise ValueError(f"{path} does not exist: the checkpoint was not written by "
                          "dist_muonclip.deepspeed.save_checkpoint (engine.save_checkpoint resumes only at the same "
                          "world size, through engine.load_checkpoint)")
-    engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if not (state.get("zero3") or _client(engine)._zero3 is not None):
+        # a ZeRO-3 module file holds partition placeholders, and a ZeRO-3 module takes no full
+        # tensors: there (from or to stage 3) the export's masters alone carry the weights
+        engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
     load_full_state_dict(engine, state)
-    model_sd = torch.load(os.path.join(load_dir, str(tag), "mp_rank_00_model_states.pt"), map_location="cpu",
-                          weights_only=False)
+    model_file = os.path.join(load_dir, str(tag), "mp_rank_00_model_states.pt")
+    if not os.path.exists(model_file):      # ZeRO-3 writes one model-states file per rank
+        model_file = os.path.join(load_dir, str(tag), "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    model_sd = torch.load(model_file, map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None and model_sd.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(model_sd["lr_scheduler"])
     engine.global_steps = model_sd.get("global_steps", engine.global_steps)

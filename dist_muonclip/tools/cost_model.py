@@ -37,6 +37,13 @@ Engines (``engine=``):
                         from its code and measured: gradients all-reduced, partitions all-gathered;
                         the Muon group sorted by size, and every matrix a rank's partition overlaps
                         orthogonalized whole on that rank, its whole momentum kept there).
+``muonclip_zero3``      DeepSpeed ZeRO-3 (dist_muonclip.integrations.deepspeed_zero3): every
+                        parameter cut in ``ceil(numel / W)`` pieces; owners by LPT (no rank holds
+                        most of a matrix), expert stacks chunked along the cuts; pieces of every
+                        matrix all-to-all'd to its owner and the update pieces back. DeepSpeed's
+                        own traffic is modeled, not measured: parameters all-gathered for forward
+                        and again for backward, gradients reduce-scattered (padded to W pieces).
+``adamw_zero3``         DeepSpeed ZeRO-3 AdamW: the DeepSpeed traffic of ``muonclip_zero3``.
 ``adamw_ddp``           torch AdamW under DDP (replicated state).
 ``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (all-reduce grads, all-gather params: measured).
 ``adamw_fsdp2``         torch AdamW on FSDP2 row shards (the FSDP2 traffic of ``muonclip_fsdp2``).
@@ -70,7 +77,8 @@ __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_
            "predict", "scaling_table", "format_table"]
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_zero0_bf16", "muonclip_fsdp2",
-           "muonclip_hsdp", "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2")
+           "muonclip_hsdp", "muonclip_zero3", "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2",
+           "adamw_zero3")
 
 
 _BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
@@ -287,6 +295,30 @@ def _shard0_ranges(s: ParamSpec, world: int) -> list[list[tuple[int, int]]]:
     return [[(min(r * size, rows) * row, min((r + 1) * size, rows) * row)] for r in range(world)]
 
 
+def _zero3_ranges(numel: int, world: int) -> list[list[tuple[int, int]]]:
+    """DeepSpeed ZeRO-3's pieces of one parameter: ``ceil(numel / W)`` elements per rank, in order."""
+    ps = -(-numel // world)
+    return [[(r * ps, min((r + 1) * ps, numel))] if r * ps < numel else [] for r in range(world)]
+
+
+def _zero3_held(specs: Sequence[ParamSpec], world: int) -> list[int]:
+    """Per rank, the elements of ``specs`` it holds under ZeRO-3."""
+    held = [0] * world
+    for s in specs:
+        for r, rs in enumerate(_zero3_ranges(s.numel, world)):
+            held[r] += sum(b - a for a, b in rs)
+    return held
+
+
+def _zero3_traffic(b: dict[str, float], specs: Sequence[ParamSpec], world: int, param_bytes: int,
+                   grad_bytes: int) -> None:
+    """DeepSpeed ZeRO-3's own collectives (modeled): every parameter all-gathered for forward and
+    for backward, gradients reduce-scattered; each tensor padded to ``W`` equal pieces."""
+    padded = sum(-(-s.numel // world) * world for s in specs)
+    b["all_gather"] = bytes_sent("all_gather", 2 * padded * param_bytes, world)
+    b["reduce_scatter"] = bytes_sent("reduce_scatter", padded * grad_bytes, world)
+
+
 def _chunk_of(numels: Sequence[tuple[str, int]], world: int) -> tuple[int, list[int]]:
     """Equal flat slices (classic ZeRO-1): chunk size and the elements each rank really holds."""
     chunk, segs = flat_partition(list(numels), world)
@@ -426,6 +458,27 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 b["all_reduce"] = bytes_sent("all_reduce", P * grad_bytes, W)
                 b["all_to_all[muon_to_owner]"] = z_gather[r]
                 b["all_to_all[muon_from_owner]"] = z_scatter[r]
+        if engine == "muonclip_zero3":
+            zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: _zero3_ranges(s_.numel, W), pin_all=False)
+            flops, runs = [0] * W, [0] * W
+            for item in zplan.items:
+                flops[zplan.owners[item.name]] += item.flops
+                runs[zplan.owners[item.name]] += item.num_matrices
+            z_gather, z_scatter = _piece_bytes(zplan, where, W, state_elem_bytes, ns_bytes)
+            h_m, h_a = _zero3_held(muon, W), _zero3_held(adamw, W)
+            for r in range(W):
+                state[r] = (h_m[r] + 2 * h_a[r]) * state_elem_bytes + (h_m[r] + h_a[r]) * master_bytes
+                if W > 1:
+                    b = per_rank[r]
+                    b["all_to_all[muon_to_owner]"] = z_gather[r]
+                    b["all_to_all[muon_from_owner]"] = z_scatter[r]
+                    _zero3_traffic(b, specs, W, param_bytes, grad_bytes)
+    elif engine == "adamw_zero3":
+        held = _zero3_held(specs, W)
+        for r in range(W):
+            state[r] = held[r] * (2 * state_elem_bytes + master_bytes)
+            if W > 1:
+                _zero3_traffic(per_rank[r], specs, W, param_bytes, grad_bytes)
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes
