@@ -11,7 +11,6 @@ collects state and dispatches. ``step()`` reads as its phases (DESIGN.md):
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -29,7 +28,8 @@ from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .layouts import Layout, Replicated
 from .newton_schulz import dtype_name, validate_ns_options
 from .ns_split import NS_SPLITS, find_block_splits
-from .param_split import ParamInfo, format_split, split_parameters
+from .param_groups import build_param_groups, validate_group
+from .param_split import ParamInfo, format_split
 
 __all__ = ["MuonClip"]
 
@@ -198,7 +198,8 @@ class MuonClip(Optimizer):
         self._param_order = self._registry.order  # registration order (model order when given a model)
         self._engine: Engine | None = None
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
-        groups, split = self._build_groups(model_or_params, muon_patterns, adamw_patterns)
+        groups, split, self._names_given = build_param_groups(self._registry, model_or_params, muon_patterns,
+                                                              adamw_patterns)
         muon = {p for g in groups if g.get("use_muon", True) for p in g["params"]}
         self._ns_splits = {p: s for p, s in find_block_splits(model, ns_split, model_config=model_config).items()
                            if p in muon}
@@ -231,83 +232,6 @@ class MuonClip(Optimizer):
             print(self.describe_split())
 
     # ------------------------------------------------------------------ construction
-    def _build_groups(self, model_or_params: Any, muon_patterns: Sequence[str],
-                      adamw_patterns: Sequence[str]) -> tuple[list[dict], list[ParamInfo] | None]:
-        if isinstance(model_or_params, nn.Module):
-            infos = split_parameters(model_or_params, muon_patterns=muon_patterns, adamw_patterns=adamw_patterns)
-            if not infos:
-                raise ValueError("model_or_params: the model has no trainable parameters")
-            for info in infos:
-                self._names[info.param] = info.name
-                self._views[info.param] = info.view
-                self._param_order.setdefault(info.param, len(self._param_order))
-            self._names_given = None    # names come from the model: added groups may be either kind
-            groups = []
-            muon = [i.param for i in infos if i.use_muon]
-            adamw = [i.param for i in infos if not i.use_muon]
-            if muon:
-                groups.append({"params": muon, "use_muon": True})
-            if adamw:
-                groups.append({"params": adamw, "use_muon": False})
-            return groups, infos
-        if muon_patterns or adamw_patterns:
-            raise ValueError("muon_patterns/adamw_patterns need an nn.Module as model_or_params; with param "
-                             "groups, put parameters in groups with use_muon=True/False instead")
-        if isinstance(model_or_params, Tensor):
-            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
-                            "but got a single Tensor: wrap it in a list (model_or_params may also be an nn.Module)")
-        if isinstance(model_or_params, (set, frozenset)):
-            raise TypeError("model_or_params is a set, whose order changes between runs; pass a list (as torch.optim)")
-        raw = list(model_or_params)
-        if not raw:
-            raise ValueError("model_or_params is empty: the optimizer got no parameters")
-        if all(isinstance(g, dict) for g in raw):
-            groups = [dict(g) for g in raw]
-        elif any(isinstance(g, dict) for g in raw):
-            raise TypeError("model_or_params mixes param groups (dicts) with bare parameters; use one kind")
-        else:
-            groups = [{"params": raw}]
-        seen: dict[Tensor, str] = {}
-        groups_named = False
-        for gi, g in enumerate(groups):
-            if "params" not in g:
-                raise ValueError(f"param group {gi} has no 'params' key")
-            params = group_param_list(g["params"], gi)
-            named = names_given(params, gi)
-            if gi > 0 and named != groups_named:       # torch.optim's rule and message
-                raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
-                                 f"{'with' if named else 'without'} names to the optimizer (group {gi}; group 0 "
-                                 f"is {'with' if groups_named else 'without'}): name all parameters or none")
-            groups_named = named
-            plain = []
-            in_group: set[Tensor] = set()
-            for pi, item in enumerate(params):
-                if isinstance(item, tuple):
-                    name, p = item
-                else:
-                    name, p = f"group{gi}.param{pi}", item
-                if not isinstance(p, Tensor):
-                    raise TypeError(f"param group {gi} entry {pi} is a {type(p).__name__}, not a Tensor")
-                if p in in_group:     # torch.optim warns (and would step it twice); we keep it once
-                    warnings.warn(f"optimizer contains a parameter group with duplicate parameters (group {gi}, "
-                                  f"{name!r}); it is optimized once", UserWarning, stacklevel=4)
-                    continue
-                in_group.add(p)
-                if p in seen:
-                    raise ValueError(f"parameter {name!r} appears twice (first as {seen[p]!r}); "
-                                     "some parameters appear in more than one parameter group: "
-                                     "each parameter may be in one group only")
-                seen[p] = name
-                self._names[p] = name
-                self._param_order.setdefault(p, len(self._param_order))
-                view = "matrix" if p.ndim == 2 else ("flatten" if p.ndim > 2 else "vector")
-                self._views[p] = view
-                plain.append(p)
-            g["params"] = plain
-            g.pop("param_names", None)
-        self._names_given = groups_named
-        return groups, None
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its type (``use_muon``) decides which defaults fill missing keys.
 
@@ -364,7 +288,7 @@ class MuonClip(Optimizer):
             plain.append(p)
             names.append(name)
         g["params"] = plain
-        self._validate_group(g)
+        validate_group(g)
         engine = self._engine      # None while torch's __init__ adds the first groups
         if engine is not None:     # construction checks the first groups when it builds the engine
             validate_layout(engine.layout, plain, dict(zip(plain, names)), engine.world_size, engine.rank)
@@ -376,19 +300,6 @@ class MuonClip(Optimizer):
             engine.replan()
             engine.migrate_moved_state(old_owners)
             engine.layout.init_optimizer_state(self)
-
-    def _validate_group(self, g: dict[str, Any]) -> None:
-        check_float("lr", g["lr"], low=0.0)
-        check_float("weight_decay", g["weight_decay"], low=0.0)
-        if g["use_muon"]:
-            check_float("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)
-            (g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"]) = validate_ns_options(
-                g["ns_coefficients"], g["ns_steps"], g["ns_dtype"], g["ns_backend"])
-            g["ns_dtype"] = dtype_name(g["ns_dtype"])
-            g["adjust_lr_fn"] = check_adjust_lr_fn(g["adjust_lr_fn"])
-        else:
-            g["betas"] = check_betas("betas", g["betas"])
-            check_float("eps", g["eps"], low=0.0, low_open=True)
 
     def _build_clipper(self, model: nn.Module | None, qk_clip: Any, model_config: Any):
         if qk_clip is False or (qk_clip is None and model is None):

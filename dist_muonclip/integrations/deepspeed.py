@@ -74,7 +74,6 @@ the library, in :mod:`dist_muonclip.support.ds_trainer`.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -84,16 +83,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .. import options as _options
 from ..comm import Comm, CommAccountant
 from ..optimizer import MuonClip
-from ..plan import flat_partition
 from .deepspeed_zero3 import Zero3PartitionsLayout, full_shapes, refresh_model_partitions
-
-try:  # the layout contract (dist_muonclip.layouts); sharded layouts need it
-    from ..layouts import Layout as _LayoutBase
-except ImportError:  # pragma: no cover - engine without layouts: only ZeRO-0 fp32 works
-    _LayoutBase = object
 
 __all__ = [
     "MUONCLIP_OPTIONS",
@@ -117,302 +109,12 @@ __all__ = [
 
 FULL_STATE_FILE = "muonclip_full_state.pt"
 
-# --------------------------------------------------------------------------------------------
-# The "optimizer" section of a DeepSpeed config
-# --------------------------------------------------------------------------------------------
+from .deepspeed_config import (MUONCLIP_OPTIONS, QK_CLIP_OPTIONS, load_config,  # noqa: E402,F401
+                               parse_muonclip_section, prepare_config)
+from .deepspeed_layouts import FlatFragmentsLayout, MasterSliceLayout  # noqa: E402
 
-# The schema of the section is generated from MuonClip.__init__ and QKClipConfig
-# (dist_muonclip.options, which also renders configs/REFERENCE.md); these views keep the
-# documented names: key -> (JSON kind, default, meaning).
-MUONCLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    k: (o.kind, o.default, o.doc) for k, o in _options.deepspeed_options().items()}
-QK_CLIP_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    k: (o.kind, o.default, o.doc) for k, o in _options.qk_clip_options().items()}
-parse_muonclip_section = _options.parse_muonclip_section
-
-
-def load_config(config: Any) -> dict[str, Any]:
-    """A DeepSpeed config as a dict (a deep copy of a dict, or a JSON file read)."""
-    if isinstance(config, dict):
-        return copy.deepcopy(config)
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return json.load(f)
-    raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
-
-
-def _zero_stage(config: dict[str, Any]) -> int:
-    zero = config.get("zero_optimization", {}) or {}
-    if not isinstance(zero, dict):
-        raise TypeError("DeepSpeed config zero_optimization must be an object")
-    stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or not isinstance(stage, int):
-        raise TypeError(f"DeepSpeed config zero_optimization.stage must be an integer, got {stage!r}")
-    return stage
-
-
-def prepare_config(config: Any, *, has_optimizer: bool = False, auto_values: dict[str, Any] | None = None
-                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Split a DeepSpeed config (dict or JSON path) into (config for DeepSpeed, MuonClip kwargs).
-
-    The returned config is a copy without the MuonClip ``"optimizer"`` section and with
-    ``zero_allow_untested_optimizer`` set (DeepSpeed's whitelist does not know MuonClip). The
-    kwargs are ``None`` when the config has no MuonClip section (then ``has_optimizer`` must be
-    true: a MuonClip instance was passed). ``auto_values`` fills the section's ``"auto"`` values
-    (see :func:`dist_muonclip.options.parse_muonclip_section`). Raises for combinations MuonClip
-    does not support.
-    """
-    cfg = load_config(config)
-    section = cfg.get("optimizer")
-    kwargs = None
-    if section is not None:
-        if not isinstance(section, dict):
-            raise TypeError(f"DeepSpeed config 'optimizer' must be an object, got {type(section).__name__}")
-        if str(section.get("type", "")).lower() == "muonclip":
-            if has_optimizer:
-                raise ValueError("both an optimizer instance and an 'optimizer' section of type MuonClip were given; "
-                                 "remove one of them")
-            kwargs = parse_muonclip_section(section, auto_values=auto_values)
-            del cfg["optimizer"]
-        elif has_optimizer:
-            raise ValueError(f"the config's optimizer section has type {section.get('type')!r} but a MuonClip instance "
-                             "was passed; remove the section (or set its type to MuonClip and pass no instance)")
-        else:
-            raise ValueError(f"dist_muonclip.deepspeed.initialize: the config's optimizer type is "
-                             f"{section.get('type')!r}, not 'MuonClip'; use deepspeed.initialize for other optimizers")
-    elif not has_optimizer:
-        raise ValueError("the DeepSpeed config has no 'optimizer' section; add {\"type\": \"MuonClip\", \"params\": "
-                         "{\"lr\": ...}} (see configs/REFERENCE.md) or pass optimizer=MuonClip(model, ...)")
-    stage = _zero_stage(cfg)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
-    zero = cfg.get("zero_optimization", {}) or {}
-    _check_offload(zero, stage, cfg)
-    if (cfg.get("fp16") or {}).get("enabled", False):
-        raise ValueError("DeepSpeed config fp16.enabled: MuonClip supports fp32 and bf16 (fp32 master weights); "
-                         "fp16 loss scaling is not supported, use \"bf16\": {\"enabled\": true}")
-    if stage in (1, 2, 3):
-        cfg["zero_allow_untested_optimizer"] = True
-    return cfg, kwargs
-
-
-def _check_offload(zero: dict[str, Any], stage: int, cfg: dict[str, Any]) -> None:
-    """``offload_optimizer: {"device": "cpu"}`` at stages 1-3 keeps MuonClip's state with
-    DeepSpeed's fp32 partitions in CPU memory (the client steps there); anything else is refused
-    with the fix. Sets ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed otherwise demands its
-    own CPU Adam for offload)."""
-    off = zero.get("offload_param")
-    if off and (not isinstance(off, dict) or off.get("device", "none") not in ("none", None)):
-        raise ValueError("DeepSpeed config zero_optimization.offload_param is not supported with MuonClip (parameters "
-                         "offloaded between forward passes are not mapped to its layout); remove it (ZeRO-3 without "
-                         "parameter offload, optionally with offload_optimizer: {\"device\": \"cpu\"})")
-    off = zero.get("offload_optimizer")
-    if not off:
-        return
-    if not isinstance(off, dict):
-        raise TypeError("DeepSpeed config zero_optimization.offload_optimizer must be an object like "
-                        "{\"device\": \"cpu\"}")
-    device = off.get("device", "none")
-    if device in ("none", None):
-        return
-    if device != "cpu":
-        raise ValueError(f"DeepSpeed config zero_optimization.offload_optimizer.device={device!r} is not supported with "
-                         "MuonClip (its state is not in the format of DeepSpeed's NVMe swapper); use "
-                         "\"device\": \"cpu\" or remove offload_optimizer")
-    if stage == 0:
-        raise ValueError("DeepSpeed config zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3; set "
-                         "zero_optimization.stage or remove offload_optimizer")
-    if float(off.get("ratio", 1.0)) != 1.0:
-        raise ValueError(f"DeepSpeed config zero_optimization.offload_optimizer.ratio={off['ratio']!r}: partial "
-                         "offload steps the sub-groups left on the accelerator with DeepSpeed's own Adam, not "
-                         "MuonClip; remove ratio (offload everything)")
-    cfg["zero_force_ds_cpu_optimizer"] = False
-
-
-# --------------------------------------------------------------------------------------------
-# Layouts over DeepSpeed's storage
-# --------------------------------------------------------------------------------------------
-
-_GROUP_KEY = "dist_muonclip_group"   # index of a DeepSpeedClient param group (0: Muon, 1: AdamW)
-
-
-class FlatFragmentsLayout(_LayoutBase):
-    """Matrices cut into fragments by DeepSpeed's flat fp32 partitions (ZeRO-1/2, BF16_Optimizer).
-
-    DeepSpeed flattens each param group into one buffer (parameter ``i`` at ``offsets[i]``, with
-    optional alignment padding between parameters) and gives rank ``r`` the elements
-    ``[r * partition_size, (r + 1) * partition_size)`` of it. A parameter therefore lies on one or
-    more consecutive ranks, as one contiguous fragment per rank. ``flat`` is this rank's fp32
-    partition of the group (DeepSpeed sets its ``.grad`` to the reduced, clipped gradient before
-    the step). One group: the constructor; several: :meth:`from_groups`.
-    """
-
-    sharded = True
-
-    def __init__(self, params: Sequence[Tensor], offsets: Sequence[int], partition_size: int, rank: int,
-                 world_size: int, flat: Tensor) -> None:
-        self.rank, self.world_size = rank, world_size
-        self._where: dict[Tensor, tuple[int, int, int]] = {}     # p -> (group, offset, numel)
-        self._shape: dict[Tensor, torch.Size] = {}
-        self._partition_size: list[int] = []
-        self._flat: list[Tensor] = []
-        self._stashed: dict[int, Tensor] = {}
-        self._add_group(params, offsets, partition_size, flat)
-
-    @classmethod
-    def from_groups(cls, groups: Sequence[tuple[Sequence[Tensor], Sequence[int], int, Tensor]], rank: int,
-                    world_size: int) -> "FlatFragmentsLayout":
-        """One layout over several flat groups: ``(params, offsets, partition_size, flat)`` each."""
-        if not groups:
-            raise ValueError("FlatFragmentsLayout.from_groups: no groups")
-        params, offsets, partition_size, flat = groups[0]
-        layout = cls(params, offsets, partition_size, rank, world_size, flat)
-        for g in groups[1:]:
-            layout._add_group(*g)
-        return layout
-
-    def _add_group(self, params: Sequence[Tensor], offsets: Sequence[int], partition_size: int,
-                   flat: Tensor) -> None:
-        if len(params) != len(offsets):
-            raise ValueError("FlatFragmentsLayout: one offset per parameter")
-        if flat.numel() != int(partition_size):
-            raise ValueError(f"FlatFragmentsLayout: partition has {flat.numel()} elements, expected "
-                             f"{int(partition_size)}")
-        gi = len(self._flat)
-        self._partition_size.append(int(partition_size))
-        self._flat.append(flat)
-        for p, o in zip(params, offsets):
-            if p in self._where:
-                raise ValueError("FlatFragmentsLayout: a parameter appears in two groups")
-            self._where[p] = (gi, int(o), p.numel())
-            self._shape[p] = p.shape
-
-    def stash_grad(self, group: int) -> None:
-        """Keep group ``group``'s gradient partition for a step that runs after DeepSpeed has
-        dropped it (ZeRO-1/2 step the client one group at a time, see DeepSpeedClient.step)."""
-        g = self._flat[group].grad
-        if g is None:
-            self._stashed.pop(group, None)
-        else:
-            self._stashed[group] = g
-
-    def clear_stash(self) -> None:
-        self._stashed.clear()
-
-    def _grad_of(self, group: int) -> Tensor | None:
-        g = self._flat[group].grad
-        return self._stashed.get(group) if g is None else g
-
-    def _span(self, p: Tensor, r: int) -> tuple[int, int]:
-        gi, off, n = self._where[p]
-        ps = self._partition_size[gi]
-        a, b = max(off, r * ps), min(off + n, (r + 1) * ps)
-        return (a - off, b - off) if b > a else (0, 0)
-
-    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
-        out = []
-        for r in range(self.world_size):
-            a, b = self._span(p, r)
-            out.append([(a, b)] if b > a else [])
-        return out
-
-    def fragments(self, p: Tensor) -> list[tuple[int, int, int]]:
-        """``(rank, offset in rank's partition of p's group, length)`` of every fragment of ``p``."""
-        gi, off, _ = self._where[p]
-        ps = self._partition_size[gi]
-        out = []
-        for r in range(self.world_size):
-            a, b = self._span(p, r)
-            if b > a:
-                out.append((r, off + a - r * ps, b - a))
-        return out
-
-    def owner_hint(self, p: Tensor) -> int:
-        """The rank holding the largest fragment of ``p`` (lowest rank on ties): orthogonalizing
-        there moves only the other fragments (none for a matrix inside one partition)."""
-        sizes = [b - a for a, b in (self._span(p, r) for r in range(self.world_size))]
-        return max(range(self.world_size), key=lambda r: (sizes[r], -r))
-
-    def _local(self, p: Tensor, flat: Tensor) -> Tensor:
-        a, b = self._span(p, self.rank)
-        if b <= a:
-            return flat[:0]
-        gi, off, _ = self._where[p]
-        base = off - self.rank * self._partition_size[gi]
-        return flat[base + a:base + b]
-
-    def local_param(self, p: Tensor) -> Tensor:
-        return self._local(p, self._flat[self._where[p][0]].detach())
-
-    def local_grad(self, p: Tensor) -> Tensor | None:
-        g = self._grad_of(self._where[p][0])
-        return None if g is None else self._local(p, g)
-
-    def full_shape(self, p: Tensor) -> torch.Size:
-        return self._shape[p]
-
-
-class MasterSliceLayout(_LayoutBase):
-    """Full fp32 master copies on every rank (DeepSpeed stage 0 + bf16), split into equal slices.
-
-    Each rank updates only its slice of the concatenated masters of each group (ZeRO-1 state
-    sharding; with DeepSpeedClient's two groups every rank holds 1/W of the Muon and 1/W of the
-    AdamW elements: balanced state); :meth:`all_gather_` then refreshes the other slices (one
-    all-gather) so every replica's master is complete again before DeepSpeed copies masters into
-    the bf16 parameters. ``groups``: more lists of ``(params, masters, names)`` after the first.
-    """
-
-    sharded = True
-
-    def __init__(self, params: Sequence[Tensor], masters: Sequence[Tensor], names: Sequence[str], comm: Comm,
-                 groups: Sequence[tuple[Sequence[Tensor], Sequence[Tensor], Sequence[str]]] = ()) -> None:
-        self.comm, self.rank, self.world_size = comm, comm.rank, comm.world_size
-        all_groups = [(params, masters, names), *groups]
-        self._master = {p: m for ps, ms, _ in all_groups for p, m in zip(ps, ms)}
-        self._shape = {p: p.shape for p in self._master}
-        self._by_name = {n: p for ps, _, ns in all_groups for n, p in zip(ns, ps)}
-        self._ranges = {p: [[] for _ in range(self.world_size)] for p in self._master}
-        # per rank: its slice of every group, packed back to back into one chunk for the all-gather
-        self.chunk = 0
-        self._segments: list[list[Any]] = [[] for _ in range(self.world_size)]
-        for ps, _, ns in all_groups:
-            chunk, segments = flat_partition([(n, p.numel()) for n, p in zip(ns, ps)], self.world_size)
-            self.chunk += chunk
-            for r, segs in enumerate(segments):
-                self._segments[r].extend(segs)
-                for seg in segs:
-                    self._ranges[self._by_name[seg.name]][r].append((seg.start, seg.stop))
-
-    def ranges(self, p: Tensor) -> list[list[tuple[int, int]]]:
-        return self._ranges[p]
-
-    def owner_hint(self, p: Tensor) -> int:
-        sizes = [sum(b - a for a, b in rs) for rs in self._ranges[p]]
-        return max(range(self.world_size), key=lambda r: (sizes[r], -r))
-
-    def _local(self, p: Tensor, t: Tensor) -> Tensor:
-        rs = self._ranges[p][self.rank]
-        return t.view(-1)[rs[0][0]:rs[0][1]] if rs else t.view(-1)[:0]
-
-    def local_param(self, p: Tensor) -> Tensor:
-        return self._local(p, self._master[p].detach())
-
-    def local_grad(self, p: Tensor) -> Tensor | None:
-        g = self._master[p].grad
-        return None if g is None else self._local(p, g)
-
-    def full_shape(self, p: Tensor) -> torch.Size:
-        return self._shape[p]
-
-    @torch.no_grad()
-    def all_gather_(self) -> None:
-        """Every rank's updated slices into every rank's masters (one all-gather, fp32)."""
-        if self.world_size == 1:
-            return
-        self.comm.all_gather_segments_(
-            self._segments, lambda s: self._master[self._by_name[s.name]].detach().view(-1)[s.start:s.stop],
-            self.chunk, dtype=torch.float32, device=next(iter(self._master.values())).device,
-            tag="master_gather")
+# index of a DeepSpeedClient param group (0: Muon, 1: AdamW)
+_GROUP_KEY = "dist_muonclip_group"
 
 
 def _set_layout(opt: MuonClip, layout: Any) -> None:
@@ -545,9 +247,6 @@ class DeepSpeedClient(Optimizer):
         else:
             raise TypeError(f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, which dist_muonclip does "
                             "not support (supported: ZeRO stage 0/1/2 with fp32 or bf16)")
-        if layout is not None and _LayoutBase is object:
-            raise RuntimeError("this dist_muonclip has no sharded-layout engine (dist_muonclip.layouts); only ZeRO "
-                               "stage 0 with fp32 is available")
         world = dist.get_world_size()
         if layout is not None:
             if layout.world_size != world:
@@ -784,7 +483,7 @@ class DeepSpeedClient(Optimizer):
                         if b > a:
                             layout.local_param(p).copy_(full[a:b].to(layout.local_param(p)))
                     if isinstance(layout, MasterSliceLayout):   # full masters everywhere
-                        layout._master[p].detach().view(-1).copy_(full.to(layout._master[p]))
+                        layout.master(p).detach().view(-1).copy_(full.to(layout.master(p)))
                 if self._zero3 is None:     # ZeRO-3: the model partitions are refreshed below
                     p.detach().view(-1).copy_(full.to(device=p.device, dtype=p.dtype))
         wrapper = engine.optimizer
