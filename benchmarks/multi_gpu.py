@@ -13,8 +13,8 @@ comparison) and in bf16 (``ds-zeroS-bf16``: compared relative to how far trainin
 parameter), FSDP2 (``fsdp2``); models: a tiny GQA Llama (``gqa``) and a tiny DeepSeek-V3 MLA + MoE
 (``mla``; its bf16 scenarios route every token to every expert, see :data:`MODEL_KW_BF16`), QK-Clip
 active (tau below the models' max logits; the clip counters are recorded). The
-scenarios are the test suite's own (``tests/_dist_workers.py``, ``tests/_ds_workers.py``,
-``tests/_fsdp_workers.py``, made device-aware), the oracles are their single-process runs on one
+scenarios are the test suite's own (``benchmarks/scenarios/ddp.py``, ``deepspeed.py``,
+``fsdp.py``, made device-aware), the oracles are their single-process runs on one
 device. Per scenario: max |diff| vs the oracle, the tolerance and its reason, pass/fail, whether
 the replicas agree, heads clipped per step, and the Newton-Schulz count (summed over ranks it must
 be one per Muon matrix per step).
@@ -66,10 +66,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------------------- check
 CHECK_ENGINES = ("ddp", "owned", "ds-zero0", "ds-zero1", "ds-zero2", "ds-zero0-bf16", "ds-zero1-bf16",
                  "ds-zero2-bf16", "fsdp2")
-#: model name -> tiny HF model kind (tests/_tiny_hf.py)
+#: model name -> tiny HF model kind (benchmarks/scenarios/tiny_hf.py)
 CHECK_MODELS = {"gqa": "llama", "mla": "deepseek_v3"}
 #: QK-Clip tau per model, below the tiny models' max logits at init (~0.10-0.14 GQA, ~0.04-0.06
-#: MLA) so that heads are clipped in most steps; the FSDP2 scenarios bring their own (tests/_fsdp_workers.QK).
+#: MLA) so that heads are clipped in most steps; the FSDP2 scenarios bring their own (benchmarks/scenarios/fsdp.QK).
 TAU = {"gqa": 0.1, "mla": 0.04}
 
 # fp32 tolerance (tests/test_distributed.py, test_deepspeed.py, test_fsdp.py): Newton-Schulz in
@@ -93,7 +93,7 @@ BF16_REASON = ("bf16 forward/backward vs an fp32 oracle: ||got - want|| <= 0.25 
 # token -> expert assignments, which moved the MLA model's routed experts by ~25% of their
 # movement vs the fp32 oracle even on ONE process (measured: ratio 1.12 at W=1, 0.98 at W=2, on
 # model.layers.1.mlp.experts.gate_up_proj). With every token routed to all 4 experts of the tiny
-# DeepSeek-V3 (tests/_tiny_hf.py: n_routed_experts=4) the routing is continuous and the bf16
+# DeepSeek-V3 (benchmarks/scenarios/tiny_hf.py: n_routed_experts=4) the routing is continuous and the bf16
 # bound measures the optimizer again (measured ratio 0.28 at W=1, 0.33 at W=2, as GQA's 0.33-0.42).
 # The fp32 scenarios keep top-2 routing.
 MODEL_KW_BF16 = {"mla": {"num_experts_per_tok": 4}}
@@ -164,20 +164,20 @@ def _run_scenario(rank: int, world: int, engine: str, model: str, steps: int, de
     """One equivalence scenario on this rank (process group initialized): the tests' worker."""
     kind = _kind(model)
     if engine in ("ddp", "owned"):
-        from tests import _dist_workers as W
+        from benchmarks.scenarios import ddp as W
 
         out = W.train_worker(rank, world, "ddp" if engine == "ddp" else "optimizer", steps, kind,
                              {"qk_clip": {"tau": TAU[model]}}, device=device)
         return {"params": out["params"]}
     if engine.startswith("ds-"):
-        from tests import _ds_workers as D
+        from benchmarks.scenarios import deepspeed as D
 
         stage, bf16 = int(engine[len("ds-zero")]), engine.endswith("-bf16")
         out = D.ds_train_worker(rank, world, stage, steps, bf16=bf16, params=_ds_params(model), scheduler=True,
                                 accountant=True, kind=kind, model_kw=MODEL_KW_BF16.get(model) if bf16 else None)
         return {"params": out["params"], "layout": out["layout"]}
     if engine == "fsdp2":
-        from tests import _fsdp_workers as F
+        from benchmarks.scenarios import fsdp as F
 
         out = F.fsdp_train_worker(rank, world, kind, steps, device=device)
         return {"params": out["params"]}
@@ -230,18 +230,18 @@ def _check_worker(rank: int, world: int, port: int, backend: str, scenarios: lis
 
 def _oracle(family: str, model: str, steps: int, device: str) -> dict[str, Any]:
     """The single-process run a family of scenarios is compared with (no process group)."""
-    from tests._tiny_hf import tiny_model
+    from benchmarks.scenarios.tiny_hf import tiny_model
 
     kind = _kind(model)
     with _Counters() as c:
         if family == "dist":
-            from tests import _dist_workers as W
+            from benchmarks.scenarios import ddp as W
 
             m, _ = W.train_single(steps, kind, device=device, qk_clip={"tau": TAU[model]})
             params = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
             init = tiny_model(kind, seed=0).state_dict()
         elif family in ("ds", "ds16"):
-            from tests import _ds_workers as D
+            from benchmarks.scenarios import deepspeed as D
 
             kw = MODEL_KW_BF16.get(model, {}) if family == "ds16" else {}
             m, _ = D.train_single(steps, scheduler=True, params=_ds_params(model), kind=kind, device=device,
@@ -249,7 +249,7 @@ def _oracle(family: str, model: str, steps: int, device: str) -> dict[str, Any]:
             params = {k: v.detach().cpu().clone() for k, v in m.named_parameters()}
             init = dict(tiny_model(kind, seed=0, **kw).named_parameters())
         else:
-            from tests import _fsdp_workers as F
+            from benchmarks.scenarios import fsdp as F
 
             m, _, _ = F.train_single(kind, steps, device=device)
             params = {k: v.detach().cpu().clone() for k, v in m.named_parameters()}
@@ -261,10 +261,10 @@ def _oracle(family: str, model: str, steps: int, device: str) -> dict[str, Any]:
 def _num_muon_matrices(family: str, model: str) -> int:
     """Matrices one step orthogonalizes in the optimizer's plan (an [E, m, n] stack counts E)."""
     from dist_muonclip import MuonClip
-    from tests._tiny_hf import tiny_model
+    from benchmarks.scenarios.tiny_hf import tiny_model
 
     if family == "fsdp":
-        from tests import _fsdp_workers as F
+        from benchmarks.scenarios import fsdp as F
 
         m = F.build_model(_kind(model))
     else:

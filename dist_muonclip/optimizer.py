@@ -436,6 +436,12 @@ class MuonClip(Optimizer):
         return self._engine.world_size
 
     @property
+    def engine(self) -> Engine:
+        """The :class:`~dist_muonclip.engine.Engine` running the steps (units, plan, exchange,
+        gradient source, AdamW part, state format), for tools and diagnostics; read-only."""
+        return self._engine
+
+    @property
     def accountant(self) -> CommAccountant | None:
         """The :class:`~dist_muonclip.comm.CommAccountant` counting this optimizer's collectives."""
         return self._accountant

@@ -36,9 +36,9 @@ def ds_moe_worker(rank: int, world: int, stage: int, steps: int):
         base = name.split("[")[0]
         if "mlp.experts." not in base:
             continue
-        unit = inner._engine.units.by_name[name]
+        unit = inner.engine.units.by_name[name]
         per[base] = unit[0].numel() if unit.ndim == 3 else unit.numel() // unit.shape[0]
-        moved += sum(b - a for r, rs in enumerate(inner._engine.units.ranges(unit)) if r != owner for a, b in rs)
+        moved += sum(b - a for r, rs in enumerate(inner.engine.units.ranges(unit)) if r != owner for a, b in rs)
     return {"params": _fp32_params(engine), "owners": dict(inner.plan.owners), "moved_expert_elems": moved,
             "expert_matrix_numel": per,
             "layout": layout_name(engine), "metrics": inner.metrics(),
