@@ -45,6 +45,7 @@ def test_engine_checkpoint_zero0_bf16_w4(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_engine_checkpoint_every_stage_and_precision_w4(tmp_path):
     rest = [sc for sc in ALL if sc != REPRESENTATIVE_W4]
     _check(run_distributed(D.ds_engine_checkpoint_worker, 4, rest, str(tmp_path / "ckpt"), tmp_path=tmp_path / "run",

@@ -167,6 +167,7 @@ def test_zero3_bf16_tracks_fp32_oracle(w2, oracle):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_zero3_w4_matches_single_process(oracle, tmp_path):
     """W=4 representative: zero.Init, fp32, every matrix cut in four."""
     outs = values(run_distributed(D.zero3_worker, 4, [dict(steps=STEPS, zero_init=True)], tmp_path=tmp_path,
@@ -217,6 +218,7 @@ def test_zero3_full_state_export_crosses_stages(ckpt_w2):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_zero3_full_state_export_resumes_at_another_world_size(ckpt_w2, tmp_path):
     """The ZeRO-3 export saved at W=2 resumes at W=4 (ZeRO-3) and continues the W=2 run."""
     outs, z3 = ckpt_w2

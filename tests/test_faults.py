@@ -255,8 +255,8 @@ _DS_ELASTIC_HANG = pytest.mark.skip(reason=(
 
 @pytest.mark.parametrize("case", [
     "ddp",
-    pytest.param("optimizer-owned", marks=pytest.mark.slow),
-    pytest.param("fsdp", marks=pytest.mark.slow),
+    pytest.param("optimizer-owned", marks=[pytest.mark.slow, pytest.mark.full]),
+    pytest.param("fsdp", marks=[pytest.mark.slow, pytest.mark.full]),
     pytest.param("deepspeed", marks=[pytest.mark.slow, _DS_ELASTIC_HANG]),
 ])
 def test_elastic_restart_after_sigkill_of_one_worker_is_bit_identical(tmp_path, case):
@@ -297,6 +297,7 @@ def _torchrun_once(argv: list[str], out: Path, port: int, env: dict[str, str]) -
 
 
 @pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize("case", ["fsdp", "deepspeed"])
 def test_kill_during_save_then_rerun_resumes(tmp_path, case):
     """Directory checkpoints (FSDP2 DCP, DeepSpeed tags) at W=2: rank 0 is SIGKILLed after every

@@ -169,7 +169,7 @@ def ds_oracle():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.full), pytest.param(1, marks=pytest.mark.full), 2])
 def test_deepspeed_initialize_with_json_type_matches_single_process(stage, ds_oracle, tmp_path):
     """``deepspeed.initialize`` (DeepSpeed's, not ours) with ``"type": "MuonClip"``, WarmupLR from the
     JSON, gradient clipping and QK-Clip clipping: W=2 equals the one-process oracle; every Muon
@@ -188,6 +188,7 @@ def test_deepspeed_initialize_with_json_type_matches_single_process(stage, ds_or
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_deepspeed_initialize_wraps_a_plain_muonclip_instance(ds_oracle, tmp_path):
     """Regression (issue 15): a plain MuonClip as DeepSpeed's client optimizer at ZeRO-2 failed at
     step 1 (DeepSpeed steps one narrowed param group at a time). Now it is wrapped in the adapter:
@@ -234,7 +235,8 @@ def _check_against_oracle(outs: list[dict], oracle: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, gas", [(0, 1), (1, 1), (2, 2)])
+@pytest.mark.parametrize("stage, gas", [pytest.param(0, 1, marks=pytest.mark.full),
+                                        pytest.param(1, 1, marks=pytest.mark.full), (2, 2)])
 def test_trainer_deepspeed_json_matches_single_process(stage, gas, trainer_oracle, tmp_path):
     """Regression (issue 15: "MuonClip is not a supported DeepSpeed Optimizer"). Trainer with
     ``TrainingArguments(deepspeed=cfg)`` naming MuonClip, every HF value "auto", Trainer's lr
@@ -262,6 +264,7 @@ def test_trainer_deepspeed_save_steps_and_resume_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_trainer_deepspeed_routes_optimizers_argument(trainer_oracle, tmp_path):
     """Regression (issue 15): ``Trainer(optimizers=(MuonClip(model), None))`` with DeepSpeed was
     silently replaced by AdamW. Now the instance is what DeepSpeed steps (ZeRO-1 partitions)."""
@@ -272,6 +275,7 @@ def test_trainer_deepspeed_routes_optimizers_argument(trainer_oracle, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_trainer_deepspeed_refuses_a_scheduler_on_the_instance(tmp_path):
     """optimizers=(MuonClip, scheduler) under DeepSpeed: the scheduler would drive the wrong object; raise."""
     res = H.run_torchrun_like(H.trainer_call, 1, str(tmp_path / "out"), {"stage": 1, "route": "instance+scheduler"},
@@ -302,6 +306,7 @@ def test_trainer_ddp_checkpoints_never_hang_and_resume_at_2_and_1(trainer_oracle
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_accelerate_deepspeed_plugin_with_dummy_optim_matches_single_process(ds_oracle, tmp_path):
     """accelerate + DeepSpeed plugin + ``DummyOptim``, JSON naming MuonClip with "auto" lr and
     weight_decay: ZeRO-2 over 2 ranks equals the one-process oracle (each rank feeds its rows by
