@@ -9,7 +9,7 @@ import time
 
 import torch
 
-__all__ = ["environment", "git_commit", "median_ms", "matmul_ceiling_tflops", "write_json"]
+__all__ = ["environment", "git_commit", "git_dirty", "median_ms", "matmul_ceiling_tflops", "write_json"]
 
 
 def git_commit() -> str:
@@ -25,20 +25,38 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment() -> dict:
-    import triton
+def git_dirty() -> bool | None:
+    """Whether the checkout has uncommitted changes (``None``: not a git checkout)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), check=True).stdout
+    except Exception:  # noqa: BLE001
+        return None
+    return bool(out.strip())
 
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "device": torch.cuda.get_device_name(0),
-        "sm_count": props.multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+
+def environment(modules: tuple[str, ...] = ("triton", "deepspeed", "transformers")) -> dict:
+    """The record every benchmark JSON carries: device (GPU name and SM count, or the CPU), torch,
+    CUDA and Python versions, the versions of ``modules`` ("not importable: ..." when missing),
+    the git commit (and whether the tree was dirty) and the UTC time. The one copy for every
+    benchmark (multi_gpu.py adds its NCCL and topology fields on top)."""
+    env: dict = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                 "git_commit": git_commit(), "git_dirty": git_dirty(),
+                 "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
+                   cuda=torch.version.cuda, gpu_count=torch.cuda.device_count(),
+                   devices=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+    else:
+        env.update(device=platform.processor() or platform.machine() or "cpu", gpu_count=0)
+    for mod in modules:
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            env[mod] = f"not importable: {type(e).__name__}: {e}"[:200]
+    return env
 
 
 def median_ms(fn, *, warmup_ms: float = 100, rep_ms: float = 400) -> float:

@@ -658,35 +658,17 @@ def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict
 
 # ----------------------------------------------------------------------------------------- environment
 def environment() -> dict[str, Any]:
-    import platform
-
+    """benchmarks/_common.environment() plus what a multi-GPU run needs: NCCL version and settings,
+    and the GPU topology (nvidia-smi)."""
     import torch
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cpu_count": os.cpu_count(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
-                           "cuda_available": torch.cuda.is_available(),
-                           "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    from benchmarks._common import environment as common_environment
+
+    env = common_environment()
+    env["NCCL_NVLS_ENABLE"] = os.environ.get("NCCL_NVLS_ENABLE")
     if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
-        env["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        env["cuda"] = torch.version.cuda
         with contextlib.suppress(Exception):
             env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    else:
-        env["device"] = platform.processor() or platform.machine() or "cpu"
-    for mod in ("triton", "deepspeed", "transformers"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            env[mod] = f"not importable: {type(e).__name__}: {e}"[:200]
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                           check=True).stdout.strip()
-        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                               cwd=ROOT).stdout.strip())
-    except Exception:  # noqa: BLE001
-        env["git_commit"] = "unknown"
     if shutil.which("nvidia-smi"):
         for key, cmd in (("nvidia_smi_topo", ["nvidia-smi", "topo", "-m"]), ("nvidia_smi_L", ["nvidia-smi", "-L"]),
                          ("nvidia_smi_nvlink", ["nvidia-smi", "nvlink", "-s"])):

@@ -601,20 +601,9 @@ def run_world(world: int, jobs: list[tuple[str, str]], steps: int, *, backend: s
 
 # ----------------------------------------------------------------------------------------- report
 def _environment() -> dict[str, Any]:
-    import platform
+    from benchmarks._common import environment
 
-    import torch
-
-    from benchmarks._common import git_commit
-
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-           "git_commit": git_commit(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
-    with contextlib.suppress(Exception):
-        import deepspeed
-
-        env["deepspeed"] = deepspeed.__version__
-    return env
+    return environment(("deepspeed",))
 
 
 def plot(payload: dict[str, Any], prefix: str, size: str | None = None) -> list[str]:
