@@ -14,21 +14,24 @@ from tests.dist_utils import run_distributed, values  # noqa: E402
 STEPS = 3
 
 
-def test_tagged_model_with_deepspeed_keys_equals_own_names_zero012(tmp_path):
+def test_tagged_model_with_deepspeed_keys_equals_own_names_zero0123(tmp_path):
     """Regression (issue 14): the tagged model crashed at the first ``engine.backward`` under
     ZeRO-1/2 with ``KeyError: 'momentum'`` (DeepSpeed ran its own Muon update for tagged
     parameters because the client optimizer's class name contained "muon"), and the split
-    ignored the tags. Now both spellings give identical fp32 masters and model parameters."""
+    ignored the tags. Now both spellings give identical fp32 masters and model parameters, at
+    ZeRO-0/1/2 and ZeRO-3 (fp32 masters only there: the module's parameters are partitioned)."""
     from tests._tiny_hf import tiny_model
 
     init = {k: p.detach().clone() for k, p in tiny_model("llama", seed=0).named_parameters()}
-    outs = values(run_distributed(D.ds_tags_worker, 2, (0, 1, 2), STEPS, tmp_path=tmp_path, timeout=600))
+    outs = values(run_distributed(D.ds_tags_worker, 2, (0, 1, 2, 3), STEPS, tmp_path=tmp_path, timeout=600))
     for rank, out in enumerate(outs):
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             tagged, own = out[stage, "deepspeed_keys"], out[stage, "own_names"]
             assert tagged["losses"] == own["losses"], (rank, stage)
             for k in own["params"]:
                 assert torch.equal(tagged["params"][k], own["params"][k]), (rank, stage, k)
+            assert tagged["lp"].keys() == own["lp"].keys()
+            for k in own["lp"]:
                 assert torch.equal(tagged["lp"][k], own["lp"][k]), (rank, stage, k)
             # the tags decided the split, and say so
             row = next(line for line in tagged["split"].splitlines() if line.startswith(D.TAGGED_TO_ADAMW))

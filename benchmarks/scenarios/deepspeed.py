@@ -353,9 +353,10 @@ def ds_tags_worker(rank: int, world: int, stages, steps: int):
                 engine.backward(loss)
                 engine.step()
                 losses.append(float(loss.detach()))
+            # ZeRO-3 partitions the module's parameters (empty outside forward): the masters say it all
+            lp = {} if stage == 3 else {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()}
             out[stage, variant] = {"params": _fp32_params(engine), "losses": losses,
-                                   "split": muonclip_optimizer(engine).describe_split(),
-                                   "lp": {k: p.detach().cpu().clone() for k, p in engine.module.named_parameters()}}
+                                   "split": muonclip_optimizer(engine).describe_split(), "lp": lp}
     return out
 
 
