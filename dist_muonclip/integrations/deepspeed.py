@@ -199,6 +199,7 @@ class DeepSpeedClient(Optimizer):
         self._state_per_rank = bool(engine.zero_optimization())
         if wrapper is self:
             self.layout_name = "replicated"
+            self._take_over_fp32_clip(engine)
         elif hasattr(wrapper, "fp32_partitioned_groups_flat"):           # ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)
             n = len(self._groups)
             if sorted(set(wrapper.sub_group_to_group_id.values())) != list(range(n)):
