@@ -275,7 +275,7 @@ def test_zero3_moe_stacked_experts_match_single_process(w2):
     expert stack in two, the plan splits it at the cut into chunks of whole experts (so no expert
     travels) and the run equals the single-process one; each expert matrix orthogonalized once
     per step (the oracle's count)."""
-    import dist_muonclip.engine.engine as engmod
+    import dist_muonclip.ns_split as engmod
     from dist_muonclip import MuonClip
     from tests._tiny_hf import tiny_model
 

@@ -427,7 +427,7 @@ def zero3_config(world: int, *, bf16: bool = False, micro: int | None = None, pe
 
 def _count_engine_ns(calls: list):
     """Count the matrices the engine orthogonalizes (at the pipeline's call site); returns the restorer."""
-    import dist_muonclip.engine.engine as engmod
+    import dist_muonclip.ns_split as engmod
 
     real = engmod.orthogonalize
 
