@@ -54,7 +54,9 @@ def test_max_grad_norm_optimizer_owned(tmp_path):
     _assert_same_params(outs[0]["params"], {k: v.detach() for k, v in want_model.state_dict().items()})
 
 
-@pytest.mark.parametrize("world,case", [(2, "default"), (4, "default"), (4, "few_matrices")])
+# full matrix: -m full; by default W=2 and the more-ranks-than-matrices case at W=4 for both modes
+@pytest.mark.parametrize("world,case", [(2, "default"), pytest.param(4, "default", marks=pytest.mark.full),
+                                        (4, "few_matrices")])
 @pytest.mark.parametrize("mode", ["ddp", "optimizer"])
 def test_matches_single_process(world, case, mode, oracles, tmp_path):
     """10 steps of the tiny Llama (GQA) with QK-Clip clipping heads, DDP or optimizer-owned
@@ -110,7 +112,7 @@ def _muon_from_owner_calls(bucket_counts):
             "broadcast[muon_from_owner]": sum(sum(n > 0 for n in c) for c in bucket_counts if len(set(c)) > 1)}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.full)])
 def test_accounting_ddp_and_optimizer_owned(world, tmp_path):
     """Bytes on the wire, summed over ranks and steps, per the byte model of comm.py; and, per
     step and rank, exactly the expected collectives (a stray one fails the test)."""
@@ -239,7 +241,7 @@ def test_checkpoint_save_at_2_resume_at_1_and_4(tmp_path):
     _assert_same_params(model.state_dict(), want)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.full), 4])
 def test_sharded_layout_on_arbitrary_fragments(world, oracle, tmp_path):
     """The sharded engine (all-to-all of pieces to owners and back) on cuts that split rows,
     are uneven and sometimes empty, equals the single-process oracle; the full state dict
@@ -303,8 +305,8 @@ def moe_oracle():
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("mode", ["ddp", "optimizer"])
+@pytest.mark.parametrize("world,mode", [(4, "ddp"), (2, "optimizer"), pytest.param(2, "ddp", marks=pytest.mark.full),
+                                        pytest.param(4, "optimizer", marks=pytest.mark.full)])
 def test_moe_experts_split_over_owners_match_single_process(world, mode, moe_oracle, tmp_path):
     """DeepSeek-V3 (MLA + fused MoE experts [4, m, n]): each stacked parameter is cut into
     min(4, W) chunks of experts with owners of their own, and the run still equals the single

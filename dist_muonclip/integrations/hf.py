@@ -45,7 +45,7 @@ The scheduler can come from either side: a ``"scheduler"`` section (DeepSpeed's)
 one, Trainer's ``lr_scheduler_type``; both write the adapter's param groups, whose first lr scales
 every MuonClip group (``lr`` and ``adamw_lr`` keep their ratio).
 
-ZeRO-3 is refused with the message of :func:`dist_muonclip.deepspeed.prepare_config`.
+ZeRO-3 is refused here (it runs through :func:`dist_muonclip.deepspeed.initialize`).
 """
 from __future__ import annotations
 
@@ -183,6 +183,15 @@ def muonclip_optimizer(obj: Any) -> MuonClip:
 def _check_engine_modes(engine: Any) -> None:
     """The modes MuonClip refuses (same rules and messages as dist_muonclip.deepspeed.prepare_config)."""
     stage = engine.zero_optimization_stage()
+    if stage == 3:     # our initialize binds ZeRO-3 partitions itself; DeepSpeed's own path does not yet
+        raise ValueError("MuonClip at ZeRO stage 3 runs through dist_muonclip.deepspeed.initialize(model=..., "
+                         "config=...), not yet through deepspeed.initialize / HF Trainer / accelerate: use that "
+                         "entry point, or ZeRO stage 1/2 here")
+    if engine.zero_offload_optimizer():
+        raise ValueError("MuonClip with zero_optimization.offload_optimizer runs through "
+                         "dist_muonclip.deepspeed.initialize(model=..., config=...), not yet through "
+                         "deepspeed.initialize / HF Trainer / accelerate: use that entry point, or remove "
+                         "offload_optimizer here")
     cfg: dict[str, Any] = {"zero_optimization": {"stage": stage}}
     if engine.fp16_enabled():
         cfg["fp16"] = {"enabled": True}

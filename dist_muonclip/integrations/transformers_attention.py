@@ -230,21 +230,23 @@ class TrackingHandle:
                  tracker: MaxLogitTracker | None = None) -> None:
         self._configs = configs
         self._modules = [weakref.ref(m) for m in modules]
-        self._tracker = tracker
+        # weak: a dropped optimizer frees its tracker at once (and with it the modules' registration)
+        self._tracker = weakref.ref(tracker) if tracker is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
         """Strong references for ``copy.deepcopy`` / ``pickle``: a copied model's attention modules
         are tracked by the copied tracker (re-registered in :meth:`__setstate__`)."""
         return {"configs": self._configs, "modules": [m for r in self._modules if (m := r()) is not None],
-                "tracker": self._tracker}
+                "tracker": self._tracker() if self._tracker is not None else None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._configs = state["configs"]
         self._modules = [weakref.ref(m) for m in state["modules"]]
-        self._tracker = state["tracker"]
-        if self._tracker is not None:
+        tracker = state["tracker"]
+        self._tracker = weakref.ref(tracker) if tracker is not None else None
+        if tracker is not None:
             for m in state["modules"]:
-                _REGISTRY[m] = weakref.ref(self._tracker)
+                _REGISTRY[m] = weakref.ref(tracker)
 
     def remove(self) -> None:
         for cfg, old in self._configs:
