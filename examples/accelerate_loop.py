@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_muonclip.hf as hf  # noqa: E402
-from common import Progressions, digest, tiny_llama, write_result  # noqa: E402
+from common import Progressions, digest, tiny_llama, shutdown, write_result  # noqa: E402
 
 
 def mean_over_ranks(x):
@@ -94,6 +94,7 @@ def main() -> None:
     write_result(args.result, rank, {
         "losses": losses, "digest": digest(weights), "world_size": inner.world_size,
         "num_steps": inner.num_steps, "num_processes": accelerator.num_processes})
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -54,3 +54,15 @@ def write_result(path: str | None, rank: int, result: dict[str, Any]) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         with open(f"{path}.rank{rank}.json", "w") as f:
             json.dump(result, f, indent=1)
+
+
+def shutdown() -> None:
+    """End the job cleanly: a barrier, then destroy the process group (gloo workers can abort at
+    interpreter exit with "terminate called without an active exception" when the group is left
+    alive while a peer is already gone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+

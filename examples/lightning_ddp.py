@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Progressions, digest, tiny_llama, write_result  # noqa: E402
+from common import Progressions, digest, tiny_llama, shutdown, write_result  # noqa: E402
 
 
 class _ResumableMixin:
@@ -100,6 +100,7 @@ def main() -> None:
     write_result(args.result, trainer.global_rank, {
         "losses": lit.losses, "digest": digest(dict(lit.model.named_parameters())),
         "world_size": opt.world_size, "num_steps": opt.num_steps, "global_step": trainer.global_step})
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_muonclip.hf as hf  # noqa: E402
-from common import Progressions, digest, tiny_llama, write_result  # noqa: E402
+from common import Progressions, digest, tiny_llama, shutdown, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -54,6 +54,7 @@ def main() -> None:
     write_result(args.result, targs.process_index, {
         "losses": losses, "digest": digest(dict(trainer.model.named_parameters())),
         "world_size": inner.world_size, "num_steps": inner.num_steps})
+    shutdown()
 
 
 if __name__ == "__main__":

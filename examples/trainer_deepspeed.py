@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_muonclip.hf as hf  # noqa: E402  (the one line: DeepSpeed learns "type": "MuonClip")
-from common import Progressions, digest, tiny_llama, write_result  # noqa: E402
+from common import Progressions, digest, tiny_llama, shutdown, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -62,6 +62,7 @@ def main() -> None:
     write_result(args.result, targs.process_index, {
         "losses": losses, "digest": digest(masters), "world_size": inner.world_size, "num_steps": inner.num_steps,
         "layout": engine.basic_optimizer.layout_name, "heads_clipped": clipped})
+    shutdown()
 
 
 if __name__ == "__main__":
