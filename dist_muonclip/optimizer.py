@@ -393,12 +393,8 @@ class MuonClip(Optimizer):
     # ------------------------------------------------------------------ distribution
     def _build_engine(self, process_group: Any, grad_reduction: str, layout: Layout | None) -> None:
         """Decide the distribution once (process group, layout, who reduces gradients) and build
-        the engine that runs every step (:mod:`dist_muonclip.engine`)."""
-        if grad_reduction not in ("external", "optimizer"):
-            raise ValueError(f"grad_reduction={grad_reduction!r} is unknown; use 'external' (DDP/DeepSpeed reduce "
-                             "gradients) or 'optimizer' (the optimizer reduce-scatters them to owners)")
-        if layout is not None and not isinstance(layout, Layout):
-            raise TypeError(f"layout must be a dist_muonclip.layouts.Layout, got {type(layout).__name__}")
+        the engine that runs every step (:mod:`dist_muonclip.engine`). The option types were
+        checked by ``validation.check_runtime_options`` (construction) or :meth:`set_layout`."""
         if layout is None:     # read it from the parameters: DTensors carry their mesh and placements
             layout = layout_from_params([p for g in self.param_groups for p in g["params"]])
             if layout is not None and process_group is None:
@@ -494,6 +490,8 @@ class MuonClip(Optimizer):
         For integrations that partition the model after the optimizer was built (DeepSpeed's
         ZeRO-1/2 flat partitions). Raises if the optimizer already holds state.
         """
+        if layout is not None and not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a dist_muonclip.layouts.Layout or None, got {type(layout).__name__}")
         if any(self.state.values()):
             raise ValueError("set_layout: this MuonClip has already stepped (it holds state); move a fresh "
                              "optimizer, or load the state after changing the layout")

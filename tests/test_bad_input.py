@@ -91,3 +91,11 @@ def test_load_state_dict_mismatch_is_refused_before_changes():
         b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="format"):
         b.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_set_layout_refuses_a_non_layout_before_changes():
+    opt = MuonClip([_w(), nn.Parameter(torch.randn(8))], lr=0.02)
+    engine = opt.engine
+    with pytest.raises(TypeError, match="layout must be a dist_muonclip.layouts.Layout"):
+        opt.set_layout("shard0")
+    assert opt.engine is engine        # nothing rebuilt
