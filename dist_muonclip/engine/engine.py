@@ -13,6 +13,7 @@ validated across ranks once, here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,17 +35,16 @@ from .units import ParamRegistry, Units
 __all__ = ["Engine", "EngineOptions"]
 
 
+@dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """Options the engine reads (set by the optimizer shell; plain attributes)."""
+    """Options the engine reads (set once by the optimizer shell)."""
 
-    def __init__(self, *, skip_nonfinite: bool, adamw_foreach: bool | None, adamw_fused: bool | None,
-                 max_grad_norm: float | None, bucket_cap_mb: float, shard_adamw: bool) -> None:
-        self.skip_nonfinite = skip_nonfinite
-        self.adamw_foreach = adamw_foreach
-        self.adamw_fused = adamw_fused
-        self.max_grad_norm = max_grad_norm
-        self.bucket_cap_mb = bucket_cap_mb
-        self.shard_adamw = shard_adamw
+    skip_nonfinite: bool
+    adamw_foreach: bool | None
+    adamw_fused: bool | None
+    max_grad_norm: float | None
+    bucket_cap_mb: float
+    shard_adamw: bool
 
 
 class Engine:
