@@ -672,6 +672,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     run_t0 = time.perf_counter()
     for step in range(start_step, args.steps):
         ckpt_files.fault_point("step", step, ctx.rank)   # test-only: DMC_FAULT=step:N[:rank] kills here
+        ckpt_files.fault_point("ns", step, ctx.rank)     # test-only: DMC_FAULT=ns:N[:rank] raises in step()
         t0 = time.perf_counter()
         if schedule:
             _set_lr(optimizer, base_lrs, lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps))

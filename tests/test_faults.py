@@ -333,3 +333,67 @@ def test_kill_during_save_then_rerun_resumes(tmp_path, case):
     assert f"skipping checkpoint {newest}" in fallback.stderr and victim.name in fallback.stderr
     log = json.loads((tmp_path / "fallback.json").read_text())
     assert log["start_step"] == 6 and log["param_sha256"] == json.loads((tmp_path / "plain.json").read_text())["param_sha256"]
+
+
+# -- fail fast, together (dist_muonclip.engine.failfast) ----------------------------------------
+@pytest.mark.parametrize("mode,world", [
+    ("ddp", 2), ("optimizer", 2),
+    pytest.param("fsdp", 2, marks=pytest.mark.full),
+    pytest.param("optimizer", 4, marks=pytest.mark.full),
+])
+def test_one_rank_failing_in_newton_schulz_fails_every_rank_fast(tmp_path, mode, world):
+    """After a clean step, Newton-Schulz raises (an out-of-memory error) on the last rank: every
+    rank must raise PeerFailure in the same step naming that rank, the phase and the original
+    exception, instead of waiting in the owner's scatter until the process group timeout. The
+    30 s bound is generous for a loaded 2-core box (measured: benchmarks/results/fail_fast_cpu.json);
+    without fail-fast the spawn deadline (240 s) would expire."""
+    from benchmarks import fail_fast
+
+    bad = world - 1
+    res = fail_fast.run(mode, world, bad, str(tmp_path), timeout=240)
+    for r in res:
+        assert r["raised"] == "PeerFailure", r
+        assert r["step"] == 1, r
+        assert r["message"].startswith(f"rank {bad} failed in muon: OutOfMemoryError: {fail_fast.MESSAGE}"), r
+        assert r["message"].endswith("the process group was aborted"), r
+        assert r["delay_s"] < 30, r
+    assert res[bad]["cause"] == "OutOfMemoryError"
+
+
+def test_single_process_errors_pass_through_unchanged(monkeypatch):
+    """No process group: the phase's own exception reaches the caller, not wrapped."""
+    from dist_muonclip import MuonClip, ns_split
+
+    model = torch.nn.Linear(8, 8, bias=False)
+    opt = MuonClip(model, lr=0.02, ns_backend="torch")
+    model(torch.randn(4, 8)).sum().backward()
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("no memory")
+    monkeypatch.setattr(ns_split, "orthogonalize", boom)
+    with pytest.raises(torch.OutOfMemoryError, match="no memory"):
+        opt.step()
+
+
+@pytest.mark.full
+def test_elastic_restart_after_a_failing_newton_schulz_is_bit_identical(tmp_path):
+    """torchrun --max-restarts 2: Newton-Schulz raises once on rank 1 mid-run; both ranks raise
+    PeerFailure, exit, are restarted by the agent and resume from the latest checkpoint. The job
+    exits 0 with the uninterrupted run's parameters."""
+    from dist_muonclip.launch_env import free_port
+
+    fail_at = random.Random("issue18-ns").randint(SAVE_EVERY + 1, STEPS - 1)
+    runs = {}
+    for name, env in (("plain", _env()),
+                      ("failed", _env(DMC_FAULT=f"ns:{fail_at}:1", DMC_FAULT_MARKER=str(tmp_path / "fired")))):
+        ck = tmp_path / name
+        proc = _torchrun(_argv("--save", str(ck), "--save-every", str(SAVE_EVERY), "--resume", str(ck)),
+                         tmp_path / f"{name}.json", free_port(), env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        if name == "failed":
+            assert "rank 1 failed in muon" in proc.stderr and "injected failure in Newton-Schulz" in proc.stderr, \
+                proc.stderr[-5000:]
+    assert (tmp_path / "fired").exists()
+    assert runs["failed"]["start_step"] == (fail_at // SAVE_EVERY) * SAVE_EVERY
+    assert runs["failed"]["param_sha256"] == runs["plain"]["param_sha256"]
