@@ -17,7 +17,8 @@ naming the file and resume falls back to the previous one (:func:`resolve_latest
 Test-only fault injection (:func:`fault_point`): ``DMC_FAULT=<point>:<step>[:<rank>]`` kills this
 process with SIGKILL when it reaches ``point`` (``step``: start of a training step; ``save``: a
 checkpoint written under its temporary name, not yet published) at ``step`` on ``rank`` (default
-1); with ``DMC_FAULT_MARKER=<path>`` it fires once (the marker is created before the kill), so a
+1); ``ns`` does not kill: that step's Newton-Schulz raises on ``rank`` (an out-of-memory on an owner,
+for the fail-fast path of :mod:`dist_muonclip.engine.failfast`); with ``DMC_FAULT_MARKER=<path>`` it fires once (the marker is created before the kill), so a
 restarted job runs through.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ def fault_point(point: str, step: int, rank: int) -> None:
         return
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise ValueError(f"DMC_FAULT={spec!r}: expected <point>:<step>[:<rank>] (point: step or save)")
+        raise ValueError(f"DMC_FAULT={spec!r}: expected <point>:<step>[:<rank>] (point: step, save or ns)")
     want_rank = int(parts[2]) if len(parts) == 3 else 1
     if parts[0] != point or int(parts[1]) != step or want_rank != rank:
         return
@@ -64,7 +65,21 @@ def fault_point(point: str, step: int, rank: int) -> None:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+    if point == "ns":
+        _raise_in_next_newton_schulz(step, rank)
+        return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise_in_next_newton_schulz(step: int, rank: int) -> None:
+    from dist_muonclip import ns_split
+
+    real = ns_split.orthogonalize
+
+    def failing(*args, **kwargs):
+        ns_split.orthogonalize = real          # once
+        raise RuntimeError(f"DMC_FAULT: injected failure in Newton-Schulz at step {step} on rank {rank}")
+    ns_split.orthogonalize = failing
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -267,11 +267,28 @@ def setup_distributed(device_arg: str) -> DistContext:
                            dist.get_backend(), owns_group=False)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                **_elastic_store_kwargs())
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend,
                            owns_group=True)
     return DistContext(0, 1, local_rank, device, None)
+
+
+def _elastic_store_kwargs() -> dict:
+    """``init_method="env://"``, except under a torchrun agent that shares its store with the
+    workers (c10d rendezvous): there the workers' keys carry no per-restart prefix, so a restarted
+    rank could read a dead rank's gloo address left by the previous attempt (connection refused,
+    then a hang: seen with DeepSpeed, whose slower start made the race likely). Prefix the keys
+    with the restart count."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {"init_method": "env://"}
+    import datetime
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"dist_muonclip/attempt_{attempt}", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def teardown_distributed(ctx: DistContext) -> None:
@@ -672,6 +689,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     run_t0 = time.perf_counter()
     for step in range(start_step, args.steps):
         ckpt_files.fault_point("step", step, ctx.rank)   # test-only: DMC_FAULT=step:N[:rank] kills here
+        ckpt_files.fault_point("ns", step, ctx.rank)     # test-only: DMC_FAULT=ns:N[:rank] raises in step()
         t0 = time.perf_counter()
         if schedule:
             _set_lr(optimizer, base_lrs, lr_factor(step, total_steps=args.steps, warmup_steps=args.warmup_steps))

@@ -27,6 +27,7 @@ from ..plan import build_plan
 from .adamw import AdamWPart, LocalPiecesAdamW, PartitionedAdamW
 from .checkpoint import StateFormat
 from .exchange import BucketJob, Exchange
+from .failfast import guarded
 from .grads import GradSource, ReplicatedGrads, ShardedGrads
 from .preflight import StepPlan, clip_coefficient, preflight
 from .reduction import OwnedReduction
@@ -184,6 +185,7 @@ class Engine:
             coef, norm = clip_coefficient(plan, self.grads, self.comm, self.options.max_grad_norm, device)
         return plan, (lambda g: g * coef.to(g.dtype)), norm
 
+    @guarded("muon")
     def muon(self, plan: StepPlan, clip: Callable[[Tensor], Tensor]) -> list[Tensor]:
         """Per bucket: momentum -> to owner -> orthogonalize -> from owner -> apply. All buckets'
         pieces start moving first, then each bucket is orthogonalized as its pieces arrive and its
@@ -230,10 +232,12 @@ class Engine:
             muon_apply_(targets, updates, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
         return job.updates.float().square().sum() * scale**2
 
+    @guarded("adamw")
     def step_adamw(self, plan: StepPlan, clip: Callable[[Tensor], Tensor]) -> None:
         with self.phase("adamw"):
             self.adamw.step(plan.active, clip, self.grads.adamw_slice)
 
+    @guarded("qk_clip")
     def qk_clip(self, plan: StepPlan) -> None:
         """Scale the rows of W_q / W_k (and biases, MLA parts) of heads over tau, on the elements
         this rank holds. The preflight already refused non-finite logits: no second sync."""
@@ -244,6 +248,7 @@ class Engine:
             for p, scale in self.clipper.row_scales(plan.max_logits, check_finite=False):
                 scale_rows_(layout.local_param(p), scale, layout.ranges(p)[self.rank], layout.full_shape(p))
 
+    @guarded("metrics")
     def metrics(self, plan: StepPlan, update_sq: Sequence[Tensor], grad_norm: Tensor | None) -> dict[str, Tensor]:
         """Device scalars: the global gradient norm when clipping measured it, else the norm of
         the reduced pieces this rank holds (no extra collective for a metric); update RMS."""
