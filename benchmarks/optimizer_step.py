@@ -74,7 +74,7 @@ class _Event:
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 class PhaseTimer:
