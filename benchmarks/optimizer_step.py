@@ -169,6 +169,19 @@ def main() -> None:
         rec["variants"][variant] = r
         print(variant, json.dumps({k: v for k, v in r.items() if k != "step_ms_all"}), flush=True)
         muon_ids = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+        if variant == "muonclip_adamw_fused":   # per-bucket NS times (the cost model's per-shape rates)
+            from dist_muonclip.newton_schulz import orthogonalize
+            g0 = next(g for g in opt.param_groups if g["use_muon"])
+            ns_kw = dict(coefficients=g0["ns_coefficients"], steps=g0["ns_steps"], dtype=g0["ns_dtype"],
+                         eps=g0["ns_eps"], backend=g0["ns_backend"])
+            rows = []
+            for b in opt.plan.buckets:
+                x = torch.randn(len(b.names), b.m, b.n, device=args.device)
+                t = time_steps(lambda: orthogonalize(x, **ns_kw), max(3, args.steps // 2))
+                rows.append({"m": b.m, "n": b.n, "k": len(b.names), "ms": t["step_ms"]})
+                del x
+            rec["ns_buckets"] = rows
+            print("ns buckets", rows, flush=True)
         if args.profile and variant == "muonclip_adamw_fused":
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -56,8 +56,11 @@ def muon_momentum_(
     fragments; the recurrence is elementwise). Grads are not modified.
     """
     if _multi_tensor(grads, bufs):
-        # the same elementwise lerp kernels, one launch per list (CUDA only: on the CPU torch's
-        # foreach falls back to these loops anyway, and CPU results must stay bit-identical)
+        # CUDA only (the CPU keeps the loop below, bit for bit): one fused pass per tensor when
+        # Triton is there, else torch's multi-tensor lerp kernels, one launch per list
+        if _fused_ok(grads, bufs):
+            from .kernels import momentum_nesterov_triton
+            return momentum_nesterov_triton(grads, bufs, momentum=momentum, nesterov=nesterov)
         torch._foreach_lerp_(list(bufs), list(grads), 1 - momentum)
         return list(torch._foreach_lerp(list(grads), list(bufs), momentum)) if nesterov else \
             [b.clone() for b in bufs]
@@ -78,6 +81,13 @@ def _multi_tensor(*lists: Sequence[Tensor]) -> bool:
     return dev.type == "cuda" and all(t.device == dev and t.dtype == d for x, d in zip(lists, dtypes) for t in x)
 
 
+def _fused_ok(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """Whether the fused Triton passes apply: Triton on this CUDA device, contiguous same-shape pairs."""
+    from .kernels import triton_available
+    return triton_available(str(a[0].device)) and all(
+        x.is_contiguous() and y.is_contiguous() and x.shape == y.shape for x, y in zip(a, b))
+
+
 def muon_apply_(
     params: Sequence[Tensor], updates: Sequence[Tensor], *, lr: float | Tensor, weight_decay: float, scale: float
 ) -> None:
@@ -88,6 +98,10 @@ def muon_apply_(
     """
     updates = [u if u.shape == p.shape else u.reshape(p.shape) for p, u in zip(params, updates)]
     if not isinstance(lr, Tensor) and _multi_tensor(params, updates):
+        if _fused_ok(params, updates):
+            from .kernels import apply_update_triton
+            apply_update_triton(params, updates, decay=1 - lr * weight_decay, alpha=-lr * scale)
+            return
         if weight_decay != 0:
             torch._foreach_mul_(list(params), 1 - lr * weight_decay)
         torch._foreach_add_(list(params), updates, alpha=-lr * scale)
