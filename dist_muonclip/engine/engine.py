@@ -257,7 +257,7 @@ class Engine:
         else:
             grads = [g for _, g in self.grads.held(list(plan.active), once=True)]
             if grads:
-                metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack(_norms(grads)))
+                metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack(_norms(grads, plan.grad_norms)))
         n_muon = sum(self.exchange.num_local(p) for p in plan.active
                      if self.param_groups[self.units.group_of[p]]["use_muon"])
         if update_sq and n_muon:
@@ -270,13 +270,17 @@ class Engine:
         self.grads.end_step()
 
 
-def _norms(tensors: list[Tensor]) -> list[Tensor]:
-    """fp32 L2 norms of ``tensors``, one multi-tensor launch per (device, dtype) on CUDA (on the
-    CPU torch runs the same per-tensor norms)."""
+def _norms(tensors: list[Tensor], known: dict) -> list[Tensor]:
+    """fp32 L2 norms of ``tensors``: those the preflight measured (``known``, CUDA), the rest in
+    one multi-tensor launch per (device, dtype) on CUDA (on the CPU torch's per-tensor norms)."""
     groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
     out: list[Tensor] = [torch.empty(0)] * len(tensors)
+    for i, t in enumerate(tensors):
+        n = known.get((t.data_ptr(), t.numel())) if t.is_cuda else None
+        if n is not None:
+            out[i] = n
+            continue
+        groups.setdefault((t.device, t.dtype), []).append(i)
     for (dev, _), idx in groups.items():
         ts = [tensors[i] for i in idx]
         norms = (torch._foreach_norm(ts, 2, dtype=torch.float32) if dev.type == "cuda"

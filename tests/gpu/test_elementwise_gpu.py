@@ -72,3 +72,23 @@ def test_muonclip_cuda_bit_identical_to_torch_muon():
     for a, b in zip(pa, pb):
         assert torch.equal(ref.state[a]["momentum_buffer"], ours.state[b]["momentum_buffer"])
         assert torch.equal(a, b)
+
+
+def test_cuda_preflight_l2_norms_skip_nonfinite_and_give_the_grad_norm_metric():
+    """On CUDA the preflight's one pass (fp32 L2 norms) flags the inf gradient's parameter and
+    its norms are the grad-norm metric: equal to float64's norm of the active gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128, bias=True), nn.Linear(128, 32, bias=False)).cuda()
+    opt = MuonClip(model, lr=1e-2, qk_clip=False)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    bad = model[1].weight
+    bad.grad[3, 5] = float("inf")
+    before = bad.detach().clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(bad, before)
+    want = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters() if p is not bad]))
+    got = opt.metrics()["grad_norm"]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
