@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = ["ADJUST_LR_FNS", "update_scale", "muon_momentum_", "muon_apply_"]
@@ -54,11 +55,37 @@ def muon_momentum_(
     ``grads[i]`` and ``bufs[i]`` have the same shape (any: full matrices, row shards or flat
     fragments; the recurrence is elementwise). Grads are not modified.
     """
+    if _multi_tensor(grads, bufs):
+        # CUDA only (the CPU keeps the loop below, bit for bit): one fused pass per tensor when
+        # Triton is there, else torch's multi-tensor lerp kernels, one launch per list
+        if _fused_ok(grads, bufs):
+            from .kernels import momentum_nesterov_triton
+            return momentum_nesterov_triton(grads, bufs, momentum=momentum, nesterov=nesterov)
+        torch._foreach_lerp_(list(bufs), list(grads), 1 - momentum)
+        return list(torch._foreach_lerp(list(grads), list(bufs), momentum)) if nesterov else \
+            [b.clone() for b in bufs]
     out = []
     for g, buf in zip(grads, bufs):
         buf.lerp_(g, 1 - momentum)
         out.append(g.lerp(buf, momentum) if nesterov else buf.clone())
     return out
+
+
+def _multi_tensor(*lists: Sequence[Tensor]) -> bool:
+    """Whether torch's multi-tensor (``_foreach``) kernels apply: CUDA tensors of one dtype and
+    device per position in every list."""
+    first = lists[0]
+    if not first or not all(len(x) == len(first) for x in lists):
+        return False
+    dev, dtypes = first[0].device, [x[0].dtype for x in lists]
+    return dev.type == "cuda" and all(t.device == dev and t.dtype == d for x, d in zip(lists, dtypes) for t in x)
+
+
+def _fused_ok(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """Whether the fused Triton passes apply: Triton on this CUDA device, contiguous same-shape pairs."""
+    from .kernels import triton_available
+    return triton_available(str(a[0].device)) and all(
+        x.is_contiguous() and y.is_contiguous() and x.shape == y.shape for x, y in zip(a, b))
 
 
 def muon_apply_(
@@ -69,6 +96,16 @@ def muon_apply_(
     Same operation order as torch.optim.Muon so single-matrix results are bit-identical, also
     for a tensor ``lr`` (``lr * scale`` is then a tensor op, as there).
     """
+    updates = [u if u.shape == p.shape else u.reshape(p.shape) for p, u in zip(params, updates)]
+    if not isinstance(lr, Tensor) and _multi_tensor(params, updates):
+        if _fused_ok(params, updates):
+            from .kernels import apply_update_triton
+            apply_update_triton(params, updates, decay=1 - lr * weight_decay, alpha=-lr * scale)
+            return
+        if weight_decay != 0:
+            torch._foreach_mul_(list(params), 1 - lr * weight_decay)
+        torch._foreach_add_(list(params), updates, alpha=-lr * scale)
+        return
     for p, u in zip(params, updates):
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)

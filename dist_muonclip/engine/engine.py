@@ -205,8 +205,9 @@ class Engine:
                         [u for u in active if self.owner_of[u] == self.rank], self.owner_of)
         bufs = self.exchange.momentum_buffers(job)
         g = job.group
-        pieces = muon_momentum_([clip(self.grads.unit_grad(u)) for u, _ in bufs], [b for _, b in bufs],
-                                momentum=g["momentum"], nesterov=g["nesterov"])
+        with self.phase("momentum"):
+            pieces = muon_momentum_([clip(self.grads.unit_grad(u)) for u, _ in bufs], [b for _, b in bufs],
+                                    momentum=g["momentum"], nesterov=g["nesterov"])
         self.exchange.to_owner(job, pieces)
         return job
 
@@ -230,7 +231,10 @@ class Engine:
         scale = update_scale(b.m, b.n, g["adjust_lr_fn"])
         with self.phase("apply"):
             muon_apply_(targets, updates, lr=g["lr"], weight_decay=g["weight_decay"], scale=scale)
-        return job.updates.float().square().sum() * scale**2
+        u = job.updates
+        if u.is_cuda:     # one fp32-accumulating pass over the (bf16) updates, no fp32 copy of them
+            return torch.linalg.vector_norm(u, dtype=torch.float32).square() * scale**2
+        return u.float().square().sum() * scale**2
 
     @guarded("adamw")
     def step_adamw(self, plan: StepPlan, clip: Callable[[Tensor], Tensor]) -> None:
@@ -258,8 +262,7 @@ class Engine:
         else:
             grads = [g for _, g in self.grads.held(list(plan.active), once=True)]
             if grads:
-                metrics["grad_norm"] = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack(_norms(grads, plan.grad_norms)))
         n_muon = sum(self.exchange.num_local(p) for p in plan.active
                      if self.param_groups[self.units.group_of[p]]["use_muon"])
         if update_sq and n_muon:
@@ -270,3 +273,23 @@ class Engine:
 
     def end_step(self) -> None:
         self.grads.end_step()
+
+
+def _norms(tensors: list[Tensor], known: dict) -> list[Tensor]:
+    """fp32 L2 norms of ``tensors``: those the preflight measured (``known``, CUDA), the rest in
+    one multi-tensor launch per (device, dtype) on CUDA (on the CPU torch's per-tensor norms)."""
+    groups: dict[tuple, list[int]] = {}
+    out: list[Tensor] = [torch.empty(0)] * len(tensors)
+    for i, t in enumerate(tensors):
+        n = known.get((t.data_ptr(), t.numel())) if t.is_cuda else None
+        if n is not None:
+            out[i] = n
+            continue
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (dev, _), idx in groups.items():
+        ts = [tensors[i] for i in idx]
+        norms = (torch._foreach_norm(ts, 2, dtype=torch.float32) if dev.type == "cuda"
+                 else [torch.linalg.vector_norm(t.float()) for t in ts])
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out

@@ -15,16 +15,20 @@ from typing import Any
 from ._env import interpret
 
 __all__ = [
+    "apply_update_triton",
     "attention_forward_with_max_triton",
     "attention_with_max_logits",
     "gram_newton_schulz_triton",
     "max_logits_triton",
+    "momentum_nesterov_triton",
     "newton_schulz_triton",
     "triton_available",
 ]
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
+    "apply_update_triton": "elementwise",
+    "momentum_nesterov_triton": "elementwise",
     "attention_forward_with_max_triton": "attention_max",
     "attention_with_max_logits": "attention_max",
     "max_logits_triton": "max_logit",

@@ -61,7 +61,9 @@ leaves out kernel launches, Python and the engines' own step costs. Measured on 
 time (the NS rate comes from one Llama-3-8B block's large matrices), the whole optimizer step
 1.75x (DDP), 1.91x (optimizer-owned reduction), 2.24x (FSDP2), 2.84x / 3.24x (DeepSpeed ZeRO-1 /
 2); AdamW's step 3.97x (DDP) and 9.2x (DeepSpeed ZeRO-1). Communication time is not validated
-(no multi-GPU run yet).
+(no multi-GPU run yet). The ``h200`` row's NS rate and elementwise bandwidth are measured (see
+HARDWARE): the single-process optimizer step is then predicted within 1.03x (MuonClip) and 1.00x
+(fused AdamW); the engines' own fixed step costs (DDP, FSDP2, DeepSpeed at W=1) are not modelled yet.
 """
 from __future__ import annotations
 
@@ -137,11 +139,17 @@ class Hardware:
 #: the standard count; bf16 cuBLAS matmul ceiling measured 686 TFLOP/s). Bandwidths are
 #: ASSUMPTIONS, not measured here: NVLink 4 is 450 GB/s per direction per GPU, NCCL ring bus
 #: bandwidth reaches ~370 GB/s on 8xH100 (public nccl-tests); across nodes 8x400 Gb/s NDR
-#: InfiniBand gives 50 GB/s per GPU, ~45 GB/s bus bandwidth. H200 has the same compute (same
-#: NS rate assumed, not measured) and the same links, more HBM bandwidth (4.8 TB/s).
+#: InfiniBand gives 50 GB/s per GPU, ~45 GB/s bus bandwidth. H200 (same links, assumed): both
+#: compute constants MEASURED on one H200 (benchmarks/results/optimizer_step_h200.json, 1.135B
+#: Llama-3-8B-shaped model): NS 83.2 standard TFLOP of its four buckets in 79.7 ms = 1045 TFLOP/s
+#: (per shape: 14336x4096 1114, 4096x14336 1155, 4096x4096 836, 1024x4096 540); hbm_gbps is the
+#: bandwidth elementwise optimizer passes reach, not the 4.8 TB/s peak: a fused AdamW step moves
+#: 28 bytes per parameter (1.135e9) in 9.54 ms = 3330 GB/s. With them the single-process step is
+#: predicted at 87.1 ms (MuonClip, measured 89.6: 1.03x) and 9.54 ms (fused AdamW, the calibration point).
 HARDWARE = {
     "h100": Hardware("H100 SXM (NS rate measured; links assumed)", 1018.0, 370.0, 45.0, 8, 3350.0),
-    "h200": Hardware("H200 SXM (NS rate of H100 assumed; links assumed)", 1018.0, 370.0, 45.0, 8, 4800.0),
+    "h200": Hardware("H200 SXM (NS rate and elementwise bandwidth measured; links assumed)", 1045.0, 370.0, 45.0, 8,
+                     3330.0),
     "h100_torch": Hardware("H100 SXM, torch eager NS (525 TFLOP/s measured)", 525.0, 370.0, 45.0, 8, 3350.0),
 }
 
