@@ -356,6 +356,7 @@ def _patch_transformers() -> None:
     hf_trainer.deepspeed_init = deepspeed_init          # Trainer imported the name
     Trainer._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
     Trainer.create_optimizer = create_optimizer
+    hf_deepspeed.patch_accelerate()     # offload: keep a MuonClip instead of DeepSpeedCPUAdam
     _STATE["transformers"] = True
 
 

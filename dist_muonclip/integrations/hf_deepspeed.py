@@ -101,3 +101,25 @@ def instance_engine(engine: Any) -> Iterator[None]:
 
 def is_instance_engine(engine: Any) -> bool:
     return id(engine) in _INSTANCE_ENGINES
+
+
+def patch_accelerate() -> None:
+    """accelerate's ``prepare`` swaps a client optimizer for ``DeepSpeedCPUAdam`` when
+    ``offload_optimizer`` is on (``map_pytorch_optim_to_deepspeed``, unless the config says
+    ``"zero_force_ds_cpu_optimizer": false``): a MuonClip is kept (Trainer's
+    ``optimizers=(MuonClip, None)``, :class:`MuonClipTrainer`, ``accelerator.prepare``)."""
+    try:
+        import accelerate.accelerator as acc_mod
+    except ImportError:
+        return
+    orig = getattr(acc_mod, "map_pytorch_optim_to_deepspeed", None)
+    if orig is None or getattr(orig, "_dist_muonclip", False):
+        return
+
+    def map_pytorch_optim_to_deepspeed(optimizer):
+        if isinstance(optimizer, MuonClip):
+            return optimizer
+        return orig(optimizer)
+
+    map_pytorch_optim_to_deepspeed._dist_muonclip = True
+    acc_mod.map_pytorch_optim_to_deepspeed = map_pytorch_optim_to_deepspeed
