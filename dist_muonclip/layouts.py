@@ -71,6 +71,16 @@ class Layout(ABC):
         other data): the preflight reduces max logits and flags over it. ``None``: the process group."""
         return None
 
+    #: where the owner runs Newton-Schulz (``None``: where the gathered matrix is); set by an
+    #: integration, e.g. DeepSpeed's CPU optimizer offload sets the accelerator
+    ns_on: torch.device | None = None
+
+    def ns_device(self, t: Tensor) -> torch.device | None:
+        """The device on which the owner orthogonalizes the gathered matrix ``t`` (``None``: where
+        ``t`` is). Under CPU optimizer offload the accelerator: the engine copies the matrix there,
+        runs Newton-Schulz and copies the update back."""
+        return self.ns_on
+
     def owner_hint(self, p: Tensor) -> int | None:
         """The rank where (most of) ``p`` lives, to orthogonalize it there (``None``: no preference)."""
         return None

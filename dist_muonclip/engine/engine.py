@@ -219,9 +219,14 @@ class Engine:
             g = job.group
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
+            home = matrices[0].device
+            dev = self.layout.ns_device(matrices[0])    # e.g. the accelerator under CPU offload
             with self.phase("ns"):
-                ortho = orthogonalize_blocks(matrices, [self.ns_splits.get(u) for u in job.mine],
+                src = matrices if dev is None or dev == home else [x.to(dev, non_blocking=True) for x in matrices]
+                ortho = orthogonalize_blocks(src, [self.ns_splits.get(u) for u in job.mine],
                                              lambda m, n: update_scale(m, n, g["adjust_lr_fn"]), **ns_kw)
+                if ortho.device != home:
+                    ortho = ortho.to(home)
         self.exchange.from_owner(job, ortho)
 
     def _apply(self, job: BucketJob) -> Tensor:

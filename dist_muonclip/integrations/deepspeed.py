@@ -255,6 +255,9 @@ class DeepSpeedClient(Optimizer):
                                  "model/pipeline/sequence parallelism is not supported with MuonClip")
             with full_shapes(self._model):
                 _set_layout(self.inner, layout)
+            dev = torch.device(engine.device)
+            if engine.zero_offload_optimizer() and dev.type != "cpu":   # NS on the accelerator under offload
+                layout.ns_on = dev
         elif self.inner.world_size != world:     # instance built before init_distributed
             _set_layout(self.inner, None)
         self._bound = True

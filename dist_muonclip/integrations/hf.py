@@ -45,10 +45,12 @@ The scheduler can come from either side: a ``"scheduler"`` section (DeepSpeed's)
 one, Trainer's ``lr_scheduler_type``; both write the adapter's param groups, whose first lr scales
 every MuonClip group (``lr`` and ``adamw_lr`` keep their ratio).
 
-ZeRO-3 is refused here (it runs through :func:`dist_muonclip.deepspeed.initialize`).
+ZeRO-3 (models built under ``deepspeed.zero.Init`` included) and ``offload_optimizer: {"device":
+"cpu"}`` at stages 1-3 work on this route too (:mod:`dist_muonclip.integrations.hf_deepspeed`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -63,8 +65,11 @@ from torch import nn
 from ..dist_check import DistributedNotReadyWarning, check_process_group
 from ..optimizer import MuonClip
 from . import deepspeed as ds_adapter   # our DeepSpeed adapter (public names only)
+from . import hf_deepspeed              # ZeRO-3 / offload on DeepSpeed's own initialize
+from .hf_deepspeed import full_shapes   # noqa: F401  (build a MuonClip instance on a zero.Init model)
 
 __all__ = [
+    "full_shapes",
     "HF_PARAM_ALIASES",
     "AUTO_FILLS",
     "install",
@@ -181,25 +186,9 @@ def muonclip_optimizer(obj: Any) -> MuonClip:
 # --------------------------------------------------------------------------------------------
 
 def _check_engine_modes(engine: Any) -> None:
-    """The modes MuonClip refuses (same rules and messages as dist_muonclip.deepspeed.prepare_config)."""
-    stage = engine.zero_optimization_stage()
-    if stage == 3:     # our initialize binds ZeRO-3 partitions itself; DeepSpeed's own path does not yet
-        raise ValueError("MuonClip at ZeRO stage 3 runs through dist_muonclip.deepspeed.initialize(model=..., "
-                         "config=...), not yet through deepspeed.initialize / HF Trainer / accelerate: use that "
-                         "entry point, or ZeRO stage 1/2 here")
-    if engine.zero_offload_optimizer():
-        raise ValueError("MuonClip with zero_optimization.offload_optimizer runs through "
-                         "dist_muonclip.deepspeed.initialize(model=..., config=...), not yet through "
-                         "deepspeed.initialize / HF Trainer / accelerate: use that entry point, or remove "
-                         "offload_optimizer here")
-    cfg: dict[str, Any] = {"zero_optimization": {"stage": stage}}
-    if engine.fp16_enabled():
-        cfg["fp16"] = {"enabled": True}
-    if engine.zero_offload_optimizer():
-        cfg["zero_optimization"]["offload_optimizer"] = {"device": str(engine.zero_offload_optimizer().device)}
-    if engine.zero_offload_param():
-        cfg["zero_optimization"]["offload_param"] = {"device": str(engine.zero_offload_param().device)}
-    ds_adapter.prepare_config(cfg, has_optimizer=True)
+    """The modes MuonClip refuses (same rules and messages as dist_muonclip.deepspeed.prepare_config);
+    ZeRO-3 and offload_optimizer cpu are supported (see dist_muonclip.integrations.hf_deepspeed)."""
+    hf_deepspeed.check_engine_modes(engine)
 
 
 def _wrap_client(model: nn.Module, opt: MuonClip, lr_scheduler: Any) -> Any:
@@ -227,10 +216,13 @@ def _patch_deepspeed() -> None:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = sig.bind(self, *args, **kwargs)
         a = bound.arguments
-        if isinstance(a.get("optimizer"), MuonClip):
+        instance = isinstance(a.get("optimizer"), MuonClip)
+        if instance:
             _check_mode_of_plain_instance(a.get("config"), a.get("config_class"))
+            hf_deepspeed.check_instance_shapes(a["model"], a["optimizer"])
             a["optimizer"] = _wrap_client(a["model"], a["optimizer"], a.get("lr_scheduler"))
-        orig_init(*bound.args, **bound.kwargs)
+        with hf_deepspeed.instance_engine(self) if instance else contextlib.nullcontext():
+            orig_init(*bound.args, **bound.kwargs)
         client = getattr(self, "basic_optimizer", None)
         if client is not None and client in _PENDING_BIND:
             _PENDING_BIND.discard(client)
@@ -245,7 +237,7 @@ def _patch_deepspeed() -> None:
         kwargs = muonclip_kwargs(self.optimizer_params())
         _check_engine_modes(self)
         try:   # every value validated here, before DeepSpeed partitions anything
-            inner = MuonClip(self.module, grad_reduction="external", **kwargs)
+            inner = hf_deepspeed.build_muonclip(self.module, **kwargs)   # full shapes under zero.Init
         except (ValueError, TypeError) as e:
             raise type(e)(f"DeepSpeed config optimizer.params: {e}") from e
         _check_trainable(self.module, inner, model_parameters)
@@ -253,7 +245,13 @@ def _patch_deepspeed() -> None:
         _PENDING_BIND.add(client)
         return client
 
+    orig_force = Engine.zero_force_ds_cpu_optimizer
+
+    def zero_force_ds_cpu_optimizer(self):   # offload with a MuonClip instance (see hf_deepspeed)
+        return False if hf_deepspeed.is_instance_engine(self) else orig_force(self)
+
     Engine.__init__ = __init__
+    Engine.zero_force_ds_cpu_optimizer = zero_force_ds_cpu_optimizer
     Engine._is_supported_optimizer = _is_supported_optimizer
     Engine._configure_basic_optimizer = _configure_basic_optimizer
     if ds_adapter.DeepSpeedMuonClip not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
@@ -358,6 +356,7 @@ def _patch_transformers() -> None:
     hf_trainer.deepspeed_init = deepspeed_init          # Trainer imported the name
     Trainer._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
     Trainer.create_optimizer = create_optimizer
+    hf_deepspeed.patch_accelerate()     # offload: keep a MuonClip instead of DeepSpeedCPUAdam
     _STATE["transformers"] = True
 
 
@@ -419,7 +418,8 @@ class MuonClipTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            self.optimizer = MuonClip(opt_model, **self.muonclip_options())
+            with hf_deepspeed.full_shapes(opt_model):    # a model built under zero.Init (ZeRO-3)
+                self.optimizer = MuonClip(opt_model, **self.muonclip_options())
         return super().create_optimizer(model)
 
 
