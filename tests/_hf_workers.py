@@ -173,14 +173,17 @@ def hf_ds_config(stage: int, *, optimizer: str | None = "MuonClip", scheduler: b
 
 def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, stage: int | None = None,
                    per_device: int = 4, gas: int = 1, save_steps: int | None = None, resume: str | None = None,
-                   route: str = "config", scheduler: bool = False) -> dict[str, Any]:
+                   route: str = "config", scheduler: bool = False, fsdp: str | None = None) -> dict[str, Any]:
     """One HF Trainer run on the tiny Llama.
 
     ``stage``: DeepSpeed ZeRO stage (``None``: no DeepSpeed, DDP). ``route``: ``"config"`` (JSON
     names MuonClip), ``"instance"`` (``optimizers=(MuonClip(model), None)``, built before
     ``TrainingArguments``: i.e. before the process group of a torchrun job would exist),
     ``"subclass"`` (:class:`dist_muonclip.hf.MuonClipTrainer`), ``"factory"``
-    (``optimizer_cls_and_kwargs``), ``"instance+scheduler"`` (must raise).
+    (``optimizer_cls_and_kwargs``), ``"instance+scheduler"`` (must raise). ``fsdp``: FSDP2
+    through ``TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...})`` with that
+    ``state_dict_type`` (route ``"subclass"``; on CPU accelerate's FSDP gate is flipped, see
+    :func:`forced_fsdp_trainer`).
     """
     if stage is not None:
         _setup()
@@ -196,12 +199,17 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
     ds = None
     if stage is not None:
         ds = hf_ds_config(stage, optimizer="MuonClip" if route == "config" else None, scheduler=scheduler)
-    args = _args(out_dir, max_steps=max_steps, per_device=per_device, gas=gas, save_steps=save_steps, deepspeed=ds)
+    extra: dict[str, Any] = {}
+    if fsdp is not None:
+        extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                     "state_dict_type": fsdp, "reshard_after_forward": True})
+    args = _args(out_dir, max_steps=max_steps, per_device=per_device, gas=gas, save_steps=save_steps, deepspeed=ds,
+                 **extra)
     rec = _Recorder()
     kw: dict[str, Any] = dict(model=model, args=args, train_dataset=TokenDataset(), callbacks=[rec.callback()])
     cls = Trainer
     if route == "subclass":
-        cls = hf.MuonClipTrainer
+        cls = forced_fsdp_trainer(hf.MuonClipTrainer) if fsdp is not None else hf.MuonClipTrainer
         kw["muonclip_kwargs"] = {k: v for k, v in mc.items() if k not in ("lr", "weight_decay", "adamw_betas")}
     elif route == "factory":
         kw["optimizer_cls_and_kwargs"] = (hf.MuonClipFactory, mc)
@@ -231,6 +239,10 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
         layout = client.layout_name
         cfg = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
         opt_params = (cfg.get("optimizer") or {}).get("params")
+    elif fsdp is not None:
+        params = {k: p.full_tensor().detach().cpu().clone() for k, p in trainer.model.named_parameters()}
+        layout, opt_params = type(inner.layout).__name__, [{k: v for k, v in g.items() if k != "params"}
+                                                           for g in inner.param_groups]
     else:
         params = {k: p.detach().cpu().clone() for k, p in trainer.model.named_parameters()}
         layout, opt_params = "ddp", None
@@ -240,6 +252,26 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
             "layout": layout, "opt_params": opt_params, "is_user_instance": user_opt is not None and inner is user_opt,
             "muon_names": sorted(names[p] for g in inner.param_groups if g["use_muon"] for p in g["params"]),
             "files": sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []}
+
+
+def forced_fsdp_trainer(base: type) -> type:
+    """``base`` whose accelerator runs FSDP2 on CPU: accelerate enables FSDP only for GPU-like
+    distributed types (on ``MULTI_CPU`` it drops the plugin Trainer passes); this flips that one
+    gate right after Trainer creates its Accelerator, so Trainer's own FSDP2 code runs unchanged
+    (optimizer built on the plain model, ``accelerator.prepare`` shards and swaps, FSDP checkpoint
+    save and resume). On a GPU it changes nothing."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class ForcedFSDP(base):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            if state.distributed_type != DistributedType.FSDP:
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                state.distributed_type = DistributedType.FSDP
+                self.is_fsdp_enabled = True
+
+    return ForcedFSDP
 
 
 def trainer_call(rank: int, world: int, out_dir: str, kw: dict[str, Any]) -> dict[str, Any]:
