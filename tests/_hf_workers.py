@@ -10,6 +10,7 @@ import torch
 from tests._dist_workers import GLOBAL_BATCH, SEQ, VOCAB, local_batch
 from tests._ds_workers import _count_ns, _setup, ds_config
 from tests._tiny_hf import tiny_model
+from benchmarks.scenarios.hf_fsdp2 import forced_fsdp_trainer
 
 # QK-Clip below the tiny model's max logits (~0.09-0.11 in the first steps), so heads are clipped
 # from the first steps on and the clip is part of what the oracles compare
@@ -183,7 +184,7 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
     (``optimizer_cls_and_kwargs``), ``"instance+scheduler"`` (must raise). ``fsdp``: FSDP2
     through ``TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...})`` with that
     ``state_dict_type`` (route ``"subclass"``; on CPU accelerate's FSDP gate is flipped, see
-    :func:`forced_fsdp_trainer`).
+    :func:`benchmarks.scenarios.hf_fsdp2.forced_fsdp_trainer`).
     """
     if stage is not None:
         _setup()
@@ -252,26 +253,6 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
             "layout": layout, "opt_params": opt_params, "is_user_instance": user_opt is not None and inner is user_opt,
             "muon_names": sorted(names[p] for g in inner.param_groups if g["use_muon"] for p in g["params"]),
             "files": sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []}
-
-
-def forced_fsdp_trainer(base: type) -> type:
-    """``base`` whose accelerator runs FSDP2 on CPU: accelerate enables FSDP only for GPU-like
-    distributed types (on ``MULTI_CPU`` it drops the plugin Trainer passes); this flips that one
-    gate right after Trainer creates its Accelerator, so Trainer's own FSDP2 code runs unchanged
-    (optimizer built on the plain model, ``accelerator.prepare`` shards and swaps, FSDP checkpoint
-    save and resume). On a GPU it changes nothing."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    class ForcedFSDP(base):
-        def create_accelerator_and_postprocess(self):
-            super().create_accelerator_and_postprocess()
-            state = self.accelerator.state
-            if state.distributed_type != DistributedType.FSDP:
-                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-                state.distributed_type = DistributedType.FSDP
-                self.is_fsdp_enabled = True
-
-    return ForcedFSDP
 
 
 def trainer_call(rank: int, world: int, out_dir: str, kw: dict[str, Any]) -> dict[str, Any]:

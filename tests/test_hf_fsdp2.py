@@ -213,3 +213,34 @@ def test_trainer_fsdp2_matches_single_process_and_resumes_bit_identical(tmp_path
     for a, b in zip(full, res):
         _equal(a["params"], b["params"])
         assert b["global_step"] == STEPS and b["losses"] == a["losses"][2:]
+
+
+def test_gpu_script_skips_cleanly_without_a_gpu(capsys):
+    from benchmarks import hf_gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run")
+    assert hf_gpu.main([]) == {"skipped": "no CUDA device"}
+    assert "--cpu-smoke" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.full
+def test_gpu_script_cpu_smoke_reports_every_scenario(tmp_path):
+    """benchmarks/hf_gpu.py --cpu-smoke: every scenario row passes with the numbers the tests above
+    guarantee (W=1 here: equal to the single-process runs, resume bit-identical)."""
+    from benchmarks import hf_gpu
+
+    out = tmp_path / "smoke.json"
+    payload = hf_gpu.main(["--cpu-smoke", "--out", str(out)])
+    assert payload["all_ok"] and out.exists()
+    rows = {r["scenario"]: r for r in payload["rows"]}
+    assert set(rows) == {"accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT", "torch-full-state-cpu-offload",
+                         "trainer-SHARDED_STATE_DICT", "trainer-FULL_STATE_DICT"}
+    for name in ("accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT"):
+        r = rows[name]
+        assert r["layout"] == "Shard0Layout" and r["resume_max_abs_diff"] == 0.0 and r["resume_losses_equal"]
+        assert r["max_abs_diff_vs_single_gpu"] <= hf_gpu.TOL and r["qk_clip_heads_clipped_last"] > 0
+    assert rows["trainer-SHARDED_STATE_DICT"]["max_abs_diff_vs_trainer_without_fsdp"] <= hf_gpu.TOL
+    assert "skipped" in rows["trainer-FULL_STATE_DICT"]
+    assert payload["environment"]["git_commit"]

@@ -160,3 +160,82 @@ def torch_full_state_worker(rank: int, world: int, steps: int, save_at: int, pat
         opt.step()
         opt.zero_grad()
     return {"params": _full_params(model), "checks": checks}
+
+
+# --------------------------------------------------------------------------------------------
+# HF Trainer
+# --------------------------------------------------------------------------------------------
+
+def forced_fsdp_trainer(base: type) -> type:
+    """``base`` (a Trainer class) whose accelerator runs FSDP2 on CPU: accelerate enables FSDP only
+    for GPU-like distributed types (on ``MULTI_CPU`` it drops the plugin Trainer passes); this flips
+    that one gate right after Trainer creates its Accelerator, so Trainer's own FSDP2 code runs
+    unchanged (optimizer built on the plain model, ``accelerator.prepare`` shards and swaps, FSDP
+    checkpoint save and resume). On a GPU it changes nothing."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class ForcedFSDP(base):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            if state.distributed_type != DistributedType.FSDP:
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                state.distributed_type = DistributedType.FSDP
+                self.is_fsdp_enabled = True
+
+    return ForcedFSDP
+
+
+class GlobalBatches(torch.utils.data.Dataset):
+    """The fsdp scenario's global batches as rows (batch t = rows ``[8 t, 8 t + 8)``)."""
+
+    def __init__(self, steps: int) -> None:
+        from benchmarks.scenarios.fsdp import global_batch
+
+        self.ids = torch.cat([global_batch(t) for t in range(steps)])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_fsdp2_worker(rank: int, world: int, out_dir: str, steps: int, fsdp: str | None,
+                         save_steps: int | None = None, resume: str | None = None, use_cpu: bool = False) -> dict[str, Any]:
+    """``MuonClipTrainer`` on the fsdp scenario's model and batches (global batch 8, constant lr,
+    no clipping, data in order): ``fsdp`` = FSDP2 ``state_dict_type`` or ``None`` (plain Trainer,
+    the oracle). Returns full parameters, losses and the optimizer's layout."""
+    from transformers import TrainingArguments
+
+    import dist_muonclip.hf as hf
+
+    extra: dict[str, Any] = {}
+    if fsdp is not None:
+        extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                     "state_dict_type": fsdp, "reshard_after_forward": True})
+    args = TrainingArguments(
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=8 // world, learning_rate=OPT_KW["lr"],
+        weight_decay=OPT_KW["weight_decay"], max_grad_norm=0.0, lr_scheduler_type="constant",
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 1, logging_steps=1, report_to=[],
+        seed=0, dataloader_num_workers=0, use_cpu=use_cpu, disable_tqdm=True, train_sampling_strategy="sequential",
+        **extra)
+    losses: list[float] = []
+
+    from transformers import TrainerCallback
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    cls = forced_fsdp_trainer(hf.MuonClipTrainer) if fsdp is not None else hf.MuonClipTrainer
+    kw = {k: v for k, v in OPT_KW.items() if k not in ("lr", "weight_decay")}
+    trainer = cls(model=build_model("llama"), args=args, train_dataset=GlobalBatches(steps), callbacks=[Losses()],
+                  muonclip_kwargs={"qk_clip": QK["llama"], **kw})
+    trainer.train(resume_from_checkpoint=resume)
+    inner = hf.muonclip_optimizer(trainer)
+    return {"params": _full_params(trainer.model), "losses": losses, "layout": type(inner.layout).__name__,
+            "world_size": inner.world_size, "global_step": trainer.state.global_step,
+            "clipped": inner.metrics().get("qk_clip/num_heads_clipped", 0.0),
+            "device": str(next(trainer.model.parameters()).device)}
