@@ -15,6 +15,9 @@ per process):
 * ``trainer-<type>``: ``MuonClipTrainer`` + ``TrainingArguments(fsdp_config={"version": 2})`` vs the same
   Trainer without FSDP on the GPU; Trainer's FSDP checkpoint at step 2 and
   ``resume_from_checkpoint``: bit-identical.
+* ``lightning-deepspeed-zero<stage>-<route>``: Lightning's ``DeepSpeedStrategy`` (unmodified on the GPU)
+  with ``configure_optimizers`` returning MuonClip (ZeRO-2) or the config naming MuonClip (ZeRO-1) vs
+  the single-GPU DeepSpeed-scenario oracle (clipping 1.0); Lightning checkpoint at step 2, resumed.
 
 Writes ``benchmarks/results/hf_fsdp2_h200.json`` (``--out``): the environment record (device,
 versions, commit) and one row per scenario with the measured differences. ``--cpu-smoke`` runs
@@ -52,10 +55,12 @@ def _entry(rank: int, fn_name: str, args: tuple, kw: dict, port: int, result: st
         os.environ["ACCELERATE_USE_CPU"] = "true"
     import torch.distributed as dist
 
-    from benchmarks.scenarios import hf_fsdp2 as S
+    import importlib
 
+    module, _, name = fn_name.rpartition(":")
     try:
-        out = {"ok": True, "value": getattr(S, fn_name)(0, 1, *args, **kw)}
+        fn = getattr(importlib.import_module(f"benchmarks.scenarios.{module or 'hf_fsdp2'}"), name)
+        out = {"ok": True, "value": fn(0, 1, *args, **kw)}
     except BaseException as e:  # noqa: BLE001  (reported in the JSON row)
         out = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
     torch.save(out, result)
@@ -143,7 +148,27 @@ def scenarios(tmp: str, cpu: bool) -> list[dict]:
                                     "leaves ranks in different collectives with any optimizer (GPU only)"})
             continue
         row(f"trainer-{sdt}", trainer_row)
+    ds_oracle = _ds_oracle(cpu)
+    for stage, route in ((1, "config"), (2, "configure_optimizers")):
+        def lightning_row(stage=stage, route=route):
+            ck = os.path.join(tmp, f"lightning_{stage}_{route}")
+            a = _run("lightning_ds:lightning_ds_worker", stage, STEPS, route, ck, SAVE_AT, False, tmp=tmp, cpu=cpu)
+            b = _run("lightning_ds:lightning_ds_worker", stage, STEPS, route, ck, SAVE_AT, True, tmp=tmp, cpu=cpu)
+            got = {k[len("model."):]: v for k, v in a["params"].items()}
+            d_oracle, d_resume = _max_diff(got, ds_oracle), _max_diff(a["params"], b["params"])
+            return {"zero_stage": a["zero_stage"], "layout": a["layout"], "cuda": a["is_cuda"],
+                    "max_abs_diff_vs_single_gpu": d_oracle, "resume_max_abs_diff": d_resume,
+                    "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:], "heads_clipped_last": a["clipped"],
+                    "pass": d_oracle <= TOL and d_resume == 0.0 and a["zero_stage"] == stage}
+        row(f"lightning-deepspeed-zero{stage}-{route}", lightning_row)
     return rows
+
+
+def _ds_oracle(cpu: bool) -> dict:
+    from benchmarks.scenarios.deepspeed import train_single
+
+    model, _ = train_single(STEPS, device=None if cpu else "cuda")
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters()}
 
 
 def _trainer(tmp: str, out_dir: str, fsdp: str | None, cpu: bool, **kw: Any) -> dict:

@@ -236,11 +236,14 @@ def test_gpu_script_cpu_smoke_reports_every_scenario(tmp_path):
     assert payload["all_ok"] and out.exists()
     rows = {r["scenario"]: r for r in payload["rows"]}
     assert set(rows) == {"accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT", "torch-full-state-cpu-offload",
-                         "trainer-SHARDED_STATE_DICT", "trainer-FULL_STATE_DICT"}
+                         "trainer-SHARDED_STATE_DICT", "trainer-FULL_STATE_DICT", "lightning-deepspeed-zero1-config",
+                         "lightning-deepspeed-zero2-configure_optimizers"}
     for name in ("accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT"):
         r = rows[name]
         assert r["layout"] == "Shard0Layout" and r["resume_max_abs_diff"] == 0.0 and r["resume_losses_equal"]
         assert r["max_abs_diff_vs_single_gpu"] <= hf_gpu.TOL and r["qk_clip_heads_clipped_last"] > 0
     assert rows["trainer-SHARDED_STATE_DICT"]["max_abs_diff_vs_trainer_without_fsdp"] <= hf_gpu.TOL
     assert "skipped" in rows["trainer-FULL_STATE_DICT"]
+    for name in ("lightning-deepspeed-zero1-config", "lightning-deepspeed-zero2-configure_optimizers"):
+        assert rows[name]["resume_max_abs_diff"] == 0.0 and rows[name]["max_abs_diff_vs_single_gpu"] <= hf_gpu.TOL
     assert payload["environment"]["git_commit"]
