@@ -124,7 +124,8 @@ def scenarios(tmp: str, cpu: bool) -> list[dict]:
         b = _run("torch_full_state_worker", STEPS, SAVE_AT, path, True, tmp=tmp, cpu=cpu)
         d = _max_diff(a["params"], b["params"])
         c = a["checks"]
-        return {"checks": c, "resume_max_abs_diff": d, "max_abs_diff_vs_single_gpu": _max_diff(a["params"], oracle["params"]),
+        return {"checks": c, "resume_max_abs_diff": d,
+                "max_abs_diff_vs_single_gpu": _max_diff(a["params"], oracle["params"]),
                 "pass": d == 0.0 and c["groups_plain"] and c["state_on_cpu"] and c["full_shapes"]}
     row("torch-full-state-cpu-offload", torch_row)
 

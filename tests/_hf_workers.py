@@ -202,8 +202,9 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
         ds = hf_ds_config(stage, optimizer="MuonClip" if route == "config" else None, scheduler=scheduler)
     extra: dict[str, Any] = {}
     if fsdp is not None:
-        extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                                     "state_dict_type": fsdp, "reshard_after_forward": True})
+        extra = dict(fsdp=True, fsdp_config={"version": 2,
+                                             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                             "state_dict_type": fsdp, "reshard_after_forward": True})
     args = _args(out_dir, max_steps=max_steps, per_device=per_device, gas=gas, save_steps=save_steps, deepspeed=ds,
                  **extra)
     rec = _Recorder()

@@ -11,7 +11,6 @@ the optimizer's parameters swapped for the DTensors); checkpoints go through acc
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -202,7 +201,8 @@ class GlobalBatches(torch.utils.data.Dataset):
 
 
 def trainer_fsdp2_worker(rank: int, world: int, out_dir: str, steps: int, fsdp: str | None,
-                         save_steps: int | None = None, resume: str | None = None, use_cpu: bool = False) -> dict[str, Any]:
+                         save_steps: int | None = None, resume: str | None = None,
+                         use_cpu: bool = False) -> dict[str, Any]:
     """``MuonClipTrainer`` on the fsdp scenario's model and batches (global batch 8, constant lr,
     no clipping, data in order): ``fsdp`` = FSDP2 ``state_dict_type`` or ``None`` (plain Trainer,
     the oracle). Returns full parameters, losses and the optimizer's layout."""
@@ -212,8 +212,9 @@ def trainer_fsdp2_worker(rank: int, world: int, out_dir: str, steps: int, fsdp: 
 
     extra: dict[str, Any] = {}
     if fsdp is not None:
-        extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                                     "state_dict_type": fsdp, "reshard_after_forward": True})
+        extra = dict(fsdp=True, fsdp_config={"version": 2,
+                                             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                             "state_dict_type": fsdp, "reshard_after_forward": True})
     args = TrainingArguments(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=8 // world, learning_rate=OPT_KW["lr"],
         weight_decay=OPT_KW["weight_decay"], max_grad_norm=0.0, lr_scheduler_type="constant",

@@ -76,7 +76,8 @@ def lightning_config(stage: int, route: str) -> dict[str, Any]:
 
 
 def lightning_ds_worker(rank: int, world: int, stage: int, steps: int, route: str,
-                        ckpt_dir: str | None = None, save_at: int | None = None, resume: bool = False) -> dict[str, Any]:
+                        ckpt_dir: str | None = None, save_at: int | None = None,
+                        resume: bool = False) -> dict[str, Any]:
     """Lightning ``Trainer(strategy=DeepSpeedStrategy(config))`` fitting the tiny Llama on this
     rank's rows of the DeepSpeed scenario's global batches. ``route``: ``"configure_optimizers"``
     (a MuonClip instance built on the inner HF model) or ``"config"`` (the JSON names MuonClip).
@@ -127,6 +128,7 @@ def lightning_ds_worker(rank: int, world: int, stage: int, steps: int, route: st
     client = engine.basic_optimizer
     masters = {k: v.detach().cpu().clone() for k, v in client.full_state_dict()["masters"].items()}
     return {"params": masters, "losses": lit.losses, "world_size": inner.world_size, "num_steps": inner.num_steps,
-            "layout": client.layout_name, "global_step": trainer.global_step, "zero_stage": engine.zero_optimization_stage(),
+            "layout": client.layout_name, "global_step": trainer.global_step,
+            "zero_stage": engine.zero_optimization_stage(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(), "clip": engine.gradient_clipping(),
             "clipped": inner.metrics().get("qk_clip/num_heads_clipped", 0.0), "is_cuda": torch.cuda.is_available()}
