@@ -296,6 +296,7 @@ class MuonClip(Optimizer):
             self._registry.register(p, name)
         super().add_param_group(g)
         if engine is not None:   # re-plan on every rank; momentum of units whose owner moved follows them
+            self._bound.append(list(plain))
             old_owners = engine.owners_by_name()
             engine.replan()
             engine.migrate_moved_state(old_owners)
@@ -419,6 +420,7 @@ class MuonClip(Optimizer):
                               layout=layout, comm=comm, owns_reduction=grad_reduction == "optimizer" and comm is not None,
                               options=self._options, clipper=self._clipper, profiler=self.profiler,
                               ns_splits=self._ns_splits)
+        self._bound = [list(g["params"]) for g in self.param_groups]   # what the engine was built on
         layout.init_optimizer_state(self)     # e.g. FSDP2: all state exists eagerly, so DCP sees the same keys
 
     @property
@@ -497,6 +499,46 @@ class MuonClip(Optimizer):
                              "optimizer, or load the state after changing the layout")
         reduction = "external" if layout is not None and layout.sharded else self.grad_reduction
         self._build_engine(process_group, reduction, layout)
+
+    def rebind_params(self) -> bool:
+        """Follow a framework that swapped this optimizer's parameters after construction, e.g.
+        accelerate's FSDP2 prepare (``fully_shard``, then each group's ``params`` replaced by the
+        DTensor parameters in the same order). Names, QK-Clip targets and Newton-Schulz splits move
+        to the new tensors (same group and position) and the layout is read again from them on
+        every rank (a collective when distributed, like :meth:`set_layout`). Returns ``False`` when
+        nothing changed. Raises ``ValueError`` before anything changes if the optimizer holds state
+        or a group's length or a parameter's full shape differs.
+        """
+        new = [list(g["params"]) for g in self.param_groups]
+        if len(new) == len(self._bound) and all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+                                                for a, b in zip(self._bound, new)):
+            return False
+        if len(new) != len(self._bound) or any(len(a) != len(b) for a, b in zip(self._bound, new)):
+            raise ValueError("rebind_params: the param groups changed length; only a one-to-one swap of each "
+                             "parameter (same group, same position) can be followed; build a new MuonClip")
+        mapping = {}
+        for a, b in zip(self._bound, new):
+            for x, y in zip(a, b):
+                if tuple(x.shape) != tuple(y.shape):
+                    raise ValueError(f"rebind_params: parameter {self._names[x]!r} changed shape {tuple(x.shape)} -> "
+                                     f"{tuple(y.shape)}; only the storage may change (e.g. DTensor shards)")
+                mapping[x] = y
+        if any(self.state.values()):
+            raise ValueError("rebind_params: this MuonClip has already stepped (it holds state for the old "
+                             "tensors); shard the model before the first step, or save the state, build a new "
+                             "MuonClip on the sharded model and load it")
+        for table in (self._registry.names, self._registry.views, self._registry.order):
+            items = list(table.items())
+            table.clear()
+            table.update((mapping.get(p, p), v) for p, v in items)
+        self._ns_splits = {mapping.get(p, p): s for p, s in self._ns_splits.items()}
+        for layer in (self._clipper.layers if self._clipper is not None else ()):
+            for t in layer.targets:
+                t.param = mapping.get(t.param, t.param)
+        layout = layout_from_params([p for g in new for p in g])
+        reduction = "external" if layout is not None and layout.sharded else self.grad_reduction
+        self._build_engine(layout.process_group if layout is not None else None, reduction, layout)
+        return True
 
     @contextlib.contextmanager
     def no_sync(self):

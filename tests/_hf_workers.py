@@ -10,6 +10,7 @@ import torch
 from tests._dist_workers import GLOBAL_BATCH, SEQ, VOCAB, local_batch
 from tests._ds_workers import _count_ns, _setup, ds_config
 from tests._tiny_hf import tiny_model
+from benchmarks.scenarios.hf_fsdp2 import forced_fsdp_trainer
 
 # QK-Clip below the tiny model's max logits (~0.09-0.11 in the first steps), so heads are clipped
 # from the first steps on and the clip is part of what the oracles compare
@@ -179,14 +180,17 @@ def hf_ds_config(stage: int, *, optimizer: str | None = "MuonClip", scheduler: b
 
 def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, stage: int | None = None,
                    per_device: int = 4, gas: int = 1, save_steps: int | None = None, resume: str | None = None,
-                   route: str = "config", scheduler: bool = False) -> dict[str, Any]:
+                   route: str = "config", scheduler: bool = False, fsdp: str | None = None) -> dict[str, Any]:
     """One HF Trainer run on the tiny Llama.
 
     ``stage``: DeepSpeed ZeRO stage (``None``: no DeepSpeed, DDP). ``route``: ``"config"`` (JSON
     names MuonClip), ``"instance"`` (``optimizers=(MuonClip(model), None)``, built before
     ``TrainingArguments``: i.e. before the process group of a torchrun job would exist),
     ``"subclass"`` (:class:`dist_muonclip.hf.MuonClipTrainer`), ``"factory"``
-    (``optimizer_cls_and_kwargs``), ``"instance+scheduler"`` (must raise).
+    (``optimizer_cls_and_kwargs``), ``"instance+scheduler"`` (must raise). ``fsdp``: FSDP2
+    through ``TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...})`` with that
+    ``state_dict_type`` (route ``"subclass"``; on CPU accelerate's FSDP gate is flipped, see
+    :func:`benchmarks.scenarios.hf_fsdp2.forced_fsdp_trainer`).
     """
     if stage is not None:
         _setup()
@@ -202,12 +206,18 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
     ds = None
     if stage is not None:
         ds = hf_ds_config(stage, optimizer="MuonClip" if route == "config" else None, scheduler=scheduler)
-    args = _args(out_dir, max_steps=max_steps, per_device=per_device, gas=gas, save_steps=save_steps, deepspeed=ds)
+    extra: dict[str, Any] = {}
+    if fsdp is not None:
+        extra = dict(fsdp=True, fsdp_config={"version": 2,
+                                             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                             "state_dict_type": fsdp, "reshard_after_forward": True})
+    args = _args(out_dir, max_steps=max_steps, per_device=per_device, gas=gas, save_steps=save_steps, deepspeed=ds,
+                 **extra)
     rec = _Recorder()
     kw: dict[str, Any] = dict(model=model, args=args, train_dataset=TokenDataset(), callbacks=[rec.callback()])
     cls = Trainer
     if route == "subclass":
-        cls = hf.MuonClipTrainer
+        cls = forced_fsdp_trainer(hf.MuonClipTrainer) if fsdp is not None else hf.MuonClipTrainer
         kw["muonclip_kwargs"] = {k: v for k, v in mc.items() if k not in ("lr", "weight_decay", "adamw_betas")}
     elif route == "factory":
         kw["optimizer_cls_and_kwargs"] = (hf.MuonClipFactory, mc)
@@ -237,6 +247,10 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
         layout = client.layout_name
         cfg = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
         opt_params = (cfg.get("optimizer") or {}).get("params")
+    elif fsdp is not None:
+        params = {k: p.full_tensor().detach().cpu().clone() for k, p in trainer.model.named_parameters()}
+        layout, opt_params = type(inner.layout).__name__, [{k: v for k, v in g.items() if k != "params"}
+                                                           for g in inner.param_groups]
     else:
         params = {k: p.detach().cpu().clone() for k, p in trainer.model.named_parameters()}
         layout, opt_params = "ddp", None

@@ -465,6 +465,9 @@ def install() -> None:
         pass
     else:
         _patch_transformers()
+    from . import hf_fsdp     # accelerate / Trainer FSDP2: MuonClip follows the DTensor swap
+
+    hf_fsdp.install()
     _STATE["installed"] = True
 
 
