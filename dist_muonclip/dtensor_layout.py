@@ -51,6 +51,7 @@ __all__ = [
     "get_optimizer_state_dict",
     "init_state_",
     "layout_from_params",
+    "refuse_tensor_parallel",
     "set_optimizer_state_dict",
     "shard0_rows",
     "torch_optimizer_state_dict",
@@ -275,6 +276,50 @@ def layout_from_params(params: Sequence[Tensor]) -> Shard0Layout | None:
         if len(axes) == 1:
             return Shard0Layout(p.device_mesh, shard_axis=axes[0])
     return Shard0Layout()
+
+
+def unmanaged_dtensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, param)`` of the model's DTensor parameters that no ``fully_shard`` manages.
+
+    FSDP2 turns every module it is applied to into an ``FSDPModule`` and manages the parameters
+    of that module's subtree; a DTensor parameter outside every such subtree was placed by
+    something else: ``parallelize_module`` (``ColwiseParallel`` -> ``(Shard(0),)``,
+    ``RowwiseParallel`` -> ``(Shard(1),)`` on the tp mesh) or a hand-made ``distribute_tensor``.
+    Placements alone cannot tell the two apart (an all-``ColwiseParallel`` model is
+    ``(Shard(0),)`` everywhere, like FSDP2 on a 1-D mesh), and the difference matters: FSDP2 ranks
+    see different data and hold reduce-scattered gradient rows, TP ranks see the same data and hold
+    different heads."""
+    if not dist.is_available():
+        return []
+    DTensor = _dtensor_cls()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2: nothing can be FSDP-managed
+        FSDPModule = ()
+    managed: set[int] = set()
+    for m in model.modules():
+        if FSDPModule and isinstance(m, FSDPModule):
+            managed.update(id(p) for p in m.parameters())
+    return [(n, p) for n, p in model.named_parameters() if isinstance(p, DTensor) and id(p) not in managed]
+
+
+def refuse_tensor_parallel(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first DTensor parameter that ``fully_shard`` does not manage
+    (:func:`unmanaged_dtensors`): tensor parallel is not supported by the layout MuonClip reads from
+    the parameters yet (issue 17), and taking its ``(Shard(0),)`` shards for FSDP2 rows would run
+    QK-Clip with heads mixed across TP ranks. Called by ``MuonClip(model)`` when no ``layout=`` is
+    given, before any state exists; an explicit ``layout=`` stays the override."""
+    found = unmanaged_dtensors(model)
+    if not found:
+        return
+    name, p = found[0]
+    raise ValueError(
+        f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} on mesh {p.device_mesh} that no "
+        f"fully_shard manages ({len(found)} such parameters): tensor parallel (parallelize_module, "
+        "ColwiseParallel/RowwiseParallel) and hand-placed DTensors are not supported by MuonClip's layouts yet "
+        "(docs/meshes.md). Use FSDP2/HSDP (fully_shard, dist_muonclip.fsdp.fully_shard_model) or DDP; if these "
+        "DTensors really are data-parallel row shards with FSDP2-style reduced gradients, pass "
+        "layout=dist_muonclip.fsdp.Shard0Layout(mesh), process_group=mesh.get_group() explicitly")
 
 
 # ------------------------------------------------------------------------------ checkpoints
