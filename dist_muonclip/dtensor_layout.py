@@ -51,7 +51,7 @@ __all__ = [
     "get_optimizer_state_dict",
     "init_state_",
     "layout_from_params",
-    "refuse_tensor_parallel",
+    "unmanaged_dtensors",
     "set_optimizer_state_dict",
     "shard0_rows",
     "torch_optimizer_state_dict",
@@ -259,7 +259,9 @@ class Shard0Layout(Layout):
 
 def layout_from_params(params: Sequence[Tensor]) -> Shard0Layout | None:
     """The layout the parameters' placements describe, whatever applied them (``fully_shard``,
-    :func:`~dist_muonclip.integrations.fsdp.fully_shard_model`, hand-made ``distribute_tensor``):
+    :func:`~dist_muonclip.integrations.fsdp.fully_shard_model`, hand-made ``distribute_tensor``;
+    ``MuonClip(model)`` first asks :func:`dist_muonclip.tp_layout.tensor_parallel_layout`, so
+    tensor-parallel models never get here):
     ``None`` when no parameter is a DTensor (the optimizer's default, Replicated), else a
     :class:`Shard0Layout` bound to the first row-sharded DTensor's mesh and shard axis. Parameters
     it cannot hold are refused by name when the optimizer validates the layout."""
@@ -301,25 +303,6 @@ def unmanaged_dtensors(model: nn.Module) -> list[tuple[str, Tensor]]:
         if FSDPModule and isinstance(m, FSDPModule):
             managed.update(id(p) for p in m.parameters())
     return [(n, p) for n, p in model.named_parameters() if isinstance(p, DTensor) and id(p) not in managed]
-
-
-def refuse_tensor_parallel(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first DTensor parameter that ``fully_shard`` does not manage
-    (:func:`unmanaged_dtensors`): tensor parallel is not supported by the layout MuonClip reads from
-    the parameters yet (issue 17), and taking its ``(Shard(0),)`` shards for FSDP2 rows would run
-    QK-Clip with heads mixed across TP ranks. Called by ``MuonClip(model)`` when no ``layout=`` is
-    given, before any state exists; an explicit ``layout=`` stays the override."""
-    found = unmanaged_dtensors(model)
-    if not found:
-        return
-    name, p = found[0]
-    raise ValueError(
-        f"parameter {name!r} is a DTensor with placements {tuple(p.placements)} on mesh {p.device_mesh} that no "
-        f"fully_shard manages ({len(found)} such parameters): tensor parallel (parallelize_module, "
-        "ColwiseParallel/RowwiseParallel) and hand-placed DTensors are not supported by MuonClip's layouts yet "
-        "(docs/meshes.md). Use FSDP2/HSDP (fully_shard, dist_muonclip.fsdp.fully_shard_model) or DDP; if these "
-        "DTensors really are data-parallel row shards with FSDP2-style reduced gradients, pass "
-        "layout=dist_muonclip.fsdp.Shard0Layout(mesh), process_group=mesh.get_group() explicitly")
 
 
 # ------------------------------------------------------------------------------ checkpoints

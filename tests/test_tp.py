@@ -1,19 +1,21 @@
-"""Tensor-parallel DTensors (issue 17, item 3): never taken for FSDP2 rows.
+"""Tensor parallel (issue 17): ``parallelize_module`` alone and under FSDP2, read from the DTensors.
 
 Regression pinned: a model whose every parameter is ``ColwiseParallel``-sharded (``(Shard(0),)`` on
-a 1-D tp mesh) was read by ``MuonClip(model)`` as FSDP2 and accepted; its QK-Clip would then have
-reduced max logits of different heads (TP ranks hold different heads) into one. ``MuonClip(model)``
-now tells the two apart by what ``fully_shard`` manages (``FSDPModule`` subtrees) and refuses
-tensor parallel by name until a TP layout exists; FSDP2 stays accepted, an explicit ``layout=``
-stays the override. Runs on 2 gloo CPU processes.
+a 1-D tp mesh) was read by ``MuonClip(model)`` as FSDP2; its QK-Clip then reduced max logits of
+different heads (TP ranks hold different heads) into one. ``MuonClip(model)`` now tells the two
+apart by what ``fully_shard`` manages (``FSDPModule`` subtrees) and by placements FSDP2 alone never
+makes, and reads tensor parallel as :class:`dist_muonclip.tp_layout.TensorParallelLayout`. Runs
+on gloo CPU processes against the single-process oracle (fp32 NS, QK-Clip clipping heads).
 """
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 pytest.importorskip("torch.distributed.tensor.parallel")
 
+from tests import _fsdp_workers as F
 from tests.dist_utils import run_distributed, values
 
 
@@ -22,8 +24,8 @@ def _mlp() -> nn.Module:
 
 
 def tp_acceptance_worker(rank: int, world: int) -> dict:
-    """``MuonClip(model)`` on TP, FSDP x TP, FSDP2 and explicit-override models: the error text
-    (or the layout's class name when accepted) per case."""
+    """``MuonClip(model)`` on TP, FSDP x TP, FSDP2 and explicit-override models: the layout's class
+    name when accepted, the error text when refused."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -42,29 +44,157 @@ def tp_acceptance_worker(rank: int, world: int) -> dict:
     m = parallelize_module(_mlp(), tp, {"0": ColwiseParallel(), "1": ColwiseParallel()})
     attempt("colwise_all", m)                       # every parameter (Shard(0),): the wrongly accepted case
     attempt("colwise_all_override", m, layout=fsdp.Shard0Layout(tp), process_group=tp.get_group())
+    attempt("colwise_all_clip_norm", m, max_grad_norm=1.0)
     m = parallelize_module(_mlp(), tp, {"0": ColwiseParallel(), "1": RowwiseParallel()})
     attempt("colwise_rowwise", m)
     m = _mlp()
     fsdp.fully_shard_model(m, init_device_mesh("cpu", (world,)), blocks=[])
-    attempt("fsdp", m)                              # FSDP2 on a 1-D mesh: still read from the DTensors
+    attempt("fsdp", m)                              # FSDP2 on a 1-D mesh: still Shard0Layout
     mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
     m = parallelize_module(_mlp(), mesh2["tp"], {"0": ColwiseParallel(), "1": RowwiseParallel()})
     fully_shard(m, mesh=mesh2["dp"])                # FSDP x TP: managed by fully_shard, TP placements
-    out["fsdp_tp_placements"] = [str(tuple(p.placements)) for p in m.parameters()]
     attempt("fsdp_tp", m)
+    m = F.build_model("deepseek_v3")                # 3 heads on 2 tp ranks
+    parallelize_module(m, tp, tp_plan(m))
+    attempt("heads_not_divisible", m, qk_clip=F.QK["deepseek_v3"])
     return out
 
 
-def test_tensor_parallel_is_not_taken_for_fsdp2(tmp_path):
+def test_tensor_parallel_is_read_as_tensor_parallel(tmp_path):
     outs = values(run_distributed(tp_acceptance_worker, 2, tmp_path=tmp_path, timeout=300))
     for rank, out in enumerate(outs):             # every rank decides alike (no rank hangs in a collective)
         assert out == outs[0], rank
     out = outs[0]
-    for case in ("colwise_all", "colwise_rowwise"):
-        assert out[case].startswith("ValueError") and "'0.weight'" in out[case], out[case]
-        assert "fully_shard" in out[case] and "tensor parallel" in out[case], out[case]
-    assert "Shard(dim=0)" in out["colwise_all"] and "2 such parameters" in out["colwise_all"]
-    assert out["colwise_all_override"] == "Shard0Layout"       # explicit layout= stays the override
+    for case in ("colwise_all", "colwise_rowwise", "fsdp_tp"):
+        assert out[case] == "TensorParallelLayout", (case, out[case])
     assert out["fsdp"] == "Shard0Layout"                         # FSDP2 is not mistaken for TP
-    # FSDP x TP: managed by fully_shard but placed on the tp axis too: refused by the placement check
-    assert out["fsdp_tp"].startswith("ValueError") and "tensor-parallel" in out["fsdp_tp"], out["fsdp_tp"]
+    assert out["colwise_all_override"] == "Shard0Layout"       # explicit layout= stays the override
+    assert out["colwise_all_clip_norm"].startswith("ValueError") and "max_grad_norm" in out["colwise_all_clip_norm"]
+    assert out["heads_not_divisible"].startswith("ValueError") and "divisible by 2" in out["heads_not_divisible"]
+
+
+# ------------------------------------------------------------------ training against the oracle
+
+def build_tp_model(kind: str) -> nn.Module:
+    """The scenario models of tests/test_meshes (GQA llama: 4 q / 2 kv heads; MLA DeepSeek-V3 with
+    MoE) with heads divisible by tp=2 (MLA: 4 heads instead of 3) and a 96-wide MLP."""
+    from benchmarks.scenarios.tiny_hf import tiny_model
+
+    kw = dict(F.MODEL_KW[kind], intermediate_size=96)   # torch's RowwiseParallel fails on uneven 93 columns
+    if kind == "deepseek_v3":
+        kw.update(num_attention_heads=4, num_key_value_heads=4)
+    return tiny_model(kind, seed=0, **kw)
+
+
+def tp_plan(model: nn.Module) -> dict:
+    """Megatron-style plan: q/k/v (MLA: q_b, kv_b) and MLP gate/up ColwiseParallel, o/down
+    RowwiseParallel; embeddings, norms, MLA's down projections, routed experts stay replicated."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for name, _ in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "v_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj"):
+            plan[name] = ColwiseParallel()
+        elif leaf in ("o_proj", "down_proj") and ".experts" not in name:
+            plan[name] = RowwiseParallel()
+    return plan
+
+
+class _SumRopeKeyGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces (over tp) the gradient of the trailing ``qk_rope``
+    columns of MLA's ``kv_a_proj_with_mqa`` output: the shared rope key feeds every head, and under
+    TP each rank's heads give only their part of its gradient (the ``k_pass`` columns go through
+    the ColwiseParallel ``kv_b_proj``, whose input gradient TP already sums). A TP-plan detail of
+    HF's plain-tensor MLA (torchtitan keeps it a DTensor), not the optimizer's business."""
+
+    @staticmethod
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.clone()
+        part = g[..., ctx.start:].contiguous()
+        dist.all_reduce(part, group=ctx.group)
+        g[..., ctx.start:] = part
+        return g, None, None
+
+
+def train_tp_single(kind: str, steps: int):
+    from dist_muonclip import MuonClip
+
+    model = build_tp_model(kind)
+    opt = MuonClip(model, qk_clip=F.QK[kind], **F.OPT_KW)
+    clipped = []
+    for t in range(steps):
+        ids = F.global_batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, clipped
+
+
+def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple) -> dict:
+    """``parallelize_module`` on the tp axis (and ``fully_shard`` on dp for a 2-D mesh), then
+    ``MuonClip(model)`` with no layout: it must read tensor parallel from the DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from dist_muonclip import MuonClip, fsdp
+    from dist_muonclip.comm import CommAccountant
+
+    if len(mesh_shape) == 1:
+        mesh = tp_mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("tp",))
+        dp, dp_rank = 1, 0
+    else:
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("dp", "tp"))
+        tp_mesh = mesh["tp"]
+        dp, dp_rank = mesh_shape[0], mesh.get_coordinate()[0]
+    model = build_tp_model(kind)
+    parallelize_module(model, tp_mesh, tp_plan(model))
+    for name, m in model.named_modules():
+        if name.endswith("kv_a_proj_with_mqa"):
+            start, group = model.config.kv_lora_rank, tp_mesh.get_group()
+            m.register_forward_hook(lambda _m, _i, out, s=start, g=group: _SumRopeKeyGrad.apply(out, s, g))
+    if dp > 1:
+        fsdp.fully_shard_model(model, mesh["dp"])
+    acc = CommAccountant()
+    opt = MuonClip(model, qk_clip=F.QK[kind], accountant=acc, **F.OPT_KW)
+    acc.reset()
+    clipped = []
+    for t in range(steps):
+        ids = F.local_batch(t, dp_rank, dp)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    return {"params": F._full_params(model), "clipped": clipped, "acc": acc.totals(),
+            "layout": type(opt.layout).__name__, "opt_world": opt.world_size,
+            "placements": {n: str(tuple(p.placements)) for n, p in model.named_parameters()
+                           if hasattr(p, "placements")}}
+
+
+STEPS = 4
+# fp32 everywhere; TP runs differ from the oracle in the summation order of the row-parallel
+# all-reduces and of FSDP's reduce-scatter (~1e-7 relative per step), amplified by Newton-Schulz
+# and momentum to ~1e-5 on O(0.1) weights (as tests/test_meshes.py)
+ATOL, RTOL = 5e-5, 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "deepseek_v3"])
+def test_tp_matches_single_process(kind, tmp_path):
+    """TP over 2 ranks vs the single-process oracle, QK-Clip clipping heads on every step."""
+    want, want_clipped = train_tp_single(kind, STEPS)
+    outs = values(run_distributed(tp_train_worker, 2, kind, STEPS, (2,), tmp_path=tmp_path, timeout=600))
+    assert min(want_clipped) > 0, want_clipped            # tau is low enough that heads clip
+    for rank, out in enumerate(outs):
+        assert out["layout"] == "TensorParallelLayout" and out["opt_world"] == 2
+        assert out["clipped"] == want_clipped, (rank, out["clipped"], want_clipped)
+        assert out["params"].keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
