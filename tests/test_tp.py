@@ -198,3 +198,22 @@ def test_tp_matches_single_process(kind, tmp_path):
         assert out["params"].keys() == want.keys()
         for k in want:
             torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["llama", pytest.param("deepseek_v3", marks=pytest.mark.full)])
+def test_fsdp_x_tp_2x2_matches_single_process(kind, tmp_path):
+    """FSDP2 on dp=2 over TP on tp=2 (W=4, a (dp, tp) mesh): each matrix is assembled on its owner
+    from pieces cut on both axes ((_StridedShard(0), Shard(0)), (Shard(0), Shard(1)),
+    and (Shard(0),) on the dp sub-mesh for what TP left alone); max logits reduced over dp, heads kept
+    per tp rank."""
+    want, want_clipped = train_tp_single(kind, STEPS)
+    outs = values(run_distributed(tp_train_worker, 4, kind, STEPS, (2, 2), tmp_path=tmp_path, timeout=900))
+    assert min(want_clipped) > 0, want_clipped
+    placements = set(outs[0]["placements"].values())
+    assert {"(_StridedShard(dim=0, sf=2), Shard(dim=0))", "(Shard(dim=0), Shard(dim=1))",
+            "(Shard(dim=0),)"} <= placements, placements
+    for rank, out in enumerate(outs):
+        assert out["layout"] == "TensorParallelLayout" and out["opt_world"] == 4
+        assert out["clipped"] == want_clipped, (rank, out["clipped"], want_clipped)
+        for k in want:
+            torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
