@@ -50,6 +50,7 @@ __all__ = [
     "Shard0Layout",
     "get_optimizer_state_dict",
     "init_state_",
+    "load_torch_optimizer_state_dict",
     "layout_from_params",
     "unmanaged_dtensors",
     "set_optimizer_state_dict",
@@ -310,7 +311,9 @@ def unmanaged_dtensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 def _layout_of(optim: MuonClip) -> Shard0Layout:
     layout = optim.layout
-    if not isinstance(layout, Shard0Layout):
+    from .tp_layout import TensorParallelLayout
+
+    if not isinstance(layout, (Shard0Layout, TensorParallelLayout)):
         raise TypeError("this optimizer does not use Shard0Layout; build it with dist_muonclip.fsdp.make_muonclip "
                         "(for replicated models use MuonClip.state_dict())")
     return layout
@@ -416,6 +419,12 @@ def _load_state(optim: MuonClip, state_dict: dict[str, Any]) -> None:
             if k == "step":
                 copies.append((mine[k], torch.as_tensor(v).reshape(())))
                 continue
+            if not isinstance(p, DTensor):     # tensor parallel: a parameter TP left replicated (plain)
+                if not isinstance(v, Tensor) or isinstance(v, DTensor) or v.shape != p.shape:
+                    raise ValueError(f"state {k!r} of {name!r}: expected a plain tensor of shape {tuple(p.shape)}, "
+                                     f"got {type(v).__name__} {tuple(v.shape)}")
+                copies.append((mine[k], v.reshape(-1)))
+                continue
             if not isinstance(v, DTensor) or v.shape != p.shape:
                 raise ValueError(f"state {k!r} of {name!r}: expected a DTensor of shape {tuple(p.shape)} (from "
                                  f"get_optimizer_state_dict + dcp.load), got {type(v).__name__} {tuple(v.shape)}")
@@ -429,6 +438,12 @@ def _load_state(optim: MuonClip, state_dict: dict[str, Any]) -> None:
         for k, v in sg.items():
             if k not in _SKIP_GROUP_KEYS:
                 g[k] = v
+
+
+def load_torch_optimizer_state_dict(optim: MuonClip, state_dict: dict[str, Any]) -> None:
+    """Load a :func:`torch_optimizer_state_dict` dict (keyed by position or FQN; DTensor state
+    resharded to this optimizer's placements). Validated before anything changes."""
+    _load_state(optim, state_dict)
 
 
 def get_optimizer_state_dict(model: nn.Module, optim: MuonClip) -> dict[str, Any]:

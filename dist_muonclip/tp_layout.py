@@ -29,9 +29,10 @@ its local heads at their global positions (``-inf`` elsewhere), so the preflight
 never mix across tp ranks. The clip then scales the global rows of ``W_q`` / ``W_k`` that each
 rank holds.
 
-Limits (refused or documented in docs/meshes.md): heads must divide by tp; ``max_grad_norm``
-would count tp-replicated elements once per holder (refused); the optimizer state dict uses the
-engine's own format (no DCP ``DTensor`` state for TP yet).
+Optimizer state is created eagerly and checkpointed as FSDP2's is (``DTensor`` state with the
+parameter's placements: :func:`dist_muonclip.fsdp.get_optimizer_state_dict` + DCP, loadable on
+another mesh shape). Limits (refused by name): heads must divide by tp; ``max_grad_norm`` (it
+would count tp-replicated elements once per holder).
 """
 from __future__ import annotations
 
@@ -243,3 +244,29 @@ class TensorParallelLayout(Layout):
 
     def full_shape(self, p: Tensor) -> torch.Size:
         return p.shape
+
+    def dtensor_like(self, p: Tensor, local_flat: Tensor) -> Tensor:
+        """State shaped like ``p``: a DTensor with ``p``'s placements whose local shard *is*
+        ``local_flat`` (DCP loads into it in place), or the plain tensor for a replicated ``p``."""
+        DTensor = _dtensor_cls()
+        if not isinstance(p, DTensor):
+            return local_flat.view(p.shape)
+        return DTensor.from_local(local_flat.view(self.local_shape(p)), p.device_mesh, p.placements,
+                                  run_check=False, shape=p.shape, stride=p.stride())
+
+    # -- engine hooks: eager state, DCP optimizer state dicts (as FSDP2's) -------------------
+    def init_optimizer_state(self, optim: Any) -> None:
+        from .dtensor_layout import init_state_
+
+        init_state_(optim)
+
+    def optimizer_state_dict(self, optim: Any) -> dict[str, Any]:
+        from .dtensor_layout import torch_optimizer_state_dict
+
+        return torch_optimizer_state_dict(optim)
+
+    def load_optimizer_state_dict(self, optim: Any, state_dict: dict[str, Any]) -> bool:
+        from .dtensor_layout import load_torch_optimizer_state_dict
+
+        load_torch_optimizer_state_dict(optim, state_dict)
+        return True

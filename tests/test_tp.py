@@ -139,44 +139,57 @@ def train_tp_single(kind: str, steps: int):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, clipped
 
 
-def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple) -> dict:
+def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple, save_dir: str | None = None,
+                    load_dir: str | None = None, start: int = 0, names: tuple | None = None) -> dict:
     """``parallelize_module`` on the tp axis (and ``fully_shard`` on dp for a 2-D mesh), then
-    ``MuonClip(model)`` with no layout: it must read tensor parallel from the DTensors."""
+    ``MuonClip(model)`` with no layout: it must read tensor parallel from the DTensors.
+    ``names=("dp",)``: FSDP2 only (a DCP load target). Optional DCP save / load of the model and
+    the optimizer state (keyed by FQN; the mesh shape may differ between the two)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
     from dist_muonclip import MuonClip, fsdp
     from dist_muonclip.comm import CommAccountant
 
-    if len(mesh_shape) == 1:
-        mesh = tp_mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("tp",))
-        dp, dp_rank = 1, 0
-    else:
-        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("dp", "tp"))
-        tp_mesh = mesh["tp"]
-        dp, dp_rank = mesh_shape[0], mesh.get_coordinate()[0]
+    names = names or (("tp",) if len(mesh_shape) == 1 else ("dp", "tp"))
+    mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=names)
+    dp = mesh_shape[names.index("dp")] if "dp" in names else 1
+    dp_rank = mesh.get_coordinate()[names.index("dp")] if "dp" in names else 0
     model = build_tp_model(kind)
-    parallelize_module(model, tp_mesh, tp_plan(model))
-    for name, m in model.named_modules():
-        if name.endswith("kv_a_proj_with_mqa"):
-            start, group = model.config.kv_lora_rank, tp_mesh.get_group()
-            m.register_forward_hook(lambda _m, _i, out, s=start, g=group: _SumRopeKeyGrad.apply(out, s, g))
-    if dp > 1:
-        fsdp.fully_shard_model(model, mesh["dp"])
+    if "tp" in names:
+        tp_mesh = mesh["tp"] if len(names) > 1 else mesh
+        parallelize_module(model, tp_mesh, tp_plan(model))
+        for name, m in model.named_modules():
+            if name.endswith("kv_a_proj_with_mqa"):
+                kv_start, group = model.config.kv_lora_rank, tp_mesh.get_group()
+                m.register_forward_hook(lambda _m, _i, out, s=kv_start, g=group: _SumRopeKeyGrad.apply(out, s, g))
+    if "dp" in names and (dp > 1 or "tp" not in names):
+        fsdp.fully_shard_model(model, mesh["dp"] if len(names) > 1 else mesh)
     acc = CommAccountant()
     opt = MuonClip(model, qk_clip=F.QK[kind], accountant=acc, **F.OPT_KW)
+    if load_dir is not None:
+        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=load_dir)
+        set_model_state_dict(model, sd["model"])
+        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
     acc.reset()
     clipped = []
-    for t in range(steps):
+    for t in range(start, start + steps):
         ids = F.local_batch(t, dp_rank, dp)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    if save_dir is not None:
+        dcp.save({"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=save_dir)
     return {"params": F._full_params(model), "clipped": clipped, "acc": acc.totals(),
             "layout": type(opt.layout).__name__, "opt_world": opt.world_size,
             "placements": {n: str(tuple(p.placements)) for n, p in model.named_parameters()
-                           if hasattr(p, "placements")}}
+                           if hasattr(p, "placements")},
+            "state_numel": sum(v.numel() for s in opt.state.values() for k, v in s.items() if k != "step")}
 
 
 STEPS = 4
@@ -217,3 +230,22 @@ def test_fsdp_x_tp_2x2_matches_single_process(kind, tmp_path):
         assert out["clipped"] == want_clipped, (rank, out["clipped"], want_clipped)
         for k in want:
             torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.full
+def test_dcp_fsdp_x_tp_2x2_resumes_on_fsdp_1x4_and_4x1(tmp_path):
+    """DCP across mesh shapes with TP, optimizer state included: half the steps on FSDP x TP 2x2,
+    saved (DTensor state with 2-D placements); the other half loaded on FSDP2 over 4 ranks (no
+    TP) and on FSDP x TP 4x1: the result equals the oracle after all steps."""
+    half = STEPS // 2
+    want, want_clipped = train_tp_single("llama", STEPS)
+    ckpt = str(tmp_path / "ckpt")
+    values(run_distributed(tp_train_worker, 4, "llama", half, (2, 2), ckpt, tmp_path=tmp_path / "save", timeout=900))
+    for label, shape, names in (("fsdp_1x4", (4,), ("dp",)), ("fsdp_x_tp_4x1", (4, 1), ("dp", "tp"))):
+        outs = values(run_distributed(tp_train_worker, 4, "llama", half, shape, None, ckpt, half, names,
+                                      tmp_path=tmp_path / label, timeout=900))
+        for rank, out in enumerate(outs):
+            assert out["clipped"] == want_clipped[half:], (label, rank, out["clipped"])
+            for k in want:
+                torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL,
+                                           msg=lambda m, k=k, label=label: f"{label} {k}: {m}")
