@@ -192,6 +192,25 @@ def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tu
             "state_numel": sum(v.numel() for s in opt.state.values() for k, v in s.items() if k != "step")}
 
 
+def _assert_cost_model_exact(outs, dp: int, tp: int) -> None:
+    """The optimizer's bytes per rank and tag (over STEPS steps) and its state elements equal
+    :func:`dist_muonclip.tools.cost_model_tp.predict_fsdp_tp` exactly (llama: no stacked experts)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from dist_muonclip.tools.cost_model import specs_from_model
+    from dist_muonclip.tools.cost_model_tp import predict_fsdp_tp
+
+    model = build_tp_model("llama")
+    plan = {n + ".weight": "col" if isinstance(st, ColwiseParallel) else "row" for n, st in tp_plan(model).items()}
+    cfg = model.config
+    pred = predict_fsdp_tp(specs_from_model(model), dp, tp, plan, grad_bytes=4, ns_bytes=4,   # fp32 NS
+                           num_logits=cfg.num_hidden_layers * cfg.num_attention_heads)
+    for rank, out in enumerate(outs):
+        got = {tag: v["bytes"] for tag, v in out["acc"].items()}
+        assert got == {tag: STEPS * b for tag, b in pred["bytes_per_rank"][rank].items()}, (rank, got, pred)
+        assert out["state_numel"] == pred["state_numel_per_rank"][rank], rank
+
+
 STEPS = 4
 # fp32 everywhere; TP runs differ from the oracle in the summation order of the row-parallel
 # all-reduces and of FSDP's reduce-scatter (~1e-7 relative per step), amplified by Newton-Schulz
@@ -205,6 +224,8 @@ def test_tp_matches_single_process(kind, tmp_path):
     want, want_clipped = train_tp_single(kind, STEPS)
     outs = values(run_distributed(tp_train_worker, 2, kind, STEPS, (2,), tmp_path=tmp_path, timeout=600))
     assert min(want_clipped) > 0, want_clipped            # tau is low enough that heads clip
+    if kind == "llama":
+        _assert_cost_model_exact(outs, 1, 2)
     for rank, out in enumerate(outs):
         assert out["layout"] == "TensorParallelLayout" and out["opt_world"] == 2
         assert out["clipped"] == want_clipped, (rank, out["clipped"], want_clipped)
@@ -222,6 +243,8 @@ def test_fsdp_x_tp_2x2_matches_single_process(kind, tmp_path):
     want, want_clipped = train_tp_single(kind, STEPS)
     outs = values(run_distributed(tp_train_worker, 4, kind, STEPS, (2, 2), tmp_path=tmp_path, timeout=900))
     assert min(want_clipped) > 0, want_clipped
+    if kind == "llama":
+        _assert_cost_model_exact(outs, 2, 2)
     placements = set(outs[0]["placements"].values())
     assert {"(_StridedShard(dim=0, sf=2), Shard(dim=0))", "(Shard(dim=0), Shard(dim=1))",
             "(Shard(dim=0),)"} <= placements, placements
