@@ -52,6 +52,27 @@ def tp_ranges(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[list
     return out
 
 
+def _sizes(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[int]:
+    """Elements per rank of :func:`tp_ranges` without listing the ranges (fast at scale)."""
+    rows = spec.shape[0]
+    row = spec.numel // rows
+    out = []
+    for d in range(dp):
+        for t in range(tp):
+            if style == "col":
+                t0, t1 = _chunk(rows, tp, t)
+                d0, d1 = _chunk(t1 - t0, dp, d)
+                out.append((d1 - d0) * row)
+            elif style == "row":
+                c0, c1 = _chunk(row, tp, t)
+                r0, r1 = _chunk(rows, dp, d)
+                out.append((r1 - r0) * (c1 - c0))
+            else:
+                r0, r1 = _chunk(rows, dp, d)
+                out.append((r1 - r0) * row)
+    return out
+
+
 def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, grad_bytes: int = 4,
                     ns_bytes: int = 2, ns_steps: int = 5, num_logits: int = 0) -> dict[str, Any]:
     """Per-rank optimizer bytes and state elements of ``muonclip_fsdp_tp`` (module doc).
@@ -62,13 +83,15 @@ def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[
     "owners"}``.
     """
     W = dp * tp
-    where = {s.name: tp_ranges(s, plan.get(s.name), dp, tp) for s in specs}
+    for s in specs:
+        if plan.get(s.name) not in (None, "col", "row") or (plan.get(s.name) == "row" and len(s.shape) != 2):
+            raise ValueError(f"{s.name}: TP style {plan.get(s.name)!r} is not 'col', 'row' (2-D weights) or None")
     items = [MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps) for s in specs if s.use_muon]
     owners = build_plan(items, W, {}).owners
     to_owner, from_owner = [0.0] * W, [0.0] * W
     state = [0] * W
     for s in specs:
-        sizes = [sum(b - a for a, b in rs) for rs in where[s.name]]
+        sizes = _sizes(s, plan.get(s.name), dp, tp)
         for r, n in enumerate(sizes):
             state[r] += n * (1 if s.use_muon else 2)
         if not s.use_muon:
