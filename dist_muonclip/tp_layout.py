@@ -106,7 +106,12 @@ def tensor_parallel_layout(model: nn.Module) -> TensorParallelLayout | None:
     if len(roots) != 1:
         raise ValueError(f"tensor parallel: the parameters live on {len(roots)} unrelated device meshes; MuonClip "
                          "needs one (dp, tp) mesh (slice the tp and dp meshes from one init_device_mesh)")
-    return TensorParallelLayout(next(iter(roots)))
+    from .dtensor_layout import unmanaged_dtensors
+
+    mesh = next(iter(roots))
+    # FSDP2 alone with a shard_placement_fn (Shard(1) on a 1-D mesh): every rank computes every head
+    heads_split = bool(unmanaged_dtensors(model)) or mesh.ndim > 1
+    return TensorParallelLayout(mesh, heads_split=heads_split)
 
 
 class TensorParallelLayout(Layout):
@@ -116,11 +121,14 @@ class TensorParallelLayout(Layout):
         mesh: the whole device mesh (1-D ``(tp,)`` or 2-D ``(dp, tp)``); the optimizer's process
             group is all of its ranks.
         tp_axis: the mesh axis heads are split on. Default: the axis named ``"tp"``, else the last.
+        heads_split: whether ranks on the tp axis compute different heads (``parallelize_module``);
+            ``False`` for FSDP2 alone with column shards (``shard_placement_fn``), where every rank
+            computes every head.
     """
 
     sharded = True
 
-    def __init__(self, mesh: DeviceMesh, *, tp_axis: int | None = None) -> None:
+    def __init__(self, mesh: DeviceMesh, *, tp_axis: int | None = None, heads_split: bool = True) -> None:
         names = tuple(mesh.mesh_dim_names or ())
         self.mesh = mesh
         self.tp_axis = tp_axis if tp_axis is not None else (names.index("tp") if "tp" in names else mesh.ndim - 1)
@@ -133,7 +141,7 @@ class TensorParallelLayout(Layout):
         self._ranks = sorted(int(r) for r in mesh.mesh.reshape(-1).tolist())
         self._group = (dist.group.WORLD if self._ranks == list(range(dist.get_world_size()))
                        else dist.new_group(self._ranks, use_local_synchronization=True))
-        self._tp = (mesh.size(self.tp_axis), int(coord[self.tp_axis]))
+        self._tp = (mesh.size(self.tp_axis), int(coord[self.tp_axis])) if heads_split else None
         self._ranges: dict[Any, list[list[tuple[int, int]]]] = {}
 
     @property

@@ -124,11 +124,11 @@ class _SumRopeKeyGrad(torch.autograd.Function):
         return g, None, None
 
 
-def train_tp_single(kind: str, steps: int):
+def train_tp_single(kind: str, steps: int, extra: dict | None = None):
     from dist_muonclip import MuonClip
 
     model = build_tp_model(kind)
-    opt = MuonClip(model, qk_clip=F.QK[kind], **F.OPT_KW)
+    opt = MuonClip(model, qk_clip=F.QK[kind], **{**F.OPT_KW, **(extra or {})})
     clipped = []
     for t in range(steps):
         ids = F.global_batch(t)
@@ -140,7 +140,8 @@ def train_tp_single(kind: str, steps: int):
 
 
 def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple, save_dir: str | None = None,
-                    load_dir: str | None = None, start: int = 0, names: tuple | None = None) -> dict:
+                    load_dir: str | None = None, start: int = 0, names: tuple | None = None,
+                    extra: dict | None = None) -> dict:
     """``parallelize_module`` on the tp axis (and ``fully_shard`` on dp for a 2-D mesh), then
     ``MuonClip(model)`` with no layout: it must read tensor parallel from the DTensors.
     ``names=("dp",)``: FSDP2 only (a DCP load target). Optional DCP save / load of the model and
@@ -168,7 +169,7 @@ def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tu
     if "dp" in names and (dp > 1 or "tp" not in names):
         fsdp.fully_shard_model(model, mesh["dp"] if len(names) > 1 else mesh)
     acc = CommAccountant()
-    opt = MuonClip(model, qk_clip=F.QK[kind], accountant=acc, **F.OPT_KW)
+    opt = MuonClip(model, qk_clip=F.QK[kind], accountant=acc, **{**F.OPT_KW, **(extra or {})})
     if load_dir is not None:
         sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
         dcp.load(sd, checkpoint_id=load_dir)
@@ -272,3 +273,17 @@ def test_dcp_fsdp_x_tp_2x2_resumes_on_fsdp_1x4_and_4x1(tmp_path):
             for k in want:
                 torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL,
                                            msg=lambda m, k=k, label=label: f"{label} {k}: {m}")
+
+
+@pytest.mark.full
+def test_tp_ns_split_heads_matches_single_process(tmp_path):
+    """``ns_split="heads"`` under TP (W=2): the owner assembles the whole q/k/v/o matrix and cuts it
+    into heads as on every layout; equals the single-process run with the same split."""
+    extra = {"ns_split": "heads"}
+    want, want_clipped = train_tp_single("llama", STEPS, extra)
+    outs = values(run_distributed(tp_train_worker, 2, "llama", STEPS, (2,), None, None, 0, None, extra,
+                                  tmp_path=tmp_path, timeout=600))
+    for rank, out in enumerate(outs):
+        assert out["clipped"] == want_clipped, (rank, out["clipped"])
+        for k in want:
+            torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
