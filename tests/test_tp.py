@@ -287,3 +287,42 @@ def test_tp_ns_split_heads_matches_single_process(tmp_path):
         assert out["clipped"] == want_clipped, (rank, out["clipped"])
         for k in want:
             torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def fsdp_shard1_worker(rank: int, world: int, steps: int) -> dict:
+    """FSDP2 alone with column shards (``shard_placement_fn`` -> ``Shard(1)`` for 2-D weights) on a
+    1-D mesh: no parallelize_module, every rank computes every head on its own data."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from dist_muonclip import MuonClip
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = build_tp_model("llama")
+    fn = lambda p: Shard(1) if p.ndim == 2 else Shard(0)   # noqa: E731
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, shard_placement_fn=fn)
+    fully_shard(model, mesh=mesh, shard_placement_fn=fn)
+    opt = MuonClip(model, qk_clip=F.QK["llama"], **F.OPT_KW)
+    clipped = []
+    for t in range(steps):
+        ids = F.local_batch(t, rank, world)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    return {"params": F._full_params(model), "clipped": clipped, "layout": type(opt.layout).__name__,
+            "head_shard": opt.layout.head_shard}
+
+
+def test_fsdp2_column_shards_read_without_head_split(tmp_path):
+    """FSDP2 with ``Shard(1)`` placements (W=2) is read by TensorParallelLayout with
+    ``heads_split=False`` (the tracker records all heads, not a tp block) and matches the oracle."""
+    want, want_clipped = train_tp_single("llama", STEPS)
+    outs = values(run_distributed(fsdp_shard1_worker, 2, STEPS, tmp_path=tmp_path, timeout=600))
+    for rank, out in enumerate(outs):
+        assert out["layout"] == "TensorParallelLayout" and out["head_shard"] is None
+        assert out["clipped"] == want_clipped, (rank, out["clipped"])
+        for k in want:
+            torch.testing.assert_close(out["params"][k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
