@@ -50,7 +50,9 @@ __all__ = [
     "Shard0Layout",
     "get_optimizer_state_dict",
     "init_state_",
+    "load_torch_optimizer_state_dict",
     "layout_from_params",
+    "unmanaged_dtensors",
     "set_optimizer_state_dict",
     "shard0_rows",
     "torch_optimizer_state_dict",
@@ -258,7 +260,9 @@ class Shard0Layout(Layout):
 
 def layout_from_params(params: Sequence[Tensor]) -> Shard0Layout | None:
     """The layout the parameters' placements describe, whatever applied them (``fully_shard``,
-    :func:`~dist_muonclip.integrations.fsdp.fully_shard_model`, hand-made ``distribute_tensor``):
+    :func:`~dist_muonclip.integrations.fsdp.fully_shard_model`, hand-made ``distribute_tensor``;
+    ``MuonClip(model)`` first asks :func:`dist_muonclip.tp_layout.tensor_parallel_layout`, so
+    tensor-parallel models never get here):
     ``None`` when no parameter is a DTensor (the optimizer's default, Replicated), else a
     :class:`Shard0Layout` bound to the first row-sharded DTensor's mesh and shard axis. Parameters
     it cannot hold are refused by name when the optimizer validates the layout."""
@@ -277,12 +281,39 @@ def layout_from_params(params: Sequence[Tensor]) -> Shard0Layout | None:
     return Shard0Layout()
 
 
+def unmanaged_dtensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, param)`` of the model's DTensor parameters that no ``fully_shard`` manages.
+
+    FSDP2 turns every module it is applied to into an ``FSDPModule`` and manages the parameters
+    of that module's subtree; a DTensor parameter outside every such subtree was placed by
+    something else: ``parallelize_module`` (``ColwiseParallel`` -> ``(Shard(0),)``,
+    ``RowwiseParallel`` -> ``(Shard(1),)`` on the tp mesh) or a hand-made ``distribute_tensor``.
+    Placements alone cannot tell the two apart (an all-``ColwiseParallel`` model is
+    ``(Shard(0),)`` everywhere, like FSDP2 on a 1-D mesh), and the difference matters: FSDP2 ranks
+    see different data and hold reduce-scattered gradient rows, TP ranks see the same data and hold
+    different heads."""
+    if not dist.is_available():
+        return []
+    DTensor = _dtensor_cls()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2: nothing can be FSDP-managed
+        FSDPModule = ()
+    managed: set[int] = set()
+    for m in model.modules():
+        if FSDPModule and isinstance(m, FSDPModule):
+            managed.update(id(p) for p in m.parameters())
+    return [(n, p) for n, p in model.named_parameters() if isinstance(p, DTensor) and id(p) not in managed]
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 
 def _layout_of(optim: MuonClip) -> Shard0Layout:
     layout = optim.layout
-    if not isinstance(layout, Shard0Layout):
+    from .tp_layout import TensorParallelLayout
+
+    if not isinstance(layout, (Shard0Layout, TensorParallelLayout)):
         raise TypeError("this optimizer does not use Shard0Layout; build it with dist_muonclip.fsdp.make_muonclip "
                         "(for replicated models use MuonClip.state_dict())")
     return layout
@@ -388,6 +419,12 @@ def _load_state(optim: MuonClip, state_dict: dict[str, Any]) -> None:
             if k == "step":
                 copies.append((mine[k], torch.as_tensor(v).reshape(())))
                 continue
+            if not isinstance(p, DTensor):     # tensor parallel: a parameter TP left replicated (plain)
+                if not isinstance(v, Tensor) or isinstance(v, DTensor) or v.shape != p.shape:
+                    raise ValueError(f"state {k!r} of {name!r}: expected a plain tensor of shape {tuple(p.shape)}, "
+                                     f"got {type(v).__name__} {tuple(v.shape)}")
+                copies.append((mine[k], v.reshape(-1)))
+                continue
             if not isinstance(v, DTensor) or v.shape != p.shape:
                 raise ValueError(f"state {k!r} of {name!r}: expected a DTensor of shape {tuple(p.shape)} (from "
                                  f"get_optimizer_state_dict + dcp.load), got {type(v).__name__} {tuple(v.shape)}")
@@ -401,6 +438,12 @@ def _load_state(optim: MuonClip, state_dict: dict[str, Any]) -> None:
         for k, v in sg.items():
             if k not in _SKIP_GROUP_KEYS:
                 g[k] = v
+
+
+def load_torch_optimizer_state_dict(optim: MuonClip, state_dict: dict[str, Any]) -> None:
+    """Load a :func:`torch_optimizer_state_dict` dict (keyed by position or FQN; DTensor state
+    resharded to this optimizer's placements). Validated before anything changes."""
+    _load_state(optim, state_dict)
 
 
 def get_optimizer_state_dict(model: nn.Module, optim: MuonClip) -> dict[str, Any]:

@@ -81,6 +81,13 @@ class Layout(ABC):
         runs Newton-Schulz and copies the update back."""
         return self.ns_on
 
+    @property
+    def head_shard(self) -> tuple[int, int] | None:
+        """Tensor parallel: ``(tp size, this rank's tp coordinate)`` when each rank computes only
+        its block of attention heads (the max-logit tracker then records them at their global
+        positions); ``None``: every rank computes every head."""
+        return None
+
     def owner_hint(self, p: Tensor) -> int | None:
         """The rank where (most of) ``p`` lives, to orthogonalize it there (``None``: no preference)."""
         return None

@@ -24,6 +24,7 @@ from .dist_check import check_process_group
 from .validation import (UnsupportedParameterError, check_adjust_lr_fn, check_betas, check_float, check_lr,
                          check_runtime_options, group_param_list, names_given, validate_layout)
 from .dtensor_layout import layout_from_params
+from .tp_layout import check_tensor_parallel_options, tensor_parallel_layout
 from .engine import Engine, EngineOptions, ParamRegistry, STATE_FORMAT
 from .layouts import Layout, Replicated
 from .newton_schulz import dtype_name, validate_ns_options
@@ -217,6 +218,13 @@ class MuonClip(Optimizer):
         self._clipper = self._build_clipper(model, qk_clip, model_config)
         self._logger = None
         try:     # a failure from here on must not leave the model's attention patched by the clipper
+            if layout is None and model is not None:   # TP DTensors are not FSDP2 rows (issue 17)
+                layout = tensor_parallel_layout(model)
+                process_group = layout.process_group if layout is not None and process_group is None else process_group
+            if layout is not None and layout.head_shard is not None:
+                check_tensor_parallel_options(max_grad_norm=max_grad_norm)
+                if self._clipper is not None and self._clipper.tracker is not None:
+                    self._clipper.tracker.set_head_shard(*layout.head_shard)
             self._build_engine(process_group, grad_reduction, layout)
             if (log_dir is not None or wandb_run is not None) and self.rank == 0:
                 from .tools.metrics import MetricsLogger

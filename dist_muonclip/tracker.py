@@ -306,6 +306,19 @@ class MaxLogitTracker:
         self._buf = torch.full((self.num_layers, self.max_heads), float("-inf"), dtype=torch.float32,
                                device=device)
         self._handles: list[TrackingHandle] = []
+        self.head_shard: tuple[int, int] | None = None
+
+    def set_head_shard(self, num_shards: int, index: int) -> None:
+        """Tensor parallel: this rank computes heads ``[index * H / num_shards, (index + 1) * H /
+        num_shards)`` of every layer (ColwiseParallel q/k projections: a contiguous block of heads).
+        :meth:`record` then takes ``H / num_shards`` values and writes them at those global
+        positions, ``-inf`` elsewhere, so a MAX all-reduce over every rank yields each head's max
+        over the data-parallel ranks without mixing heads of different tp ranks."""
+        bad = [h for h in self.num_heads if h % num_shards]
+        if bad:
+            raise ValueError(f"tensor parallel over {num_shards} ranks needs heads divisible by {num_shards}; layers "
+                             f"have {self.num_heads} heads: choose a tp size that divides the number of heads")
+        self.head_shard = (int(num_shards), int(index)) if num_shards > 1 else None
 
     def __getstate__(self) -> dict[str, Any]:
         """Strong references to the tracked modules for ``copy.deepcopy`` / ``pickle`` (a copy of
@@ -358,13 +371,16 @@ class MaxLogitTracker:
         else:
             val = torch.stack([torch.as_tensor(v).detach().reshape(()) for v in max_logits]).to(self._buf.device)
         val = val.reshape(-1)
-        if val.numel() != self.num_heads[idx]:
+        offset = 0
+        if self.head_shard is not None and val.numel() == self.num_heads[idx] // self.head_shard[0]:
+            offset = val.numel() * self.head_shard[1]     # this tp rank's block of global heads
+        elif val.numel() != self.num_heads[idx]:
             raise ValueError(
                 f"record(layer={idx}): got {val.numel()} values, layer has {self.num_heads[idx]} heads"
             )
         if self._buf.device != val.device:
             self._buf = self._buf.to(val.device)
-        row = self._buf[idx, : val.numel()]
+        row = self._buf[idx, offset: offset + val.numel()]
         torch.maximum(row, val.to(torch.float32), out=row)
 
     @torch.no_grad()

@@ -1,0 +1,108 @@
+"""Cost model of MuonClip under tensor parallel, alone and under FSDP2 (``muonclip_fsdp_tp``).
+
+Mirrors :class:`dist_muonclip.tp_layout.TensorParallelLayout` on a ``(dp, tp)`` mesh (rank =
+``dp_coord * tp + tp_coord``, ``dp = 1`` for TP alone), from parameter specs and a TP plan
+(``"col"``: ColwiseParallel, rows split over tp; ``"row"``: RowwiseParallel, columns split over
+tp; absent: left replicated over tp). FSDP2 then splits each tp piece's rows over dp
+(``torch.chunk`` semantics; exact for sizes that divide evenly, as in the measured runs).
+
+Per rank it predicts the optimizer's bytes (the engine's accountant: the preflight all-reduce,
+the two all-to-alls of pieces to owners and of update pieces back; elements held by several tp
+ranks travel from and to every holder) and its state (momentum per Muon element held, two Adam
+moments per AdamW element held). TP's own activation all-reduces are the model's, not counted.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ..comm import bytes_sent
+from ..plan import MatrixItem, build_plan
+from .cost_model import ParamSpec
+
+__all__ = ["predict_fsdp_tp", "tp_ranges"]
+
+
+def _chunk(n: int, k: int, i: int) -> tuple[int, int]:
+    size = -(-n // k)
+    return min(i * size, n), min((i + 1) * size, n)
+
+
+def tp_ranges(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[list[tuple[int, int]]]:
+    """Per rank of the ``(dp, tp)`` mesh, the flat ranges of ``spec``'s full tensor it holds."""
+    rows = spec.shape[0]
+    row = spec.numel // rows
+    out = []
+    for d in range(dp):
+        for t in range(tp):
+            if style == "col":
+                t0, t1 = _chunk(rows, tp, t)
+                d0, d1 = _chunk(t1 - t0, dp, d)
+                out.append([((t0 + d0) * row, (t0 + d1) * row)] if d1 > d0 else [])
+            elif style == "row":
+                if len(spec.shape) != 2:
+                    raise ValueError(f"{spec.name}: RowwiseParallel needs a 2-D weight, got {spec.shape}")
+                c0, c1 = _chunk(row, tp, t)
+                r0, r1 = _chunk(rows, dp, d)
+                out.append([(i * row + c0, i * row + c1) for i in range(r0, r1)] if c1 > c0 else [])
+            elif style is None:
+                r0, r1 = _chunk(rows, dp, d)
+                out.append([(r0 * row, r1 * row)] if r1 > r0 else [])
+            else:
+                raise ValueError(f"{spec.name}: TP style {style!r} is unknown; use 'col', 'row' or None")
+    return out
+
+
+def _sizes(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[int]:
+    """Elements per rank of :func:`tp_ranges` without listing the ranges (fast at scale)."""
+    rows = spec.shape[0]
+    row = spec.numel // rows
+    out = []
+    for d in range(dp):
+        for t in range(tp):
+            if style == "col":
+                t0, t1 = _chunk(rows, tp, t)
+                d0, d1 = _chunk(t1 - t0, dp, d)
+                out.append((d1 - d0) * row)
+            elif style == "row":
+                c0, c1 = _chunk(row, tp, t)
+                r0, r1 = _chunk(rows, dp, d)
+                out.append((r1 - r0) * (c1 - c0))
+            else:
+                r0, r1 = _chunk(rows, dp, d)
+                out.append((r1 - r0) * row)
+    return out
+
+
+def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, grad_bytes: int = 4,
+                    ns_bytes: int = 2, ns_steps: int = 5, num_logits: int = 0) -> dict[str, Any]:
+    """Per-rank optimizer bytes and state elements of ``muonclip_fsdp_tp`` (module doc).
+
+    ``plan``: parameter name -> ``"col"`` / ``"row"`` (names absent: replicated over tp).
+    ``grad_bytes``: momentum element size (pieces to owners); ``ns_bytes``: Newton-Schulz dtype
+    size (update pieces back). Returns ``{"bytes_per_rank": [{tag: bytes}], "state_numel_per_rank",
+    "owners"}``.
+    """
+    W = dp * tp
+    for s in specs:
+        if plan.get(s.name) not in (None, "col", "row") or (plan.get(s.name) == "row" and len(s.shape) != 2):
+            raise ValueError(f"{s.name}: TP style {plan.get(s.name)!r} is not 'col', 'row' (2-D weights) or None")
+    items = [MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps) for s in specs if s.use_muon]
+    owners = build_plan(items, W, {}).owners
+    to_owner, from_owner = [0.0] * W, [0.0] * W
+    state = [0] * W
+    for s in specs:
+        sizes = _sizes(s, plan.get(s.name), dp, tp)
+        for r, n in enumerate(sizes):
+            state[r] += n * (1 if s.use_muon else 2)
+        if not s.use_muon:
+            continue
+        o = owners[s.name]
+        from_owner[o] += (sum(sizes) - sizes[o]) * ns_bytes
+        for r, n in enumerate(sizes):
+            if r != o:
+                to_owner[r] += n * grad_bytes
+    pre = bytes_sent("all_reduce", (1 + 2 * len(specs) + num_logits) * 4, W) if W > 1 else 0.0
+    per_rank = [{"all_reduce[preflight]": pre, "all_to_all[muon_to_owner]": to_owner[r],
+                 "all_to_all[muon_from_owner]": from_owner[r]} for r in range(W)]
+    return {"engine": "muonclip_fsdp_tp", "dp": dp, "tp": tp, "bytes_per_rank": per_rank,
+            "state_numel_per_rank": state, "owners": dict(owners)}
