@@ -77,7 +77,7 @@ __all__ = ["StepProfiler", "WireCounter", "profile_optimizer", "PHASES", "storag
            "rss_status", "reset_rss_peak", "rss_hwm_bytes"]
 
 #: Phase names MuonClip.step() reports, in execution order.
-PHASES = ("reduce", "preflight", "clip_grad", "to_owner", "ns", "from_owner", "apply", "adamw", "qk_clip")
+PHASES = ("reduce", "preflight", "clip_grad", "momentum", "to_owner", "ns", "from_owner", "apply", "adamw", "qk_clip")
 
 
 def _storage(t: Any) -> tuple[tuple[str, int], int] | None:
