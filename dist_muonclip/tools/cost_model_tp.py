@@ -27,8 +27,9 @@ def _chunk(n: int, k: int, i: int) -> tuple[int, int]:
     return min(i * size, n), min((i + 1) * size, n)
 
 
-def tp_ranges(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[list[tuple[int, int]]]:
-    """Per rank of the ``(dp, tp)`` mesh, the flat ranges of ``spec``'s full tensor it holds."""
+def _blocks(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[tuple[int, int, int, int]]:
+    """Per rank of the ``(dp, tp)`` mesh, the block ``(row0, row1, col0, col1)`` of ``spec``'s full
+    tensor (viewed as rows x the rest) it holds."""
     rows = spec.shape[0]
     row = spec.numel // rows
     out = []
@@ -37,40 +38,38 @@ def tp_ranges(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[list
             if style == "col":
                 t0, t1 = _chunk(rows, tp, t)
                 d0, d1 = _chunk(t1 - t0, dp, d)
-                out.append([((t0 + d0) * row, (t0 + d1) * row)] if d1 > d0 else [])
+                out.append((t0 + d0, t0 + d1, 0, row))
             elif style == "row":
-                if len(spec.shape) != 2:
-                    raise ValueError(f"{spec.name}: RowwiseParallel needs a 2-D weight, got {spec.shape}")
                 c0, c1 = _chunk(row, tp, t)
                 r0, r1 = _chunk(rows, dp, d)
-                out.append([(i * row + c0, i * row + c1) for i in range(r0, r1)] if c1 > c0 else [])
+                out.append((r0, r1, c0, c1))
             elif style is None:
                 r0, r1 = _chunk(rows, dp, d)
-                out.append([(r0 * row, r1 * row)] if r1 > r0 else [])
+                out.append((r0, r1, 0, row))
             else:
                 raise ValueError(f"{spec.name}: TP style {style!r} is unknown; use 'col', 'row' or None")
     return out
 
 
+def tp_ranges(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[list[tuple[int, int]]]:
+    """Per rank of the ``(dp, tp)`` mesh, the flat ranges of ``spec``'s full tensor it holds."""
+    if style == "row" and len(spec.shape) != 2:
+        raise ValueError(f"{spec.name}: RowwiseParallel needs a 2-D weight, got {spec.shape}")
+    row = spec.numel // spec.shape[0]
+    out = []
+    for r0, r1, c0, c1 in _blocks(spec, style, dp, tp):
+        if r1 <= r0 or c1 <= c0:
+            out.append([])
+        elif style != "row":              # whole rows: one contiguous range
+            out.append([(r0 * row, r1 * row)])
+        else:                             # a column block: one range per row
+            out.append([(i * row + c0, i * row + c1) for i in range(r0, r1)])
+    return out
+
+
 def _sizes(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[int]:
     """Elements per rank of :func:`tp_ranges` without listing the ranges (fast at scale)."""
-    rows = spec.shape[0]
-    row = spec.numel // rows
-    out = []
-    for d in range(dp):
-        for t in range(tp):
-            if style == "col":
-                t0, t1 = _chunk(rows, tp, t)
-                d0, d1 = _chunk(t1 - t0, dp, d)
-                out.append((d1 - d0) * row)
-            elif style == "row":
-                c0, c1 = _chunk(row, tp, t)
-                r0, r1 = _chunk(rows, dp, d)
-                out.append((r1 - r0) * (c1 - c0))
-            else:
-                r0, r1 = _chunk(rows, dp, d)
-                out.append((r1 - r0) * row)
-    return out
+    return [max(r1 - r0, 0) * max(c1 - c0, 0) for r0, r1, c0, c1 in _blocks(spec, style, dp, tp)]
 
 
 def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, grad_bytes: int = 4,
