@@ -43,7 +43,7 @@ def ds_native_worker(rank: int, world: int, stage: int, steps: int, mode: str) -
         engine, returned, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     inner = hf.muonclip_optimizer(engine)
     ns_calls: list[int] = []
-    restore = _count_ns(inner, ns_calls)
+    restore = _count_ns(ns_calls)
     lrs = []
     try:
         for t in range(steps):
@@ -227,19 +227,11 @@ def trainer_worker(rank: int, world: int, out_dir: str, max_steps: int = 3, *, s
         kw["optimizers"] = (user_opt, torch.optim.lr_scheduler.LambdaLR(user_opt, lambda s: 1.0))
     trainer = cls(**kw)
     ns_calls: list[int] = []
-    import dist_muonclip.ns_split as optmod
-
-    real = optmod.orthogonalize
-
-    def counting(x, **k):
-        ns_calls.append(int(x.shape[0]) if x.ndim == 3 else 1)
-        return real(x, **k)
-
-    optmod.orthogonalize = counting
+    restore = _count_ns(ns_calls)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        optmod.orthogonalize = real
+        restore()
     inner = hf.muonclip_optimizer(trainer)
     if stage is not None:
         client = trainer.model_wrapped.basic_optimizer
@@ -323,7 +315,7 @@ def accelerate_ds_worker(rank: int, world: int, steps: int) -> dict[str, Any]:
     engine, opt = acc.prepare(model, DummyOptim(model.parameters(), lr=0.02, weight_decay=0.1))
     inner = hf.muonclip_optimizer(engine)
     ns_calls: list[int] = []
-    restore = _count_ns(inner, ns_calls)
+    restore = _count_ns(ns_calls)
     try:
         for t in range(steps):
             ids = local_batch(t, rank, world)

@@ -10,20 +10,8 @@ import torch
 
 from tests import _hf_workers as H
 from tests._dist_workers import local_batch
-from tests._ds_workers import _count_ns, _setup, ds_config
+from tests._ds_workers import _count_ns, _setup, ds_config, load_zero3_weights
 from tests._tiny_hf import tiny_model
-
-
-def _load_reference_weights(model, ref: dict[str, torch.Tensor], rank: int) -> None:
-    """Copy ``ref`` into a model partitioned by zero.Init (as from_pretrained does under ZeRO-3)."""
-    import deepspeed
-
-    params = dict(model.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-        if rank == 0:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(ref[n])
 
 
 def zero_init_model(rank: int, cfg: dict[str, Any] | None, ref: dict[str, torch.Tensor] | None = None):
@@ -36,7 +24,7 @@ def zero_init_model(rank: int, cfg: dict[str, Any] | None, ref: dict[str, torch.
         ref = {k: v.detach().clone() for k, v in tiny_model("llama", seed=0).named_parameters()}
     with deepspeed.zero.Init(config_dict_or_path=cfg) if cfg is not None else contextlib.nullcontext():
         model = tiny_model("llama", seed=0)
-    _load_reference_weights(model, ref, rank)
+    load_zero3_weights(model, ref, rank)
     return model
 
 
@@ -72,7 +60,7 @@ def ds_native_zero3_worker(rank: int, world: int, steps: int, mode: str, offload
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     inner = hf.muonclip_optimizer(engine)
     ns_calls: list[int] = []
-    restore = _count_ns(inner, ns_calls)
+    restore = _count_ns(ns_calls)
     lrs = []
     try:
         for t in range(steps):
@@ -102,7 +90,6 @@ def trainer_zero3_worker(rank: int, world: int, out_dir: str, max_steps: int = 3
     from transformers import Trainer
 
     import dist_muonclip.hf as hf
-    import dist_muonclip.ns_split as optmod
 
     ds = H.hf_ds_config(stage, optimizer="MuonClip" if route == "config" else None, scheduler=scheduler)
     if stage == 3:
@@ -128,17 +115,11 @@ def trainer_zero3_worker(rank: int, world: int, out_dir: str, max_steps: int = 3
         kw["muonclip_kwargs"] = dict(adamw_lr=0.01, ns_dtype="float32", ns_backend="torch", **H.QK)
     trainer = cls(**kw)
     ns_calls: list[int] = []
-    real = optmod.orthogonalize
-
-    def counting(x, **k):
-        ns_calls.append(int(x.shape[0]) if x.ndim == 3 else 1)
-        return real(x, **k)
-
-    optmod.orthogonalize = counting
+    restore = _count_ns(ns_calls)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        optmod.orthogonalize = real
+        restore()
     inner = hf.muonclip_optimizer(trainer)
     client = trainer.model_wrapped.basic_optimizer
     state_devices = sorted({str(v.device) for st in inner.state.values() for v in st.values()

@@ -9,33 +9,15 @@ from __future__ import annotations
 
 import pytest
 
+from dist_muonclip.launch_env import free_port
 from tests import _ds_workers as D
 from tests import _hf_workers as H
 from tests import _hf_zero3_workers as Z
 from tests.dist_utils import run_distributed, values
-from tests.test_hf import STEPS, _check_against_oracle, _close, _equal, _n_muon
+from tests.test_hf import STEPS, _check_against_oracle, _close, _equal, _n_muon, ds_oracle  # noqa: F401 (fixture)
 
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
-
-
-def _port() -> int:
-    from dist_muonclip.launch_env import free_port
-
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def ds_oracle():
-    cache = {}
-
-    def get(scheduler: bool):
-        if scheduler not in cache:
-            model, _ = D.train_single(STEPS, params=H.QK, scheduler=scheduler)
-            cache[scheduler] = {k: p.detach().clone() for k, p in model.named_parameters()}
-        return cache[scheduler]
-
-    return get
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,7 +29,7 @@ def test_deepspeed_initialize_zero3_json_type_matches_single_process(ds_oracle, 
     """``deepspeed.initialize`` (DeepSpeed's) at ZeRO-3 on a zero.Init model with ``"type":
     "MuonClip"`` and WarmupLR from the JSON: W=2 equals the one-process oracle, Newton-Schulz once
     per Muon matrix per step over both ranks, the scheduler drives both parts, QK-Clip clips."""
-    outs = values(run_distributed(Z.ds_native_zero3_worker, 2, STEPS, "config", tmp_path=tmp_path, port=_port()))
+    outs = values(run_distributed(Z.ds_native_zero3_worker, 2, STEPS, "config", tmp_path=tmp_path))
     assert all(o["layout"] == "zero3_partitions" and o["world_size"] == 2 for o in outs)
     assert outs[0]["n_muon"] == _n_muon()        # full shapes seen: every matrix on Muon
     for o in outs:
@@ -65,8 +47,7 @@ def test_deepspeed_initialize_zero3_offload_wraps_an_instance(ds_oracle, tmp_pat
     """A MuonClip instance (built under ``dist_muonclip.hf.full_shapes``) as DeepSpeed's client at
     ZeRO-3 with ``offload_optimizer`` cpu: DeepSpeed's "use DeepSpeedCPUAdam" refusal does not
     fire, and the run equals the oracle."""
-    outs = values(run_distributed(Z.ds_native_zero3_worker, 2, STEPS, "instance", True, tmp_path=tmp_path,
-                                  port=_port()))
+    outs = values(run_distributed(Z.ds_native_zero3_worker, 2, STEPS, "instance", True, tmp_path=tmp_path))
     for o in outs:
         assert o["layout"] == "zero3_partitions" and o["state_devices"] == ["cpu"]
         _close(o["params"], ds_oracle(False))
@@ -76,8 +57,7 @@ def test_deepspeed_initialize_zero3_offload_wraps_an_instance(ds_oracle, tmp_pat
 def test_instance_built_on_partitioned_model_is_refused(tmp_path):
     """A MuonClip built on a zero.Init model outside ``full_shapes`` saw empty parameters (no
     Muon matrix): refused before DeepSpeed starts, naming the fix."""
-    out = values(run_distributed(Z.ds_native_zero3_worker, 1, 1, "bare_instance", tmp_path=tmp_path,
-                                 port=_port()))[0]
+    out = values(run_distributed(Z.ds_native_zero3_worker, 1, 1, "bare_instance", tmp_path=tmp_path))[0]
     assert out["error"] and "full_shapes" in out["error"] and "zero.Init" in out["error"]
 
 
@@ -87,7 +67,7 @@ def test_instance_built_on_partitioned_model_is_refused(tmp_path):
 
 def _trainer(world: int, tmp_path, name: str, **kw) -> list[dict]:
     return values(H.run_torchrun_like(Z.trainer_zero3_call, world, str(tmp_path / name / "out"), kw,
-                                      tmp_path=tmp_path / name / "res", port=_port()))
+                                      tmp_path=tmp_path / name / "res", port=free_port()))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +76,7 @@ def trainer_oracle(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_oracle_z3")
     return values(H.run_torchrun_like(H.trainer_call, 1, str(root / "oracle" / "out"),
                                       dict(max_steps=STEPS, route="subclass", per_device=8),
-                                      tmp_path=root / "oracle" / "res", port=_port()))[0]
+                                      tmp_path=root / "oracle" / "res", port=free_port()))[0]
 
 
 @pytest.mark.slow

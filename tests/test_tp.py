@@ -146,8 +146,6 @@ def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tu
     ``MuonClip(model)`` with no layout: it must read tensor parallel from the DTensors.
     ``names=("dp",)``: FSDP2 only (a DCP load target). Optional DCP save / load of the model and
     the optimizer state (keyed by FQN; the mesh shape may differ between the two)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -170,22 +168,8 @@ def tp_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tu
         fsdp.fully_shard_model(model, mesh["dp"] if len(names) > 1 else mesh)
     acc = CommAccountant()
     opt = MuonClip(model, qk_clip=F.QK[kind], accountant=acc, **{**F.OPT_KW, **(extra or {})})
-    if load_dir is not None:
-        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
-        dcp.load(sd, checkpoint_id=load_dir)
-        set_model_state_dict(model, sd["model"])
-        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
-    acc.reset()
-    clipped = []
-    for t in range(start, start + steps):
-        ids = F.local_batch(t, dp_rank, dp)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
-    if save_dir is not None:
-        dcp.save({"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=save_dir)
+    clipped = F.dcp_train_steps(model, opt, acc, lambda t: F.local_batch(t, dp_rank, dp), start, steps,
+                                load_dir=load_dir, save_dir=save_dir)
     return {"params": F._full_params(model), "clipped": clipped, "acc": acc.totals(),
             "layout": type(opt.layout).__name__, "opt_world": opt.world_size,
             "placements": {n: str(tuple(p.placements)) for n, p in model.named_parameters()

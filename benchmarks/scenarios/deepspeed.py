@@ -140,7 +140,7 @@ def ds_train_worker(rank: int, world: int, stage: int, steps: int, bf16: bool | 
         loaded = _fp32_params(engine)
         lp_loaded = _lp_mismatch(engine, loaded)
     ns_calls = []
-    restore_ns = _count_ns(inner, ns_calls)
+    restore_ns = _count_ns(ns_calls)
     lrs, norms = [], []
     try:
         for t in range(start, start + steps):
@@ -206,9 +206,10 @@ def _moved_elems(inner, layout, p) -> int:
                for r, rs in enumerate(ranges) if r != owner for a, b in rs)
 
 
-def _count_ns(inner, calls: list):
-    """Record every matrix this rank orthogonalizes (names via shapes per call); returns the
-    function that puts the real orthogonalize back (several scenarios share one process)."""
+def _count_ns(calls: list):
+    """Record every matrix this rank orthogonalizes (at the engine's call site,
+    ``dist_muonclip.ns_split.orthogonalize``); returns the function that puts the real one back
+    (several scenarios share one process)."""
     import dist_muonclip.ns_split as optmod
 
     real = optmod.orthogonalize
@@ -425,22 +426,17 @@ def zero3_config(world: int, *, bf16: bool = False, micro: int | None = None, pe
     return cfg
 
 
-def _count_engine_ns(calls: list):
-    """Count the matrices the engine orthogonalizes (at the pipeline's call site); returns the restorer."""
-    import dist_muonclip.ns_split as engmod
+def load_zero3_weights(model, ref: dict, rank: int) -> None:
+    """Copy ``ref`` into a model partitioned by ``deepspeed.zero.Init`` (as HF's from_pretrained
+    does under ZeRO-3): gather, rank 0 writes, DeepSpeed re-partitions."""
+    import deepspeed
 
-    real = engmod.orthogonalize
-
-    def counting(x, **kw):
-        calls.append(int(x.shape[0]) if x.ndim == 3 else 1)
-        return real(x, **kw)
-
-    engmod.orthogonalize = counting
-
-    def restore() -> None:
-        engmod.orthogonalize = real
-
-    return restore
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if rank == 0:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(ref[n])
 
 
 def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
@@ -475,12 +471,7 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
             ref = dict(tiny_model(kind, seed=0, **model_kw).named_parameters())
             with deepspeed.zero.Init(config_dict_or_path=cfg):
                 model = tiny_model(kind, seed=0, **model_kw)
-            params = dict(model.named_parameters())
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                if rank == 0:
-                    with torch.no_grad():
-                        for n, p in params.items():
-                            p.copy_(ref[n])
+            load_zero3_weights(model, ref, rank)
         else:
             model = tiny_model(kind, seed=0, **model_kw)
         from dist_muonclip.comm import CommAccountant
@@ -493,7 +484,7 @@ def zero3_worker(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
         ns_per_step = []
         for t in range(sc.get("steps", 3)):
             calls: list = []
-            restore = _count_engine_ns(calls)
+            restore = _count_ns(calls)
             try:
                 ids = local_batch(t, rank, world)
                 for k in range(gas):

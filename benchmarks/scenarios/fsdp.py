@@ -389,6 +389,36 @@ def optimizer_clip_worker(rank: int, world: int, steps: int, max_norm: float):
     return {"params": _full_params(model), "norms": norms}
 
 
+def dcp_train_steps(model, opt, acc, batch, start: int, steps: int, *, load_dir: str | None = None,
+                    save_dir: str | None = None) -> list[float]:
+    """Steps ``start .. start+steps-1`` on ``batch(t)`` (the heads QK-Clip clipped per step
+    returned), with the model and optimizer state loaded from the DCP checkpoint ``load_dir``
+    before and saved to ``save_dir`` after (keyed by FQN: the mesh may differ between the two);
+    the accountant counts only the steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from dist_muonclip import fsdp
+
+    if load_dir is not None:
+        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=load_dir)
+        set_model_state_dict(model, sd["model"])
+        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
+    acc.reset()
+    clipped = []
+    for t in range(start, start + steps):
+        ids = batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
+    if save_dir is not None:
+        dcp.save({"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=save_dir)
+    return clipped
+
+
 def mesh_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: tuple, how: str = "auto",
                       save_dir: str | None = None, load_dir: str | None = None, start: int = 0,
                       extra: dict | None = None):
@@ -396,8 +426,6 @@ def mesh_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: 
     ``how="auto"``: ``MuonClip(model, ...)`` reads the layout from the DTensors (no layout, no
     process group given); ``"make"``: ``fsdp.make_muonclip``. Optional DCP save / load (the mesh
     shape may differ between the two: the checkpoint is keyed by FQN, sharded like the params)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     from dist_muonclip import MuonClip, fsdp
@@ -411,22 +439,8 @@ def mesh_train_worker(rank: int, world: int, kind: str, steps: int, mesh_shape: 
         opt = MuonClip(model, qk_clip=QK[kind], accountant=acc, **kw)
     else:
         opt = fsdp.make_muonclip(model, qk_clip=QK[kind], accountant=acc, **kw)
-    if load_dir is not None:
-        sd = {"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)}
-        dcp.load(sd, checkpoint_id=load_dir)
-        set_model_state_dict(model, sd["model"])
-        fsdp.set_optimizer_state_dict(model, opt, sd["optim"])
-    acc.reset()
-    clipped = []
-    for t in range(start, start + steps):
-        ids = local_batch(t, rank, world)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        clipped.append(opt.metrics().get("qk_clip/num_heads_clipped", 0.0))
-    if save_dir is not None:
-        dcp.save({"model": get_model_state_dict(model), "optim": fsdp.get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=save_dir)
+    clipped = dcp_train_steps(model, opt, acc, lambda t: local_batch(t, rank, world), start, steps,
+                              load_dir=load_dir, save_dir=save_dir)
     return {"params": _full_params(model), "clipped": clipped, "acc": acc.totals(),
             "layout": type(opt.layout).__name__, "opt_world": opt.world_size, "opt_rank": opt.rank,
             "coord": tuple(mesh.get_coordinate()),
