@@ -465,9 +465,14 @@ def install() -> None:
         pass
     else:
         _patch_transformers()
-    from . import hf_fsdp     # accelerate / Trainer FSDP2: MuonClip follows the DTensor swap
+    try:
+        from accelerate.utils import fsdp_utils  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from . import hf_fsdp     # accelerate / Trainer FSDP2: MuonClip follows the DTensor swap
 
-    hf_fsdp.install()
+        hf_fsdp.patch_accelerate()
     _STATE["installed"] = True
 
 

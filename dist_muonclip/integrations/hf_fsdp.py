@@ -23,9 +23,7 @@ from typing import Any
 
 from ..optimizer import MuonClip
 
-__all__ = ["install", "rebind_after_switch"]
-
-_STATE: dict[str, Any] = {"installed": False}
+__all__ = ["patch_accelerate", "rebind_after_switch"]
 
 
 def rebind_after_switch(optimizer: Any) -> bool:
@@ -37,7 +35,9 @@ def rebind_after_switch(optimizer: Any) -> bool:
     return inner.rebind_params() if isinstance(inner, MuonClip) else False
 
 
-def _patch_accelerate() -> None:
+def patch_accelerate() -> None:
+    """Wrap accelerate's ``fsdp2_switch_optimizer_parameters`` (once: called by
+    :func:`dist_muonclip.integrations.hf.install`)."""
     import accelerate.accelerator as acc_mod
     import accelerate.utils as acc_utils
     from accelerate.utils import fsdp_utils
@@ -53,16 +53,3 @@ def _patch_accelerate() -> None:
     for mod in (fsdp_utils, acc_utils, acc_mod):
         if getattr(mod, "fsdp2_switch_optimizer_parameters", None) is orig:
             mod.fsdp2_switch_optimizer_parameters = fsdp2_switch_optimizer_parameters
-
-
-def install() -> None:
-    """Wrap accelerate's FSDP2 optimizer-parameter switch (idempotent; skipped without accelerate)."""
-    if _STATE["installed"]:
-        return
-    try:
-        from accelerate.utils import fsdp_utils  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        _patch_accelerate()
-    _STATE["installed"] = True
