@@ -57,12 +57,9 @@ def write_result(path: str | None, rank: int, result: dict[str, Any]) -> None:
 
 
 def shutdown() -> None:
-    """End the job cleanly: a barrier, then destroy the process group (gloo workers can abort at
-    interpreter exit with "terminate called without an active exception" when the group is left
-    alive while a peer is already gone)."""
-    import torch.distributed as dist
+    """End the job cleanly: a barrier, then destroy the process group (see
+    :func:`dist_muonclip.launch_env.leave_process_group` for the exit hang it avoids)."""
+    from dist_muonclip.launch_env import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
 

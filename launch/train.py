@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_muonclip.comm import comm_tag
+from dist_muonclip.launch_env import leave_process_group
 from launch import checkpoint_files as ckpt_files
 from dist_muonclip.data import VOCAB_SIZE, batch_for_step, eval_batches, load_corpus, split_corpus
 from dist_muonclip.models import DEFAULT_PRESET, build_model, load_model_config, parse_override
@@ -293,9 +294,8 @@ def _elastic_store_kwargs() -> dict:
 
 def teardown_distributed(ctx: DistContext) -> None:
     """Barrier, then destroy the process group if this script created it."""
-    if ctx.owns_group and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if ctx.owns_group:
+        leave_process_group()
 
 
 class DDPEngine:

@@ -22,7 +22,7 @@ PORTS = iter(range(29980, 30000))     # this file's share of the 29950-29999 ran
 MIN_DROP = 0.3
 
 
-def _torchrun(script: str, *args: str, world: int = 2, timeout: int = 600) -> None:
+def _torchrun(script: str, *args: str, world: int = 2, timeout: int = 300) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DIST_MUONCLIP_DS_SHM": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
            f"--master_port={next(PORTS)}", os.path.join(EX, script), *args]

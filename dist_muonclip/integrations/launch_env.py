@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any, Callable, MutableMapping
 
-__all__ = ["discover", "free_port", "main", "spawn_local"]
+__all__ = ["discover", "free_port", "leave_process_group", "main", "spawn_local"]
 
 _KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _MPI_HINTS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
@@ -39,6 +39,37 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 
+
+
+_GROUPS_KEPT: list[Any] = []
+
+
+def _release_kept_groups() -> None:
+    _GROUPS_KEPT.clear()
+
+
+def leave_process_group() -> None:
+    """End a job's process group together: a barrier, then ``destroy_process_group``.
+
+    The default group is also kept referenced until ``atexit``. Without that, the last reference to a
+    gloo group can be a DDP ``Reducer``: it is freed when the trainer/model goes out of scope, with
+    the GIL held, and the group's destructor then joins gloo's worker threads while one of them
+    waits for the GIL to release a finished collective's Python tensors: a deadlock at exit (seen
+    under load on a 2-core box: HF Trainer + DDP hung after its results were written). Groups freed
+    from Python drop the GIL in their destructor; at ``atexit`` the kept reference goes that way.
+    Does nothing when no group is initialized.
+    """
+    import atexit
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    if not _GROUPS_KEPT:
+        atexit.register(_release_kept_groups)
+    _GROUPS_KEPT.append(dist.group.WORLD)
+    dist.destroy_process_group()
 
 
 def _spawned(rank: int, fn: Callable[..., Any], args: tuple) -> None:

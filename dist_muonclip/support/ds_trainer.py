@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..integrations.launch_env import leave_process_group
 from ..integrations.deepspeed import (deepspeed_client, disable_shm_comm, full_state_dict, initialize,
                                       load_checkpoint, load_config, save_checkpoint)
 
@@ -111,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # A process group still alive at interpreter exit can abort in gloo's thread teardown
         # ("terminate called without an active exception"): leave together, then destroy.
         # (Not on an exception: the other ranks may never reach the barrier.)
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
     return result
 
 
