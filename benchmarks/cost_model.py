@@ -45,6 +45,9 @@ ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_op
               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
               "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
               "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2"}
+#: mesh engines of benchmarks/scaling.py: HSDP (``replicas`` from the row's mesh), FSDP x TP
+#: (:func:`dist_muonclip.tools.cost_model_tp.predict_fsdp_tp`, see :func:`_validate_tp_row`)
+ENGINE_MAP.update({"muonclip_hsdp": "muonclip_hsdp", "muonclip_fsdp_tp": "muonclip_fsdp_tp"})
 #: The acceptance bound of issue 8 for bytes and optimizer-state bytes.
 REL_TOL = 0.05
 
@@ -94,11 +97,15 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
             specs[r["size"]] = (specs_from_model(model),
                                 sum(b.numel() * b.element_size() for b in model.buffers()))
         sp, buffers = specs[r["size"]]
+        if r["engine"] == "muonclip_fsdp_tp":
+            out.append(_validate_tp_row(r, sp, cfg, prec))
+            continue
         # DDP broadcasts buffers at every forward: seen by wire-level counts (not by older accountant runs)
         p = predict(sp, r["world_size"], engine_for(r["engine"], prec), rank=r["rank"],
                     num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                     buffer_bytes=(buffers if (wire or r.get("comm_counted") == "wire") and r["engine"].endswith("ddp")
                                   else 0),
+                    replicas=(r.get("mesh") or {}).get("replicate", 1),
                     **dtype_kwargs(r["engine"], prec))
         out.append({"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": r["rank"],
                     "precision": prec,
@@ -108,6 +115,30 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
                     "state_rel_err": _rel(p["state_bytes"], r["state_bytes"]),
                     "ns_flops_measured": r["ns_flops"], "ns_flops_predicted": p["ns_flops"]})
     return out
+
+
+def _validate_tp_row(r: dict, specs: list, cfg: dict, precision: str) -> dict:
+    """One FSDP x TP row: the optimizer's bytes (MuonClip's tagged collectives: preflight, pieces
+    to owners, updates back) and its state against :func:`predict_fsdp_tp` with the row's plan and
+    mesh; NS FLOPs per rank. The model's own traffic (FSDP2's all-gathers / reduce-scatters over
+    dp, TP's activation all-reduces: untagged) is reported, not predicted."""
+    from dist_muonclip.tools.cost_model_tp import predict_fsdp_tp
+
+    if precision != "fp32":
+        raise ValueError(f"muonclip_fsdp_tp rows are validated for fp32 runs only, got {precision!r}")
+    mesh, rank = r["mesh"], r["rank"]
+    p = predict_fsdp_tp(specs, mesh["dp"], mesh["tp"], r["tp_plan"], grad_bytes=4, ns_bytes=2,
+                        num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"])
+    opt_bytes = sum(v["bytes"] for k, v in r["comm"].items() if "[" in k)
+    pred_bytes = sum(p["bytes_per_rank"][rank].values())
+    state = p["state_numel_per_rank"][rank] * 4
+    return {"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": rank,
+            "precision": precision, "mesh": mesh, "bytes_scope": "optimizer (tagged collectives)",
+            "bytes_measured": opt_bytes, "bytes_predicted": pred_bytes, "bytes_rel_err": _rel(pred_bytes, opt_bytes),
+            "model_bytes_measured_not_predicted": r["bytes"] - opt_bytes,
+            "state_measured": r["state_bytes"], "state_predicted": state,
+            "state_rel_err": _rel(state, r["state_bytes"]),
+            "ns_flops_measured": r["ns_flops"], "ns_flops_predicted": p["ns_flops_per_rank"][rank]}
 
 
 def _ds_compare_config(meta: dict) -> dict:

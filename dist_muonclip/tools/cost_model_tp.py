@@ -19,7 +19,28 @@ from ..comm import bytes_sent
 from ..plan import MatrixItem, build_plan
 from .cost_model import ParamSpec
 
-__all__ = ["predict_fsdp_tp", "tp_ranges"]
+__all__ = ["COLWISE", "ROWWISE", "megatron_plan", "predict_fsdp_tp", "tp_ranges"]
+
+
+#: linear layers a Megatron-style plan cuts on their rows (ColwiseParallel) / columns (RowwiseParallel)
+COLWISE = ("q_proj", "k_proj", "v_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
+def megatron_plan(names: Sequence[str]) -> dict[str, str]:
+    """The TP plan the tests and ``benchmarks/scaling.py`` use, by parameter name: the weights of
+    :data:`COLWISE` modules ``"col"``, of :data:`ROWWISE` modules ``"row"`` (routed experts
+    excepted); embeddings, norms, MLA's down projections and the LM head stay replicated."""
+    plan = {}
+    for n in names:
+        parts = n.split(".")
+        if len(parts) < 2 or parts[-1] != "weight":
+            continue
+        if parts[-2] in COLWISE:
+            plan[n] = "col"
+        elif parts[-2] in ROWWISE and ".experts." not in n:
+            plan[n] = "row"
+    return plan
 
 
 def _chunk(n: int, k: int, i: int) -> tuple[int, int]:
@@ -87,6 +108,10 @@ def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[
             raise ValueError(f"{s.name}: TP style {plan.get(s.name)!r} is not 'col', 'row' (2-D weights) or None")
     items = [MatrixItem(s.name, 0, s.num_matrices, *s.mn, "float32", ns_steps) for s in specs if s.use_muon]
     owners = build_plan(items, W, {}).owners
+    flops, runs = [0] * W, [0] * W
+    for it in items:
+        flops[owners[it.name]] += it.flops
+        runs[owners[it.name]] += it.num_matrices
     to_owner, from_owner = [0.0] * W, [0.0] * W
     state = [0] * W
     for s in specs:
@@ -104,4 +129,5 @@ def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[
     per_rank = [{"all_reduce[preflight]": pre, "all_to_all[muon_to_owner]": to_owner[r],
                  "all_to_all[muon_from_owner]": from_owner[r]} for r in range(W)]
     return {"engine": "muonclip_fsdp_tp", "dp": dp, "tp": tp, "bytes_per_rank": per_rank,
-            "state_numel_per_rank": state, "owners": dict(owners)}
+            "state_numel_per_rank": state, "ns_flops_per_rank": flops, "ns_matrices_per_rank": runs,
+            "owners": dict(owners)}
