@@ -118,24 +118,26 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
 
 
 def _validate_tp_row(r: dict, specs: list, cfg: dict, precision: str) -> dict:
-    """One FSDP x TP row: the optimizer's bytes (MuonClip's tagged collectives: preflight, pieces
-    to owners, updates back) and its state against :func:`predict_fsdp_tp` with the row's plan and
-    mesh; NS FLOPs per rank. The model's own traffic (FSDP2's all-gathers / reduce-scatters over
-    dp, TP's activation all-reduces: untagged) is reported, not predicted."""
+    """One FSDP x TP row against :func:`predict_fsdp_tp` with the row's plan, mesh and tokens: every
+    byte on the wire (the optimizer's tagged collectives, TP's activation all-reduces, FSDP2's
+    traffic over dp), the optimizer's bytes alone, the state, NS FLOPs per rank."""
     from dist_muonclip.tools.cost_model_tp import predict_fsdp_tp
 
     if precision != "fp32":
         raise ValueError(f"muonclip_fsdp_tp rows are validated for fp32 runs only, got {precision!r}")
     mesh, rank = r["mesh"], r["rank"]
     p = predict_fsdp_tp(specs, mesh["dp"], mesh["tp"], r["tp_plan"], grad_bytes=4, ns_bytes=2,
-                        num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"])
-    opt_bytes = sum(v["bytes"] for k, v in r["comm"].items() if "[" in k)
-    pred_bytes = sum(p["bytes_per_rank"][rank].values())
+                        num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
+                        tokens=r["micro_batch"] * r["seq"])
+    pred = p["bytes_per_rank"][rank]
+    opt_meas = sum(v["bytes"] for k, v in r["comm"].items() if "[" in k)     # MuonClip's tagged collectives
+    opt_pred = sum(v for k, v in pred.items() if "[" in k)
     state = p["state_numel_per_rank"][rank] * 4
     return {"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": rank,
-            "precision": precision, "mesh": mesh, "bytes_scope": "optimizer (tagged collectives)",
-            "bytes_measured": opt_bytes, "bytes_predicted": pred_bytes, "bytes_rel_err": _rel(pred_bytes, opt_bytes),
-            "model_bytes_measured_not_predicted": r["bytes"] - opt_bytes,
+            "precision": precision, "mesh": mesh,
+            "bytes_measured": r["bytes"], "bytes_predicted": sum(pred.values()),
+            "bytes_rel_err": _rel(sum(pred.values()), r["bytes"]),
+            "optimizer_bytes_measured": opt_meas, "optimizer_bytes_predicted": opt_pred,
             "state_measured": r["state_bytes"], "state_predicted": state,
             "state_rel_err": _rel(state, r["state_bytes"]),
             "ns_flops_measured": r["ns_flops"], "ns_flops_predicted": p["ns_flops_per_rank"][rank]}

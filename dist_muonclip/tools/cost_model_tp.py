@@ -9,7 +9,8 @@ tp; absent: left replicated over tp). FSDP2 then splits each tp piece's rows ove
 Per rank it predicts the optimizer's bytes (the engine's accountant: the preflight all-reduce,
 the two all-to-alls of pieces to owners and of update pieces back; elements held by several tp
 ranks travel from and to every holder) and its state (momentum per Muon element held, two Adam
-moments per AdamW element held). TP's own activation all-reduces are the model's, not counted.
+moments per AdamW element held); with ``tokens``, also the model's own traffic (TP's activation
+all-reduces, FSDP2's all-gathers and reduce-scatters over dp: :func:`model_traffic`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..comm import bytes_sent
 from ..plan import MatrixItem, build_plan
 from .cost_model import ParamSpec
 
-__all__ = ["COLWISE", "ROWWISE", "megatron_plan", "predict_fsdp_tp", "tp_ranges"]
+__all__ = ["COLWISE", "ROWWISE", "megatron_plan", "model_traffic", "predict_fsdp_tp", "tp_ranges"]
 
 
 #: linear layers a Megatron-style plan cuts on their rows (ColwiseParallel) / columns (RowwiseParallel)
@@ -93,13 +94,58 @@ def _sizes(spec: ParamSpec, style: str | None, dp: int, tp: int) -> list[int]:
     return [max(r1 - r0, 0) * max(c1 - c0, 0) for r0, r1, c0, c1 in _blocks(spec, style, dp, tp)]
 
 
+def _local_spec(spec: ParamSpec, style: str | None, tp: int, t: int) -> ParamSpec:
+    """``spec`` as tp rank ``t`` holds it (what FSDP2 then shards over dp)."""
+    r0, r1, c0, c1 = _blocks(spec, style, 1, tp)[t]
+    shape = (r1 - r0, c1 - c0) if style == "row" else (r1 - r0, *spec.shape[1:])
+    return ParamSpec(spec.name, shape, spec.use_muon, spec.num_matrices)
+
+
+def model_traffic(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, tokens: int,
+                  act_bytes: int = 4, param_bytes: int = 4, grad_bytes: int = 4) -> list[dict[str, float]]:
+    """Per rank of the ``(dp, tp)`` mesh, the model's own bytes per step (untagged on the wire):
+
+    * ``all_reduce``: TP's activations, ``tokens`` (this rank's batch x sequence) rows each: the
+      output of every ``RowwiseParallel`` module in forward (a Partial sum, ``shape[0]`` wide) and
+      the input gradient of every ``ColwiseParallel`` module in backward (``shape[1]`` wide),
+      over the tp ranks;
+    * ``all_gather`` / ``reduce_scatter``: FSDP2 over dp on each tp rank's pieces (the
+      ``muonclip_fsdp2`` model of :func:`dist_muonclip.tools.cost_model.predict` at ``W = dp``
+      on the tp-local shapes).
+
+    Exact on the measured CPU runs (benchmarks/scaling.py ``muonclip_fsdp_tp``, fp32); assumes every
+    planned module runs once per forward (no weight sharing, no activation recomputation).
+    """
+    from ..comm import bytes_sent as sent
+    from .cost_model import predict
+
+    act = 0.0
+    for s in specs:
+        style = plan.get(s.name)
+        if style is not None and tp > 1:
+            act += sent("all_reduce", tokens * (s.shape[0] if style == "row" else s.numel // s.shape[0]) * act_bytes,
+                        tp)
+    out = []
+    for r in range(dp * tp):
+        d, t = divmod(r, tp)
+        b: dict[str, float] = {"all_reduce": act} if act else {}
+        if dp > 1:
+            loc = [_local_spec(s, plan.get(s.name), tp, t) for s in specs]
+            f = predict(loc, dp, "muonclip_fsdp2", rank=d, param_bytes=param_bytes, grad_bytes=grad_bytes)["bytes"]
+            b.update({k: f[k] for k in ("all_gather", "reduce_scatter") if k in f})
+        out.append(b)
+    return out
+
+
 def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, grad_bytes: int = 4,
-                    ns_bytes: int = 2, ns_steps: int = 5, num_logits: int = 0) -> dict[str, Any]:
+                    ns_bytes: int = 2, ns_steps: int = 5, num_logits: int = 0,
+                    tokens: int | None = None) -> dict[str, Any]:
     """Per-rank optimizer bytes and state elements of ``muonclip_fsdp_tp`` (module doc).
 
     ``plan``: parameter name -> ``"col"`` / ``"row"`` (names absent: replicated over tp).
     ``grad_bytes``: momentum element size (pieces to owners); ``ns_bytes``: Newton-Schulz dtype
-    size (update pieces back). Returns ``{"bytes_per_rank": [{tag: bytes}], "state_numel_per_rank",
+    size (update pieces back). ``tokens`` (this rank's batch x sequence): also the model's own
+    traffic of :func:`model_traffic` (fp32), so that the bytes are every byte on the wire. Returns ``{"bytes_per_rank": [{tag: bytes}], "state_numel_per_rank",
     "owners"}``.
     """
     W = dp * tp
@@ -128,6 +174,9 @@ def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[
     pre = bytes_sent("all_reduce", (1 + 2 * len(specs) + num_logits) * 4, W) if W > 1 else 0.0
     per_rank = [{"all_reduce[preflight]": pre, "all_to_all[muon_to_owner]": to_owner[r],
                  "all_to_all[muon_from_owner]": from_owner[r]} for r in range(W)]
+    if tokens is not None:
+        for b, m in zip(per_rank, model_traffic(specs, dp, tp, plan, tokens=tokens, grad_bytes=grad_bytes)):
+            b.update(m)
     return {"engine": "muonclip_fsdp_tp", "dp": dp, "tp": tp, "bytes_per_rank": per_rank,
             "state_numel_per_rank": state, "ns_flops_per_rank": flops, "ns_matrices_per_rank": runs,
             "owners": dict(owners)}
