@@ -108,7 +108,7 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
                     replicas=(r.get("mesh") or {}).get("replicate", 1),
                     **dtype_kwargs(r["engine"], prec))
         out.append({"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": r["rank"],
-                    "precision": prec,
+                    "precision": prec, **({"mesh": r["mesh"]} if r.get("mesh") else {}),
                     "bytes_measured": r["bytes"], "bytes_predicted": p["bytes"]["total"],
                     "bytes_rel_err": _rel(p["bytes"]["total"], r["bytes"]),
                     "state_measured": r["state_bytes"], "state_predicted": p["state_bytes"],
@@ -252,6 +252,26 @@ def measure_gpu(out_dir: str, layers: int = 2, steps: int = 6) -> dict:
     return res
 
 
+#: models priced on 2-D meshes (dp x tp, replicas x shard; tp / shard = 8: one node)
+MESH_MODELS = ("llama3-8b", "llama3-70b")
+
+
+def _mesh_tables(models: dict[str, dict]) -> dict:
+    """FSDP x TP and HSDP predictions (:func:`dist_muonclip.tools.cost_model_tp.mesh_table`) for
+    the dense models of :data:`MESH_MODELS` among ``models``, printed as a table."""
+    from dist_muonclip.tools.cost_model_tp import mesh_table
+
+    out = {}
+    for name in (m for m in MESH_MODELS if m in models):
+        rows = out[name] = mesh_table(models[name])
+        print(f"\n### {name} on 2-D meshes (GiB per rank and step; 8192 tokens per dp rank)\n")
+        print("| mesh | engine | optimizer GiB | model GiB | state GiB | NS TFLOP |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['mesh']} | {r['engine']} | {r['optimizer_GiB_per_rank']:.2f} | {r['model_GiB_per_rank']:.2f} "
+                  f"| {r['state_GiB_per_rank']:.2f} | {r['ns_TFLOP_per_rank']:.1f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from dist_muonclip.cost_model import HARDWARE, format_table, scaling_table
 
@@ -304,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["tables"][name] = rows
         print(f"\n### {name} ({rows[0]['num_params'] / 1e9:.2f}B parameters, {HARDWARE[args.hardware].name})\n")
         print(format_table(rows))
+    payload["meshes"] = _mesh_tables(models)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out}")

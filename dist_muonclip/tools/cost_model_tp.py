@@ -20,7 +20,8 @@ from ..comm import bytes_sent
 from ..plan import MatrixItem, build_plan
 from .cost_model import ParamSpec
 
-__all__ = ["COLWISE", "ROWWISE", "megatron_plan", "model_traffic", "predict_fsdp_tp", "tp_ranges"]
+__all__ = ["COLWISE", "OPTIMIZER_TAGS", "ROWWISE", "megatron_plan", "mesh_table", "model_traffic", "predict_fsdp_tp",
+           "tp_ranges"]
 
 
 #: linear layers a Megatron-style plan cuts on their rows (ColwiseParallel) / columns (RowwiseParallel)
@@ -102,7 +103,8 @@ def _local_spec(spec: ParamSpec, style: str | None, tp: int, t: int) -> ParamSpe
 
 
 def model_traffic(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, tokens: int,
-                  act_bytes: int = 4, param_bytes: int = 4, grad_bytes: int = 4) -> list[dict[str, float]]:
+                  act_bytes: int = 4, param_bytes: int = 4, grad_bytes: int = 4,
+                  ranks: Sequence[int] | None = None) -> list[dict[str, float]]:
     """Per rank of the ``(dp, tp)`` mesh, the model's own bytes per step (untagged on the wire):
 
     * ``all_reduce``: TP's activations, ``tokens`` (this rank's batch x sequence) rows each: the
@@ -112,6 +114,8 @@ def model_traffic(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[st
     * ``all_gather`` / ``reduce_scatter``: FSDP2 over dp on each tp rank's pieces (the
       ``muonclip_fsdp2`` model of :func:`dist_muonclip.tools.cost_model.predict` at ``W = dp``
       on the tp-local shapes).
+
+    ``ranks``: only these ranks (default: all), in that order.
 
     Exact on the measured CPU runs (benchmarks/scaling.py ``muonclip_fsdp_tp``, fp32); assumes every
     planned module runs once per forward (no weight sharing, no activation recomputation).
@@ -126,7 +130,7 @@ def model_traffic(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[st
             act += sent("all_reduce", tokens * (s.shape[0] if style == "row" else s.numel // s.shape[0]) * act_bytes,
                         tp)
     out = []
-    for r in range(dp * tp):
+    for r in (range(dp * tp) if ranks is None else ranks):
         d, t = divmod(r, tp)
         b: dict[str, float] = {"all_reduce": act} if act else {}
         if dp > 1:
@@ -180,3 +184,51 @@ def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[
     return {"engine": "muonclip_fsdp_tp", "dp": dp, "tp": tp, "bytes_per_rank": per_rank,
             "state_numel_per_rank": state, "ns_flops_per_rank": flops, "ns_matrices_per_rank": runs,
             "owners": dict(owners)}
+
+
+#: MuonClip's own collectives (the rest on the wire is the model's: FSDP2, TP, HSDP's replicate all-reduce)
+OPTIMIZER_TAGS = ("all_reduce[preflight]", "all_to_all[muon_to_owner]", "all_to_all[muon_from_owner]")
+_GIB = 2.0 ** 30
+
+
+def mesh_table(cfg: Mapping[str, Any], meshes: Sequence[tuple[int, int]] = ((1, 8), (2, 8), (4, 8), (8, 8)), *,
+               tokens: int = 8192) -> list[dict[str, Any]]:
+    """Predicted per-rank cost of one step on 2-D meshes for an HF config (``specs_from_config``):
+    ``muonclip_fsdp_tp`` on ``(dp, tp)`` (:func:`megatron_plan`; fp32 momentum and moments, bf16
+    Newton-Schulz updates; the model's traffic for ``tokens`` per dp rank in bf16 activations and
+    all-gathers, fp32 reduce-scatters) and ``muonclip_hsdp`` on ``(replicas, shard)`` = the same
+    shape (same dtypes), beside ``muonclip_fsdp2`` at the same W. GiB per rank are the most loaded rank's; NS TFLOP the busiest rank's."""
+    from .cost_model import predict, specs_from_config
+
+    # as the TP rows: bf16 parameter all-gathers, fp32 gradients / momentum pieces / state, bf16
+    # updates; FSDP2's fp32 parameter shards are the parameters, not optimizer state (no masters)
+    dtypes = dict(param_bytes=2, grad_bytes=4, ns_bytes=2, state_elem_bytes=4, master_bytes=0)
+    specs = specs_from_config(dict(cfg))
+    plan = megatron_plan([s.name for s in specs])
+    heads = int(cfg["num_attention_heads"]) * int(cfg["num_hidden_layers"])
+    rows = []
+    for dp, tp in meshes:
+        W = dp * tp
+        p = predict_fsdp_tp(specs, dp, tp, plan, grad_bytes=4, ns_bytes=2, num_logits=heads)
+        model = model_traffic(specs, dp, tp, plan, tokens=tokens, act_bytes=2, param_bytes=2, grad_bytes=4,
+                              ranks=range(tp))          # dp coordinate 0: the others move the same bytes
+        f = predict(specs, W, "muonclip_fsdp2", num_logits=heads, **dtypes)
+        row = {"mesh": f"{dp} x {tp}", "world_size": W, "engine": "muonclip_fsdp_tp",
+               "optimizer_GiB_per_rank": max(sum(b.values()) for b in p["bytes_per_rank"]) / _GIB,
+               "optimizer_GiB_all_ranks": sum(sum(b.values()) for b in p["bytes_per_rank"]) / _GIB,
+               "model_GiB_per_rank": max(sum(b.values()) for b in model) / _GIB,
+               "state_GiB_per_rank": max(p["state_numel_per_rank"]) * 4 / _GIB,
+               "ns_TFLOP_per_rank": max(p["ns_flops_per_rank"]) / 1e12,
+               "fsdp2_same_W": {"optimizer_GiB_per_rank": sum(f["bytes"].get(k, 0.0) for k in OPTIMIZER_TAGS) / _GIB,
+                                "state_GiB_per_rank": max(f["state_bytes_per_rank"]) / _GIB,
+                                "ns_TFLOP_per_rank": f["ns_flops_max"] / 1e12}}
+        rows.append(row)
+        if dp > 1:
+            h = predict(specs, W, "muonclip_hsdp", replicas=dp, num_logits=heads, **dtypes)
+            rows.append({"mesh": f"{dp} x {tp}", "world_size": W, "engine": "muonclip_hsdp",
+                         "optimizer_GiB_per_rank": sum(h["bytes"].get(k, 0.0) for k in OPTIMIZER_TAGS) / _GIB,
+                         "model_GiB_per_rank": sum(v for k, v in h["bytes"].items()
+                                                   if k not in OPTIMIZER_TAGS and k != "total") / _GIB,
+                         "state_GiB_per_rank": max(h["state_bytes_per_rank"]) / _GIB,
+                         "ns_TFLOP_per_rank": h["ns_flops_max"] / 1e12})
+    return rows
