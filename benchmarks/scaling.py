@@ -31,6 +31,9 @@ Device and precision (``--backend nccl``: rank r on ``cuda:r``; ``--precision bf
 with ``--micro-batch``/``--seq``): see :data:`DEFAULT_OPTIONS`. ``benchmarks/multi_gpu.py`` drives
 this module on GPUs.
 
+Mesh engines (at W a multiple of 2 above 1): ``muonclip_hsdp`` (HSDP on a ``(2, W/2)`` mesh) and
+``muonclip_fsdp_tp`` (FSDP2 x tensor parallel on ``(W/2, 2)``, Megatron-style plan; docs/meshes.md).
+
 Engines whose integration module does not import yet are skipped with the reason in the JSON.
 Writes ``benchmarks/results/scaling_<tag>.json`` and three PNG plots.
 """
