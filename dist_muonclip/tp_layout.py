@@ -164,6 +164,8 @@ def check_heads_local(clip_layers: Sequence[Any], layout: TensorParallelLayout) 
     """
     tp, _ = layout.head_shard or (1, 0)
     for layer in clip_layers:
+        if layer.num_heads % tp:
+            continue          # MaxLogitTracker.set_head_shard refuses it next, naming the head counts
         for t in layer.targets:
             if not _tp_row_shard(t.param, t.dim, layout):
                 continue
