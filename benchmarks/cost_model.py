@@ -47,7 +47,8 @@ ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_op
               "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2"}
 #: mesh engines of benchmarks/scaling.py: HSDP (``replicas`` from the row's mesh), FSDP x TP
 #: (:func:`dist_muonclip.tools.cost_model_tp.predict_fsdp_tp`, see :func:`_validate_tp_row`)
-ENGINE_MAP.update({"muonclip_hsdp": "muonclip_hsdp", "muonclip_fsdp_tp": "muonclip_fsdp_tp"})
+ENGINE_MAP.update({"muonclip_hsdp": "muonclip_hsdp", "muonclip_fsdp_tp": "muonclip_fsdp_tp",
+                   "adamw_fsdp_tp": "adamw_fsdp_tp"})
 #: The acceptance bound of issue 8 for bytes and optimizer-state bytes.
 REL_TOL = 0.05
 
@@ -97,7 +98,7 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
             specs[r["size"]] = (specs_from_model(model),
                                 sum(b.numel() * b.element_size() for b in model.buffers()))
         sp, buffers = specs[r["size"]]
-        if r["engine"] == "muonclip_fsdp_tp":
+        if r["engine"].endswith("_fsdp_tp"):
             out.append(_validate_tp_row(r, sp, cfg, prec))
             continue
         # DDP broadcasts buffers at every forward: seen by wire-level counts (not by older accountant runs)
@@ -124,11 +125,11 @@ def _validate_tp_row(r: dict, specs: list, cfg: dict, precision: str) -> dict:
     from dist_muonclip.tools.cost_model_tp import predict_fsdp_tp
 
     if precision != "fp32":
-        raise ValueError(f"muonclip_fsdp_tp rows are validated for fp32 runs only, got {precision!r}")
+        raise ValueError(f"{r['engine']} rows are validated for fp32 runs only, got {precision!r}")
     mesh, rank = r["mesh"], r["rank"]
     p = predict_fsdp_tp(specs, mesh["dp"], mesh["tp"], r["tp_plan"], grad_bytes=4, ns_bytes=2,
                         num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
-                        tokens=r["micro_batch"] * r["seq"])
+                        tokens=r["micro_batch"] * r["seq"], optimizer=r["engine"].split("_")[0])
     pred = p["bytes_per_rank"][rank]
     opt_meas = sum(v["bytes"] for k, v in r["comm"].items() if "[" in k)     # MuonClip's tagged collectives
     opt_pred = sum(v for k, v in pred.items() if "[" in k)

@@ -32,7 +32,8 @@ with ``--micro-batch``/``--seq``): see :data:`DEFAULT_OPTIONS`. ``benchmarks/mul
 this module on GPUs.
 
 Mesh engines (at W a multiple of 2 above 1): ``muonclip_hsdp`` (HSDP on a ``(2, W/2)`` mesh) and
-``muonclip_fsdp_tp`` (FSDP2 x tensor parallel on ``(W/2, 2)``, Megatron-style plan; docs/meshes.md).
+``muonclip_fsdp_tp`` (FSDP2 x tensor parallel on ``(W/2, 2)``, Megatron-style plan; docs/meshes.md),
+``adamw_fsdp_tp`` (torch AdamW on the same model).
 
 Engines whose integration module does not import yet are skipped with the reason in the JSON.
 Writes ``benchmarks/results/scaling_<tag>.json`` and three PNG plots.
@@ -493,11 +494,12 @@ def _run_hsdp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any
     return out
 
 
-def _run_fsdp_tp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip on FSDP2 x tensor parallel: ``parallelize_module`` with the Megatron-style plan of
+def _run_fsdp_tp(model: Any, run: _Run, steps: int, ns: NSCounter, muonclip: bool = True) -> dict[str, Any]:
+    """MuonClip (or torch AdamW, ``muonclip=False``) on FSDP2 x tensor parallel: ``parallelize_module`` with the Megatron-style plan of
     :func:`dist_muonclip.tools.cost_model_tp.megatron_plan` (q/k/v/gate/up ColwiseParallel, o/down
     RowwiseParallel) on a tp axis of MESH_AXIS, ``fully_shard`` on the ``W / MESH_AXIS`` dp axis
     (TP alone at W = MESH_AXIS); ``MuonClip(model)`` reads TensorParallelLayout."""
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -516,8 +518,12 @@ def _run_fsdp_tp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, 
         mesh = init_device_mesh(run.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, mesh["tp"], styles)
         model = fsdp.fully_shard_model(model, mesh["dp"], _fsdp_policy(run))
-    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
-    out = _measure(run, model, opt, steps, *_step_fns(model, opt), ns, (opt_mod, "orthogonalize"))
+    if muonclip:
+        opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
+    else:    # per-parameter loop: foreach cannot mix the plain / DTensor parameters of different meshes
+        opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1, foreach=False)
+    out = _measure(run, model, opt, steps, *_step_fns(model, opt), ns,
+                   (opt_mod, "orthogonalize") if muonclip else None)
     out["mesh"], out["tp_plan"] = {"dp": dp, "tp": tp}, plan
     return out
 
@@ -526,6 +532,8 @@ def _run_fsdp_tp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, 
 MESH_ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]]] = {
     "muonclip_hsdp": (_run_hsdp, lambda: _missing("dist_muonclip.fsdp")),
     "muonclip_fsdp_tp": (_run_fsdp_tp, lambda: _missing("torch.distributed.tensor.parallel")),
+    "adamw_fsdp_tp": (lambda m, r, s, ns: _run_fsdp_tp(m, r, s, ns, False),
+                      lambda: _missing("torch.distributed.tensor.parallel")),
 }
 ENGINES.update(MESH_ENGINES)
 

@@ -143,15 +143,22 @@ def model_traffic(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[st
 
 def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[str, str], *, grad_bytes: int = 4,
                     ns_bytes: int = 2, ns_steps: int = 5, num_logits: int = 0,
-                    tokens: int | None = None) -> dict[str, Any]:
-    """Per-rank optimizer bytes and state elements of ``muonclip_fsdp_tp`` (module doc).
+                    tokens: int | None = None, optimizer: str = "muonclip") -> dict[str, Any]:
+    """Per-rank optimizer bytes and state elements of ``muonclip_fsdp_tp`` (module doc);
+    ``optimizer="adamw"``: torch AdamW on the same model (``adamw_fsdp_tp``: two moments per
+    element held, no optimizer collectives, NS 0).
 
     ``plan``: parameter name -> ``"col"`` / ``"row"`` (names absent: replicated over tp).
     ``grad_bytes``: momentum element size (pieces to owners); ``ns_bytes``: Newton-Schulz dtype
     size (update pieces back). ``tokens`` (this rank's batch x sequence): also the model's own
-    traffic of :func:`model_traffic` (fp32), so that the bytes are every byte on the wire. Returns ``{"bytes_per_rank": [{tag: bytes}], "state_numel_per_rank",
-    "owners"}``.
+    traffic of :func:`model_traffic` (fp32), so that the bytes are every byte on the wire.
+    Returns ``{"bytes_per_rank": [{tag: bytes}], "state_numel_per_rank", "ns_flops_per_rank",
+    "ns_matrices_per_rank", "owners"}`` (each matrix orthogonalized once, on its owner).
     """
+    if optimizer not in ("muonclip", "adamw"):
+        raise ValueError(f"optimizer={optimizer!r}: use 'muonclip' or 'adamw'")
+    if optimizer == "adamw":
+        specs = [ParamSpec(s.name, s.shape, False, s.num_matrices) for s in specs]
     W = dp * tp
     for s in specs:
         if plan.get(s.name) not in (None, "col", "row") or (plan.get(s.name) == "row" and len(s.shape) != 2):
@@ -177,11 +184,11 @@ def predict_fsdp_tp(specs: Sequence[ParamSpec], dp: int, tp: int, plan: Mapping[
                 to_owner[r] += n * grad_bytes
     pre = bytes_sent("all_reduce", (1 + 2 * len(specs) + num_logits) * 4, W) if W > 1 else 0.0
     per_rank = [{"all_reduce[preflight]": pre, "all_to_all[muon_to_owner]": to_owner[r],
-                 "all_to_all[muon_from_owner]": from_owner[r]} for r in range(W)]
+                 "all_to_all[muon_from_owner]": from_owner[r]} if optimizer == "muonclip" else {} for r in range(W)]
     if tokens is not None:
         for b, m in zip(per_rank, model_traffic(specs, dp, tp, plan, tokens=tokens, grad_bytes=grad_bytes)):
             b.update(m)
-    return {"engine": "muonclip_fsdp_tp", "dp": dp, "tp": tp, "bytes_per_rank": per_rank,
+    return {"engine": f"{optimizer}_fsdp_tp", "dp": dp, "tp": tp, "bytes_per_rank": per_rank,
             "state_numel_per_rank": state, "ns_flops_per_rank": flops, "ns_matrices_per_rank": runs,
             "owners": dict(owners)}
 
