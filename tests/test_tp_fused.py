@@ -32,12 +32,12 @@ STEPS = 4
 ATOL, RTOL = 5e-5, 1e-4
 
 
-def build_model(kind: str) -> nn.Module:
-    """Tiny fused-QKV models (2 layers, 4 query heads of 16): ``gpt_neox`` (MHA, per-head
+def build_model(kind: str, layers: int = 2) -> nn.Module:
+    """Tiny fused-QKV models (``layers`` layers, 4 query heads of 16): ``gpt_neox`` (MHA, per-head
     interleaved ``query_key_value`` with bias), ``phi3`` (GQA 4/2, ``[q; k; v]`` ``qkv_proj``),
     ``phi3_mha`` (4/4, the same concatenation)."""
     tf = transformers
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   max_position_embeddings=128, attn_implementation="eager")
     if kind == "gpt_neox":
         cfg = tf.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.5, attention_bias=True, **common)
@@ -168,9 +168,10 @@ def _assert_matches_oracle(outs, want, want_clipped, kind):
             torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{kind} {k}: {m}")
 
 
-# CI keeps one run per scenario (per-head TP, gathered GQA under FSDP x TP, gathered MHA TP); the
-# rest under -m full (11-17 s each on the 2-core box)
-@pytest.mark.parametrize("kind", ["gpt_neox", pytest.param("phi3", marks=pytest.mark.full), "phi3_mha"])
+# CI keeps one run per scenario (per-head TP here, gathered GQA under FSDP x TP and in the lr-0
+# check below); the rest under -m full (5-18 s each on the 2-core box)
+@pytest.mark.parametrize("kind", ["gpt_neox", pytest.param("phi3", marks=pytest.mark.full),
+                                  pytest.param("phi3_mha", marks=pytest.mark.full)])
 def test_fused_qkv_tp_matches_single_process(kind, tmp_path):
     """TP over 2 ranks = the single-process run, heads clipping on every step. GPT-NeoX (MHA): each
     tp rank computes and clips its own 2 heads' [q_h; k_h; v_h] rows. Phi-3 (GQA 4/2 and MHA 4/4,
@@ -224,3 +225,59 @@ def test_mesh_table_predictions_follow_the_measured_model():
         # only the preflight all-reduce (a few KiB of max logits, over all W ranks) grows with W
         assert hsdp[0][key] == pytest.approx(hsdp[1][key], rel=1e-4), key
     assert hsdp[0]["ns_TFLOP_per_rank"] == pytest.approx(tp[0]["ns_TFLOP_per_rank"], rel=1e-12)
+
+
+def lr0_worker(rank: int, world: int, kind: str) -> dict:
+    """TP W=2, one MuonClip step with lr 0 (only the clip changes weights) at tau = the median of
+    the heads' max logits; per-head max logits of the same batch before and after, measured with
+    a fresh tracker (each tp rank's own heads at their global positions, MAX over the tp group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from dist_muonclip import MuonClip
+    from dist_muonclip.qk_clip import QKClipper
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    model = build_model(kind, layers=1)      # one layer: the re-forward sees the inputs the clip was computed from
+    parallelize_module(model, mesh, tp_plan(model, kind))
+    ids = F.global_batch(0)
+
+    def max_logits():
+        clipper = QKClipper(model, {"tau": 1e9})
+        try:
+            clipper.tracker.set_head_shard(world, rank)
+            model(input_ids=ids)
+            s = clipper.max_logits().clone()
+        finally:
+            clipper.close()
+        dist.all_reduce(s, op=dist.ReduceOp.MAX)
+        return s
+
+    s0 = max_logits()
+    tau = float(s0.median())
+    opt = MuonClip(model, lr=0.0, adamw_lr=0.0, weight_decay=0.0, qk_clip={"tau": tau}, ns_dtype="float32",
+                   ns_backend="torch")
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    clipped = float(opt.metrics()["qk_clip/num_heads_clipped"])
+    opt.close()
+    return {"s0": s0, "s1": max_logits(), "tau": tau, "clipped": clipped}
+
+
+@pytest.mark.parametrize("kind", [pytest.param("gpt_neox", marks=pytest.mark.full), "phi3"])
+def test_fused_qkv_tp_clip_with_lr0_puts_every_head_at_most_tau(kind, tmp_path):
+    """The issue's check for fused QKV, under TP (W=2): after a clip with lr 0 the same forward
+    gives max logit <= tau for every head, clipped heads on tau, the others unchanged, on both tp
+    ranks alike; per-head rows (GPT-NeoX) and rows cut mid-projection (Phi-3: rank 0 holds every
+    head's q rows, rank 1 the k rows). RTOL as tests/test_fused_qkv.py (a few roundings of eta)."""
+    outs = values(run_distributed(lr0_worker, 2, kind, tmp_path=tmp_path, timeout=300))
+    rtol = 1e-5
+    for out in outs:
+        s0, s1, tau = out["s0"], out["s1"], out["tau"]
+        clipped = s0 > tau
+        assert 0 < int(clipped.sum()) < s0.numel() and out["clipped"] == int(clipped.sum()), out
+        assert (s1 <= tau * (1 + rtol)).all(), (s1, tau)
+        torch.testing.assert_close(s1[clipped], torch.full_like(s1[clipped], tau), rtol=rtol, atol=0)
+        torch.testing.assert_close(s1[~clipped], s0[~clipped], rtol=rtol, atol=0)
+        torch.testing.assert_close(out["s1"], outs[0]["s1"], rtol=0, atol=0)
