@@ -31,8 +31,10 @@ rank holds.
 
 Optimizer state is created eagerly and checkpointed as FSDP2's is (``DTensor`` state with the
 parameter's placements: :func:`dist_muonclip.fsdp.get_optimizer_state_dict` + DCP, loadable on
-another mesh shape). Limits (refused by name): heads must divide by tp; ``max_grad_norm`` (it
-would count tp-replicated elements once per holder).
+another mesh shape). Limits (refused by name): heads must divide by tp; a QK-Clip target cut
+over tp in row chunks that do not hold whole heads, unless its output is gathered over tp (a
+fused ``[q; k; v]`` projection under plain ``ColwiseParallel``: :func:`check_heads_local`);
+``max_grad_norm`` (it would count tp-replicated elements once per holder).
 """
 from __future__ import annotations
 
@@ -191,7 +193,7 @@ def check_heads_local(clip_layers: Sequence[Any], layout: TensorParallelLayout) 
                 f"({size} rows each) in chunks that do not hold whole heads: the {kind} rows [{lo}, {hi}) of "
                 f"head {b} are not in tp rank {want}'s rows [{want * size}, {(want + 1) * size}), so the attention "
                 "on a tp rank does not compute the heads whose rows it holds (a fused [q; k; v] projection cut "
-                "by ColwiseParallel). Fix: order the fused rows per head ([q_h; k_h; v_h], GPT-NeoX, Megatron), "
+                "by ColwiseParallel, or fewer key heads than tp ranks). Fix: order the fused rows per head ([q_h; k_h; v_h], GPT-NeoX, Megatron), "
                 "split it into q_proj / k_proj / v_proj, or gather its output over tp: "
                 "ColwiseParallel(output_layouts=Replicate()) on it and RowwiseParallel(input_layouts=Replicate()) "
                 "on the output projection (transformers' 'colwise_gather_output' plan; every tp rank then "
