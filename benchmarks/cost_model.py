@@ -45,6 +45,10 @@ ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_op
               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
               "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
               "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2"}
+#: mesh engines of benchmarks/scaling.py: HSDP (``replicas`` from the row's mesh), FSDP x TP
+#: (:func:`dist_muonclip.tools.cost_model_tp.predict_fsdp_tp`, see :func:`_validate_tp_row`)
+ENGINE_MAP.update({"muonclip_hsdp": "muonclip_hsdp", "muonclip_fsdp_tp": "muonclip_fsdp_tp",
+                   "adamw_fsdp_tp": "adamw_fsdp_tp"})
 #: The acceptance bound of issue 8 for bytes and optimizer-state bytes.
 REL_TOL = 0.05
 
@@ -94,20 +98,50 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
             specs[r["size"]] = (specs_from_model(model),
                                 sum(b.numel() * b.element_size() for b in model.buffers()))
         sp, buffers = specs[r["size"]]
+        if r["engine"].endswith("_fsdp_tp"):
+            out.append(_validate_tp_row(r, sp, cfg, prec))
+            continue
         # DDP broadcasts buffers at every forward: seen by wire-level counts (not by older accountant runs)
         p = predict(sp, r["world_size"], engine_for(r["engine"], prec), rank=r["rank"],
                     num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                     buffer_bytes=(buffers if (wire or r.get("comm_counted") == "wire") and r["engine"].endswith("ddp")
                                   else 0),
+                    replicas=(r.get("mesh") or {}).get("replicate", 1),
                     **dtype_kwargs(r["engine"], prec))
         out.append({"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": r["rank"],
-                    "precision": prec,
+                    "precision": prec, **({"mesh": r["mesh"]} if r.get("mesh") else {}),
                     "bytes_measured": r["bytes"], "bytes_predicted": p["bytes"]["total"],
                     "bytes_rel_err": _rel(p["bytes"]["total"], r["bytes"]),
                     "state_measured": r["state_bytes"], "state_predicted": p["state_bytes"],
                     "state_rel_err": _rel(p["state_bytes"], r["state_bytes"]),
                     "ns_flops_measured": r["ns_flops"], "ns_flops_predicted": p["ns_flops"]})
     return out
+
+
+def _validate_tp_row(r: dict, specs: list, cfg: dict, precision: str) -> dict:
+    """One FSDP x TP row against :func:`predict_fsdp_tp` with the row's plan, mesh and tokens: every
+    byte on the wire (the optimizer's tagged collectives, TP's activation all-reduces, FSDP2's
+    traffic over dp), the optimizer's bytes alone, the state, NS FLOPs per rank."""
+    from dist_muonclip.tools.cost_model_tp import predict_fsdp_tp
+
+    if precision != "fp32":
+        raise ValueError(f"{r['engine']} rows are validated for fp32 runs only, got {precision!r}")
+    mesh, rank = r["mesh"], r["rank"]
+    p = predict_fsdp_tp(specs, mesh["dp"], mesh["tp"], r["tp_plan"], grad_bytes=4, ns_bytes=2,
+                        num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
+                        tokens=r["micro_batch"] * r["seq"], optimizer=r["engine"].split("_")[0])
+    pred = p["bytes_per_rank"][rank]
+    opt_meas = sum(v["bytes"] for k, v in r["comm"].items() if "[" in k)     # MuonClip's tagged collectives
+    opt_pred = sum(v for k, v in pred.items() if "[" in k)
+    state = p["state_numel_per_rank"][rank] * 4
+    return {"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": rank,
+            "precision": precision, "mesh": mesh,
+            "bytes_measured": r["bytes"], "bytes_predicted": sum(pred.values()),
+            "bytes_rel_err": _rel(sum(pred.values()), r["bytes"]),
+            "optimizer_bytes_measured": opt_meas, "optimizer_bytes_predicted": opt_pred,
+            "state_measured": r["state_bytes"], "state_predicted": state,
+            "state_rel_err": _rel(state, r["state_bytes"]),
+            "ns_flops_measured": r["ns_flops"], "ns_flops_predicted": p["ns_flops_per_rank"][rank]}
 
 
 def _ds_compare_config(meta: dict) -> dict:
@@ -219,6 +253,26 @@ def measure_gpu(out_dir: str, layers: int = 2, steps: int = 6) -> dict:
     return res
 
 
+#: models priced on 2-D meshes (dp x tp, replicas x shard; tp / shard = 8: one node)
+MESH_MODELS = ("llama3-8b", "llama3-70b")
+
+
+def _mesh_tables(models: dict[str, dict]) -> dict:
+    """FSDP x TP and HSDP predictions (:func:`dist_muonclip.tools.cost_model_tp.mesh_table`) for
+    the dense models of :data:`MESH_MODELS` among ``models``, printed as a table."""
+    from dist_muonclip.tools.cost_model_tp import mesh_table
+
+    out = {}
+    for name in (m for m in MESH_MODELS if m in models):
+        rows = out[name] = mesh_table(models[name])
+        print(f"\n### {name} on 2-D meshes (GiB per rank and step; 8192 tokens per dp rank)\n")
+        print("| mesh | engine | optimizer GiB | model GiB | state GiB | NS TFLOP |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['mesh']} | {r['engine']} | {r['optimizer_GiB_per_rank']:.2f} | {r['model_GiB_per_rank']:.2f} "
+                  f"| {r['state_GiB_per_rank']:.2f} | {r['ns_TFLOP_per_rank']:.1f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from dist_muonclip.cost_model import HARDWARE, format_table, scaling_table
 
@@ -271,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["tables"][name] = rows
         print(f"\n### {name} ({rows[0]['num_params'] / 1e9:.2f}B parameters, {HARDWARE[args.hardware].name})\n")
         print(format_table(rows))
+    payload["meshes"] = _mesh_tables(models)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out}")

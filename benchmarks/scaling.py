@@ -31,6 +31,10 @@ Device and precision (``--backend nccl``: rank r on ``cuda:r``; ``--precision bf
 with ``--micro-batch``/``--seq``): see :data:`DEFAULT_OPTIONS`. ``benchmarks/multi_gpu.py`` drives
 this module on GPUs.
 
+Mesh engines (at W a multiple of 2 above 1): ``muonclip_hsdp`` (HSDP on a ``(2, W/2)`` mesh) and
+``muonclip_fsdp_tp`` (FSDP2 x tensor parallel on ``(W/2, 2)``, Megatron-style plan; docs/meshes.md),
+``adamw_fsdp_tp`` (torch AdamW on the same model).
+
 Engines whose integration module does not import yet are skipped with the reason in the JSON.
 Writes ``benchmarks/results/scaling_<tag>.json`` and three PNG plots.
 """
@@ -52,7 +56,8 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-__all__ = ["SIZES", "GPU_SIZES", "ENGINES", "DEFAULT_OPTIONS", "run_engine", "run_world", "main"]
+__all__ = ["SIZES", "GPU_SIZES", "ENGINES", "MESH_ENGINES", "DEFAULT_OPTIONS", "mesh_applies", "run_engine", "run_world",
+           "main"]
 
 # Llama-style ladder (byte vocabulary 256, GQA 2:1). Parameter counts in the JSON.
 SIZES: dict[str, dict[str, int]] = {
@@ -148,6 +153,9 @@ class _Run:
         import torch
 
         self.rank, self.world = rank, world
+        # which batch this rank trains on: its data-parallel coordinate (tensor-parallel ranks of one
+        # dp coordinate share a batch: benchmarks/scaling.py's FSDP x TP runs set these)
+        self.data_rank, self.data_world = rank, world
         self.opts = {**DEFAULT_OPTIONS, **(opts or {})}
         if self.opts["precision"] not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.opts['precision']!r}: use 'fp32' or 'bf16'")
@@ -164,15 +172,15 @@ class _Run:
 
     @property
     def micro_batch(self) -> int:
-        return self.opts["micro_batch"] or GLOBAL_BATCH // self.world
+        return self.opts["micro_batch"] or GLOBAL_BATCH // self.data_world
 
     def batch(self, step: int):
         import torch
 
         if self.opts["micro_batch"] is None:
-            ids = _batch(step, self.rank, self.world)
+            ids = _batch(step, self.data_rank, self.data_world)
         else:     # weak scaling: every rank its own micro-batch
-            g = torch.Generator().manual_seed(1000 + 1009 * step + self.rank)
+            g = torch.Generator().manual_seed(1000 + 1009 * step + self.data_rank)
             ids = torch.randint(0, 256, (self.opts["micro_batch"], self.opts["seq"] or SEQ), generator=g)
         return ids.to(self.device)
 
@@ -445,6 +453,89 @@ ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]
     "adamw_ds_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
     "adamw_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, False), lambda: _missing("dist_muonclip.fsdp")),
 }
+
+
+# ----------------------------------------------------------------------------------------- meshes
+#: HSDP and FSDP x TP: the second mesh axis has this size (HSDP: replicas; FSDP x TP: tp), the
+#: other ``W / MESH_AXIS``; they run at W a multiple of it above 1 (:func:`mesh_applies`)
+MESH_AXIS = 2
+
+
+def mesh_applies(engine: str, world: int) -> bool:
+    """Whether ``engine`` runs at ``world`` (the mesh engines need ``W`` a multiple of MESH_AXIS)."""
+    return engine not in MESH_ENGINES or (world > 1 and world % MESH_AXIS == 0)
+
+
+def _step_fns(model: Any, opt: Any) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    def fwd_bwd(ids: Any) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def opt_step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return fwd_bwd, opt_step
+
+
+def _run_hsdp(model: Any, run: _Run, steps: int, ns: NSCounter) -> dict[str, Any]:
+    """MuonClip on HSDP: ``fully_shard`` on a ``(replicate, shard)`` mesh of ``(MESH_AXIS, W /
+    MESH_AXIS)``; ``MuonClip(model)`` reads the layout (each replica group orthogonalizes its matrices)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import dist_muonclip.ns_split as opt_mod
+    from dist_muonclip import MuonClip, fsdp
+
+    mesh = init_device_mesh(run.device.type, (MESH_AXIS, run.world // MESH_AXIS),
+                            mesh_dim_names=("replicate", "shard"))
+    model = fsdp.fully_shard_model(model, mesh, _fsdp_policy(run))
+    opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
+    out = _measure(run, model, opt, steps, *_step_fns(model, opt), ns, (opt_mod, "orthogonalize"))
+    out["mesh"] = {"replicate": MESH_AXIS, "shard": run.world // MESH_AXIS}
+    return out
+
+
+def _run_fsdp_tp(model: Any, run: _Run, steps: int, ns: NSCounter, muonclip: bool = True) -> dict[str, Any]:
+    """MuonClip (or torch AdamW, ``muonclip=False``) on FSDP2 x tensor parallel: ``parallelize_module`` with the Megatron-style plan of
+    :func:`dist_muonclip.tools.cost_model_tp.megatron_plan` (q/k/v/gate/up ColwiseParallel, o/down
+    RowwiseParallel) on a tp axis of MESH_AXIS, ``fully_shard`` on the ``W / MESH_AXIS`` dp axis
+    (TP alone at W = MESH_AXIS); ``MuonClip(model)`` reads TensorParallelLayout."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import dist_muonclip.ns_split as opt_mod
+    from dist_muonclip import MuonClip, fsdp
+    from dist_muonclip.tools.cost_model_tp import megatron_plan
+
+    dp, tp = run.world // MESH_AXIS, MESH_AXIS
+    run.data_rank, run.data_world = run.rank // tp, dp      # tp ranks of one dp coordinate: one batch
+    plan = megatron_plan([n for n, _ in model.named_parameters()])
+    styles = {n[: -len(".weight")]: ColwiseParallel() if s == "col" else RowwiseParallel() for n, s in plan.items()}
+    if dp == 1:
+        tp_mesh = init_device_mesh(run.device.type, (tp,), mesh_dim_names=("tp",))
+        parallelize_module(model, tp_mesh, styles)
+    else:
+        mesh = init_device_mesh(run.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], styles)
+        model = fsdp.fully_shard_model(model, mesh["dp"], _fsdp_policy(run))
+    if muonclip:
+        opt = MuonClip(model, lr=0.01, adamw_lr=0.003, ns_backend=run.ns_backend, qk_clip={"tau": 100.0})
+    else:    # per-parameter loop: foreach cannot mix the plain / DTensor parameters of different meshes
+        opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.1, foreach=False)
+    out = _measure(run, model, opt, steps, *_step_fns(model, opt), ns,
+                   (opt_mod, "orthogonalize") if muonclip else None)
+    out["mesh"], out["tp_plan"] = {"dp": dp, "tp": tp}, plan
+    return out
+
+
+#: the mesh engines (their own entries of ENGINES)
+MESH_ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]]] = {
+    "muonclip_hsdp": (_run_hsdp, lambda: _missing("dist_muonclip.fsdp")),
+    "muonclip_fsdp_tp": (_run_fsdp_tp, lambda: _missing("torch.distributed.tensor.parallel")),
+    "adamw_fsdp_tp": (lambda m, r, s, ns: _run_fsdp_tp(m, r, s, ns, False),
+                      lambda: _missing("torch.distributed.tensor.parallel")),
+}
+ENGINES.update(MESH_ENGINES)
 
 
 def _release_memory() -> None:
@@ -758,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     isolate = (not args.quick) if args.isolate is None else args.isolate
     for w in worlds:
-        jobs = [(e, s) for s in sizes for e in engines if not _excluded(args.exclude, e, s, w)]
+        jobs = [(e, s) for s in sizes for e in engines
+                if not _excluded(args.exclude, e, s, w) and mesh_applies(e, w)]
         t0 = time.time()
         opts = {"precision": args.precision, "micro_batch": args.micro_batch, "seq": args.seq, "attn": args.attn}
         if isolate:        # fresh processes per (engine, size): each run's memory is its own

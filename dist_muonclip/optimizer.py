@@ -222,7 +222,8 @@ class MuonClip(Optimizer):
                 layout = tensor_parallel_layout(model)
                 process_group = layout.process_group if layout is not None and process_group is None else process_group
             if layout is not None and layout.head_shard is not None:
-                check_tensor_parallel_options(max_grad_norm=max_grad_norm)
+                check_tensor_parallel_options(max_grad_norm=max_grad_norm, layout=layout,
+                                              clip_layers=self._clipper.layers if self._clipper is not None else ())
                 if self._clipper is not None and self._clipper.tracker is not None:
                     self._clipper.tracker.set_head_shard(*layout.head_shard)
             self._build_engine(process_group, grad_reduction, layout)

@@ -31,11 +31,14 @@ rank holds.
 
 Optimizer state is created eagerly and checkpointed as FSDP2's is (``DTensor`` state with the
 parameter's placements: :func:`dist_muonclip.fsdp.get_optimizer_state_dict` + DCP, loadable on
-another mesh shape). Limits (refused by name): heads must divide by tp; ``max_grad_norm`` (it
-would count tp-replicated elements once per holder).
+another mesh shape). Limits (refused by name): heads must divide by tp; a QK-Clip target cut
+over tp in row chunks that do not hold whole heads, unless its output is gathered over tp (a
+fused ``[q; k; v]`` projection under plain ``ColwiseParallel``: :func:`check_heads_local`);
+``max_grad_norm`` (it would count tp-replicated elements once per holder).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +51,8 @@ from .layouts import Layout
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["TensorParallelLayout", "check_tensor_parallel_options", "is_tensor_parallel", "tensor_parallel_layout"]
+__all__ = ["TensorParallelLayout", "check_heads_local", "check_tensor_parallel_options", "is_tensor_parallel",
+           "output_gathered", "tensor_parallel_layout"]
 
 
 def _dtensor_cls():
@@ -88,12 +92,112 @@ def is_tensor_parallel(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) and _is_tp_placement(p) for p in model.parameters())
 
 
-def check_tensor_parallel_options(*, max_grad_norm: Any = None) -> None:
-    """Options the tensor-parallel layout cannot serve yet, refused by name before any state."""
+def check_tensor_parallel_options(*, max_grad_norm: Any = None, layout: TensorParallelLayout | None = None,
+                                  clip_layers: Sequence[Any] = ()) -> None:
+    """Options the tensor-parallel layout cannot serve yet, refused by name before any state; with
+    ``layout`` and QK-Clip's ``clip_layers``, also :func:`check_heads_local`."""
     if max_grad_norm is not None:
         raise ValueError("max_grad_norm is not supported with tensor parallel yet (elements replicated over the tp "
                          "axis would be counted once per tp rank); leave max_grad_norm=None and clip with "
                          "torch.nn.utils.clip_grad_norm_ on the DTensor gradients before step()")
+    if isinstance(layout, TensorParallelLayout) and layout.head_shard is not None:
+        check_heads_local(clip_layers, layout)
+
+
+def _tp_row_shard(p: Tensor, dim: int, layout: TensorParallelLayout) -> bool:
+    """Whether ``p`` is cut on its dim ``dim`` over the layout's tp axis (``Shard(dim)`` there)."""
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(p, _dtensor_cls()):
+        return False
+    mesh, names = p.device_mesh, tuple(p.device_mesh.mesh_dim_names or ())
+    tp_names = tuple(layout.mesh.mesh_dim_names or ())
+    if mesh == layout.mesh:
+        axis = layout.tp_axis
+    elif tp_names and tp_names[layout.tp_axis] in names:
+        axis = names.index(tp_names[layout.tp_axis])
+    else:
+        return False                                 # on a dp sub-mesh only: replicated over tp
+    pl = p.placements[axis]
+    return isinstance(pl, Shard) and pl.dim % p.ndim == dim
+
+
+def output_gathered(module: nn.Module) -> bool:
+    """Whether ``parallelize_module`` gave ``module`` a ``ColwiseParallel`` whose output layout is
+    ``Replicate()`` (transformers' ``colwise_gather_output``): its output is all-gathered over tp,
+    so every tp rank computes every head from it. Read from the style's output hook (torch keeps
+    no other record of the style); ``False`` when no such hook is found."""
+    from torch.distributed.tensor import Replicate
+
+    for hook in module._forward_hooks.values():
+        for cell in getattr(hook, "__closure__", None) or ():
+            try:
+                fn = cell.cell_contents
+            except ValueError:                       # an empty cell
+                continue
+            if isinstance(fn, functools.partial) and \
+                    getattr(fn.func, "__qualname__", "").endswith("ColwiseParallel._prepare_output_fn") and fn.args:
+                return all(isinstance(x, Replicate) for x in fn.args[0])
+    return False
+
+
+def _owner_module(root: nn.Module, p: Tensor) -> nn.Module | None:
+    for m in root.modules():
+        if any(q is p for q in m.parameters(recurse=False)):
+            return m
+    return None
+
+
+def check_heads_local(clip_layers: Sequence[Any], layout: TensorParallelLayout) -> None:
+    """QK-Clip under tensor parallel needs every tp rank to compute the heads whose rows it holds.
+
+    For each clip target (``W_q``, ``W_k``, the q/k blocks of a fused QKV projection, MLA's
+    ``q_b_proj`` / ``kv_b_proj``) cut on its rows over tp (``ColwiseParallel``), tp rank ``r`` must
+    hold the q (k) rows of exactly the ``r``-th block of query (key) heads: then its attention
+    computes those heads, the tracker writes them at their global positions and the clip scales
+    the rows it holds. Separate projections and per-head interleaved fused ones (GPT-NeoX
+    ``[q_h; k_h; v_h]``) are cut that way when tp divides the heads. A ``[q; k; v]`` concatenation
+    (Phi-3 ``qkv_proj``, ``Wqkv``) is not: tp rank 0 holds q rows of every head and rank 1 the k and
+    v rows, and the model's attention slices q/k/v from a chunk that holds none of them whole.
+    Such a projection is accepted only when its output is gathered over tp (``ColwiseParallel(
+    output_layouts=Replicate())``, :func:`output_gathered`): every rank then computes every head,
+    the tracker records all of them, and the clip maps each head's global rows to whichever rank
+    holds them. Anything else raises ``ValueError`` naming the parameter and the fixes.
+    """
+    tp, _ = layout.head_shard or (1, 0)
+    for layer in clip_layers:
+        if layer.num_heads % tp:
+            continue          # MaxLogitTracker.set_head_shard refuses it next, naming the head counts
+        for t in layer.targets:
+            if not _tp_row_shard(t.param, t.dim, layout):
+                continue
+            n = t.param.shape[t.dim]
+            size = -(-n // tp)                       # torch.chunk: the first chunks are ceil(n / tp)
+            bad = None
+            for b in range(t.num_blocks):
+                want = b * tp // t.num_blocks
+                for start, length, kind in t.segments:
+                    lo = t.offset + b * t.block + start
+                    if kind.endswith("_shared"):
+                        continue
+                    if t.num_blocks % tp or not (want * size <= lo and lo + length <= (want + 1) * size):
+                        bad = bad or (b, kind, lo, lo + length, want)
+            if bad is None:
+                continue
+            owner = _owner_module(layer.module, t.param)
+            if owner is not None and output_gathered(owner):
+                continue                             # every tp rank computes every head
+            b, kind, lo, hi, want = bad
+            raise ValueError(
+                f"QK-Clip under tensor parallel: parameter {t.name!r} is cut on its rows over {tp} tp ranks "
+                f"({size} rows each) in chunks that do not hold whole heads: the {kind} rows [{lo}, {hi}) of "
+                f"head {b} are not in tp rank {want}'s rows [{want * size}, {(want + 1) * size}), so the attention "
+                "on a tp rank does not compute the heads whose rows it holds (a fused [q; k; v] projection cut "
+                "by ColwiseParallel, or fewer key heads than tp ranks). Fix: order the fused rows per head ([q_h; k_h; v_h], GPT-NeoX, Megatron), "
+                "split it into q_proj / k_proj / v_proj, or gather its output over tp: "
+                "ColwiseParallel(output_layouts=Replicate()) on it and RowwiseParallel(input_layouts=Replicate()) "
+                "on the output projection (transformers' 'colwise_gather_output' plan; every tp rank then "
+                "computes every head)")
 
 
 def tensor_parallel_layout(model: nn.Module) -> TensorParallelLayout | None:

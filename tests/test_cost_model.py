@@ -49,7 +49,8 @@ def _validated(name: str) -> list[dict]:
 
 
 # engines without DeepSpeed in the loop: the model is exact for them
-_EXACT = ("muonclip_ddp", "muonclip_optimizer", "muonclip_fsdp2", "adamw_ddp", "adamw_fsdp2")
+_EXACT = ("muonclip_ddp", "muonclip_optimizer", "muonclip_fsdp2", "adamw_ddp", "adamw_fsdp2", "muonclip_hsdp",
+          "muonclip_fsdp_tp", "adamw_fsdp_tp")
 
 
 def test_predictions_match_every_measured_configuration():
