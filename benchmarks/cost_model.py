@@ -44,7 +44,8 @@ ENGINES = ("muonclip_zero1", "muonclip_optimizer", "muonclip_fsdp2", "ds_muon_ze
 ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_optimizer", "adamw_ddp": "adamw_ddp",
               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
               "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
-              "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2"}
+              "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2",
+              "muonclip_ds_zero3": "muonclip_zero3", "adamw_ds_zero3": "adamw_zero3", "ds_muon_zero3": "ds_muon_zero3"}
 #: The acceptance bound of issue 8 for bytes and optimizer-state bytes.
 REL_TOL = 0.05
 
@@ -99,7 +100,7 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
                     num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                     buffer_bytes=(buffers if (wire or r.get("comm_counted") == "wire") and r["engine"].endswith("ddp")
                                   else 0),
-                    **dtype_kwargs(r["engine"], prec))
+                    zero3=r.get("zero_optimization"), **dtype_kwargs(r["engine"], prec))
         out.append({"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": r["rank"],
                     "precision": prec,
                     "bytes_measured": r["bytes"], "bytes_predicted": p["bytes"]["total"],

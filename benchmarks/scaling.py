@@ -327,14 +327,26 @@ def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -
     return _measure_replicated(run, model, opt, steps, ns, (opt_mod, "orthogonalize"), ddp=mode == "ddp")
 
 
+#: ZeRO-3 runs: parameters of at most this many elements stay gathered (DeepSpeed's
+#: ``stage3_param_persistence_threshold``; its default 1e5 would keep every matrix of the CPU
+#: ladder whole, so the ladder uses a threshold that keeps only the norm weights whole, as a
+#: Llama-3-8B keeps its 4096-element norms under the default).
+ZERO3_PERSISTENCE = 1024
+
+
 def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
     if params is None:
         params = {"lr": 0.003, "torch_adam": True, "weight_decay": 0.1}
         if opt_type == "Muon":
             params.update(momentum=0.95, ns_method="standard")
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = ZERO3_PERSISTENCE
+        if opt_type == "Muon":      # DeepSpeed refuses Muon with reduce_scatter (stage3.py)
+            zero["reduce_scatter"] = False
     cfg = {"train_batch_size": run.micro_batch * run.world, "train_micro_batch_size_per_gpu": run.micro_batch,
            "gradient_accumulation_steps": 1, "optimizer": {"type": opt_type, "params": params},
-           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+           "zero_optimization": zero, "steps_per_print": 10 ** 9}
     if run.bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg
@@ -363,6 +375,8 @@ def _run_deepspeed(model: Any, run: _Run, steps: int, opt_type: str, stage: int,
     out = _measure(run, model, inner, steps, fwd_bwd, eng.step, ns,
                    (om, "muon_update") if opt_type == "Muon" else None, engine_step=True)
     out["zero_optimizer"] = type(eng.optimizer).__name__
+    if stage == 3:          # the settings the cost model reads (dist_muonclip.tools.cost_model_zero3)
+        out["zero_optimization"] = _ds_config(run, opt_type, stage)["zero_optimization"]
     return out
 
 
@@ -382,7 +396,7 @@ def _missing(module: str) -> str | None:
 
 
 def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2; bf16 with fp32 masters when the run
+    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2/3; bf16 with fp32 masters when the run
     is bf16); phases from the profiler on the inner MuonClip."""
     import dist_muonclip.ns_split as opt_mod
     from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
@@ -395,8 +409,11 @@ def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounte
     def fwd_bwd(ids: Any) -> None:
         eng.backward(eng(input_ids=ids, labels=ids).loss)
 
-    return _measure(run, model, muonclip_optimizer(eng), steps, fwd_bwd, eng.step, ns, (opt_mod, "orthogonalize"),
-                    engine_step=True)
+    out = _measure(run, model, muonclip_optimizer(eng), steps, fwd_bwd, eng.step, ns, (opt_mod, "orthogonalize"),
+                   engine_step=True)
+    if stage == 3:
+        out["zero_optimization"] = cfg["zero_optimization"]
+    return out
 
 
 def _fsdp_policy(run: _Run) -> Any:
@@ -439,11 +456,16 @@ ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]
                           lambda: _missing("dist_muonclip.deepspeed")),
     "muonclip_ds_zero2": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 2, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
+    "muonclip_ds_zero3": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 3, ns),
+                          lambda: _missing("dist_muonclip.deepspeed")),
     "muonclip_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, True), lambda: _missing("dist_muonclip.fsdp")),
     "ds_muon_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "Muon", 1, ns), lambda: _missing("deepspeed")),
     "adamw_ddp": (_run_adamw_ddp, lambda: None),
     "adamw_ds_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
     "adamw_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, False), lambda: _missing("dist_muonclip.fsdp")),
+    # ZeRO-3 (issue 16): every parameter cut across all ranks
+    "ds_muon_zero3": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "Muon", 3, ns), lambda: _missing("deepspeed")),
+    "adamw_ds_zero3": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 3, ns), lambda: _missing("deepspeed")),
 }
 
 
