@@ -18,10 +18,12 @@ padded piece of a parameter every rank holds):
   recorded trace counts the forward modules after it and the backward modules before its own
   backward, about twice the parameters after it), in which case backward gathers it again.
   Each gather of a parameter is ``(W - 1) ps`` elements (``all_gather_coalesced``).
-  The prefetcher also keeps a parameter whose backward use it has already scanned (at most
-  ``stage3_max_live_parameters`` elements ahead); this model leaves that out, so with the defaults
-  it may count up to ~1e9 elements of backward re-gathers that DeepSpeed skips (none on a model
-  under ~5e8 parameters, as on every measured run).
+  The prefetcher also keeps a parameter whose backward use it has already scanned: the model
+  counts that only when all non-persistent parameters fit in one prefetch bucket (then nothing is
+  re-gathered); on larger models it leaves it out, so with the defaults it may count up to
+  ``stage3_max_live_parameters`` (1e9) elements of backward re-gathers that DeepSpeed skips (an
+  upper bound; exact on every measured run, the reuse-distance rule checked with the prefetcher
+  off).
 * **gradient reduction**: ``reduce_scatter`` of every gradient padded to ``W ps``
   (``reduce_scatter_coalesced``); with ``"reduce_scatter": false`` (required by DeepSpeed's Muon)
   an ``all_reduce`` of the unpadded gradients instead (``__avg_scatter_contiguous_grads``).
@@ -55,6 +57,8 @@ ZERO3_DEFAULTS: dict[str, int] = {
     "stage3_max_reuse_distance": 1_000_000_000,
     "sub_group_size": 1_000_000_000,
     "reduce_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
 }
 
 #: Bytes of the gradient-norm all-reduce per sub-group: one fp64 (``get_norm_dtype``).
@@ -118,7 +122,14 @@ def sub_groups(group: Sequence[Any], world: int, sub_group_size: int) -> list[li
 def regathered(specs: Sequence[Any], opts: Mapping[str, int]) -> list[Any]:
     """The non-persistent parameters released after forward and gathered again in backward: those
     whose backward use lies ``stage3_max_reuse_distance`` or more elements of parameters after
-    their forward use (twice the parameters used after them, ``specs`` in forward order)."""
+    their forward use (twice the parameters used after them, ``specs`` in forward order). None when
+    all non-persistent parameters fit in one prefetch (``stage3_prefetch_bucket_size`` and
+    ``stage3_max_live_parameters``): the first prefetch of a step then scans the whole trace, and
+    a parameter whose later use it has scanned is not released."""
+    persist = opts["stage3_param_persistence_threshold"]
+    window = min(opts["stage3_prefetch_bucket_size"], opts["stage3_max_live_parameters"])
+    if sum(s.numel for s in specs if s.numel > persist) < window:
+        return []
     after, out = 0, []
     for s in reversed(specs):
         if s.numel > opts["stage3_param_persistence_threshold"] and 2 * after >= opts["stage3_max_reuse_distance"]:
