@@ -37,7 +37,8 @@ MODELS = {
                         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                         v_head_dim=128),
 }
-ENGINES = ("muonclip_zero1", "muonclip_optimizer", "muonclip_fsdp2", "ds_muon_zero1", "adamw_zero1")
+ENGINES = ("muonclip_zero1", "muonclip_optimizer", "muonclip_fsdp2", "ds_muon_zero1", "adamw_zero1", "muonclip_zero3",
+           "ds_muon_zero3", "adamw_zero3")
 
 
 #: benchmark engine name -> cost-model engine (fp32 runs; see :func:`engine_for`)

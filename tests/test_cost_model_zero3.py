@@ -37,7 +37,7 @@ def test_zero3_predictions_equal_the_measured_runs():
     """Every rank of every committed ZeRO-3 run, exactly: W = 1, 2, 3, 4 (W=3 pads the pieces of
     parameters that do not divide), tiny / small / medium, DeepSpeed's defaults (every parameter
     gathered once per step: the whole model fits in one prefetch, persistent norms re-gathered after
-    the step) and with ``stage3_max_reuse_distance`` 0 / 70000 and the prefetcher off (parameters
+    the step) and, at W = 2 and 3, with ``stage3_max_reuse_distance`` 70000 and the prefetcher off (some parameters
     released after forward and gathered again in backward by the reuse-distance rule)."""
     from benchmarks.cost_model import validate
 
@@ -52,12 +52,13 @@ def test_zero3_predictions_equal_the_measured_runs():
 def _fresh_worker(rank, world, zero3):
     from benchmarks.scaling import run_engine
 
-    return {e: run_engine(rank, world, e, "tiny", 3, {"zero3": zero3}) for e in sorted(ZERO3_ENGINES)}
+    # AdamW's ZeRO-3 traffic is MuonClip's DeepSpeed part (checked on the committed runs): two engines here
+    return {e: run_engine(rank, world, e, "tiny", 3, {"zero3": zero3}) for e in ("muonclip_ds_zero3", "ds_muon_zero3")}
 
 
 @pytest.mark.slow
 def test_fresh_w2_zero3_run_matches(tmp_path):
-    """A new W=2 gloo measurement of the three ZeRO-3 engines, with parameters released after
+    """A new W=2 gloo measurement of MuonClip and DeepSpeed's Muon at ZeRO-3, with parameters released after
     forward (reuse distance 0, prefetcher off), equals the prediction per collective kind and
     rank: DeepSpeed's gathers (twice per non-persistent parameter), reduce-scatter or (its Muon)
     all-reduce, one fp64 norm all-reduce per sub-group, its Muon's four gathers, MuonClip's own
