@@ -351,6 +351,8 @@ def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | No
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = ZERO3_PERSISTENCE
         zero.update(run.opts.get("zero3") or {})
+        if "reduce_scatter" in zero:
+            zero["reduce_scatter"] = bool(zero["reduce_scatter"])
         if opt_type == "Muon":      # DeepSpeed refuses Muon with reduce_scatter (stage3.py)
             zero["reduce_scatter"] = False
     cfg = {"train_batch_size": run.micro_batch * run.world, "train_micro_batch_size_per_gpu": run.micro_batch,

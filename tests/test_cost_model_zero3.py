@@ -99,6 +99,9 @@ def test_ds_muon_zero3_by_hand():
     assert p[0]["bytes"]["all_reduce"] == 41 * 4 + 2 * 8
     assert [x["ns_flops"] for x in p] == [ns_flops(4, 6, 5), ns_flops(2, 6, 5)]
     assert p[0]["state_bytes"] == p[1]["state_bytes"] == 18 * 4 + 2 * 3 * 4
+    # AdamW with "reduce_scatter": false (measured on tiny at W=2 too): the gradients all-reduced instead
+    a = predict(specs, 2, "adamw_zero3", zero3={"reduce_scatter": False})["bytes"]
+    assert "reduce_scatter" not in a and a["all_reduce"] == 41 * 4 + 8 and a["all_gather"] == 21 * 4
     # W=1: no communication, every matrix on the one rank
     one = predict(specs, 1, "ds_muon_zero3")
     assert one["bytes"]["total"] == 0 and one["ns_flops"] == ns_flops(4, 6, 5) + ns_flops(2, 6, 5)
@@ -120,6 +123,8 @@ def test_release_rule_sub_groups_and_options():
     assert len(sub_groups(specs, 2, 10 ** 9)) == 1
     with pytest.raises(ValueError, match="stage3_max_reuse_distance"):
         zero3_options({"stage3_max_reuse_distance": -1})
+    with pytest.raises(ValueError, match="reduce_scatter"):
+        zero3_options({"reduce_scatter": "no"})
 
 
 def test_zero3_at_scale_llama3_70b():

@@ -464,7 +464,7 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
             opts = zero3_options(zero3)
             n_sub = sum(len(sub_groups(g, W, opts["sub_group_size"])) for g in (muon, adamw))
             ds = deepspeed_traffic(specs, W, param_bytes=param_bytes, grad_bytes=grad_bytes, opts=opts,
-                                   num_sub_groups=n_sub)
+                                   num_sub_groups=n_sub, reduce_scatter=bool(opts["reduce_scatter"]))
             for r in range(W):
                 # MuonClip's state on the elements each rank holds; DeepSpeed's fp32 masters padded
                 state[r] = (h_m[r] + 2 * h_a[r]) * state_elem_bytes + zero3_padded(specs, W) * master_bytes
@@ -477,7 +477,8 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
         # DeepSpeed's AdamW on its padded flat partitions (one param group: one sub-group per sub_group_size)
         opts = zero3_options(zero3)
         ds = deepspeed_traffic(specs, W, param_bytes=param_bytes, grad_bytes=grad_bytes, opts=opts,
-                               num_sub_groups=len(sub_groups(specs, W, opts["sub_group_size"])))
+                               num_sub_groups=len(sub_groups(specs, W, opts["sub_group_size"])),
+                               reduce_scatter=bool(opts["reduce_scatter"]))
         for r in range(W):
             state[r] = zero3_padded(specs, W) * (2 * state_elem_bytes + master_bytes)
             per_rank[r].update(ds)

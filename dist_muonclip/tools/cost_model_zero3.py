@@ -67,10 +67,15 @@ NORM_BYTES = 8
 
 def zero3_options(zero3: Mapping[str, Any] | None) -> dict[str, int]:
     """:data:`ZERO3_DEFAULTS` updated with ``zero3`` (a DeepSpeed ``zero_optimization`` section; keys
-    the model does not read, such as ``stage``, are ignored)."""
+    the model does not read, such as ``stage``, are ignored), plus ``reduce_scatter`` (default on)."""
     out = dict(ZERO3_DEFAULTS)
+    out["reduce_scatter"] = 1
     for k, v in (zero3 or {}).items():
-        if k in out:
+        if k == "reduce_scatter":
+            if v not in (True, False):
+                raise ValueError(f"zero3['reduce_scatter']={v!r}: use true or false")
+            out[k] = int(v)
+        elif k in out:
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"zero3[{k!r}]={v!r}: use a non-negative number of elements")
             out[k] = int(v)
