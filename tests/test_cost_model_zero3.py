@@ -38,7 +38,7 @@ def test_zero3_predictions_equal_the_measured_runs():
     parameters that do not divide), tiny / small / medium, DeepSpeed's defaults (every parameter
     gathered once per step: the whole model fits in one prefetch, persistent norms re-gathered after
     the step) and, at W = 2 and 3, with ``stage3_max_reuse_distance`` 70000 and the prefetcher off (some parameters
-    released after forward and gathered again in backward by the reuse-distance rule)."""
+    released after forward and gathered again in backward by the reuse-distance rule), and in bf16."""
     from benchmarks.cost_model import validate
 
     seen = _exact([r for r in validate(str(RESULTS / "scaling_zero3.json"))["rows"] if r["engine"] in ZERO3_ENGINES],
@@ -47,6 +47,12 @@ def test_zero3_predictions_equal_the_measured_runs():
     assert {s for _, s, _ in seen} >= {"tiny", "small", "medium"}
     forced = validate(str(RESULTS / "scaling_zero3_release.json"))["rows"]
     assert {e for e, _, _ in _exact(forced, "scaling_zero3_release.json")} == ZERO3_ENGINES
+    # bf16 (tiny, small at W = 2, 4): bf16 parameter gathers and gradient reduction; DeepSpeed's Muon
+    # gathers and keeps its momentum in bf16 (its communication dtype); MuonClip's state stays fp32
+    bf16 = validate(str(RESULTS / "scaling_zero3_bf16.json"))["rows"]
+    assert {r["precision"] for r in bf16} == {"bf16"}
+    assert {(e, w) for e, _, w in _exact(bf16, "scaling_zero3_bf16.json")} == {(e, w) for e in ZERO3_ENGINES
+                                                                                for w in (2, 4)}
 
 
 def _fresh_worker(rank, world, zero3):
