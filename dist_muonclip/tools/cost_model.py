@@ -2,7 +2,8 @@
 Newton-Schulz FLOPs and an estimated step time, for any architecture, world size and engine.
 
 The byte and state formulas mirror what the engines do (``dist_muonclip.optimizer`` with its
-plan from :func:`~dist_muonclip.plan.build_plan`, DDP, DeepSpeed ZeRO-1 and its built-in Muon),
+plan from :func:`~dist_muonclip.plan.build_plan`, DDP, DeepSpeed ZeRO-1 and its built-in Muon; at
+ZeRO-3 DeepSpeed's own traffic and its Muon from :mod:`~dist_muonclip.tools.cost_model_zero3`),
 using the byte model of :mod:`dist_muonclip.comm` (all-reduce ``2 (W-1)/W N``, reduce-scatter /
 all-gather ``(W-1)/W N``, all-to-all: bytes addressed to other ranks, reduce: ``N`` from every
 non-root, broadcast: ``(W-1) N`` from the root). ``benchmarks/scaling.py`` measures the same quantities with the real

@@ -31,7 +31,9 @@ padded piece of a parameter every rank holds):
   cut into sub-groups of ``sub_group_size`` local elements, ``_create_fp16_sub_groups``).
 
 DeepSpeed's built-in Muon at ZeRO-3 (``_apply_muon_to_accumulated_grads``, ``_muon_update_sub_group``;
-its Muon group sorted by shape, largest first, ``original_muon.py``): per Muon sub-group, in chunks
+its Muon group sorted by shape, largest first, ``original_muon.py``; a model built under
+``deepspeed.zero.Init`` shows empty shapes there and keeps its order, which this model does not
+follow): per Muon sub-group, in chunks
 of at most ``reduce_bucket_size`` elements (whole parameters), the full gradients are all-gathered,
 then the momentum partitions; the chunk's matrices are dealt round-robin, ``W`` per round, and rank
 ``r`` orthogonalizes the ``r``-th of each round; each round all-gathers the updates and the updated
