@@ -708,9 +708,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "bytes_max_per_rank": max(r["bytes"] for r in ranks),
                     "state_bytes_max_per_rank": max(r["state_bytes"] for r in ranks)}
         base = d.get("adamw_ds_zero1")
+        base3 = d.get("adamw_ds_zero3")
         for e, v in d.items():
             if base and base["bytes_mean_per_rank"]:
                 v["bytes_ratio_vs_adamw_ds_zero1"] = v["bytes_mean_per_rank"] / base["bytes_mean_per_rank"]
+            if base3 and base3["bytes_mean_per_rank"]:       # ZeRO-3 runs: against AdamW at the same stage
+                v["bytes_ratio_vs_adamw_ds_zero3"] = v["bytes_mean_per_rank"] / base3["bytes_mean_per_rank"]
+                v["state_ratio_vs_adamw_ds_zero3"] = v["state_bytes_max_per_rank"] / base3["state_bytes_max_per_rank"]
         if "muonclip_ddp" in d:
             d["num_muon_matrices"] = d["muonclip_ddp"]["ns_matrices_total"]
         out["per_size"][size] = d
