@@ -37,14 +37,16 @@ MODELS = {
                         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                         v_head_dim=128),
 }
-ENGINES = ("muonclip_zero1", "muonclip_optimizer", "muonclip_fsdp2", "ds_muon_zero1", "adamw_zero1")
+ENGINES = ("muonclip_zero1", "muonclip_optimizer", "muonclip_fsdp2", "ds_muon_zero1", "adamw_zero1", "muonclip_zero3",
+           "ds_muon_zero3", "adamw_zero3")
 
 
 #: benchmark engine name -> cost-model engine (fp32 runs; see :func:`engine_for`)
 ENGINE_MAP = {"muonclip_ddp": "muonclip_ddp", "muonclip_optimizer": "muonclip_optimizer", "adamw_ddp": "adamw_ddp",
               "adamw_ds_zero1": "adamw_zero1", "ds_muon_zero1": "ds_muon_zero1", "muonclip_ds_zero0": "muonclip_ddp",
               "muonclip_ds_zero1": "muonclip_zero1", "muonclip_ds_zero2": "muonclip_zero1",
-              "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2"}
+              "muonclip_fsdp2": "muonclip_fsdp2", "adamw_fsdp2": "adamw_fsdp2",
+              "muonclip_ds_zero3": "muonclip_zero3", "adamw_ds_zero3": "adamw_zero3", "ds_muon_zero3": "ds_muon_zero3"}
 #: mesh engines of benchmarks/scaling.py: HSDP (``replicas`` from the row's mesh), FSDP x TP
 #: (:func:`dist_muonclip.tools.cost_model_tp.predict_fsdp_tp`, see :func:`_validate_tp_row`)
 ENGINE_MAP.update({"muonclip_hsdp": "muonclip_hsdp", "muonclip_fsdp_tp": "muonclip_fsdp_tp",
@@ -106,7 +108,7 @@ def _validate_rows(rows: list[dict], models: dict[str, dict], *, precision: str,
                     num_logits=cfg["num_hidden_layers"] * cfg["num_attention_heads"],
                     buffer_bytes=(buffers if (wire or r.get("comm_counted") == "wire") and r["engine"].endswith("ddp")
                                   else 0),
-                    replicas=(r.get("mesh") or {}).get("replicate", 1),
+                    replicas=(r.get("mesh") or {}).get("replicate", 1), zero3=r.get("zero_optimization"),
                     **dtype_kwargs(r["engine"], prec))
         out.append({"engine": r["engine"], "size": r["size"], "world_size": r["world_size"], "rank": r["rank"],
                     "precision": prec, **({"mesh": r["mesh"]} if r.get("mesh") else {}),

@@ -4,6 +4,13 @@ Muon and AdamW, for a model-size ladder and world sizes W on CPU over gloo (or G
 
     python benchmarks/scaling.py --quick                # CI: 2 sizes, W in {1, 2, 4}, 3 steps
     python benchmarks/scaling.py --sizes tiny small medium --worlds 1 2 4 --steps 4
+    python benchmarks/scaling.py --sizes tiny small medium --worlds 1 2 3 4 --steps 3 --no-isolate \
+        --engines muonclip_ds_zero3 adamw_ds_zero3 ds_muon_zero3 --tag zero3     # DeepSpeed ZeRO-3
+
+ZeRO-3 engines (not in ``--quick``): MuonClip through ``dist_muonclip.deepspeed`` at stage 3,
+DeepSpeed's own AdamW (``torch_adam``) and its built-in Muon (``"reduce_scatter": false``, which it
+requires), with ``stage3_param_persistence_threshold`` = :data:`ZERO3_PERSISTENCE` (``--zero3
+KEY=N`` adds ``zero_optimization`` settings; each row records the section it ran with).
 
 Per run and rank it records (the first step is warm-up; numbers are from the last step):
 
@@ -56,8 +63,8 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-__all__ = ["SIZES", "GPU_SIZES", "ENGINES", "MESH_ENGINES", "DEFAULT_OPTIONS", "mesh_applies", "run_engine", "run_world",
-           "main"]
+__all__ = ["SIZES", "GPU_SIZES", "ENGINES", "MESH_ENGINES", "ZERO3_ENGINES", "DEFAULT_OPTIONS", "mesh_applies",
+           "run_engine", "run_world", "main"]
 
 # Llama-style ladder (byte vocabulary 256, GQA 2:1). Parameter counts in the JSON.
 SIZES: dict[str, dict[str, int]] = {
@@ -130,9 +137,10 @@ class NSCounter:
 #: true}`` with fp32 masters; FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``);
 #: ``micro_batch``/``seq``: per-rank batch (weak scaling; ``None``: GLOBAL_BATCH split over the
 #: ranks, strong scaling); ``attn``: the HF attention implementation; ``pg_timeout_s``: the process
-#: group timeout (None: torch's default; NCCL aborts a rank stuck that long in a collective).
+#: group timeout (None: torch's default; NCCL aborts a rank stuck that long in a collective);
+#: ``zero3``: extra ``zero_optimization`` keys of the ZeRO-3 runs (e.g. ``stage3_max_reuse_distance``).
 DEFAULT_OPTIONS: dict[str, Any] = {"device": "cpu", "precision": "fp32", "micro_batch": None, "seq": None,
-                                   "attn": "eager", "pg_timeout_s": None}
+                                   "attn": "eager", "pg_timeout_s": None, "zero3": None}
 
 
 def _batch(step: int, rank: int, world: int):
@@ -335,14 +343,29 @@ def _run_muonclip(model: Any, run: _Run, steps: int, mode: str, ns: NSCounter) -
     return _measure_replicated(run, model, opt, steps, ns, (opt_mod, "orthogonalize"), ddp=mode == "ddp")
 
 
+#: ZeRO-3 runs: parameters of at most this many elements stay gathered (DeepSpeed's
+#: ``stage3_param_persistence_threshold``; its default 1e5 would keep every matrix of the CPU
+#: ladder whole, so the ladder uses a threshold that keeps only the norm weights whole, as a
+#: Llama-3-8B keeps its 4096-element norms under the default).
+ZERO3_PERSISTENCE = 1024
+
+
 def _ds_config(run: _Run, opt_type: str, stage: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
     if params is None:
         params = {"lr": 0.003, "torch_adam": True, "weight_decay": 0.1}
         if opt_type == "Muon":
             params.update(momentum=0.95, ns_method="standard")
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = ZERO3_PERSISTENCE
+        zero.update(run.opts.get("zero3") or {})
+        if "reduce_scatter" in zero:
+            zero["reduce_scatter"] = bool(zero["reduce_scatter"])
+        if opt_type == "Muon":      # DeepSpeed refuses Muon with reduce_scatter (stage3.py)
+            zero["reduce_scatter"] = False
     cfg = {"train_batch_size": run.micro_batch * run.world, "train_micro_batch_size_per_gpu": run.micro_batch,
            "gradient_accumulation_steps": 1, "optimizer": {"type": opt_type, "params": params},
-           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+           "zero_optimization": zero, "steps_per_print": 10 ** 9}
     if run.bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg
@@ -371,6 +394,8 @@ def _run_deepspeed(model: Any, run: _Run, steps: int, opt_type: str, stage: int,
     out = _measure(run, model, inner, steps, fwd_bwd, eng.step, ns,
                    (om, "muon_update") if opt_type == "Muon" else None, engine_step=True)
     out["zero_optimizer"] = type(eng.optimizer).__name__
+    if stage == 3:          # the settings the cost model reads (dist_muonclip.tools.cost_model_zero3)
+        out["zero_optimization"] = _ds_config(run, opt_type, stage)["zero_optimization"]
     return out
 
 
@@ -390,7 +415,7 @@ def _missing(module: str) -> str | None:
 
 
 def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounter) -> dict[str, Any]:
-    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2; bf16 with fp32 masters when the run
+    """MuonClip through dist_muonclip.deepspeed (ZeRO-0/1/2/3; bf16 with fp32 masters when the run
     is bf16); phases from the profiler on the inner MuonClip."""
     import dist_muonclip.ns_split as opt_mod
     from dist_muonclip.deepspeed import disable_shm_comm, initialize, muonclip_optimizer
@@ -403,8 +428,11 @@ def _run_muonclip_ds(model: Any, run: _Run, steps: int, stage: int, ns: NSCounte
     def fwd_bwd(ids: Any) -> None:
         eng.backward(eng(input_ids=ids, labels=ids).loss)
 
-    return _measure(run, model, muonclip_optimizer(eng), steps, fwd_bwd, eng.step, ns, (opt_mod, "orthogonalize"),
-                    engine_step=True)
+    out = _measure(run, model, muonclip_optimizer(eng), steps, fwd_bwd, eng.step, ns, (opt_mod, "orthogonalize"),
+                   engine_step=True)
+    if stage == 3:
+        out["zero_optimization"] = cfg["zero_optimization"]
+    return out
 
 
 def _fsdp_policy(run: _Run) -> Any:
@@ -447,11 +475,16 @@ ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | None]
                           lambda: _missing("dist_muonclip.deepspeed")),
     "muonclip_ds_zero2": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 2, ns),
                           lambda: _missing("dist_muonclip.deepspeed")),
+    "muonclip_ds_zero3": (lambda m, r, s, ns: _run_muonclip_ds(m, r, s, 3, ns),
+                          lambda: _missing("dist_muonclip.deepspeed")),
     "muonclip_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, True), lambda: _missing("dist_muonclip.fsdp")),
     "ds_muon_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "Muon", 1, ns), lambda: _missing("deepspeed")),
     "adamw_ddp": (_run_adamw_ddp, lambda: None),
     "adamw_ds_zero1": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 1, ns), lambda: _missing("deepspeed")),
     "adamw_fsdp2": (lambda m, r, s, ns: _run_fsdp2(m, r, s, ns, False), lambda: _missing("dist_muonclip.fsdp")),
+    # ZeRO-3 (issue 16): every parameter cut across all ranks
+    "ds_muon_zero3": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "Muon", 3, ns), lambda: _missing("deepspeed")),
+    "adamw_ds_zero3": (lambda m, r, s, ns: _run_deepspeed(m, r, s, "AdamW", 3, ns), lambda: _missing("deepspeed")),
 }
 
 
@@ -536,6 +569,10 @@ MESH_ENGINES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[], str | 
                       lambda: _missing("torch.distributed.tensor.parallel")),
 }
 ENGINES.update(MESH_ENGINES)
+
+#: DeepSpeed ZeRO-3 engines: left out of ``--quick`` (CI time); measured by
+#: ``--sizes tiny small medium --worlds 1 2 3 4 --engines <these> --tag zero3``.
+ZERO3_ENGINES = ("muonclip_ds_zero3", "adamw_ds_zero3", "ds_muon_zero3")
 
 
 def _release_memory() -> None:
@@ -761,9 +798,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "bytes_max_per_rank": max(r["bytes"] for r in ranks),
                     "state_bytes_max_per_rank": max(r["state_bytes"] for r in ranks)}
         base = d.get("adamw_ds_zero1")
+        base3 = d.get("adamw_ds_zero3")
         for e, v in d.items():
             if base and base["bytes_mean_per_rank"]:
                 v["bytes_ratio_vs_adamw_ds_zero1"] = v["bytes_mean_per_rank"] / base["bytes_mean_per_rank"]
+            if base3 and base3["bytes_mean_per_rank"]:       # ZeRO-3 runs: against AdamW at the same stage
+                v["bytes_ratio_vs_adamw_ds_zero3"] = v["bytes_mean_per_rank"] / base3["bytes_mean_per_rank"]
+                v["state_ratio_vs_adamw_ds_zero3"] = v["state_bytes_max_per_rank"] / base3["state_bytes_max_per_rank"]
         if "muonclip_ddp" in d:
             d["num_muon_matrices"] = d["muonclip_ddp"]["ns_matrices_total"]
         out["per_size"][size] = d
@@ -802,7 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CI form: sizes tiny+small, W 1 2 4, 3 steps")
     p.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
     p.add_argument("--worlds", nargs="+", type=int, default=None)
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    p.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES),
+                   help="default: every engine (--quick: all but the ZeRO-3 ones, measured in scaling_zero3.json)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (first is warm-up)")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="nccl: rank r on cuda:r")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
@@ -810,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"global batch {GLOBAL_BATCH} split over the ranks)")
     p.add_argument("--seq", type=int, default=None, help=f"sequence length with --micro-batch (default {SEQ})")
     p.add_argument("--attn", default="eager", help="HF attention implementation (eager, sdpa)")
+    p.add_argument("--zero3", nargs="+", default=[], metavar="KEY=N",
+                   help="extra zero_optimization settings of the ZeRO-3 engines, e.g. stage3_max_reuse_distance=0 "
+                   f"(stage3_param_persistence_threshold is {ZERO3_PERSISTENCE} unless given)")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="file tag (default: quick or full)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNGs of a results JSON")
@@ -824,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-size", default=None, choices=list(SIZES), help="model size the plots show (default: largest)")
     p.add_argument("--job-timeout", type=float, default=3600, help="seconds per isolated run before it is killed")
     args = p.parse_args(argv)
+    if args.engines is None:
+        args.engines = [e for e in ENGINES if not (args.quick and e in ZERO3_ENGINES)]
     if args.replot:
         payload = json.loads(Path(args.replot).read_text())
         print(plot(payload, args.replot[: -len(".json")], args.plot_size))
@@ -835,6 +882,12 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
     tag = args.tag or ("quick" if args.quick else "full")
+    zero3 = {}
+    for kv in args.zero3:
+        k, _, v = kv.partition("=")
+        if not k or not v.isdigit():
+            p.error(f"--zero3 {kv!r}: use KEY=N with N a non-negative integer, e.g. stage3_max_reuse_distance=0")
+        zero3[k] = int(v)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")   # DeepSpeed's Muon is torch.compile'd: eager on CPU
     t_start = time.time()
     skipped = {}
@@ -852,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(e, s) for s in sizes for e in engines
                 if not _excluded(args.exclude, e, s, w) and mesh_applies(e, w)]
         t0 = time.time()
-        opts = {"precision": args.precision, "micro_batch": args.micro_batch, "seq": args.seq, "attn": args.attn}
+        opts = {"precision": args.precision, "micro_batch": args.micro_batch, "seq": args.seq, "attn": args.attn,
+                "zero3": zero3}
         if isolate:        # fresh processes per (engine, size): each run's memory is its own
             recs = []
             for job in jobs:

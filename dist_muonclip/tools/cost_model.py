@@ -2,7 +2,8 @@
 Newton-Schulz FLOPs and an estimated step time, for any architecture, world size and engine.
 
 The byte and state formulas mirror what the engines do (``dist_muonclip.optimizer`` with its
-plan from :func:`~dist_muonclip.plan.build_plan`, DDP, DeepSpeed ZeRO-1 and its built-in Muon),
+plan from :func:`~dist_muonclip.plan.build_plan`, DDP, DeepSpeed ZeRO-1 and its built-in Muon; at
+ZeRO-3 DeepSpeed's own traffic and its Muon from :mod:`~dist_muonclip.tools.cost_model_zero3`),
 using the byte model of :mod:`dist_muonclip.comm` (all-reduce ``2 (W-1)/W N``, reduce-scatter /
 all-gather ``(W-1)/W N``, all-to-all: bytes addressed to other ranks, reduce: ``N`` from every
 non-root, broadcast: ``(W-1) N`` from the root). ``benchmarks/scaling.py`` measures the same quantities with the real
@@ -40,10 +41,15 @@ Engines (``engine=``):
 ``muonclip_zero3``      DeepSpeed ZeRO-3 (dist_muonclip.integrations.deepspeed_zero3): every
                         parameter cut in ``ceil(numel / W)`` pieces; owners by LPT (no rank holds
                         most of a matrix), expert stacks chunked along the cuts; pieces of every
-                        matrix all-to-all'd to its owner and the update pieces back. DeepSpeed's
-                        own traffic is modeled, not measured: parameters all-gathered for forward
-                        and again for backward, gradients reduce-scattered (padded to W pieces).
-``adamw_zero3``         DeepSpeed ZeRO-3 AdamW: the DeepSpeed traffic of ``muonclip_zero3``.
+                        matrix all-to-all'd to its owner and the update pieces back; DeepSpeed's
+                        own ZeRO-3 traffic (:mod:`~dist_muonclip.tools.cost_model_zero3`: parameter
+                        all-gathers, persistent ones after the step, gradient reduce-scatter, one
+                        norm all-reduce per sub-group; measured).
+``adamw_zero3``         DeepSpeed ZeRO-3 AdamW: the DeepSpeed traffic of ``muonclip_zero3``, Adam
+                        moments on the padded partitions.
+``ds_muon_zero3``       DeepSpeed's built-in ``"type": "Muon"`` at ZeRO-3 (``cost_model_zero3``):
+                        gradients all-reduced, full gradients and momentum gathered per bucket,
+                        matrices dealt round-robin, updates and momentums all-gathered per round.
 ``adamw_ddp``           torch AdamW under DDP (replicated state).
 ``adamw_zero1``         DeepSpeed ZeRO-1 AdamW (all-reduce grads, all-gather params: measured).
 ``adamw_fsdp2``         torch AdamW on FSDP2 row shards (the FSDP2 traffic of ``muonclip_fsdp2``).
@@ -74,13 +80,15 @@ from typing import Any, Sequence
 from ..comm import bytes_sent
 from ..newton_schulz import ns_flops
 from ..plan import MatrixItem, build_plan, chunk_ranges, flat_partition, split_on_ranges, split_stacked
+from .cost_model_zero3 import (deepspeed_traffic, ds_muon_zero3, sub_groups, zero3_held, zero3_options, zero3_padded,
+                               zero3_ranges)
 
 __all__ = ["ParamSpec", "Hardware", "HARDWARE", "ENGINES", "MIXED_BF16", "specs_from_model", "specs_from_config",
            "predict", "scaling_table", "format_table"]
 
 ENGINES = ("muonclip_ddp", "muonclip_optimizer", "muonclip_zero1", "muonclip_zero0_bf16", "muonclip_fsdp2",
-           "muonclip_hsdp", "muonclip_zero3", "ds_muon_zero1", "adamw_ddp", "adamw_zero1", "adamw_fsdp2",
-           "adamw_zero3")
+           "muonclip_hsdp", "muonclip_zero3", "ds_muon_zero1", "ds_muon_zero3", "adamw_ddp", "adamw_zero1",
+           "adamw_fsdp2", "adamw_zero3")
 
 
 _BLOCK_RE = __import__("re").compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
@@ -303,30 +311,6 @@ def _shard0_ranges(s: ParamSpec, world: int) -> list[list[tuple[int, int]]]:
     return [[(min(r * size, rows) * row, min((r + 1) * size, rows) * row)] for r in range(world)]
 
 
-def _zero3_ranges(numel: int, world: int) -> list[list[tuple[int, int]]]:
-    """DeepSpeed ZeRO-3's pieces of one parameter: ``ceil(numel / W)`` elements per rank, in order."""
-    ps = -(-numel // world)
-    return [[(r * ps, min((r + 1) * ps, numel))] if r * ps < numel else [] for r in range(world)]
-
-
-def _zero3_held(specs: Sequence[ParamSpec], world: int) -> list[int]:
-    """Per rank, the elements of ``specs`` it holds under ZeRO-3."""
-    held = [0] * world
-    for s in specs:
-        for r, rs in enumerate(_zero3_ranges(s.numel, world)):
-            held[r] += sum(b - a for a, b in rs)
-    return held
-
-
-def _zero3_traffic(b: dict[str, float], specs: Sequence[ParamSpec], world: int, param_bytes: int,
-                   grad_bytes: int) -> None:
-    """DeepSpeed ZeRO-3's own collectives (modeled): every parameter all-gathered for forward and
-    for backward, gradients reduce-scattered; each tensor padded to ``W`` equal pieces."""
-    padded = sum(-(-s.numel // world) * world for s in specs)
-    b["all_gather"] = bytes_sent("all_gather", 2 * padded * param_bytes, world)
-    b["reduce_scatter"] = bytes_sent("reduce_scatter", padded * grad_bytes, world)
-
-
 def _chunk_of(numels: Sequence[tuple[str, int]], world: int) -> tuple[int, list[int]]:
     """Equal flat slices (classic ZeRO-1): chunk size and the elements each rank really holds."""
     chunk, segs = flat_partition(list(numels), world)
@@ -342,7 +326,8 @@ def _preflight_bytes(specs: Sequence[ParamSpec], world: int, num_logits: int) ->
 def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: int | None = None,
             param_bytes: int = 4, grad_bytes: int = 4, ns_bytes: int = 2, ns_steps: int = 5,
             state_elem_bytes: int = 4, master_bytes: int = 0, buffer_bytes: int = 0,
-            num_logits: int = 0, hardware: Hardware | str | None = None, replicas: int = 1) -> dict[str, Any]:
+            num_logits: int = 0, hardware: Hardware | str | None = None, replicas: int = 1,
+            zero3: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-rank cost of one step of ``engine`` at ``world_size`` (see module doc).
 
     Returns ``bytes`` (dict by collective tag, and ``total``), ``state_bytes``, ``ns_flops`` for
@@ -350,7 +335,9 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
     included) and, with ``hardware``, ``time_s`` (``ns``, ``comm``, ``update``, ``total``).
     ``num_logits``: layers x heads of the QK-Clip max-logit tensor (0 without QK-Clip).
     ``replicas``: ``muonclip_hsdp`` only, the replicate axis of the ``(replicas, W / replicas)``
-    mesh (rank ``r`` has shard coordinate ``r % (W / replicas)``).
+    mesh (rank ``r`` has shard coordinate ``r % (W / replicas)``). ``zero3``: the ZeRO-3 engines'
+    ``zero_optimization`` settings (persistence threshold, reuse distance, sub-group and bucket
+    sizes; DeepSpeed's defaults otherwise: :data:`~dist_muonclip.tools.cost_model_zero3.ZERO3_DEFAULTS`).
 
     Dtypes (bytes per element): ``param_bytes`` of parameters on the wire (all-gathers),
     ``grad_bytes`` of gradients on the wire, ``ns_bytes`` of orthogonalized updates (the NS dtype),
@@ -467,26 +454,39 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
                 b["all_to_all[muon_to_owner]"] = z_gather[r]
                 b["all_to_all[muon_from_owner]"] = z_scatter[r]
         if engine == "muonclip_zero3":
-            zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: _zero3_ranges(s_.numel, W), pin_all=False)
+            zplan, where = _sharded_plan(muon, W, ns_steps, lambda s_: zero3_ranges(s_.numel, W), pin_all=False)
             flops, runs = [0] * W, [0] * W
             for item in zplan.items:
                 flops[zplan.owners[item.name]] += item.flops
                 runs[zplan.owners[item.name]] += item.num_matrices
             z_gather, z_scatter = _piece_bytes(zplan, where, W, state_elem_bytes, ns_bytes)
-            h_m, h_a = _zero3_held(muon, W), _zero3_held(adamw, W)
+            h_m, h_a = zero3_held(muon, W), zero3_held(adamw, W)
+            # DeepSpeed's own traffic (cost_model_zero3); two param groups, Muon and AdamW
+            opts = zero3_options(zero3)
+            n_sub = sum(len(sub_groups(g, W, opts["sub_group_size"])) for g in (muon, adamw))
+            ds = deepspeed_traffic(specs, W, param_bytes=param_bytes, grad_bytes=grad_bytes, opts=opts,
+                                   num_sub_groups=n_sub, reduce_scatter=bool(opts["reduce_scatter"]))
             for r in range(W):
-                state[r] = (h_m[r] + 2 * h_a[r]) * state_elem_bytes + (h_m[r] + h_a[r]) * master_bytes
+                # MuonClip's state on the elements each rank holds; DeepSpeed's fp32 masters padded
+                state[r] = (h_m[r] + 2 * h_a[r]) * state_elem_bytes + zero3_padded(specs, W) * master_bytes
                 if W > 1:
                     b = per_rank[r]
                     b["all_to_all[muon_to_owner]"] = z_gather[r]
                     b["all_to_all[muon_from_owner]"] = z_scatter[r]
-                    _zero3_traffic(b, specs, W, param_bytes, grad_bytes)
+                    b.update(ds)
     elif engine == "adamw_zero3":
-        held = _zero3_held(specs, W)
+        # DeepSpeed's AdamW on its padded flat partitions (one param group: one sub-group per sub_group_size)
+        opts = zero3_options(zero3)
+        ds = deepspeed_traffic(specs, W, param_bytes=param_bytes, grad_bytes=grad_bytes, opts=opts,
+                               num_sub_groups=len(sub_groups(specs, W, opts["sub_group_size"])),
+                               reduce_scatter=bool(opts["reduce_scatter"]))
         for r in range(W):
-            state[r] = held[r] * (2 * state_elem_bytes + master_bytes)
-            if W > 1:
-                _zero3_traffic(per_rank[r], specs, W, param_bytes, grad_bytes)
+            state[r] = zero3_padded(specs, W) * (2 * state_elem_bytes + master_bytes)
+            per_rank[r].update(ds)
+    elif engine == "ds_muon_zero3":
+        z = ds_muon_zero3(specs, W, param_bytes=param_bytes, grad_bytes=grad_bytes, state_elem_bytes=state_elem_bytes,
+                          master_bytes=master_bytes, ns_steps=ns_steps, zero3=zero3)
+        per_rank, state, flops, runs = z["bytes"], z["state"], z["flops"], z["runs"]
     elif engine == "adamw_ddp":
         for r in range(W):
             state[r] = 2 * P * state_elem_bytes
