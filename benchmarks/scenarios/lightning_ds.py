@@ -67,11 +67,9 @@ def lightning_config(stage: int, route: str) -> dict[str, Any]:
     the JSON; batch size and clipping come from the Trainer."""
     cfg: dict[str, Any] = {"zero_optimization": {"stage": stage}, "steps_per_print": 10_000}
     if route == "config":
-        # DeepSpeed builds MuonClip on its module, the LightningModule: the HF head's name is
-        # "model.lm_head" there, which the automatic split does not take for an output head (it
-        # reads get_output_embeddings() of the model it is given): name it
-        cfg["optimizer"] = {"type": "MuonClip", "params": {**MC_PARAMS, **qk_clip_params(),
-                                                           "adamw_patterns": ["*lm_head*"]}}
+        # DeepSpeed builds MuonClip on its module, the LightningModule ("model.lm_head" there): the
+        # automatic split finds the HF head inside it, as on the bare model (no adamw_patterns)
+        cfg["optimizer"] = {"type": "MuonClip", "params": {**MC_PARAMS, **qk_clip_params()}}
     return cfg
 
 
