@@ -41,6 +41,12 @@ What the import does (:func:`install`), and why each hook sits where it does:
   ``TrainingArguments``) is moved onto the data-parallel group when Trainer builds its optimizer.
   :class:`MuonClipTrainer` builds MuonClip itself from ``TrainingArguments`` at the right time.
 
+**When the hooks go in.** DeepSpeed is patched by the import. transformers and accelerate are
+never imported by it: each of their modules is patched right after the script (or a framework)
+imports it, or at once if it already is (:mod:`dist_muonclip.integrations.hf_imports`). An
+accelerate-only script (no transformers) gets accelerate's hooks from ``import accelerate``:
+DeepSpeed offload keeps a MuonClip instance, FSDP2's parameter swap is followed.
+
 The scheduler can come from either side: a ``"scheduler"`` section (DeepSpeed's) or, without
 one, Trainer's ``lr_scheduler_type``; both write the adapter's param groups, whose first lr scales
 every MuonClip group (``lr`` and ``adamw_lr`` keep their ratio).
