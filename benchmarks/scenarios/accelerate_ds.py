@@ -102,7 +102,7 @@ def accelerate_ds_worker(rank: int, world: int, steps: int, stage: int = 2, rout
 
     # the user's script up to here imported accelerate and dist_muonclip.hf, never transformers
     before = {"transformers_imported": "transformers" in sys.modules, "patched": hf.patched(),
-              "offload_map_patched": bool(getattr(acc_mod.map_pytorch_optim_to_deepspeed, "_dist_muonclip", False))}
+              "offload_map_patched": acc_mod.map_pytorch_optim_to_deepspeed.__module__.startswith("dist_muonclip.")}
     disable_shm_comm()
     model = build_model()
     acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(stage, route, offload)))
