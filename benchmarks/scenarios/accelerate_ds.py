@@ -104,8 +104,11 @@ def accelerate_ds_worker(rank: int, world: int, steps: int, stage: int = 2, rout
     before = {"transformers_imported": "transformers" in sys.modules, "patched": hf.patched(),
               "offload_map_patched": acc_mod.map_pytorch_optim_to_deepspeed.__module__.startswith("dist_muonclip.")}
     disable_shm_comm()
-    model = build_model()
+    # ACCELERATE_USE_CPU (set by CPU runs of other accelerate scenarios) makes accelerate drop the
+    # DeepSpeed plugin for plain DDP; on CPU accelerate picks DeepSpeed without it
+    os.environ.pop("ACCELERATE_USE_CPU", None)
     acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(stage, route, offload)))
+    model = build_model().to(acc.device)     # an instance is built on the parameters DeepSpeed will hold
     if route == "config":
         opt_in = DummyOptim(model.parameters(), **DUMMY)
     else:
