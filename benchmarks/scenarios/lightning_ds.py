@@ -125,7 +125,9 @@ def lightning_ds_worker(rank: int, world: int, stage: int, steps: int, route: st
     inner = hf.muonclip_optimizer(engine)
     client = engine.basic_optimizer
     masters = {k: v.detach().cpu().clone() for k, v in client.full_state_dict()["masters"].items()}
-    return {"params": masters, "losses": lit.losses, "world_size": inner.world_size, "num_steps": inner.num_steps,
+    muon_ids = {id(p) for g in inner.param_groups if g["use_muon"] for p in g["params"]}
+    muon = sorted(n for n, p in lit.named_parameters() if id(p) in muon_ids)   # LightningModule names
+    return {"params": masters, "losses": lit.losses, "muon_params": muon, "world_size": inner.world_size, "num_steps": inner.num_steps,
             "layout": client.layout_name, "global_step": trainer.global_step,
             "zero_stage": engine.zero_optimization_stage(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(), "clip": engine.gradient_clipping(),
