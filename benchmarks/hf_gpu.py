@@ -15,26 +15,38 @@ per process):
 * ``trainer-<type>``: ``MuonClipTrainer`` + ``TrainingArguments(fsdp_config={"version": 2})`` vs the same
   Trainer without FSDP on the GPU; Trainer's FSDP checkpoint at step 2 and
   ``resume_from_checkpoint``: bit-identical.
-* ``lightning-deepspeed-zero<stage>-<route>``: Lightning's ``DeepSpeedStrategy`` (unmodified on the GPU)
-  with ``configure_optimizers`` returning MuonClip (ZeRO-2) or the config naming MuonClip (ZeRO-1) vs
-  the single-GPU DeepSpeed-scenario oracle (clipping 1.0); Lightning checkpoint at step 2, resumed.
+* ``lightning-deepspeed-zero<stage>-<route>``: Lightning's ``DeepSpeedStrategy`` (unmodified on the GPU,
+  ``devices=1``) with ``configure_optimizers`` returning MuonClip (ZeRO-2) or the config naming
+  MuonClip (ZeRO-1, no ``adamw_patterns``: the split finds ``model.lm_head``) vs the single-GPU
+  DeepSpeed-scenario oracle (clipping 1.0); Lightning checkpoint at step 2, resumed.
+* ``accelerate-deepspeed-zero<stage>-<route>``: accelerate's DeepSpeed plugin on its real path
+  (``DistributedType.DEEPSPEED`` on the GPU) in a script that imports no transformers
+  (``benchmarks.scenarios.accelerate_ds``): ``"type": "MuonClip"`` with ``DummyOptim`` filling the
+  "auto" values (ZeRO-2), or a MuonClip instance (ZeRO-1); the optimizer accelerate builds is our
+  adapter with the expected hyperparameters, 4 steps vs plain MuonClip on the GPU.
 
-Writes ``benchmarks/results/hf_fsdp2_h200.json`` (``--out``): the environment record (device,
-versions, commit) and one row per scenario with the measured differences. ``--cpu-smoke`` runs
-the same scenarios on the CPU (gloo, accelerate's FSDP gate flipped as in the tests) into a
-temporary file, to check the script itself. Without a GPU and without ``--cpu-smoke`` it exits 0
-saying so.
+Writes ``benchmarks/results/hf_fsdp2_h200.json`` (``--out``; with ``--only``
+``hf_gpu_<terms>_h200.json``): the environment record (device, versions, commit) and one row per
+scenario with the measured differences and its seconds. ``--only`` picks rows by name,
+``--row-timeout`` bounds each row (its oracle and processes together; a row over it is killed and
+reported failed), ``--list`` prints the rows. ``--cpu-smoke`` runs the same scenarios on the CPU
+(gloo, accelerate's FSDP gate flipped as in the tests) into a temporary file, to check the script
+itself. Without a GPU and without ``--cpu-smoke`` it exits 0 saying so.
 
-    python benchmarks/hf_gpu.py                 # on the GPU machine
+    python benchmarks/hf_gpu.py                 # on the GPU machine, every row
+    python benchmarks/hf_gpu.py --only lightning,accelerate-deepspeed --row-timeout 100
     python benchmarks/hf_gpu.py --cpu-smoke     # anywhere
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import functools
 import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -71,12 +83,24 @@ def _entry(rank: int, fn_name: str, args: tuple, kw: dict, port: int, result: st
 def _run(fn_name: str, *args: Any, tmp: str, cpu: bool, timeout: float = 300, **kw: Any) -> dict:
     from dist_muonclip.launch_env import free_port, spawn_local
 
+    timeout = min(timeout, _budget_left())
     result = tempfile.mktemp(dir=tmp, suffix=".pt")
     spawn_local(_entry, 1, (fn_name, args, kw, free_port(), result, cpu), timeout=timeout, what=fn_name)
     out = torch.load(result, weights_only=False)
     if not out["ok"]:
         raise RuntimeError(f"{fn_name}: {out['error']}\n{out['tb']}")
     return out["value"]
+
+
+# the running row's deadline (time.monotonic()); every process a row starts gets what is left of it
+_DEADLINE = [float("inf")]
+
+
+def _budget_left() -> float:
+    left = _DEADLINE[0] - time.monotonic()
+    if left <= 1:
+        raise TimeoutError("the row's time budget (--row-timeout) is spent")
+    return left
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -91,34 +115,55 @@ def _oracle(cpu: bool) -> dict:
     return {"params": {k: p.detach().cpu().clone() for k, p in model.named_parameters()}, "clipped": clipped}
 
 
-def scenarios(tmp: str, cpu: bool) -> list[dict]:
-    oracle = _oracle(cpu)
+def row_names(cpu: bool = False) -> list[str]:
+    """Every scenario row, in run order (``--only`` selects among them)."""
+    names = [f"accelerate-{sdt}" for sdt in SDTS] + ["torch-full-state-cpu-offload"]
+    names += [f"trainer-{sdt}" for sdt in SDTS]
+    names += [f"lightning-deepspeed-zero{stage}-{route}" for stage, route in LIGHTNING_ROWS]
+    names += [f"accelerate-deepspeed-zero{stage}-{route}" for stage, route in ACC_DS_ROWS]
+    return names
+
+
+SDTS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+LIGHTNING_ROWS = ((1, "config"), (2, "configure_optimizers"))
+ACC_DS_ROWS = ((2, "config"), (1, "instance"))
+
+
+def select(names: list[str], only: str | None) -> list[str]:
+    """Rows whose name contains one of the comma-separated ``only`` terms (or matches it as a glob)."""
+    if not only:
+        return list(names)
+    terms = [t.strip() for t in only.split(",") if t.strip()]
+    chosen = [n for n in names if any(t in n or fnmatch.fnmatchcase(n, t) for t in terms)]
+    if not chosen:
+        raise ValueError(f"--only {only!r} selects no row; rows: {', '.join(names)}")
+    return chosen
+
+
+def scenarios(tmp: str, cpu: bool, only: str | None = None, row_timeout: float = 600.0) -> list[dict]:
     rows: list[dict] = []
+    cache: dict[str, Any] = {}
 
-    def row(name: str, fn) -> None:
-        try:
-            r = fn()
-            r["ok"] = bool(r.pop("pass"))
-        except Exception as e:  # noqa: BLE001  (one failing scenario must not hide the others)
-            r = {"ok": False, "error": f"{type(e).__name__}: {e}"[:4000]}
-        rows.append({"scenario": name, **r})
-        print(json.dumps(rows[-1]), flush=True)
+    def once(key: str, make):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
-    for sdt in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
-        def acc_row(sdt=sdt):
-            ck = os.path.join(tmp, f"acc_{sdt}")
-            kw = {"save_at": SAVE_AT, "ckpt_dir": ck, "state_dict_type": sdt}
-            a = _run("accelerate_fsdp2_call", STEPS, kw, tmp=tmp, cpu=cpu)
-            b = _run("accelerate_fsdp2_call", STEPS, {**kw, "resume": True}, tmp=tmp, cpu=cpu)
-            d_oracle, d_resume = _max_diff(a["params"], oracle["params"]), _max_diff(a["params"], b["params"])
-            return {"forced_fsdp_gate": a["forced"], "layout_before": a["before"]["layout"], "layout": a["layout"],
-                    "max_abs_diff_vs_single_gpu": d_oracle, "resume_max_abs_diff": d_resume,
-                    "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:], "losses": a["losses"],
-                    "qk_clip_heads_clipped_last": a["metrics"].get("qk_clip/num_heads_clipped"),
-                    "pass": a["layout"] == "Shard0Layout" and d_oracle <= TOL and d_resume == 0.0}
-        row(f"accelerate-{sdt}", acc_row)
+    def acc_row(sdt: str) -> dict:
+        oracle = once("fsdp_oracle", lambda: _oracle(cpu))
+        ck = os.path.join(tmp, f"acc_{sdt}")
+        kw = {"save_at": SAVE_AT, "ckpt_dir": ck, "state_dict_type": sdt}
+        a = _run("accelerate_fsdp2_call", STEPS, kw, tmp=tmp, cpu=cpu)
+        b = _run("accelerate_fsdp2_call", STEPS, {**kw, "resume": True}, tmp=tmp, cpu=cpu)
+        d_oracle, d_resume = _max_diff(a["params"], oracle["params"]), _max_diff(a["params"], b["params"])
+        return {"forced_fsdp_gate": a["forced"], "layout_before": a["before"]["layout"], "layout": a["layout"],
+                "max_abs_diff_vs_single_gpu": d_oracle, "resume_max_abs_diff": d_resume,
+                "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:], "losses": a["losses"],
+                "qk_clip_heads_clipped_last": a["metrics"].get("qk_clip/num_heads_clipped"),
+                "pass": a["layout"] == "Shard0Layout" and d_oracle <= TOL and d_resume == 0.0}
 
-    def torch_row():
+    def torch_row() -> dict:
+        oracle = once("fsdp_oracle", lambda: _oracle(cpu))
         path = os.path.join(tmp, "full.pt")
         a = _run("torch_full_state_worker", STEPS, SAVE_AT, path, False, tmp=tmp, cpu=cpu)
         b = _run("torch_full_state_worker", STEPS, SAVE_AT, path, True, tmp=tmp, cpu=cpu)
@@ -127,41 +172,72 @@ def scenarios(tmp: str, cpu: bool) -> list[dict]:
         return {"checks": c, "resume_max_abs_diff": d,
                 "max_abs_diff_vs_single_gpu": _max_diff(a["params"], oracle["params"]),
                 "pass": d == 0.0 and c["groups_plain"] and c["state_on_cpu"] and c["full_shapes"]}
-    row("torch-full-state-cpu-offload", torch_row)
 
-    plain = {}
+    def trainer_row(sdt: str) -> dict:
+        out = os.path.join(tmp, f"tr_{sdt}")
+        plain = once("trainer_plain", lambda: _trainer(tmp, os.path.join(tmp, "tr_plain"), None, cpu))
+        a = _trainer(tmp, out, sdt, cpu, save_steps=SAVE_AT)
+        b = _trainer(tmp, out + "_res", sdt, cpu, resume=os.path.join(out, f"checkpoint-{SAVE_AT}"))
+        d_plain, d_resume = _max_diff(a["params"], plain["params"]), _max_diff(a["params"], b["params"])
+        return {"layout": a["layout"], "device": a["device"], "max_abs_diff_vs_trainer_without_fsdp": d_plain,
+                "resume_max_abs_diff": d_resume, "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:],
+                "global_step": b["global_step"],
+                "pass": a["layout"] == "Shard0Layout" and d_plain <= TOL and d_resume == 0.0}
 
-    for sdt in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
-        def trainer_row(sdt=sdt):
-            out = os.path.join(tmp, f"tr_{sdt}")
-            if "params" not in plain:
-                plain.update(_trainer(tmp, os.path.join(tmp, "tr_plain"), None, cpu))
-            a = _trainer(tmp, out, sdt, cpu, save_steps=SAVE_AT)
-            b = _trainer(tmp, out + "_res", sdt, cpu, resume=os.path.join(out, f"checkpoint-{SAVE_AT}"))
-            d_plain, d_resume = _max_diff(a["params"], plain["params"]), _max_diff(a["params"], b["params"])
-            return {"layout": a["layout"], "device": a["device"], "max_abs_diff_vs_trainer_without_fsdp": d_plain,
-                    "resume_max_abs_diff": d_resume, "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:],
-                    "global_step": b["global_step"],
-                    "pass": a["layout"] == "Shard0Layout" and d_plain <= TOL and d_resume == 0.0}
-        if cpu and sdt == "FULL_STATE_DICT":     # see tests/test_hf_fsdp2.py: hangs with torch's AdamW too
-            rows.append({"scenario": f"trainer-{sdt}", "ok": True,
+    def lightning_row(stage: int, route: str) -> dict:
+        ds_oracle = once("ds_oracle", lambda: _ds_oracle(cpu))
+        ck = os.path.join(tmp, f"lightning_{stage}_{route}")
+        a = _run("lightning_ds:lightning_ds_worker", stage, STEPS, route, ck, SAVE_AT, False, tmp=tmp, cpu=cpu)
+        b = _run("lightning_ds:lightning_ds_worker", stage, STEPS, route, ck, SAVE_AT, True, tmp=tmp, cpu=cpu)
+        got = {k[len("model."):]: v for k, v in a["params"].items()}
+        d_oracle, d_resume = _max_diff(got, ds_oracle), _max_diff(a["params"], b["params"])
+        return {"zero_stage": a["zero_stage"], "layout": a["layout"], "cuda": a["is_cuda"],
+                "max_abs_diff_vs_single_gpu": d_oracle, "resume_max_abs_diff": d_resume,
+                "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:], "heads_clipped_last": a["clipped"],
+                "pass": d_oracle <= TOL and d_resume == 0.0 and a["zero_stage"] == stage}
+
+    def acc_ds_row(stage: int, route: str) -> dict:
+        from benchmarks.scenarios.accelerate_ds import WANT, train_single
+
+        oracle = once("acc_ds_oracle", lambda: train_single(STEPS, device=None if cpu else "cuda"))
+        a = _run("accelerate_ds:accelerate_ds_worker", STEPS, stage, route, tmp=tmp, cpu=cpu)
+        muon, adamw = a["groups"]
+        got = {"lr": muon["lr"], "weight_decay": muon["weight_decay"], "adamw_lr": adamw["lr"],
+               "momentum": muon["momentum"], "adamw_betas": tuple(adamw["betas"]), "adamw_eps": adamw["eps"]}
+        d = _max_diff(a["params"], oracle)
+        return {"zero_stage": a["zero_stage"], "layout": a["layout"], "device": a["device"],
+                "distributed_type": a["distributed_type"], "num_processes": a["num_processes"],
+                "optimizer": f"{a['adapter']}({a['inner']})", "hyperparameters": got,
+                "muon_params": a["muon_names"], "max_abs_diff_vs_single_gpu": d, "losses": a["losses"],
+                "transformers_imported_before_accelerator": a["before"]["transformers_imported"],
+                "pass": (a["is_adapter"] and a["inner"] == "MuonClip" and got == WANT and d <= TOL
+                         and a["zero_stage"] == stage and a["distributed_type"] == "DistributedType.DEEPSPEED"
+                         and not a["before"]["transformers_imported"])}
+
+    runs = {f"accelerate-{sdt}": functools.partial(acc_row, sdt) for sdt in SDTS}
+    runs["torch-full-state-cpu-offload"] = torch_row
+    runs.update({f"trainer-{sdt}": functools.partial(trainer_row, sdt) for sdt in SDTS})
+    runs.update({f"lightning-deepspeed-zero{st}-{r}": functools.partial(lightning_row, st, r)
+                 for st, r in LIGHTNING_ROWS})
+    runs.update({f"accelerate-deepspeed-zero{st}-{r}": functools.partial(acc_ds_row, st, r) for st, r in ACC_DS_ROWS})
+    assert list(runs) == row_names()
+    for name in select(list(runs), only):
+        if cpu and name == "trainer-FULL_STATE_DICT":   # see tests/test_hf_fsdp2.py: hangs with torch's AdamW too
+            rows.append({"scenario": name, "ok": True,
                          "skipped": "CPU smoke: Trainer's FULL_STATE_DICT save on accelerate's forced-CPU FSDP path "
                                     "leaves ranks in different collectives with any optimizer (GPU only)"})
             continue
-        row(f"trainer-{sdt}", trainer_row)
-    ds_oracle = _ds_oracle(cpu)
-    for stage, route in ((1, "config"), (2, "configure_optimizers")):
-        def lightning_row(stage=stage, route=route):
-            ck = os.path.join(tmp, f"lightning_{stage}_{route}")
-            a = _run("lightning_ds:lightning_ds_worker", stage, STEPS, route, ck, SAVE_AT, False, tmp=tmp, cpu=cpu)
-            b = _run("lightning_ds:lightning_ds_worker", stage, STEPS, route, ck, SAVE_AT, True, tmp=tmp, cpu=cpu)
-            got = {k[len("model."):]: v for k, v in a["params"].items()}
-            d_oracle, d_resume = _max_diff(got, ds_oracle), _max_diff(a["params"], b["params"])
-            return {"zero_stage": a["zero_stage"], "layout": a["layout"], "cuda": a["is_cuda"],
-                    "max_abs_diff_vs_single_gpu": d_oracle, "resume_max_abs_diff": d_resume,
-                    "resume_losses_equal": b["losses"] == a["losses"][SAVE_AT:], "heads_clipped_last": a["clipped"],
-                    "pass": d_oracle <= TOL and d_resume == 0.0 and a["zero_stage"] == stage}
-        row(f"lightning-deepspeed-zero{stage}-{route}", lightning_row)
+        t0 = time.monotonic()
+        _DEADLINE[0] = t0 + row_timeout       # the row's oracle and processes share the budget
+        try:
+            r = runs[name]()
+            r["ok"] = bool(r.pop("pass"))
+        except Exception as e:  # noqa: BLE001  (one failing scenario must not hide the others)
+            r = {"ok": False, "error": f"{type(e).__name__}: {e}"[:4000]}
+        finally:
+            _DEADLINE[0] = float("inf")
+        rows.append({"scenario": name, **r, "seconds": round(time.monotonic() - t0, 1)})
+        print(json.dumps(rows[-1], default=str), flush=True)
     return rows
 
 
@@ -181,25 +257,41 @@ def _trainer(tmp: str, out_dir: str, fsdp: str | None, cpu: bool, **kw: Any) -> 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (gloo) to check the script")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/hf_fsdp2_h200.json; "
-                                                 "--cpu-smoke: a temporary file)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated terms: run the rows whose name contains one (or matches it as a glob), "
+                         "e.g. 'lightning,accelerate-deepspeed'; --list shows the rows")
+    ap.add_argument("--row-timeout", type=float, default=600.0,
+                    help="seconds one row may take, its oracle and processes together (default 600); a row over it "
+                         "is killed and reported as failed, the next row starts")
+    ap.add_argument("--list", action="store_true", help="print the row names and exit")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/hf_fsdp2_h200.json, with "
+                                                 "--only hf_gpu_<terms>_h200.json; --cpu-smoke: a temporary file)")
     args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(row_names()))
+        return {"rows": row_names()}
+    chosen = select(row_names(), args.only)       # a bad --only fails before anything runs
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("hf_gpu.py: no CUDA device; run it on the GPU machine, or use --cpu-smoke to check the script")
         return {"skipped": "no CUDA device"}
     from benchmarks._common import environment
 
+    t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = scenarios(tmp, cpu=args.cpu_smoke)
+        rows = scenarios(tmp, cpu=args.cpu_smoke, only=args.only, row_timeout=args.row_timeout)
     payload = {"benchmark": "hf_fsdp2", "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "steps": STEPS,
-               "save_at": SAVE_AT, "tolerance": TOL,
-               "environment": environment(("transformers", "accelerate", "deepspeed")), "rows": rows,
+               "save_at": SAVE_AT, "tolerance": TOL, "only": args.only, "rows_selected": chosen,
+               "row_timeout_s": args.row_timeout, "seconds": round(time.monotonic() - t0, 1),
+               "environment": environment(("transformers", "accelerate", "deepspeed", "lightning")), "rows": rows,
                "all_ok": all(r["ok"] for r in rows)}
-    out = args.out or (os.path.join(tempfile.gettempdir(), "hf_fsdp2_cpu_smoke.json") if args.cpu_smoke
-                       else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hf_fsdp2_h200.json"))
+    slug = "" if not args.only else "_" + "-".join(
+        "".join(c if c.isalnum() or c in "-_" else "_" for c in t.strip()) for t in args.only.split(",") if t.strip())
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or (os.path.join(tempfile.gettempdir(), f"hf_gpu{slug}_cpu_smoke.json") if args.cpu_smoke
+                       else os.path.join(results, f"hf_gpu{slug}_h200.json" if slug else "hf_fsdp2_h200.json"))
     with open(out, "w") as f:
         json.dump(payload, f, indent=1, default=str)
-    print(f"wrote {out}: all_ok={payload['all_ok']}")
+    print(f"wrote {out}: all_ok={payload['all_ok']} in {payload['seconds']} s")
     return payload
 
 

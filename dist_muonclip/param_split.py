@@ -26,6 +26,11 @@ __all__ = ["ParamInfo", "split_parameters", "format_split", "matrix_shape", "as_
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score", "embed_out")
+# Attribute names under which frameworks hold the model they wrap; a module path is read without
+# them (DDP / DeepSpeed ``module``, Lightning ``_forward_module``, torch.compile ``_orig_mod``, FSDP1
+# ``_fsdp_wrapped_module``, activation checkpointing ``_checkpoint_wrapped_module``)
+_WRAPPER_NAMES = frozenset({"module", "_forward_module", "_orig_mod", "_fsdp_wrapped_module",
+                            "_checkpoint_wrapped_module"})
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,14 @@ def _matches(name: str, patterns: Iterable[str]) -> str | None:
 
 
 def _output_head_params(model: nn.Module) -> set[int]:
+    """Parameters of the output heads that ``model`` or any module inside it reports through
+    ``get_output_embeddings()`` (HF models). The HF model is often not the module MuonClip is built
+    on: Lightning's ``self.model``, DeepSpeed's engine module, a ``torch.compile`` or DDP wrapper."""
     ids: set[int] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
+    for _, mod in model.named_modules():
+        get_out = getattr(mod, "get_output_embeddings", None)
+        if not callable(get_out):
+            continue
         try:
             head = get_out()
         except (NotImplementedError, AttributeError):
@@ -92,6 +102,14 @@ def _output_head_params(model: nn.Module) -> set[int]:
         if isinstance(head, nn.Module):
             ids.update(id(p) for p in head.parameters(recurse=False))
     return ids
+
+
+def _named_like_head(mod_name: str) -> bool:
+    """A module named like an output head (``lm_head``, ``output``, ...) outside any repeated block:
+    wrapper attributes (:data:`_WRAPPER_NAMES`) are skipped, any other prefix is allowed
+    (``model.lm_head`` in a LightningModule), a numeric component (``layers.3.output``) rules it out."""
+    parts = [p for p in mod_name.split(".") if p and p not in _WRAPPER_NAMES]
+    return bool(parts) and parts[-1] in _HEAD_NAMES and not any(p.isdigit() for p in parts)
 
 
 def split_parameters(
@@ -111,8 +129,10 @@ def split_parameters(
        without ``*`` matches as a substring). A name matching both is an error.
     2. Weights of ``nn.Embedding`` modules -> AdamW (also when tied to the head: tied weights
        appear once, under the embedding's name).
-    3. The output head: ``model.get_output_embeddings()`` when the model has it (HF models), else
-       a top-level module named like ``lm_head``/``output``/``head``/``classifier`` -> AdamW.
+    3. The output head -> AdamW: the ``get_output_embeddings()`` of ``model`` or of any module in
+       it (an HF model wrapped by Lightning, DeepSpeed, DDP, ``torch.compile``, FSDP); when none
+       reports one, a module named like ``lm_head``/``output``/``head``/``classifier``/``score``
+       outside repeated blocks, whatever prefix it has (``model.lm_head``, ``module.lm_head``).
     4. Parameters with fewer than 2 dims (norm gains, biases, scalars) -> AdamW.
     5. Everything else -> Muon.
 
@@ -162,7 +182,7 @@ def split_parameters(
             infos.append(ParamInfo(name, p, False, f"adamw_patterns {a_pat!r}", "vector"))
         elif isinstance(mod, nn.Embedding):
             infos.append(ParamInfo(name, p, False, "embedding", "vector"))
-        elif id(p) in head_ids or (not head_ids and mod_name.split(".")[-1] in _HEAD_NAMES and "." not in mod_name):
+        elif id(p) in head_ids or (not head_ids and _named_like_head(mod_name)):
             infos.append(ParamInfo(name, p, False, "output head", "vector"))
         elif p.ndim < 2:
             infos.append(ParamInfo(name, p, False, "bias" if name.endswith("bias") else f"{p.ndim}-D", "vector"))

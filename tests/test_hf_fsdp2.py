@@ -235,9 +235,11 @@ def test_gpu_script_cpu_smoke_reports_every_scenario(tmp_path):
     payload = hf_gpu.main(["--cpu-smoke", "--out", str(out)])
     assert payload["all_ok"] and out.exists()
     rows = {r["scenario"]: r for r in payload["rows"]}
-    assert set(rows) == {"accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT", "torch-full-state-cpu-offload",
-                         "trainer-SHARDED_STATE_DICT", "trainer-FULL_STATE_DICT", "lightning-deepspeed-zero1-config",
-                         "lightning-deepspeed-zero2-configure_optimizers"}
+    assert list(rows) == hf_gpu.row_names() == [
+        "accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT", "torch-full-state-cpu-offload",
+        "trainer-SHARDED_STATE_DICT", "trainer-FULL_STATE_DICT", "lightning-deepspeed-zero1-config",
+        "lightning-deepspeed-zero2-configure_optimizers", "accelerate-deepspeed-zero2-config",
+        "accelerate-deepspeed-zero1-instance"]
     for name in ("accelerate-SHARDED_STATE_DICT", "accelerate-FULL_STATE_DICT"):
         r = rows[name]
         assert r["layout"] == "Shard0Layout" and r["resume_max_abs_diff"] == 0.0 and r["resume_losses_equal"]
@@ -246,4 +248,28 @@ def test_gpu_script_cpu_smoke_reports_every_scenario(tmp_path):
     assert "skipped" in rows["trainer-FULL_STATE_DICT"]
     for name in ("lightning-deepspeed-zero1-config", "lightning-deepspeed-zero2-configure_optimizers"):
         assert rows[name]["resume_max_abs_diff"] == 0.0 and rows[name]["max_abs_diff_vs_single_gpu"] <= hf_gpu.TOL
+    for name in ("accelerate-deepspeed-zero2-config", "accelerate-deepspeed-zero1-instance"):
+        r = rows[name]
+        assert r["distributed_type"] == "DistributedType.DEEPSPEED" and r["optimizer"] == "DeepSpeedClient(MuonClip)"
+        assert r["max_abs_diff_vs_single_gpu"] <= hf_gpu.TOL and not r["transformers_imported_before_accelerator"]
     assert payload["environment"]["git_commit"]
+
+
+def test_gpu_script_selects_rows_and_bounds_each_row(tmp_path, capsys):
+    """``--only`` picks rows by name (a term that selects nothing fails before anything runs);
+    ``--row-timeout`` kills a row over its budget, reports it failed, and the next row still runs."""
+    from benchmarks import hf_gpu
+
+    names = hf_gpu.row_names()
+    assert hf_gpu.select(names, "lightning") == ["lightning-deepspeed-zero1-config",
+                                                 "lightning-deepspeed-zero2-configure_optimizers"]
+    assert hf_gpu.select(names, "lightning-*-config, accelerate-deepspeed") == [
+        "lightning-deepspeed-zero1-config", "accelerate-deepspeed-zero2-config", "accelerate-deepspeed-zero1-instance"]
+    assert hf_gpu.select(names, None) == names
+    with pytest.raises(ValueError, match="--only 'nothing' selects no row"):
+        hf_gpu.main(["--cpu-smoke", "--only", "nothing"])
+    assert hf_gpu.main(["--list"])["rows"] == names and "lightning-deepspeed-zero1-config" in capsys.readouterr().out
+    rows = hf_gpu.scenarios(str(tmp_path), cpu=True, only="accelerate-deepspeed", row_timeout=1.5)
+    assert [r["scenario"] for r in rows] == ["accelerate-deepspeed-zero2-config", "accelerate-deepspeed-zero1-instance"]
+    for r in rows:        # a spawned process needs more than 1.5 s to import torch, accelerate and deepspeed
+        assert not r["ok"] and "Timeout" in r["error"] and r["seconds"] < 30, r

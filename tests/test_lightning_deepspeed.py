@@ -54,7 +54,14 @@ def _run(tmp_path, name: str, *args) -> list[dict]:
                                           pytest.param(2, "config", marks=pytest.mark.full)])
 def test_lightning_deepspeed_matches_single_process(stage, route, oracle, tmp_path):
     outs = _run(tmp_path, "run", stage, STEPS, route)
+    from dist_muonclip import split_parameters
+    from tests._tiny_hf import tiny_model
+
+    # both routes split as on the bare HF model: the config route builds MuonClip on the
+    # LightningModule, where the head is "model.lm_head" (AdamW, with no adamw_patterns)
+    want_muon = sorted(f"model.{i.name}" for i in split_parameters(tiny_model("llama")) if i.use_muon)
     for o in outs:
+        assert o["muon_params"] == want_muon and "model.lm_head.weight" not in o["muon_params"]
         assert o["zero_stage"] == stage and o["layout"] == "flat_fragments(zero)" and o["world_size"] == 2
         assert o["micro_batch"] == 4 and o["clip"] == 1.0          # filled by Lightning from loader / Trainer
         assert o["num_steps"] == o["global_step"] == STEPS and o["clipped"] > 0

@@ -12,11 +12,27 @@ def _split(model, **kw):
     return {i.name: (i.use_muon, i.view) for i in split_parameters(model, **kw)}
 
 
-def _expected_muon(model) -> set[str]:
-    """Independent oracle: >=2-D params that are neither an Embedding's weight nor the output head."""
+def _expected_muon(model, outer: nn.Module | None = None) -> set[str]:
+    """Independent oracle: >=2-D params that are neither an Embedding's weight nor the output head,
+    named as ``outer`` (a module holding ``model``; default ``model`` itself) names them."""
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = {id(model.get_output_embeddings().weight)}
-    return {n for n, p in model.named_parameters() if p.ndim >= 2 and id(p) not in emb | head}
+    return {n for n, p in (outer or model).named_parameters() if p.ndim >= 2 and id(p) not in emb | head}
+
+
+def _wrap(model: nn.Module, path: str) -> nn.Module:
+    """``model`` held at ``path`` (dotted attribute names) inside fresh container modules."""
+    for attr in reversed(path.split(".")):
+        outer = nn.Module()
+        setattr(outer, attr, model)
+        model = outer
+    return model
+
+
+# where frameworks put the model they wrap: Lightning's attribute (a user's name), DDP / DeepSpeed,
+# Lightning's strategy wrapper, torch.compile, FSDP1, activation checkpointing, and a stack of them
+WRAPPER_PATHS = ["model", "module", "_forward_module", "_orig_mod", "_fsdp_wrapped_module",
+                 "_checkpoint_wrapped_module", "module._forward_module.model._orig_mod"]
 
 
 @pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("qwen2", False), ("deepseek_v3", False)])
@@ -41,6 +57,84 @@ def test_split_on_hf_models(kind, tied):
         # fused experts [E, out, in]: a stack of matrices, never one flattened matrix
         assert split["model.layers.1.mlp.experts.gate_up_proj"] == (True, "batch")
         assert split["model.layers.0.self_attn.kv_b_proj.weight"] == (True, "matrix")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("path", WRAPPER_PATHS)
+def test_output_head_is_adamw_whatever_wraps_the_hf_model(path, tied):
+    """Pins the Lightning config route training ``model.lm_head`` with Muon: the head was only found
+    through ``get_output_embeddings()`` of the module MuonClip was built on, or by a *top-level*
+    name, so an HF model held under any prefix had its head put on Muon."""
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    if tied:
+        model.tie_weights()
+    outer = _wrap(model, path)
+    split = _split(outer)
+    assert {n for n, (m, _) in split.items() if m} == _expected_muon(model, outer)
+    assert split[f"{path}.model.embed_tokens.weight"][0] is False
+    assert (f"{path}.lm_head.weight" in split) is not tied     # tied: listed once, as the embedding
+    if not tied:
+        assert split[f"{path}.lm_head.weight"][0] is False
+    # the same split as on the bare model, name for name
+    assert split == {f"{path}.{n}": v for n, v in _split(model).items()}
+
+
+class _PlainLM(nn.Module):
+    """No ``get_output_embeddings``: the head is found by its name. ``layers.N.output`` is a hidden
+    matrix named like a head inside a repeated block."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.layers = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(8, 16), "output": nn.Linear(16, 8)})
+                                    for _ in range(2))
+        self.lm_head = nn.Linear(8, 32, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("path", ["", *WRAPPER_PATHS])
+def test_output_head_found_by_name_whatever_the_prefix(path, tied):
+    model = _PlainLM(tied)
+    outer = _wrap(model, path) if path else model
+    pre = f"{path}." if path else ""
+    split = _split(outer)
+    want_muon = {f"{pre}layers.{i}.{m}.weight" for i in range(2) for m in ("up", "output")}
+    assert {n for n, (m, _) in split.items() if m} == want_muon
+    assert split[f"{pre}embed.weight"] == (False, "vector")
+    assert (f"{pre}lm_head.weight" in split) is not tied
+    if not tied:
+        assert split[f"{pre}lm_head.weight"] == (False, "vector")
+    reasons = {i.name: i.reason for i in split_parameters(outer)}
+    assert reasons[f"{pre}embed.weight"] == "embedding"
+    if not tied:
+        assert reasons[f"{pre}lm_head.weight"] == "output head"
+
+
+def test_output_head_under_real_wrappers():
+    """The framework wrappers themselves: torch.compile's ``OptimizedModule`` (``_orig_mod.``),
+    activation checkpointing (``_checkpoint_wrapped_module.`` on its modules) and a LightningModule holding the HF
+    model as ``self.model`` (the module DeepSpeed builds MuonClip on in Lightning's config route)."""
+    import torch
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = tiny_model("llama")
+    want = {n for n, (m, _) in _split(model).items() if m}
+    compiled = torch.compile(model)
+    assert {n for n, (m, _) in _split(compiled).items() if m} == {f"_orig_mod.{n}" for n in want}
+    ckpt = checkpoint_wrapper(model)       # its named_parameters() drops the prefix, its modules keep it
+    assert {n for n, (m, _) in _split(ckpt).items() if m} == want
+    L = pytest.importorskip("lightning")
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+    split = _split(Lit())
+    assert split["model.lm_head.weight"] == (False, "vector")
+    assert {n for n, (m, _) in split.items() if m} == {f"model.{n}" for n in want}
 
 
 def test_optimizer_from_model_covers_every_trainable_param_once():

@@ -67,11 +67,9 @@ def lightning_config(stage: int, route: str) -> dict[str, Any]:
     the JSON; batch size and clipping come from the Trainer."""
     cfg: dict[str, Any] = {"zero_optimization": {"stage": stage}, "steps_per_print": 10_000}
     if route == "config":
-        # DeepSpeed builds MuonClip on its module, the LightningModule: the HF head's name is
-        # "model.lm_head" there, which the automatic split does not take for an output head (it
-        # reads get_output_embeddings() of the model it is given): name it
-        cfg["optimizer"] = {"type": "MuonClip", "params": {**MC_PARAMS, **qk_clip_params(),
-                                                           "adamw_patterns": ["*lm_head*"]}}
+        # DeepSpeed builds MuonClip on its module, the LightningModule ("model.lm_head" there): the
+        # automatic split finds the HF head inside it, as on the bare model (no adamw_patterns)
+        cfg["optimizer"] = {"type": "MuonClip", "params": {**MC_PARAMS, **qk_clip_params()}}
     return cfg
 
 
@@ -127,7 +125,9 @@ def lightning_ds_worker(rank: int, world: int, stage: int, steps: int, route: st
     inner = hf.muonclip_optimizer(engine)
     client = engine.basic_optimizer
     masters = {k: v.detach().cpu().clone() for k, v in client.full_state_dict()["masters"].items()}
-    return {"params": masters, "losses": lit.losses, "world_size": inner.world_size, "num_steps": inner.num_steps,
+    muon_ids = {id(p) for g in inner.param_groups if g["use_muon"] for p in g["params"]}
+    muon = sorted(n for n, p in lit.named_parameters() if id(p) in muon_ids)   # LightningModule names
+    return {"params": masters, "losses": lit.losses, "muon_params": muon, "world_size": inner.world_size, "num_steps": inner.num_steps,
             "layout": client.layout_name, "global_step": trainer.global_step,
             "zero_stage": engine.zero_optimization_stage(),
             "micro_batch": engine.train_micro_batch_size_per_gpu(), "clip": engine.gradient_clipping(),

@@ -41,6 +41,12 @@ What the import does (:func:`install`), and why each hook sits where it does:
   ``TrainingArguments``) is moved onto the data-parallel group when Trainer builds its optimizer.
   :class:`MuonClipTrainer` builds MuonClip itself from ``TrainingArguments`` at the right time.
 
+**When the hooks go in.** DeepSpeed is patched by the import. transformers and accelerate are
+never imported by it: each of their modules is patched right after the script (or a framework)
+imports it, or at once if it already is (:mod:`dist_muonclip.integrations.hf_imports`). An
+accelerate-only script (no transformers) gets accelerate's hooks from ``import accelerate``:
+DeepSpeed offload keeps a MuonClip instance, FSDP2's parameter swap is followed.
+
 The scheduler can come from either side: a ``"scheduler"`` section (DeepSpeed's) or, without
 one, Trainer's ``lr_scheduler_type``; both write the adapter's param groups, whose first lr scales
 every MuonClip group (``lr`` and ``adamw_lr`` keep their ratio).
@@ -54,6 +60,7 @@ import contextlib
 import functools
 import inspect
 import os
+import sys
 import warnings
 import weakref
 from typing import Any
@@ -66,6 +73,7 @@ from ..dist_check import DistributedNotReadyWarning, check_process_group
 from ..optimizer import MuonClip
 from . import deepspeed as ds_adapter   # our DeepSpeed adapter (public names only)
 from . import hf_deepspeed              # ZeRO-3 / offload on DeepSpeed's own initialize
+from . import hf_imports                # patch transformers / accelerate when they are imported
 from .hf_deepspeed import full_shapes   # noqa: F401  (build a MuonClip instance on a zero.Init model)
 
 __all__ = [
@@ -74,6 +82,7 @@ __all__ = [
     "AUTO_FILLS",
     "install",
     "is_installed",
+    "patched",
     "muonclip_kwargs",
     "check_process_group",
     "DistributedNotReadyWarning",
@@ -294,15 +303,13 @@ def _check_trainable(model: nn.Module, inner: MuonClip, model_parameters: Any) -
 # transformers hooks
 # --------------------------------------------------------------------------------------------
 
-def _patch_transformers() -> None:
-    import transformers.integrations.deepspeed as hf_ds
-    import transformers.trainer as hf_trainer
-
+def _patch_hf_deepspeed(hf_ds: Any) -> None:
+    """``transformers.integrations.deepspeed``: fill MuonClip's "auto" values from TrainingArguments
+    and route ``optimizers=(MuonClip, None)`` to DeepSpeed (see the module doc)."""
+    if _STATE.get("hf_deepspeed"):
+        return
     orig_process = hf_ds.HfTrainerDeepSpeedConfig.trainer_config_process
     orig_init = hf_ds.deepspeed_init
-    Trainer = hf_trainer.Trainer
-    orig_save = Trainer._save_optimizer_and_scheduler
-    orig_create = Trainer.create_optimizer
 
     @functools.wraps(orig_process)
     def trainer_config_process(self, args, auto_find_batch_size=False):
@@ -334,6 +341,23 @@ def _patch_transformers() -> None:
         finally:
             del trainer.create_optimizer
 
+    hf_ds.HfTrainerDeepSpeedConfig.trainer_config_process = trainer_config_process
+    hf_ds.deepspeed_init = deepspeed_init
+    _STATE["hf_deepspeed"] = True
+
+
+def _patch_trainer(hf_trainer: Any) -> None:
+    """``transformers.trainer``: its imported ``deepspeed_init`` name, the rank-0-only optimizer
+    save, and a MuonClip built before the process group (see the module doc)."""
+    if _STATE.get("trainer"):
+        return
+    # transformers.trainer imported this module at its top, so it is complete here
+    hf_ds = sys.modules["transformers.integrations.deepspeed"]
+    _patch_hf_deepspeed(hf_ds)
+    Trainer = hf_trainer.Trainer
+    orig_save = Trainer._save_optimizer_and_scheduler
+    orig_create = Trainer.create_optimizer
+
     @functools.wraps(orig_save)
     def _save_optimizer_and_scheduler(self, output_dir):
         # DeepSpeed saves through engine.save_checkpoint (every rank) and FSDP through torch's
@@ -351,13 +375,22 @@ def _patch_transformers() -> None:
             _adopt_process_group(inner)
         return opt
 
-    hf_ds.HfTrainerDeepSpeedConfig.trainer_config_process = trainer_config_process
-    hf_ds.deepspeed_init = deepspeed_init
-    hf_trainer.deepspeed_init = deepspeed_init          # Trainer imported the name
+    hf_trainer.deepspeed_init = hf_ds.deepspeed_init          # Trainer imported the name
     Trainer._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
     Trainer.create_optimizer = create_optimizer
+    _STATE["trainer"] = True
+
+
+def _patch_accelerate(acc_mod: Any) -> None:
+    """``accelerate.accelerator`` (and the ``accelerate.utils`` it imported): keep a MuonClip under
+    DeepSpeed offload, follow FSDP2's parameter swap."""
+    if _STATE.get("accelerate"):
+        return
+    from . import hf_fsdp     # accelerate / Trainer FSDP2: MuonClip follows the DTensor swap
+
     hf_deepspeed.patch_accelerate()     # offload: keep a MuonClip instead of DeepSpeedCPUAdam
-    _STATE["transformers"] = True
+    hf_fsdp.patch_accelerate()
+    _STATE["accelerate"] = True
 
 
 def save_trainer_optimizer(trainer: Any, output_dir: str) -> None:
@@ -449,8 +482,14 @@ def is_installed() -> bool:
 
 
 def install() -> None:
-    """Install the DeepSpeed and transformers hooks (see the module doc). Idempotent; a framework
-    that is not installed is skipped."""
+    """Install the DeepSpeed, transformers and accelerate hooks (see the module doc). Idempotent; a
+    framework that is not installed is skipped.
+
+    DeepSpeed is patched now. transformers and accelerate are never imported here: each module is
+    patched when it is imported (now, if it already is), through
+    :func:`~dist_muonclip.integrations.hf_imports.when_imported`, so an accelerate-only script
+    never loads transformers, and a transformers import never starts another one half-way.
+    """
     if _STATE["installed"]:
         return
     try:
@@ -459,21 +498,18 @@ def install() -> None:
         pass
     else:
         _patch_deepspeed()
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        _patch_transformers()
-    try:
-        from accelerate.utils import fsdp_utils  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        from . import hf_fsdp     # accelerate / Trainer FSDP2: MuonClip follows the DTensor swap
-
-        hf_fsdp.patch_accelerate()
+    if hf_imports.is_importable("transformers"):
+        hf_imports.when_imported("transformers.integrations.deepspeed", _patch_hf_deepspeed)
+        hf_imports.when_imported("transformers.trainer", _patch_trainer)
+    if hf_imports.is_importable("accelerate"):
+        # accelerate/__init__ imports .accelerator, which imports the utils patched here
+        hf_imports.when_imported("accelerate.accelerator", _patch_accelerate)
     _STATE["installed"] = True
+
+
+def patched() -> dict[str, bool]:
+    """Which framework modules carry the hooks now (a module not imported yet is patched on import)."""
+    return {name: bool(_STATE.get(name)) for name in ("deepspeed", "hf_deepspeed", "trainer", "accelerate")}
 
 
 install()
