@@ -24,6 +24,7 @@ from ..functional import muon_apply_, muon_momentum_, update_scale
 from ..layouts import Layout, scale_rows_
 from ..ns_split import orthogonalize_blocks
 from ..plan import build_plan
+from ..transfers import HostCopy, to_device
 from .adamw import AdamWPart, LocalPiecesAdamW, PartitionedAdamW
 from .checkpoint import StateFormat
 from .exchange import BucketJob, Exchange
@@ -220,13 +221,14 @@ class Engine:
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
             home = matrices[0].device
-            dev = self.layout.ns_device(matrices[0])    # e.g. the accelerator under CPU offload
+            # e.g. the accelerator under CPU offload (over NCCL the matrices already arrive there)
+            dev = self.layout.ns_device(matrices[0])
             with self.phase("ns"):
-                src = matrices if dev is None or dev == home else [x.to(dev, non_blocking=True) for x in matrices]
+                src = matrices if dev is None or dev == home else [to_device(x, dev) for x in matrices]
                 ortho = orthogonalize_blocks(src, [self.ns_splits.get(u) for u in job.mine],
                                              lambda m, n: update_scale(m, n, g["adjust_lr_fn"]), **ns_kw)
                 if ortho.device != home:
-                    ortho = ortho.to(home)
+                    ortho = HostCopy(ortho, home).wait()
         self.exchange.from_owner(job, ortho)
 
     def _apply(self, job: BucketJob) -> Tensor:

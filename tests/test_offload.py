@@ -1,0 +1,102 @@
+"""CPU optimizer offload (issue 16 item 2): every collective MuonClip issues runs on the process
+group's device, host <-> device copies are pinned and overlapped, and the CPU path is bit-identical.
+
+The GPU failure this pins (H200, NCCL, benchmarks/results/zero_offload_h200.json): MuonClip with
+``offload_optimizer: {"device": "cpu"}`` raised ``No backend type associated with device type cpu``
+at ZeRO-1/2/3, because the preflight all-reduce and the exchange's all-to-alls were handed the
+host-resident (offloaded) tensors. Over gloo that cannot show, so these tests run under a CPU
+stand-in for an accelerator-only group (tests/_offload_workers.py): a collective on a tensor that
+was not staged on the group's device raises NCCL's error.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import _offload_workers as O
+from tests.dist_utils import run_distributed, values
+
+STEPS = 3
+
+
+def _equal(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_engine_collectives_run_on_the_groups_device(tmp_path):
+    """Flat fragments at W=2 (DeepSpeed-ZeRO-1/2-like cuts), QK-Clip clipping: under the
+    accelerator-only stand-in every collective of the step (preflight, pieces to owners, updates
+    back; with ``max_grad_norm`` the grad-norm all-reduce too) gets a tensor staged on the group's
+    device, and the run is bit-identical to the plain gloo run (staging copies, it never rounds).
+    Before the fix the preflight all-reduce raised NCCL's error here, as it did on the H200.
+    (The clipped run is not compared bit for bit: its norm sums parameters in set order, which
+    differs between processes: ~1e-7, see engine/preflight.clip_coefficient.)"""
+    plain, = zip(*values(run_distributed(O.flat_layout_worker, 2, STEPS, False, tmp_path=tmp_path / "plain")))
+    staged, clipped = zip(*values(run_distributed(O.flat_layout_worker, 2, STEPS, True, (None, 0.05),
+                                                  tmp_path=tmp_path / "staged")))
+    for p, s, c in zip(plain, staged, clipped):
+        assert not _equal(p["params"], s["params"]), _equal(p["params"], s["params"])
+        assert s["stats"]["tags"] == ["muon_from_owner", "muon_to_owner", "preflight"]
+        assert c["stats"]["tags"] == ["grad_norm", "muon_from_owner", "muon_to_owner", "preflight"]
+        assert s["stats"]["checked"] > 0
+    assert plain[0]["metrics"].get("qk_clip/num_heads_clipped", 0) > 0
+
+
+@pytest.mark.slow
+def test_deepspeed_offload_collectives_run_on_the_groups_device(tmp_path):
+    """DeepSpeed ``offload_optimizer: {"device": "cpu"}`` at ZeRO-1/2/3, W=2, fp32, under the
+    accelerator-only stand-in: MuonClip's state and DeepSpeed's fp32 partitions stay in host
+    memory while every collective of MuonClip's step runs on staged tensors, each Muon matrix is
+    orthogonalized once per step, and the parameters are bit-identical to the same offloaded runs
+    over plain gloo (the staging adds copies, never roundings)."""
+    from tests import _ds_workers as D  # noqa: F401  (skips nothing: deepspeed is required below)
+
+    pytest.importorskip("deepspeed")
+    scenarios = [dict(steps=STEPS, stage=s, offload=True) for s in (1, 2, 3)]
+    staged = values(run_distributed(O.ds_offload_worker, 2, scenarios, True, tmp_path=tmp_path / "staged",
+                                    timeout=600))
+    plain = values(run_distributed(O.ds_offload_worker, 2, scenarios, False, tmp_path=tmp_path / "plain",
+                                   timeout=600))
+    for rank_staged, rank_plain in zip(staged, plain):
+        for sc, s, p in zip(scenarios, rank_staged, rank_plain):
+            assert s["state_devices"] == ["cpu"] and s["partition_devices"] == ["cpu"], sc
+            assert not _equal(s["params"], p["params"]), (sc, _equal(s["params"], p["params"]))
+            assert s["ns_per_step"] == p["ns_per_step"], sc
+            assert {"preflight", "muon_to_owner", "muon_from_owner"} <= set(s["stats"]["tags"]), sc
+
+
+def test_transfers_degenerate_to_plain_copies_on_cpu():
+    """Without CUDA the pinned / side-stream copies of :mod:`dist_muonclip.transfers` are plain
+    copies: same values bit for bit, and no copy at all when the tensor is already there (so the
+    non-offloaded path is untouched)."""
+    from dist_muonclip.transfers import HostCopy, cat_to_device, to_device
+
+    cpu = torch.device("cpu")
+    pieces = [torch.randn(5), torch.randn(0), torch.randn(7, dtype=torch.float32)]
+    cat = cat_to_device(pieces, cpu)
+    assert torch.equal(cat, torch.cat(pieces)) and cat.data_ptr() != pieces[0].data_ptr()
+    t = torch.randn(3, 4, 5)
+    assert to_device(t, cpu) is t
+    h = HostCopy(t, cpu)
+    assert h.wait() is t
+    with pytest.raises(ValueError, match="no pieces"):
+        cat_to_device([], cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transfers_pinned_and_overlapped_on_cuda():
+    """On CUDA: host -> device through pinned memory without blocking the host; device -> host
+    into pinned memory on a side stream ordered after the current stream's work; values equal."""
+    from dist_muonclip.transfers import HostCopy, cat_to_device, to_device
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    pieces = [torch.randn(1000), torch.randn(3000)]
+    x = cat_to_device(pieces, dev)
+    assert x.device == dev and torch.equal(x.cpu(), torch.cat(pieces))
+    m = torch.randn(4, 64, 32)
+    y = to_device(m, dev)
+    assert torch.equal(y.cpu(), m)
+    z = y @ y.transpose(1, 2)                   # queued on the current stream
+    h = HostCopy(z, torch.device("cpu"))
+    out = h.wait()
+    assert out.is_pinned() and torch.equal(out, z.cpu())
