@@ -75,15 +75,15 @@ def install_device_only_group() -> dict:
     return stats
 
 
-def flat_layout_worker(rank: int, world: int, steps: int, device_only: bool, max_grad_norms=(None,)) -> list[dict]:
+def flat_layout_worker(rank: int, world: int, steps: int, device_only: bool, runs=({},)) -> list[dict]:
     """MuonClip on flat fragments (DeepSpeed-ZeRO-1/2-like cuts, mid-row and uneven) with QK-Clip
-    clipping, once per entry of ``max_grad_norms`` (a number turns the global gradient clip and its
-    all-reduce on): the engine's collectives without DeepSpeed. ``device_only``: under
-    :func:`install_device_only_group`."""
+    clipping, once per entry of ``runs`` (``max_grad_norm``: the global gradient clip and its
+    all-reduce; ``buckets_in_flight``: the layout's bound): the engine's collectives without
+    DeepSpeed. ``device_only``: under :func:`install_device_only_group`."""
     stats = install_device_only_group() if device_only else None
     outs = []
-    for clip in max_grad_norms:
-        out = _run_flat(rank, world, steps, clip)
+    for run in runs:
+        out = _run_flat(rank, world, steps, **run)
         if stats is not None:
             out["stats"] = {**stats, "tags": sorted(stats["tags"])}
             stats["tags"].clear()
@@ -91,7 +91,8 @@ def flat_layout_worker(rank: int, world: int, steps: int, device_only: bool, max
     return outs
 
 
-def _run_flat(rank: int, world: int, steps: int, max_grad_norm: float | None) -> dict:
+def _run_flat(rank: int, world: int, steps: int, max_grad_norm: float | None = None,
+              buckets_in_flight: int | None = None) -> dict:
     import torch.distributed as dist
 
     from benchmarks.scenarios import ddp as S
@@ -102,6 +103,7 @@ def _run_flat(rank: int, world: int, steps: int, max_grad_norm: float | None) ->
     names = {p: n for n, p in model.named_parameters()}
     ranges = {n: S.random_ranges(n, p.numel(), world) for n, p in model.named_parameters()}
     opt = MuonClip(model, **S.OPT_KW, max_grad_norm=max_grad_norm, layout=FlatRangesLayout(ranges, names, rank))
+    opt.layout.buckets_in_flight = buckets_in_flight
     for t in range(steps):
         ids = S.local_batch(t, rank, world)
         model(input_ids=ids, labels=ids).loss.backward()
@@ -118,7 +120,7 @@ def _run_flat(rank: int, world: int, steps: int, max_grad_norm: float | None) ->
                 flat[b:].zero_()
                 dist.all_reduce(p.data)
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "metrics": opt.metrics()}
+            "metrics": opt.metrics(), "num_buckets": len(opt.plan.buckets)}
 
 
 def ds_offload_worker(rank: int, world: int, scenarios: list[dict], device_only: bool) -> list[dict]:

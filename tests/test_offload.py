@@ -27,19 +27,22 @@ def test_engine_collectives_run_on_the_groups_device(tmp_path):
     """Flat fragments at W=2 (DeepSpeed-ZeRO-1/2-like cuts), QK-Clip clipping: under the
     accelerator-only stand-in every collective of the step (preflight, pieces to owners, updates
     back; with ``max_grad_norm`` the grad-norm all-reduce too) gets a tensor staged on the group's
-    device, and the run is bit-identical to the plain gloo run (staging copies, it never rounds).
-    Before the fix the preflight all-reduce raised NCCL's error here, as it did on the H200.
+    device, and the run is bit-identical to the plain gloo run (staging copies, it never rounds),
+    also with one bucket in flight at a time (offload's bound: another collective order, the same
+    numbers). Before the fix the preflight all-reduce raised NCCL's error here, as on the H200.
     (The clipped run is not compared bit for bit: its norm sums parameters in set order, which
     differs between processes: ~1e-7, see engine/preflight.clip_coefficient.)"""
     plain, = zip(*values(run_distributed(O.flat_layout_worker, 2, STEPS, False, tmp_path=tmp_path / "plain")))
-    staged, clipped = zip(*values(run_distributed(O.flat_layout_worker, 2, STEPS, True, (None, 0.05),
-                                                  tmp_path=tmp_path / "staged")))
-    for p, s, c in zip(plain, staged, clipped):
+    runs = ({}, {"buckets_in_flight": 1}, {"max_grad_norm": 0.05})
+    staged, one_in_flight, clipped = zip(*values(run_distributed(O.flat_layout_worker, 2, STEPS, True, runs,
+                                                                 tmp_path=tmp_path / "staged")))
+    for p, s, s1, c in zip(plain, staged, one_in_flight, clipped):
         assert not _equal(p["params"], s["params"]), _equal(p["params"], s["params"])
-        assert s["stats"]["tags"] == ["muon_from_owner", "muon_to_owner", "preflight"]
+        assert not _equal(p["params"], s1["params"]), _equal(p["params"], s1["params"])
+        assert s["stats"]["tags"] == s1["stats"]["tags"] == ["muon_from_owner", "muon_to_owner", "preflight"]
         assert c["stats"]["tags"] == ["grad_norm", "muon_from_owner", "muon_to_owner", "preflight"]
         assert s["stats"]["checked"] > 0
-    assert plain[0]["metrics"].get("qk_clip/num_heads_clipped", 0) > 0
+    assert plain[0]["num_buckets"] >= 3 and plain[0]["metrics"].get("qk_clip/num_heads_clipped", 0) > 0
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ validated across ranks once, here.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from typing import Any, Callable, Sequence
@@ -191,9 +192,21 @@ class Engine:
         """Per bucket: momentum -> to owner -> orthogonalize -> from owner -> apply. All buckets'
         pieces start moving first, then each bucket is orthogonalized as its pieces arrive and its
         updates start back, so one bucket's communication overlaps the next one's Newton-Schulz.
-        Returns per bucket the squared norm of the updates this rank applied (update-RMS metric)."""
-        jobs = [job for b in self.plan.buckets if (job := self._momentum_to_owner(b, plan, clip)) is not None]
-        for job in jobs:
+        Returns per bucket the squared norm of the updates this rank applied (update-RMS metric).
+        ``layout.buckets_in_flight`` (CPU offload: a few) bounds how many buckets' pieces wait on
+        the accelerator at once; every rank has the same bound, so the collectives' order agrees."""
+        depth = self.layout.buckets_in_flight
+        jobs: list[BucketJob] = []
+        waiting: collections.deque[BucketJob] = collections.deque()
+        for b in self.plan.buckets:
+            job = self._momentum_to_owner(b, plan, clip)
+            if job is None:
+                continue
+            jobs.append(job)
+            waiting.append(job)
+            if depth is not None and len(waiting) > depth:
+                self._orthogonalize_from_owner(waiting.popleft())
+        for job in waiting:
             self._orthogonalize_from_owner(job)
         return [self._apply(job) for job in jobs]
 

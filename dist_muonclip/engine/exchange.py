@@ -179,6 +179,7 @@ class ShardedExchange(Exchange):
                 for a, b in units.ranges(u)[s]:
                     full[a:b] = recv[off:off + b - a]
                     off += b - a
+        job.received = recv.new_empty(0)      # the pieces are in the full matrices now: free the buffer
         views = units.registry.views
         return [as_matrices(f.view(units.full_shape(u)), views[u]) for f, u in zip(fulls, job.mine)]
 
