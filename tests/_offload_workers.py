@@ -134,3 +134,33 @@ def ds_offload_worker(rank: int, world: int, scenarios: list[dict], device_only:
         for o in outs:
             o["stats"] = {**stats, "tags": sorted(stats["tags"])}
     return outs
+
+
+def bf16_clip_worker(rank: int, world: int, runs: list[dict], steps: int = 3) -> list[dict]:
+    """The bf16 CPU smoke of benchmarks/zero_offload_gpu.py (tiny Llama, ``"bf16"``, MuonClip,
+    fp32 Newton-Schulz), once per run: ``stage``, ``offload``, ``clip`` (``gradient_clipping``).
+    Returns DeepSpeed's global gradient norm per step and the fp32 masters by name."""
+    import os
+
+    import benchmarks.zero_offload_gpu as B
+    from dist_muonclip import deepspeed as dmc_ds
+
+    os.environ.setdefault("DIST_MUONCLIP_DS_SHM", "0")
+    dmc_ds.disable_shm_comm()
+    outs = []
+    for run in runs:
+        model = B._model(B.SMOKE_SHAPE, "cpu")
+        cfg = B._config("muonclip", run["stage"], run["offload"], 2, 0.02)
+        cfg["gradient_clipping"] = run["clip"]
+        engine, *_ = dmc_ds.initialize(model=model, config=cfg)
+        gen = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(steps):
+            ids = torch.randint(0, B.SMOKE_SHAPE["vocab_size"], (2, 32), generator=gen)
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            norms.append(float(engine.get_global_grad_norm()))
+        masters = {k: v.detach().float().clone() for k, v in dmc_ds.full_state_dict(engine)["masters"].items()}
+        engine.destroy()
+        outs.append({"norms": norms, "masters": masters})
+    return outs
