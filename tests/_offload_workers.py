@@ -149,8 +149,8 @@ def bf16_clip_worker(rank: int, world: int, runs: list[dict], steps: int = 3) ->
     dmc_ds.disable_shm_comm()
     outs = []
     for run in runs:
-        model = B._model(B.SMOKE_SHAPE, "cpu")
-        cfg = B._config("muonclip", run["stage"], run["offload"], 2, 0.02)
+        model = B.build_model(B.SMOKE_SHAPE, "cpu")
+        cfg = B.ds_config("muonclip", run["stage"], run["offload"], 2, 0.02)
         cfg["gradient_clipping"] = run["clip"]
         engine, *_ = dmc_ds.initialize(model=model, config=cfg)
         gen = torch.Generator().manual_seed(1)
