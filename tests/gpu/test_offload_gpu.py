@@ -45,8 +45,9 @@ def _train(model, opt, steps: int) -> dict:
 def test_cpu_state_over_nccl_equals_cpu_run(in_flight):
     """CPU parameters and state, a one-rank NCCL group, a sharded layout (cuts mid-row): every
     collective runs on staged GPU tensors (before the fix: the preflight all-reduce raised), NS on
-    the GPU; equal to the plain CPU run within fp32 (CPU vs GPU fp32 matmul order in NS, measured
-    ~1e-7 on the tiny model's O(0.1) weights; 1e-5 absolute is far below a lost or wrong update)."""
+    the GPU; equal to the plain CPU run within fp32 (CPU vs GPU fp32 matmul summation order in NS,
+    ~1e-7 on the tiny model's O(0.1) weights, 3 steps; 1e-5 absolute is far below a lost or wrong
+    update, ~lr = 2e-2 per element). TF32 is off for the run: it would round NS to ~1e-3."""
     from benchmarks.scenarios.tiny_hf import tiny_model
     from dist_muonclip import MuonClip
     from dist_muonclip.launch_env import free_port
@@ -56,6 +57,8 @@ def test_cpu_state_over_nccl_equals_cpu_run(in_flight):
     model = tiny_model("llama", seed=0)
     want = _train(model, MuonClip(model, **kw), 3)
     torch.cuda.set_device(0)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model = tiny_model("llama", seed=0)
@@ -68,6 +71,7 @@ def test_cpu_state_over_nccl_equals_cpu_run(in_flight):
         assert opt.comm.device.type == "cuda" and not opt.comm.on_device(torch.zeros(1))
     finally:
         dist.destroy_process_group()
+        torch.set_float32_matmul_precision(precision)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=lambda m: f"{k}: {m}")
     assert all(v.device.type == "cpu" for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
