@@ -9,7 +9,8 @@ as an accelerator tensor); it keeps no CPU (gloo) side group. So MuonClip stages
 sends on the group's device and copies results back:
 
 * :func:`to_device` / :func:`cat_to_device`: host -> device through a pinned host buffer with
-  ``non_blocking=True``: the host goes on (the next bucket's momentum) while the copy runs.
+  ``non_blocking=True`` on an upload stream: the host goes on (the next bucket's momentum) and the
+  copy runs beside the kernels already queued (the previous bucket's Newton-Schulz).
 * :class:`HostCopy`: device -> host into pinned memory on a side CUDA stream, ordered after the
   work queued so far on the current stream; :meth:`HostCopy.wait` before the host reads it. One
   bucket's updates come back while the next bucket's Newton-Schulz runs on the current stream.
@@ -26,7 +27,7 @@ from torch import Tensor
 
 __all__ = ["to_device", "cat_to_device", "HostCopy"]
 
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+_SIDE_STREAMS: dict[tuple[str, torch.device], "torch.cuda.Stream"] = {}
 
 
 def _pinnable(host: torch.device, device: torch.device) -> bool:
@@ -34,29 +35,46 @@ def _pinnable(host: torch.device, device: torch.device) -> bool:
     return host.type == "cpu" and device.type == "cuda"
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One copy stream per CUDA device and process."""
-    s = _SIDE_STREAMS.get(device)
+def _side_stream(kind: str, device: torch.device) -> "torch.cuda.Stream":
+    """One copy stream per direction (``"h2d"``, ``"d2h"``), CUDA device and process: uploads,
+    downloads and the current stream's kernels can all run at once."""
+    key = (kind, device)
+    s = _SIDE_STREAMS.get(key)
     if s is None:
-        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+        s = _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
     return s
+
+
+def _upload(pinned: Tensor, device: torch.device) -> Tensor:
+    """``pinned`` (host) to ``device`` on the upload stream, without blocking the host. The copy is
+    allocated on, and runs on, the upload stream, so it does not wait for the kernels already queued
+    on the current stream (the previous bucket's Newton-Schulz); the current stream waits for the
+    copy before anything queued after this call."""
+    current = torch.cuda.current_stream(device)
+    stream = _side_stream("h2d", device)
+    with torch.cuda.stream(stream):
+        out = pinned.to(device, non_blocking=True)
+    current.wait_stream(stream)
+    out.record_stream(current)       # freed while the current stream may still read it
+    return out
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
     """``t`` on ``device``: ``t`` itself when it is there; from the host to CUDA through a pinned
-    buffer with a non-blocking copy (stream-ordered: later work on the current stream sees it)."""
+    buffer, copied on the upload stream without blocking the host (ordered before the current
+    stream's later work)."""
     if t.device == device:
         return t
     if _pinnable(t.device, device):
         src = t if t.is_pinned() else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        return src.to(device, non_blocking=True)
+        return _upload(src, device)
     return t.to(device)
 
 
 def cat_to_device(pieces: Sequence[Tensor], device: torch.device) -> Tensor:
     """The concatenation of the 1-D ``pieces`` (all on one device) as a new tensor on ``device``.
     From the host to CUDA the pieces are concatenated straight into a pinned buffer (one host
-    copy) and sent with a non-blocking copy."""
+    copy) and uploaded as :func:`to_device` does."""
     if not pieces:
         raise ValueError("cat_to_device: no pieces")
     if pieces[0].device == device:
@@ -64,7 +82,7 @@ def cat_to_device(pieces: Sequence[Tensor], device: torch.device) -> Tensor:
     if _pinnable(pieces[0].device, device):
         buf = torch.empty(sum(p.numel() for p in pieces), dtype=pieces[0].dtype, pin_memory=True)
         torch.cat(list(pieces), out=buf)
-        return buf.to(device, non_blocking=True)
+        return _upload(buf, device)
     return torch.cat([p.to(device) for p in pieces])
 
 
@@ -81,7 +99,7 @@ class HostCopy:
             self._out = t
         elif t.is_cuda and device.type == "cpu":
             out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            stream = _side_stream(t.device)
+            stream = _side_stream("d2h", t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(stream):
                 out.copy_(t, non_blocking=True)
