@@ -1,5 +1,6 @@
 """CPU optimizer offload (issue 16 item 2): every collective MuonClip issues runs on the process
-group's device, host <-> device copies are pinned and overlapped, and the CPU path is bit-identical.
+group's device and the CPU path is bit-identical (pinned, overlapped copies on CUDA:
+tests/gpu/test_offload_gpu.py).
 
 The GPU failure this pins (H200, NCCL, benchmarks/results/zero_offload_h200.json): MuonClip with
 ``offload_optimizer: {"device": "cpu"}`` raised ``No backend type associated with device type cpu``
