@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .transfers import cat_to_device, to_device
+
 __all__ = ["CommAccountant", "Comm", "WorkList", "ddp_accounting_hook", "comm_tag", "current_comm_tag", "bytes_sent"]
 
 
@@ -186,6 +188,35 @@ class Comm:
         self.device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
+        # the device types this group's backend takes ("cuda:nccl": CUDA only; "cpu:gloo,cuda:gloo": both)
+        self.device_types = frozenset(part.split(":")[0] for part in str(dist.get_backend_config(group)).split(","))
+
+    # -- where collective buffers live ---------------------------------------------------------
+    # CPU optimizer offload (DeepSpeed offload_optimizer) keeps the optimizer's tensors in host
+    # memory while the group may be NCCL (CUDA tensors only): every tensor the engine hands a
+    # collective goes through on_device / to_device / stage / empty (dist_muonclip.transfers).
+
+    def on_device(self, t: Tensor) -> bool:
+        """Whether ``t`` can go into this group's collectives where it is."""
+        return t.device.type in self.device_types
+
+    def to_device(self, t: Tensor) -> Tensor:
+        """``t`` itself when the group takes it where it is, else a copy on :attr:`device`
+        (pinned, non-blocking from the host). Collect results from the returned tensor."""
+        return t if self.on_device(t) else to_device(t, self.device)
+
+    def stage(self, pieces: Sequence[Tensor]) -> Tensor:
+        """A send buffer: the concatenation of the 1-D ``pieces``, where they are when the group
+        takes that device, else on :attr:`device` (concatenated into pinned host memory and copied
+        without blocking the host)."""
+        if all(self.on_device(p) for p in pieces):
+            return torch.cat(list(pieces))
+        return cat_to_device(pieces, self.device)
+
+    def empty(self, numel: int, dtype: torch.dtype, like: Tensor) -> Tensor:
+        """A receive buffer of ``numel`` elements: on ``like``'s device (a staged send buffer)
+        when the group takes it, else on :attr:`device`."""
+        return torch.empty(numel, dtype=dtype, device=like.device if self.on_device(like) else self.device)
 
     def _count(self, kind: str, tag: str, sent: float, payload: int) -> None:
         if self.accountant is not None:

@@ -81,6 +81,11 @@ class Layout(ABC):
         runs Newton-Schulz and copies the update back."""
         return self.ns_on
 
+    #: how many buckets' pieces may wait on their owners before the first is orthogonalized
+    #: (``None``: all of them, the most overlap). CPU optimizer offload sets a few: the pieces
+    #: and gathered matrices then occupy accelerator memory for a few buckets, not for every matrix.
+    buckets_in_flight: int | None = None
+
     @property
     def head_shard(self) -> tuple[int, int] | None:
         """Tensor parallel: ``(tp size, this rank's tp coordinate)`` when each rank computes only

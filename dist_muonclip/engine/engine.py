@@ -12,6 +12,7 @@ validated across ranks once, here.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from typing import Any, Callable, Sequence
@@ -24,6 +25,7 @@ from ..functional import muon_apply_, muon_momentum_, update_scale
 from ..layouts import Layout, scale_rows_
 from ..ns_split import orthogonalize_blocks
 from ..plan import build_plan
+from ..transfers import HostCopy, to_device
 from .adamw import AdamWPart, LocalPiecesAdamW, PartitionedAdamW
 from .checkpoint import StateFormat
 from .exchange import BucketJob, Exchange
@@ -190,9 +192,21 @@ class Engine:
         """Per bucket: momentum -> to owner -> orthogonalize -> from owner -> apply. All buckets'
         pieces start moving first, then each bucket is orthogonalized as its pieces arrive and its
         updates start back, so one bucket's communication overlaps the next one's Newton-Schulz.
-        Returns per bucket the squared norm of the updates this rank applied (update-RMS metric)."""
-        jobs = [job for b in self.plan.buckets if (job := self._momentum_to_owner(b, plan, clip)) is not None]
-        for job in jobs:
+        Returns per bucket the squared norm of the updates this rank applied (update-RMS metric).
+        ``layout.buckets_in_flight`` (CPU offload: a few) bounds how many buckets' pieces wait on
+        the accelerator at once; every rank has the same bound, so the collectives' order agrees."""
+        depth = self.layout.buckets_in_flight
+        jobs: list[BucketJob] = []
+        waiting: collections.deque[BucketJob] = collections.deque()
+        for b in self.plan.buckets:
+            job = self._momentum_to_owner(b, plan, clip)
+            if job is None:
+                continue
+            jobs.append(job)
+            waiting.append(job)
+            if depth is not None and len(waiting) > depth:
+                self._orthogonalize_from_owner(waiting.popleft())
+        for job in waiting:
             self._orthogonalize_from_owner(job)
         return [self._apply(job) for job in jobs]
 
@@ -220,13 +234,14 @@ class Engine:
             ns_kw = dict(coefficients=g["ns_coefficients"], steps=g["ns_steps"], dtype=g["ns_dtype"],
                          eps=g["ns_eps"], backend=g["ns_backend"])
             home = matrices[0].device
-            dev = self.layout.ns_device(matrices[0])    # e.g. the accelerator under CPU offload
+            # e.g. the accelerator under CPU offload (over NCCL the matrices already arrive there)
+            dev = self.layout.ns_device(matrices[0])
             with self.phase("ns"):
-                src = matrices if dev is None or dev == home else [x.to(dev, non_blocking=True) for x in matrices]
+                src = matrices if dev is None or dev == home else [to_device(x, dev) for x in matrices]
                 ortho = orthogonalize_blocks(src, [self.ns_splits.get(u) for u in job.mine],
                                              lambda m, n: update_scale(m, n, g["adjust_lr_fn"]), **ns_kw)
                 if ortho.device != home:
-                    ortho = ortho.to(home)
+                    ortho = HostCopy(ortho, home).wait()
         self.exchange.from_owner(job, ortho)
 
     def _apply(self, job: BucketJob) -> Tensor:

@@ -31,6 +31,7 @@ from ..comm import Comm
 from ..newton_schulz import as_dtype
 from ..param_split import as_matrices
 from ..plan import Bucket
+from ..transfers import HostCopy
 from .units import Units
 
 __all__ = ["BucketJob", "Exchange", "ReplicatedExchange", "ShardedExchange", "TO_OWNER", "FROM_OWNER",
@@ -61,6 +62,7 @@ class BucketJob:
     work: Any = None                       # the collective in flight
     received: Tensor | None = None         # to_owner's output buffer
     updates: Tensor | None = None          # from_owner's output buffer
+    host: HostCopy | None = None           # its copy to the host (CPU offload over a device-only group)
     targets: list[Tensor] = dataclasses.field(default_factory=list)   # where updates are applied
 
 
@@ -159,8 +161,11 @@ class ShardedExchange(Exchange):
         for u, v in zip(job.active, pieces):
             in_splits[job.owner_of[u]] += v.numel()
         out_splits = [sum(units.local_size(u, s) for u in job.mine) for s in range(w)]
-        send = torch.cat(pieces) if pieces else units.local_param(job.active[0]).new_empty(0)
-        job.received = send.new_empty(sum(out_splits))
+        # on the group's device: under CPU offload the pieces are host tensors and NCCL takes
+        # CUDA ones only; the matrices then arrive, and are orthogonalized, on the accelerator
+        local = units.local_param(job.active[0])
+        send = self.comm.stage(pieces) if pieces else self.comm.empty(0, local.dtype, like=local)
+        job.received = self.comm.empty(sum(out_splits), send.dtype, like=send)
         job.work = self.comm.all_to_all_single(job.received, send, out_splits, in_splits, async_op=True,
                                                tag=TO_OWNER)
 
@@ -174,6 +179,7 @@ class ShardedExchange(Exchange):
                 for a, b in units.ranges(u)[s]:
                     full[a:b] = recv[off:off + b - a]
                     off += b - a
+        job.received = recv.new_empty(0)      # the pieces are in the full matrices now: free the buffer
         views = units.registry.views
         return [as_matrices(f.view(units.full_shape(u)), views[u]) for f, u in zip(fulls, job.mine)]
 
@@ -188,17 +194,25 @@ class ShardedExchange(Exchange):
                     for a, b in units.ranges(u)[r]:
                         sends.append(flat[a:b])
                         in_splits[r] += b - a
-        send = torch.cat(sends) if sends else job.received.new_empty(0, dtype=as_dtype(job.group["ns_dtype"]))
+        send = (self.comm.stage(sends) if sends else
+                self.comm.empty(0, as_dtype(job.group["ns_dtype"]), like=job.received))
         out_splits = [sum(units.local_size(u, self.rank) for u in job.active if job.owner_of[u] == s)
                       for s in range(w)]
-        job.updates = send.new_empty(sum(out_splits))
+        job.updates = self.comm.empty(sum(out_splits), send.dtype, like=send)
         job.work = self.comm.all_to_all_single(job.updates, send, out_splits, in_splits, async_op=True,
                                                tag=FROM_OWNER)
+        home = units.local_param(job.active[0]).device
+        if job.updates.device != home:      # CPU offload: start the copy back now, beside the next NS
+            job.work.wait()                 # (NCCL: the current stream waits; the host does not)
+            job.work = None
+            job.host = HostCopy(job.updates, home)
 
     def received_updates(self, job: BucketJob) -> tuple[list[Tensor], list[Tensor]]:
-        job.work.wait()
+        if job.work is not None:
+            job.work.wait()
+        updates = job.updates if job.host is None else job.host.wait()
         sizes = [self.units.local_size(u, self.rank) for u in job.active]
-        return [self.units.local_param(u) for u in job.active], list(job.updates.split(sizes))
+        return [self.units.local_param(u) for u in job.active], list(updates.split(sizes))
 
     def num_local(self, u: Tensor) -> int:
         return self.units.local_size(u, self.rank)

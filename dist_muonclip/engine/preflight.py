@@ -93,6 +93,7 @@ def preflight(params: Sequence[Tensor], names: dict, grads: GradSource, comm: Co
         packed[0] = 1.0
     assert packed.numel() == size
     if comm is not None:
+        packed = comm.to_device(packed)      # CPU offload over NCCL: the flags travel on the accelerator
         comm.all_reduce(packed, op=dist.ReduceOp.MAX, tag="preflight")
     host = packed.tolist()                             # the one device->host read of the step
     head = host[:head_len]
@@ -131,6 +132,7 @@ def clip_coefficient(plan: StepPlan, grads: GradSource, comm: Comm | None, max_g
     sq = [g.float().square().sum() for _, g in grads.held(active, once=True)]
     total = torch.stack([s.to(device) for s in sq]).sum() if sq else torch.zeros((), device=device)
     if comm is not None and grads.partial:
+        total = comm.to_device(total)
         comm.all_reduce(total, tag="grad_norm")
     norm = total.sqrt()
     return (max_grad_norm / (norm + 1e-6)).clamp(max=1.0), norm

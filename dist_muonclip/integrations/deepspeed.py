@@ -108,6 +108,9 @@ __all__ = [
 ]
 
 FULL_STATE_FILE = "muonclip_full_state.pt"
+# offload_optimizer on an accelerator: buckets whose pieces sit in accelerator memory at once (the
+# next one's transfer overlaps this one's Newton-Schulz; all of them would hold every Muon matrix)
+OFFLOAD_BUCKETS_IN_FLIGHT = 2
 
 from .deepspeed_config import (MUONCLIP_OPTIONS, QK_CLIP_OPTIONS, load_config,  # noqa: E402,F401
                                parse_muonclip_section, prepare_config)
@@ -258,6 +261,7 @@ class DeepSpeedClient(Optimizer):
             dev = torch.device(engine.device)
             if engine.zero_offload_optimizer() and dev.type != "cpu":   # NS on the accelerator under offload
                 layout.ns_on = dev
+                layout.buckets_in_flight = OFFLOAD_BUCKETS_IN_FLIGHT   # staged matrices: a few at a time
         elif self.inner.world_size != world:     # instance built before init_distributed
             _set_layout(self.inner, None)
         self._bound = True
