@@ -611,8 +611,9 @@ def _buffer_bytes(cfg: dict[str, Any]) -> int:
     return sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict[str, Any]]:
-    """Cost-model predictions (bytes, NS FLOPs, time) next to the measured numbers."""
+def cost_model_check(table: list[dict[str, Any]], device_name: str, hardware: str | None = None) -> list[dict[str, Any]]:
+    """Cost-model predictions (bytes, NS FLOPs, time) next to the measured numbers (``hardware``: the
+    HARDWARE row; default from ``device_name`` and whether Triton NS ran)."""
     from benchmarks.cost_model import ENGINE_MAP, engine_for
     from benchmarks.scaling import model_config
     from dist_muonclip.cost_model import HARDWARE, predict, specs_from_config
@@ -622,6 +623,7 @@ def cost_model_check(table: list[dict[str, Any]], device_name: str) -> list[dict
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001
         hw = "h100_torch"
+    hw = hardware or hw
     out = []
     specs: dict[str, Any] = {}
     buffers: dict[str, int] = {}

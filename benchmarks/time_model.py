@@ -46,6 +46,12 @@ def _entries(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in payload.get("cost_model", []) if e["world_size"] == 1 and e.get("opt_time_measured_s")]
 
 
+def _uncalibrated(entry: dict[str, Any]) -> float:
+    """``ns + comm + update`` of a cost-model entry (without an ``engine`` term it may hold)."""
+    t = entry["time_predicted_s"]
+    return t["total"] - t.get("engine", 0.0)
+
+
 def fit(payload: dict[str, Any], size: str) -> dict[str, dict[str, float]]:
     """Per benchmark engine: the extra elementwise bytes per parameter that close the gap between
     the measured W=1 step at ``size`` and ``ns + comm + update``, at the hardware row's bandwidth."""
@@ -56,7 +62,7 @@ def fit(payload: dict[str, Any], size: str) -> dict[str, dict[str, float]]:
         if e["size"] != size:
             continue
         hbm = HARDWARE[e["hardware"]].hbm_gbps * 1e9
-        resid = e["opt_time_measured_s"] - e["time_predicted_s"]["total"]
+        resid = e["opt_time_measured_s"] - _uncalibrated(e)
         out[e["engine"]] = {"residual_ms": resid * 1e3, "bytes_per_param": resid * hbm / _num_params(size),
                             "hbm_gbps": hbm / 1e9}
     return out
@@ -66,7 +72,7 @@ def check(payload: dict[str, Any], constants: dict[str, dict[str, float]], fit_s
     """Measured / predicted for every W=1 entry, before and after the engine constants."""
     rows = []
     for e in _entries(payload):
-        base = e["time_predicted_s"]["total"]
+        base = _uncalibrated(e)
         c = constants.get(e["engine"])
         extra = c["bytes_per_param"] * _num_params(e["size"]) / (c["hbm_gbps"] * 1e9) if c else None
         pred = base + extra if extra is not None else None

@@ -69,13 +69,19 @@ time (the NS rate comes from one Llama-3-8B block's large matrices), the whole o
 2); AdamW's step 3.97x (DDP) and 9.2x (DeepSpeed ZeRO-1). Communication time is not validated
 (no multi-GPU run yet). The ``h200`` row's NS rate and elementwise bandwidth are measured (see
 HARDWARE): the single-process optimizer step is then predicted within 1.03x (MuonClip) and 1.00x
-(fused AdamW); the engines' own fixed step costs (DDP, FSDP2, DeepSpeed at W=1) are not modelled yet.
+(fused AdamW). Each engine's own step work (DeepSpeed's gradient copies into its fp32 partitions and
+the parameter copy back, DDP's and FSDP2's bookkeeping, torch's AdamW kernel choice) is the
+``engine`` term: ``Hardware.engine_bytes_per_param`` extra elementwise bytes per local parameter,
+fitted per engine on one H200 at W=1 (1.2B model; benchmarks/time_model.py,
+benchmarks/results/multi_gpu_h200x1_time_model.json) and checked on a 2.0B model where it ran
+(DeepSpeed ZeRO-1 AdamW: measured / predicted 0.84). Engines without a constant (ZeRO-3, HSDP,
+tensor parallel) get no engine term.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..comm import bytes_sent
 from ..newton_schulz import ns_flops
@@ -136,6 +142,12 @@ class Hardware:
     inter_gbps: float
     gpus_per_node: int = 8
     hbm_gbps: float = 3350.0
+    #: cost-model engine -> extra elementwise bytes per local parameter of the engine's own step work
+    engine_bytes_per_param: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def engine_time(self, engine: str, local_params: float) -> float:
+        """Seconds of ``engine``'s own step work on ``local_params`` parameters (0 without a constant)."""
+        return self.engine_bytes_per_param.get(engine, 0.0) * local_params / (self.hbm_gbps * 1e9)
 
     def link_gbps(self, world_size: int) -> float:
         return self.intra_gbps if world_size <= self.gpus_per_node else self.inter_gbps
@@ -154,10 +166,16 @@ class Hardware:
 #: bandwidth elementwise optimizer passes reach, not the 4.8 TB/s peak: a fused AdamW step moves
 #: 28 bytes per parameter (1.135e9) in 9.54 ms = 3330 GB/s. With them the single-process step is
 #: predicted at 87.1 ms (MuonClip, measured 89.6: 1.03x) and 9.54 ms (fused AdamW, the calibration point).
+#: Each engine's own step work on one H200 at W=1, as extra elementwise bytes per local parameter at
+#: 3330 GB/s: fitted on the 1.2B "gpu-1b" model (benchmarks/time_model.py on
+#: benchmarks/results/multi_gpu_h200x1.json; muonclip_zero1 from DeepSpeed ZeRO-1, whose ZeRO-2 run
+#: it predicts at measured / predicted 0.94). bf16 parameters and gradients, fp32 state.
+H200_ENGINE_BYTES_PER_PARAM = {"muonclip_ddp": 67.8, "muonclip_optimizer": 88.0, "muonclip_fsdp2": 89.2,
+                               "muonclip_zero1": 290.0, "adamw_ddp": 61.9, "adamw_fsdp2": 63.0, "adamw_zero1": 175.4}
 HARDWARE = {
     "h100": Hardware("H100 SXM (NS rate measured; links assumed)", 1018.0, 370.0, 45.0, 8, 3350.0),
-    "h200": Hardware("H200 SXM (NS rate and elementwise bandwidth measured; links assumed)", 1045.0, 370.0, 45.0, 8,
-                     3330.0),
+    "h200": Hardware("H200 SXM (NS rate, elementwise bandwidth and engine step costs measured; links assumed)",
+                     1045.0, 370.0, 45.0, 8, 3330.0, H200_ENGINE_BYTES_PER_PARAM),
     "h100_torch": Hardware("H100 SXM, torch eager NS (525 TFLOP/s measured)", 525.0, 370.0, 45.0, 8, 3350.0),
 }
 
@@ -557,7 +575,9 @@ def predict(specs: Sequence[ParamSpec], world_size: int, engine: str, *, rank: i
         # elementwise update: read+write param, grad read, state read+write (bytes of the local elements)
         local = P if engine.endswith("ddp") else P / W
         t_upd = (local * (2 * param_bytes + grad_bytes) + 2 * max(state)) / (hw.hbm_gbps * 1e9)
-        res["time_s"] = {"ns": t_ns, "comm": t_comm, "update": t_upd, "total": t_ns + t_comm + t_upd,
+        t_eng = hw.engine_time(engine, local)
+        res["time_s"] = {"ns": t_ns, "comm": t_comm, "update": t_upd, "engine": t_eng,
+                         "total": t_ns + t_comm + t_upd + t_eng,
                          "hardware": hw.name}
     return res
 
