@@ -343,8 +343,9 @@ def _sync_steps_(optim: MuonClip) -> None:
     steps = [optim.state[p]["step"] for g in optim.param_groups if not g["use_muon"] for p in g["params"]]
     if not steps or optim.world_size == 1:
         return
-    device = layout.local_param(optim.param_groups[0]["params"][0]).device   # NCCL needs device tensors
-    packed = torch.stack([s.float().to(device) for s in steps])
+    packed = torch.stack([s.float() for s in steps])
+    if optim.comm is not None:    # on the group's device (NCCL: the GPU, also under FSDP2's CPU offload)
+        packed = optim.comm.to_device(packed)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=layout.process_group)
     for s, v in zip(steps, packed.tolist()):
         s.fill_(v)
