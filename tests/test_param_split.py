@@ -122,7 +122,10 @@ def test_output_head_under_real_wrappers():
     model = tiny_model("llama")
     want = {n for n, (m, _) in _split(model).items() if m}
     compiled = torch.compile(model)
-    assert {n for n, (m, _) in _split(compiled).items() if m} == {f"_orig_mod.{n}" for n in want}
+    # an OptimizedModule (``_orig_mod.``), or the model itself where dynamo is disabled (TORCHDYNAMO_DISABLE,
+    # which benchmarks the suite imports set for DeepSpeed's compiled Muon)
+    pre = "_orig_mod." if hasattr(compiled, "_orig_mod") else ""
+    assert {n for n, (m, _) in _split(compiled).items() if m} == {f"{pre}{n}" for n in want}
     ckpt = checkpoint_wrapper(model)       # its named_parameters() drops the prefix, its modules keep it
     assert {n for n, (m, _) in _split(ckpt).items() if m} == want
     L = pytest.importorskip("lightning")
