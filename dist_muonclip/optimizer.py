@@ -78,7 +78,8 @@ class MuonClip(Optimizer):
             (DDP, optimizer-owned reduction, sharded layouts), so all ranks skip the same
             parameters, and a gradient that is non-finite on any one rank skips that parameter
             everywhere; the others step normally, and ``max_grad_norm`` measures them alone.
-            Costs one device->host read per step.
+            A layer whose tracked max logits are inf/nan is not clipped that step (warning;
+            ``False``: ValueError). Costs one device->host read per step.
         adamw_foreach, adamw_fused: passed to torch's AdamW kernels.
         process_group: the data-parallel group. Default: the world group when
             ``torch.distributed`` is initialized (ZeRO-1 mode), else single process.

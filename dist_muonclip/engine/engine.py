@@ -179,7 +179,9 @@ class Engine:
                              skip_nonfinite=self.options.skip_nonfinite,
                              max_logits=lambda: clipper.max_logits(s_max) if clipper is not None else None,
                              ml_shape=self.ml_shape, layer_names=clipper.layer_names() if clipper else None,
-                             device=self.grads.device(params))
+                             device=self.grads.device(params),
+                             # tracked logits: an overflow storm is skipped; a given s_max is the caller's input
+                             skip_nonfinite_logits=self.options.skip_nonfinite and s_max is None)
         if self.options.max_grad_norm is None:
             return plan, (lambda g: g), None
         with self.phase("clip_grad"):
@@ -264,7 +266,7 @@ class Engine:
     @guarded("qk_clip")
     def qk_clip(self, plan: StepPlan) -> None:
         """Scale the rows of W_q / W_k (and biases, MLA parts) of heads over tau, on the elements
-        this rank holds. The preflight already refused non-finite logits: no second sync."""
+        this rank holds. The preflight refused or dropped non-finite logits: no second sync."""
         if plan.max_logits is None:
             return
         layout = self.layout

@@ -76,8 +76,14 @@ def _local_flags(params: Sequence[Tensor], names: dict, grads: GradSource, skip_
 
 def preflight(params: Sequence[Tensor], names: dict, grads: GradSource, comm: Comm | None, *,
               skip_nonfinite: bool, max_logits: Callable[[], Tensor | None], ml_shape: tuple | None,
-              layer_names: Sequence[str] | None, device: torch.device) -> StepPlan:
-    """Run the preflight (module doc); raises on every rank together, before any state changes."""
+              layer_names: Sequence[str] | None, device: torch.device,
+              skip_nonfinite_logits: bool = False) -> StepPlan:
+    """Run the preflight (module doc); raises on every rank together, before any state changes.
+
+    ``skip_nonfinite_logits``: a layer whose reduced max logits hold inf/nan (tracked by the
+    forward) is not clipped this step (its record is dropped, with a warning) instead of raising;
+    its parameters step as their gradients allow (an overflowing forward leaves non-finite
+    gradients, skipped by ``skip_nonfinite``)."""
     n = len(params)
     head_len = 1 + n * (2 if skip_nonfinite else 1)
     size = head_len + (math.prod(ml_shape) if ml_shape is not None else 0)
@@ -113,8 +119,13 @@ def preflight(params: Sequence[Tensor], names: dict, grads: GradSource, comm: Co
         bad = [any(v != v or v == math.inf for v in vals[i * heads:(i + 1) * heads]) for i in range(ml_shape[0])]
         if any(bad):
             layers = [layer_names[i] if layer_names else str(i) for i, b in enumerate(bad) if b]
-            raise ValueError(f"non-finite max attention logits in layer(s) {layers}: the forward pass produced "
-                             "inf/nan attention scores; no parameter or state was changed by this step")
+            if not skip_nonfinite_logits:
+                raise ValueError(f"non-finite max attention logits in layer(s) {layers}: the forward pass produced "
+                                 "inf/nan attention scores; no parameter or state was changed by this step")
+            rows = torch.tensor(bad, device=reduced.device).view(-1, 1)
+            reduced = reduced.masked_fill(rows, float("-inf"))     # "nothing recorded": no clip there
+            warnings.warn(f"MuonClip: non-finite max attention logits in layer(s) {layers}: QK-Clip skipped for "
+                          "them this step (their records dropped)", RuntimeWarning, stacklevel=5)
     if nonfinite:
         warnings.warn("MuonClip: non-finite gradient, step skipped (state untouched) for "
                       + ", ".join(sorted(names[p] for p in nonfinite)), RuntimeWarning, stacklevel=5)
