@@ -31,7 +31,7 @@ timeout 160 python3 benchmarks/zero_offload_gpu.py --optimizers muonclip --budge
   --out "$out/zero_offload_h200.json" > "$out/zero_offload.log" 2>&1
 echo "offload rc=$?"; tail -5 "$out/zero_offload.log"; stamp offload
 
-timeout 180 python3 benchmarks/multi_gpu.py --scale --worlds 1 --w1-all --sizes gpu-1b gpu-2b --budget-s 140 \
+timeout 180 python3 benchmarks/multi_gpu.py --scale --worlds 1 --w1-all --sizes gpu-1b gpu-2b --budget-s 140 --isolate \
   --engines adamw_ds_zero1 muonclip_ds_zero1 muonclip_ddp adamw_ddp muonclip_optimizer muonclip_fsdp2 adamw_fsdp2 muonclip_ds_zero2 \
   --grace-s 20 --tag h200x1 --out-dir "$out" > "$out/multi_gpu.log" 2>&1
 echo "multi_gpu rc=$?"; tail -5 "$out/multi_gpu.log"; stamp multi_gpu

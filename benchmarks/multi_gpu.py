@@ -440,7 +440,7 @@ def _scale_order(worlds: list[int]) -> list[int]:
 
 def run_scale(worlds: list[int], engines: list[str], sizes: list[str], steps: int, *, backend: str,
               opts: dict[str, Any], deadline: float | None, hard_deadline: float | None = None,
-              w1_all: bool = False) -> dict[str, Any]:
+              w1_all: bool = False, isolate: bool = False) -> dict[str, Any]:
     """``scaling.py``'s engines at every W (see :func:`_scale_order`); jobs not started by
     ``deadline`` are skipped, a world still running at ``hard_deadline`` is killed (its finished
     jobs are kept)."""
@@ -464,8 +464,15 @@ def run_scale(worlds: list[int], engines: list[str], sizes: list[str], steps: in
             continue
         t0 = time.time()
         left = 3600.0 if hard_deadline is None else max(10.0, hard_deadline - time.time())
-        recs = run_world(w, jobs, steps, backend=backend, opts=opts, deadline=deadline,
-                         timeout=left, tolerate_failure=True)
+        if isolate:     # fresh processes per (engine, size): one run's GPU memory never reaches the next
+            recs = []
+            for job in jobs:
+                left = 3600.0 if hard_deadline is None else max(10.0, hard_deadline - time.time())
+                recs += run_world(w, [job], steps, backend=backend, opts=opts, deadline=deadline,
+                                  timeout=left, tolerate_failure=True)
+        else:
+            recs = run_world(w, jobs, steps, backend=backend, opts=opts, deadline=deadline,
+                             timeout=left, tolerate_failure=True)
         print(f"scale W={w}: {len(jobs)} runs in {time.time() - t0:.0f} s", flush=True)
         for r in recs:
             r["world_size"] = w
@@ -813,6 +820,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="W for --scale (default: every power of two up to the GPU count; on CPU 1 2)")
     p.add_argument("--engines", nargs="+", default=list(SCALE_ENGINES), choices=list(ENGINES))
     p.add_argument("--w1-all", action="store_true", help=f"every engine at W=1 too (default: {W1_ENGINES})")
+    p.add_argument("--isolate", action="store_true", help="each (engine, size) in fresh processes (costs a start "
+                   "per run; without it a 2.0B model's runs after the first ran out of memory on one H200)")
     p.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES),
                    help="model sizes for --scale (default: gpu-1b on GPUs, tiny on CPU)")
     p.add_argument("--steps", type=int, default=3, help="steps per scale run (the first is warm-up)")
@@ -899,7 +908,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opts = {"precision": args.precision, "micro_batch": micro, "seq": seq,
                 "attn": args.attn or ("sdpa" if cuda else "eager"), "pg_timeout_s": 300}
         payload["scale"] = run_scale(worlds, args.engines, sizes, args.steps, backend=backend, opts=opts,
-                                     deadline=deadline, hard_deadline=hard_deadline, w1_all=args.w1_all)
+                                     deadline=deadline, hard_deadline=hard_deadline, w1_all=args.w1_all,
+                                     isolate=args.isolate)
         payload["scale"].update(options=opts, steps=args.steps, wall_s=time.time() - t0,
                                 models={s: __import__("benchmarks.scaling", fromlist=["model_config"]).model_config(s)
                                         for s in sizes})
