@@ -782,5 +782,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave the CLI process without interpreter teardown once everything is written: gloo's
+    background threads can abort it there ("terminate called without an active exception",
+    SIGABRT) after a successful run, which torchrun then reports as a failed job."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
